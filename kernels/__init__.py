@@ -1,0 +1,12 @@
+"""optadvisor's fused, from-scratch optimizers and losses: drop-ins for torch.optim and torch.nn.
+
+>>> from kernels import Adam
+>>> opt = Adam(model.parameters(), lr=1e-3)   # exactly torch.optim.Adam's signature and defaults
+"""
+
+from ._adam import Adam, AdamW
+from ._compile import ENV_VAR as COMPILE_ENV_VAR
+from ._rmsprop import RMSprop
+from ._sgd import SGD
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "COMPILE_ENV_VAR"]

@@ -1,0 +1,148 @@
+"""Adam and AdamW: torch.optim's signature, defaults, validation and state layout; our fused update."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._optimizer import FusedOptimizer
+from ._validate import check_selectors, check_lr
+
+_WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
+
+
+def _adam_eager(p, g, m, v, vmax=None, *, lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize,
+                decoupled):
+    # torch.optim.Adam's for-loop path, op for op, so eager results are bit-identical to it
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    if amsgrad:
+        torch.maximum(vmax, v, out=vmax)
+        denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-(lr / bias_correction1))
+
+
+def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
+    # hp: step_size, 1-beta1, beta2, 1-beta2, weight_decay, 1-lr*weight_decay, sqrt(bias_correction2), eps
+    # One pass: every buffer read once and written once; low precision computes in float32.
+    cd = hp.dtype
+    pf, gf = p.to(cd), g.to(cd)
+    if maximize:
+        gf = -gf
+    if wd_mode == _WD_L2:
+        gf = gf + hp[4] * pf
+    elif wd_mode == _WD_DECOUPLED:
+        pf = pf * hp[5]
+    mf = torch.lerp(m.to(cd), gf, hp[1])
+    vf = v.to(cd) * hp[2] + gf * gf * hp[3]
+    if amsgrad:
+        vf_max = torch.maximum(vmax.to(cd), vf)
+        vmax.copy_(vf_max)
+        denom = vf_max.sqrt() / hp[6] + hp[7]
+    else:
+        denom = vf.sqrt() / hp[6] + hp[7]
+    p.copy_(pf - hp[0] * mf / denom)
+    m.copy_(mf)
+    v.copy_(vf)
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (Kingma & Ba, 2015), a drop-in for :class:`torch.optim.Adam` with a fused update.
+
+    .. math::
+        g_t &= \pm\nabla f(\theta_{t-1}) \,(+\lambda\theta_{t-1}\text{ unless decoupled}),\quad
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \theta_t &= \theta_{t-1}(1-\gamma\lambda)_{\text{decoupled}}
+                   - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon},
+        \quad \hat v_t = \max(\hat v_{t-1}, v_t) \text{ with amsgrad, else } v_t
+
+    Args: as torch.optim.Adam — ``params``, ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``,
+    ``weight_decay=0``, ``amsgrad=False``, keyword-only ``maximize=False``, ``decoupled_weight_decay=False``.
+    ``fused`` (None | bool) selects *our* compiled update: None = compiled unless ``OPTADVISOR_COMPILE=0``,
+    False = eager (bit-identical to torch's for-loop path), True = compiled or raise. ``foreach`` is
+    accepted and ignored; ``capturable=True`` and ``differentiable=True`` are refused.
+
+    Example::
+
+        >>> import torch, kernels
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = kernels.Adam(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False) -> None:
+        check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        betas = tuple(float(b) for b in betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
+                        fused=None, decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, fused)
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group.get("amsgrad", False):
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update(self, group: dict[str, Any], run: dict[str, torch.Tensor], step: int) -> None:
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, wd = float(group["eps"]), float(group["weight_decay"])
+        amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        wd_mode = _WD_NONE if wd == 0 else (_WD_DECOUPLED if decoupled else _WD_L2)
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        self._apply(_adam_eager, _adam_fused, run,
+                    [lr / bc1, 1 - beta1, beta2, 1 - beta2, wd, 1 - lr * wd, bc2_sqrt, eps],
+                    (amsgrad, maximize, wd_mode),
+                    dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step, amsgrad=amsgrad,
+                         maximize=maximize, decoupled=decoupled))
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter, 2019): :class:`Adam` with decoupled weight decay, default 1e-2.
+
+    A drop-in for :class:`torch.optim.AdamW`; see :class:`Adam` for the arguments and ``fused``.
+
+    Example::
+
+        >>> opt = kernels.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,337 @@
+"""The shared machinery of every fused optimizer: flat buffers, gradient gathering, runs, state views.
+
+Layout. Each param group's parameters are split by (device, dtype) into *buckets*. A bucket owns one flat,
+contiguous buffer for the parameters, one for the gradients and one per state tensor (``exp_avg``, ...).
+At construction each parameter is *re-homed*: ``p.data`` becomes a view into the bucket's parameter buffer
+(the values are copied; the ``Parameter`` object is the same). ``optimizer.state[p]`` holds views into the
+state buffers, under torch's own keys, so ``state_dict()`` is torch's format and torch.optim reads it.
+
+A step is then one elementwise pass over each bucket: one compiled kernel call (or a short eager sequence)
+whatever the number of tensors. Where only some parameters have gradients, or their step counts differ
+(a parameter that joined training late), the bucket is cut into *runs* of neighbours that share a step
+count and all have gradients; each run is one call on a slice of the buffers.
+
+Gradients. Each step checks that ``p.grad`` is the bucket's view for ``p``. After
+``zero_grad(set_to_none=True)`` (torch's default) autograd hands back fresh tensors: they are copied into
+the gradient buffer in one ``_foreach_copy_`` and ``p.grad`` is pointed back at the buffer's view, so a
+later ``zero_grad(set_to_none=False)`` loop accumulates in place and needs no copy. Parameters are checked
+the same way: if ``p.data`` was replaced (``model.to(...)``, ``model.half()``, a user assignment) the
+layout is rebuilt from the current values, and state is cast/moved to the parameter as torch's
+``load_state_dict`` would.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ._compile import resolve_fused, run_fused
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps state["step"] in float32 unless the default dtype is float64
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        return torch.float64 if dtype == torch.complex128 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t).view(-1) if t.is_complex() else t
+
+
+_NOT_A_GRAD = object()
+
+
+class _Bucket:
+    """Parameters of one group sharing a device and dtype, laid out in flat buffers."""
+
+    def __init__(self, group_index: int, params: list[torch.Tensor]):
+        self.group_index = group_index
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        self.total = total
+        ref = params[0]
+        self.device, self.dtype = ref.device, ref.dtype
+        self.flat_param = torch.empty(total, device=self.device, dtype=self.dtype)
+        for p, view in zip(params, self.views(self.flat_param)):
+            view.copy_(p.detach())
+        for p, view in zip(params, self.views(self.flat_param)):
+            p.data = view
+        self.param_ptrs = [p.data_ptr() for p in params]
+        self.flat_grad: torch.Tensor | None = None
+        # a sentinel that no p.grad can be: until the buffer exists no gradient is "already in place"
+        self.grad_views: list[Any] = [_NOT_A_GRAD] * len(params)
+        self.flat_state: dict[str, torch.Tensor] = {}
+        self.steps = torch.zeros(len(params), dtype=_scalar_dtype())
+        self.host_steps = [0] * len(params)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets, self.numels)]
+
+    def ensure_grad_buffer(self) -> None:
+        if self.flat_grad is None:
+            self.flat_grad = torch.zeros(self.total, device=self.device, dtype=self.dtype)
+            self.grad_views = self.views(self.flat_grad)
+
+    def ensure_state(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            if key not in self.flat_state:
+                self.flat_state[key] = torch.zeros(self.total, device=self.device, dtype=self.dtype)
+
+    def moved(self) -> bool:
+        # a new dtype or device means a new allocation, hence a new address
+        return [p.data_ptr() for p in self.params] != self.param_ptrs
+
+
+class FusedOptimizer(Optimizer):
+    """Base class: torch.optim bookkeeping plus the flat-buffer step. Subclasses give the math.
+
+    Subclasses define ``_state_keys(group)`` (the per-parameter state tensors, torch's names),
+    ``_step_in_state`` (whether torch keeps ``state["step"]``), and ``_update(group, run)`` which applies the
+    update to one run (a dict of flat slices) through :meth:`_apply`.
+    """
+
+    _step_in_state = True
+
+    def __init__(self, params: Any, defaults: dict[str, Any], fused: bool | None) -> None:
+        self._fused = resolve_fused(fused)
+        self._fused_strict = fused is True
+        self._buckets: list[_Bucket] = []
+        super().__init__(params, defaults)
+
+    # ---- subclass interface -------------------------------------------------------------------------------
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], run: dict[str, torch.Tensor], step: int) -> None:
+        raise NotImplementedError
+
+    def _apply(self, eager: Callable[..., None], fused_fn: Callable[..., None], run: dict[str, torch.Tensor],
+               scalars: list[float], flags: tuple, eager_kwargs: dict[str, Any]) -> None:
+        """Run one update over a run's slices (``run``: param, grad, then the state buffers in
+        ``_state_keys`` order): ``fused_fn(hp, *flags, *tensors)`` compiled when enabled and possible, else
+        ``eager(*tensors, **eager_kwargs)``. Complex buffers are updated through their real views."""
+        tensors = tuple(_real(t) for t in run.values())
+        if self._fused:
+            hp = torch.tensor(scalars, dtype=_compute_dtype(run["param"].dtype), device=run["param"].device)
+            if run_fused(fused_fn, flags, tensors, hp, strict=self._fused_strict):
+                return
+        eager(*tensors, **eager_kwargs)
+
+    # ---- layout --------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params = group["params"]
+        if len({id(p) for p in params}) != len(params):
+            del self.param_groups[-1]
+            raise ValueError("some parameters appear more than once in the same parameter group; "
+                             "optadvisor's optimizers lay parameters out in one buffer and need each once")
+        for p in params:
+            if p.is_sparse or p.layout != torch.strided:
+                del self.param_groups[-1]
+                raise ValueError(f"{type(self).__name__} supports only dense (strided) parameters, "
+                                 f"got layout {p.layout}")
+        self._buckets.extend(self._make_buckets(len(self.param_groups) - 1))
+
+    def _make_buckets(self, group_index: int) -> list[_Bucket]:
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for p in self.param_groups[group_index]["params"]:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        buckets = [_Bucket(group_index, ps) for ps in by_kind.values()]
+        for bucket in buckets:
+            self._adopt_state(bucket)
+        return buckets
+
+    def _adopt_state(self, bucket: _Bucket) -> None:
+        """Copy whatever ``self.state`` holds for the bucket's params into its flat buffers, then point
+        ``self.state[p]`` at views of them."""
+        group = self.param_groups[bucket.group_index]
+        keys = self._state_keys(group)
+        has_state = [bool(self.state.get(p)) for p in bucket.params]
+        if not any(has_state):
+            return
+        bucket.ensure_state(keys)
+        flat_views = {k: bucket.views(bucket.flat_state[k]) for k in keys}
+        step_views = [bucket.steps[i] for i in range(len(bucket.params))]
+        for i, p in enumerate(bucket.params):
+            if not has_state[i]:
+                continue
+            old = self.state[p]
+            new = dict(old)
+            for k in keys:
+                value = old.get(k)
+                if value is None:
+                    raise ValueError(f"state for parameter {i} of group {bucket.group_index} lacks "
+                                     f"{k!r}, which {type(self).__name__} needs with these options")
+                flat_views[k][i].copy_(value.detach().reshape(p.shape))
+                new[k] = flat_views[k][i]
+            if self._step_in_state:
+                step = float(old["step"])
+                step_views[i].fill_(step)
+                new["step"] = step_views[i]
+                bucket.host_steps[i] = int(step)
+            else:
+                bucket.host_steps[i] = 1
+            self.state[p] = new
+
+    def _rebuild(self) -> None:
+        self._buckets = []
+        for gi in range(len(self.param_groups)):
+            self._buckets.extend(self._make_buckets(gi))
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validate_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._rebuild()
+
+    def _validate_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Everything torch would only find later (or never): checked before the optimizer changes."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("a state_dict needs the keys 'state' and 'param_groups' "
+                             "(as returned by optimizer.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer "
+                             f"has {len(self.param_groups)}")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"loaded state dict's parameter group {gi} has {len(saved['params'])} "
+                                 f"parameters, this optimizer's has {len(group['params'])}")
+            options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            keys = self._state_keys(options)
+            for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+                st = state_dict["state"].get(pid)
+                if not st:
+                    continue
+                where = f"state of parameter {pi} in group {gi}"
+                for k in keys:
+                    v = st.get(k)
+                    if not isinstance(v, torch.Tensor):
+                        raise ValueError(f"{where} lacks tensor {k!r} needed by {type(self).__name__} with "
+                                         f"these options (got {type(v).__name__})")
+                    if v.shape != p.shape:
+                        raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}, the parameter has "
+                                         f"{tuple(p.shape)}")
+                if self._step_in_state:
+                    s = st.get("step")
+                    if s is None or (isinstance(s, torch.Tensor) and s.numel() != 1):
+                        raise ValueError(f"{where} lacks a scalar 'step'")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fused", resolve_fused(None))
+        self.__dict__.setdefault("_fused_strict", False)
+        self._rebuild()
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform a single optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if any(b.moved() for b in self._buckets):
+            self._rebuild()
+        for bucket in self._buckets:
+            self._step_bucket(bucket)
+        return loss
+
+    def _gather_grads(self, bucket: _Bucket) -> list[bool] | None:
+        """Bring every gradient into the bucket's buffer. Returns None when all params have one, else a
+        per-parameter mask of who has one."""
+        grads = [p.grad for p in bucket.params]
+        if all(map(operator.is_, grads, bucket.grad_views)):
+            return None
+        bucket.ensure_grad_buffer()
+        present, dsts, srcs = [], [], []
+        for i, (p, g, view) in enumerate(zip(bucket.params, grads, bucket.grad_views)):
+            if g is None:
+                present.append(False)
+                continue
+            present.append(True)
+            if g is view:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {i} "
+                                   f"of group {bucket.group_index} has a {g.layout} gradient); use "
+                                   "torch.optim.SparseAdam or dense gradients")
+            dsts.append(view)
+            srcs.append(g)
+            p.grad = view
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return None if all(present) else present
+
+    def _step_bucket(self, bucket: _Bucket) -> None:
+        present = self._gather_grads(bucket)
+        if present is not None and not any(present):
+            return
+        group = self.param_groups[bucket.group_index]
+        keys = self._state_keys(group)
+        bucket.ensure_state(keys)
+        flats = {"param": bucket.flat_param, "grad": bucket.flat_grad, **bucket.flat_state}
+        steps = bucket.host_steps
+        n = len(bucket.params)
+        for start, end in self._runs(present, steps):
+            lo = bucket.offsets[start]
+            hi = bucket.offsets[end - 1] + bucket.numels[end - 1]
+            run = {k: flats[k][lo:hi] for k in ("param", "grad", *keys)}
+            new_step = steps[start] + 1
+            if hi > lo:
+                self._update(group, run, new_step)
+            if self._step_in_state:
+                if start == 0 and end == n:
+                    bucket.steps.add_(1)
+                else:
+                    bucket.steps[start:end].add_(1)
+            if not keys and not self._step_in_state:
+                continue  # stateless (SGD without momentum): torch keeps no state, nor do we
+            if steps[start] == 0:
+                self._expose_state(bucket, start, end, keys)
+            steps[start:end] = [new_step] * (end - start)
+
+    @staticmethod
+    def _runs(present: list[bool] | None, steps: list[int]) -> list[tuple[int, int]]:
+        n = len(steps)
+        if present is None and steps[0] == steps[-1] and steps.count(steps[0]) == n:
+            return [(0, n)]
+        runs, start = [], None
+        for i in range(n):
+            if present is not None and not present[i]:
+                if start is not None:
+                    runs.append((start, i))
+                start = None
+            elif start is None:
+                start = i
+            elif steps[i] != steps[start]:
+                runs.append((start, i))
+                start = i
+        if start is not None:
+            runs.append((start, n))
+        return runs
+
+    def _expose_state(self, bucket: _Bucket, start: int, end: int, keys: tuple[str, ...]) -> None:
+        for i in range(start, end):
+            p, o, n = bucket.params[i], bucket.offsets[i], bucket.numels[i]
+            entry = {}
+            if self._step_in_state:
+                entry["step"] = bucket.steps[i]
+            for k in keys:
+                entry[k] = bucket.flat_state[k][o:o + n].view(p.shape)
+            self.state[p] = entry
