@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedOptimizer
+from ._optimizer import FusedOptimizer, as_real
 from ._validate import check_selectors, check_lr
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
@@ -22,6 +22,9 @@ def _adam_eager(p, g, m, v, vmax=None, *, lr, beta1, beta2, eps, weight_decay, s
             p.mul_(1 - lr * weight_decay)
         else:
             g = g.add(p, alpha=weight_decay)
+    if p.is_complex():
+        p, g, m, v = as_real(p, g, m, v)
+        vmax = as_real(vmax)[0] if amsgrad else None
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step
@@ -36,23 +39,28 @@ def _adam_eager(p, g, m, v, vmax=None, *, lr, beta1, beta2, eps, weight_decay, s
 
 def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
     # hp: step_size, 1-beta1, beta2, 1-beta2, weight_decay, 1-lr*weight_decay, sqrt(bias_correction2), eps
-    # One pass: every buffer read once and written once; low precision computes in float32.
-    cd = hp.dtype
+    # One pass: every buffer read once and written once. Low precision computes in float32 but rounds
+    # where torch's op-by-op path rounds (r), so bf16/fp16 results track torch's instead of drifting away.
+    cd, sd = hp.dtype, p.dtype
+
+    def r(t):
+        return t.to(sd).to(cd)
+
     pf, gf = p.to(cd), g.to(cd)
     if maximize:
         gf = -gf
     if wd_mode == _WD_L2:
-        gf = gf + hp[4] * pf
+        gf = r(gf + hp[4] * pf)
     elif wd_mode == _WD_DECOUPLED:
-        pf = pf * hp[5]
-    mf = torch.lerp(m.to(cd), gf, hp[1])
-    vf = v.to(cd) * hp[2] + gf * gf * hp[3]
+        pf = r(pf * hp[5])
+    mf = r(torch.lerp(m.to(cd), gf, hp[1]))
+    vf = r(r(v.to(cd) * hp[2]) + hp[3] * gf * gf)
     if amsgrad:
         vf_max = torch.maximum(vmax.to(cd), vf)
         vmax.copy_(vf_max)
-        denom = vf_max.sqrt() / hp[6] + hp[7]
+        denom = r(r(r(vf_max.sqrt()) / hp[6]) + hp[7])
     else:
-        denom = vf.sqrt() / hp[6] + hp[7]
+        denom = r(r(r(vf.sqrt()) / hp[6]) + hp[7])
     p.copy_(pf - hp[0] * mf / denom)
     m.copy_(mf)
     v.copy_(vf)
@@ -96,6 +104,12 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+                or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
         betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,

@@ -61,7 +61,8 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor,
     if compiled is None:
         tag = "_".join(str(int(f)) if isinstance(f, bool) else str(f) for f in flags) or "plain"
         compiled = torch.compile(_fresh_copy(fn, f"{tag}_{ref.device.type}_{str(ref.dtype)[6:]}"),
-                                 dynamic=True, fullgraph=True)
+                                 dynamic=True, fullgraph=True,
+                                 options={"emulate_precision_casts": True})
         _compiled[key] = compiled
     try:
         compiled(scalars, *flags, *tensors)

@@ -43,6 +43,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flat real views of flat buffers (a complex buffer becomes its interleaved real/imaginary parts)."""
+    return tuple(_real(t) for t in tensors)
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t).view(-1) if t.is_complex() else t
 
@@ -122,14 +127,14 @@ class FusedOptimizer(Optimizer):
     def _apply(self, eager: Callable[..., None], fused_fn: Callable[..., None], run: dict[str, torch.Tensor],
                scalars: list[float], flags: tuple, eager_kwargs: dict[str, Any]) -> None:
         """Run one update over a run's slices (``run``: param, grad, then the state buffers in
-        ``_state_keys`` order): ``fused_fn(hp, *flags, *tensors)`` compiled when enabled and possible, else
-        ``eager(*tensors, **eager_kwargs)``. Complex buffers are updated through their real views."""
-        tensors = tuple(_real(t) for t in run.values())
+        ``_state_keys`` order): ``fused_fn(hp, *flags, *real_views)`` compiled when enabled and possible (complex buffers as
+        their real views), else ``eager(*tensors, **eager_kwargs)``."""
+        tensors = as_real(*run.values())
         if self._fused:
             hp = torch.tensor(scalars, dtype=_compute_dtype(run["param"].dtype), device=run["param"].device)
             if run_fused(fused_fn, flags, tensors, hp, strict=self._fused_strict):
                 return
-        eager(*tensors, **eager_kwargs)
+        eager(*run.values(), **eager_kwargs)  # complex stays complex: the eager math mirrors torch's handling
 
     # ---- layout --------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

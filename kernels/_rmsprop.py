@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedOptimizer
+from ._optimizer import FusedOptimizer, as_real
 from ._validate import check_lr, check_selectors
 
 
@@ -18,6 +18,10 @@ def _rmsprop_eager(p, g, square_avg, *rest, lr, alpha, eps, weight_decay, moment
         g = -g
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
+    if p.is_complex():
+        p, g, square_avg = as_real(p, g, square_avg)
+        buf = None if buf is None else as_real(buf)[0]
+        grad_avg = None if grad_avg is None else as_real(grad_avg)[0]
     square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
     if centered:
         grad_avg.lerp_(g, 1 - alpha)
@@ -34,25 +38,29 @@ def _rmsprop_eager(p, g, square_avg, *rest, lr, alpha, eps, weight_decay, moment
 
 def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, square_avg,
                    *rest):
-    # hp: lr, alpha, 1-alpha, eps, weight_decay, momentum
-    cd = hp.dtype
+    # hp: lr, alpha, 1-alpha, eps, weight_decay, momentum. r(): round where torch's op-by-op path rounds.
+    cd, sd = hp.dtype, p.dtype
+
+    def r(t):
+        return t.to(sd).to(cd)
+
     pf, gf = p.to(cd), g.to(cd)
     if maximize:
         gf = -gf
     if decay:
-        gf = gf + hp[4] * pf
-    sq = square_avg.to(cd) * hp[1] + gf * gf * hp[2]
+        gf = r(gf + hp[4] * pf)
+    sq = r(r(square_avg.to(cd) * hp[1]) + hp[2] * gf * gf)
     square_avg.copy_(sq)
     if centered:
         grad_avg = rest[-1]
-        ga = torch.lerp(grad_avg.to(cd), gf, hp[2])
+        ga = r(torch.lerp(grad_avg.to(cd), gf, hp[2]))
         grad_avg.copy_(ga)
-        avg = (sq - ga * ga).sqrt() + hp[3]
+        avg = r(r(r(sq - ga * ga).sqrt()) + hp[3])
     else:
-        avg = sq.sqrt() + hp[3]
+        avg = r(r(sq.sqrt()) + hp[3])
     if use_momentum:
         buf = rest[0]
-        b = buf.to(cd) * hp[5] + gf / avg
+        b = r(r(buf.to(cd) * hp[5]) + gf / avg)
         buf.copy_(b)
         p.copy_(pf - hp[0] * b)
     else:

@@ -1,0 +1,139 @@
+"""Hypothesis strategies and comparison helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hypothesis import strategies as st
+
+import kernels
+
+# torch's own tolerances (torch.testing.assert_close defaults)
+TOLERANCES = {
+    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.complex64: dict(rtol=1.3e-6, atol=1e-5),
+}
+
+OPTIMIZERS = {
+    "SGD": (kernels.SGD, torch.optim.SGD),
+    "Adam": (kernels.Adam, torch.optim.Adam),
+    "AdamW": (kernels.AdamW, torch.optim.AdamW),
+    "RMSprop": (kernels.RMSprop, torch.optim.RMSprop),
+}
+
+
+def hyperparams(name: str):
+    """Random valid hyperparameters for one optimizer (torch's argument names)."""
+    lr = st.sampled_from([1e-3, 1e-2, 0.1, 0.5])
+    wd = st.sampled_from([0.0, 0.0, 1e-2, 0.1])
+    if name == "SGD":
+        return st.fixed_dictionaries(dict(
+            lr=lr, momentum=st.sampled_from([0.0, 0.5, 0.9]), weight_decay=wd, maximize=st.booleans(),
+            nesterov=st.booleans(), dampening=st.sampled_from([0.0, 0.0, 0.3]))).map(_legal_sgd)
+    if name in ("Adam", "AdamW"):
+        return st.fixed_dictionaries(dict(
+            lr=lr, betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.0, 0.99), (0.95, 0.5)]),
+            eps=st.sampled_from([1e-8, 1e-3]), weight_decay=wd, amsgrad=st.booleans(), maximize=st.booleans()))
+    return st.fixed_dictionaries(dict(
+        lr=lr, alpha=st.sampled_from([0.99, 0.9, 0.0]), eps=st.sampled_from([1e-8, 1e-2]), weight_decay=wd,
+        momentum=st.sampled_from([0.0, 0.0, 0.5]), centered=st.booleans(), maximize=st.booleans()))
+
+
+def _legal_sgd(kw):
+    if kw["nesterov"] and (kw["momentum"] == 0 or kw["dampening"] != 0):
+        kw["nesterov"] = False
+    return kw
+
+
+shape = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+# (shape, non-contiguous?, frozen?)
+param_spec = st.tuples(shape, st.booleans(), st.booleans())
+param_specs = st.lists(param_spec, min_size=1, max_size=6)
+
+
+def make_params(specs, dtype, seed):
+    """Parameters from specs, built the same way for every call with the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shp, noncontig, frozen in specs:
+        wide = torch.complex128 if dtype.is_complex else torch.float64
+        if noncontig:  # a strided view: every other element of a bigger tensor
+            data = torch.randn((*shp, 2), generator=gen, dtype=wide).to(dtype)[..., 1]
+        else:
+            data = torch.randn(shp, generator=gen, dtype=wide).to(dtype)
+        p = torch.nn.Parameter(data, requires_grad=not frozen)
+        params.append(p)
+    return params
+
+
+def make_grads(params, steps, seed, none_prob=0.2, scale=1.0):
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for _ in range(steps):
+        row = []
+        for p in params:
+            drop = torch.rand((), generator=gen).item() < none_prob
+            if not p.requires_grad or drop:
+                row.append(None)
+            else:
+                wide = torch.complex128 if p.dtype.is_complex else torch.float64
+                g = torch.randn(p.shape, generator=gen, dtype=wide) * scale
+                row.append(g.to(p.dtype))
+        out.append(row)
+    return out
+
+
+def groups_of(params, kwargs, split):
+    if not split or len(params) < 2:
+        return params
+    half = len(params) // 2
+    return [{"params": params[:half]}, {"params": params[half:], "lr": kwargs.get("lr", 1e-3) * 0.5}]
+
+
+def run_both(name, kwargs, specs, dtype, steps, *, fused, seed=0, split=False, scheduler=False,
+             none_prob=0.2, grad_scale=1.0):
+    """Train the same params with torch.optim (for-loop path) and ours; return both optimizers/params."""
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    ref_params = make_params(specs, dtype, seed)
+    our_params = make_params(specs, dtype, seed)
+    ref = torch_cls(groups_of(ref_params, kwargs, split), foreach=False, **kwargs)
+    ours = ours_cls(groups_of(our_params, kwargs, split), fused=fused, **kwargs)
+    scheds = []
+    if scheduler:
+        scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in (ref, ours)]
+    for row in make_grads(ref_params, steps, seed, none_prob, grad_scale):
+        for p, q, g in zip(ref_params, our_params, row):
+            p.grad = None if g is None else g.clone()
+            q.grad = None if g is None else g.clone()
+        ref.step()
+        ours.step()
+        for s in scheds:
+            s.step()
+    return ref, ours, ref_params, our_params
+
+
+def assert_same(ref, ours, ref_params, our_params, dtype, exact=False):
+    tol = dict(rtol=0, atol=0) if exact else TOLERANCES[dtype]
+    for i, (p, q) in enumerate(zip(ref_params, our_params)):
+        torch.testing.assert_close(q.detach(), p.detach(), equal_nan=True, msg=lambda m: f"param {i}: {m}",
+                                   **tol)
+    assert set(ref.state_dict()["state"]) == set(ours.state_dict()["state"])
+    rs, os_ = ref.state_dict()["state"], ours.state_dict()["state"]
+    for pid in rs:
+        assert set(rs[pid]) == set(os_[pid]), (pid, set(rs[pid]), set(os_[pid]))
+        for key in rs[pid]:
+            a, b = rs[pid][key], os_[pid][key]
+            if key == "step":
+                assert float(a) == float(b), (pid, key)
+                assert a.dtype == b.dtype and a.device == b.device
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape, (pid, key)
+            torch.testing.assert_close(b, a, equal_nan=True, msg=lambda m: f"state {pid}/{key}: {m}", **tol)
+
+
+def detached_state_dict(opt):
+    return copy.deepcopy(opt.state_dict())

@@ -1,0 +1,252 @@
+"""kernels' optimizers against torch.optim's for-loop path (foreach=False): values, state, API."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import OPTIMIZERS, assert_same, hyperparams, make_params, param_specs, run_both
+
+import kernels
+
+NAMES = list(OPTIMIZERS)
+EAGER_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@SETTINGS
+@given(data=st.data(), specs=param_specs, dtype=st.sampled_from(EAGER_DTYPES), steps=st.integers(20, 30),
+       split=st.booleans(), scheduler=st.booleans())
+def test_eager_matches_torch_bit_for_bit(name, data, specs, dtype, steps, split, scheduler):
+    """The eager path replays torch's for-loop ops on flat buffers: identical bits, every dtype."""
+    kwargs = data.draw(hyperparams(name))
+    ref, ours, rp, op = run_both(name, kwargs, specs, dtype, steps, fused=False, split=split,
+                                 scheduler=scheduler)
+    assert_same(ref, ours, rp, op, dtype, exact=True)
+
+
+# A fixed set of compiled configurations covering every flag (each is one compile; CI pays for them cold).
+COMPILED_CONFIGS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True)),
+    ("Adam", dict()),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    ("AdamW", dict(lr=0.01, betas=(0.5, 0.9))),
+    ("RMSprop", dict()),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01, centered=True, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", COMPILED_CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in
+                                                               enumerate(COMPILED_CONFIGS)])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=param_specs, steps=st.integers(20, 25), split=st.booleans(), lr_scale=st.sampled_from([1, 0.3]))
+def test_compiled_matches_torch(name, kwargs, specs, steps, split, lr_scale):
+    """The compiled path, float32, within torch's tolerances; new shapes and lrs reuse the same kernel."""
+    kwargs = dict(kwargs)
+    kwargs["lr"] = kwargs.get("lr", 1e-3) * lr_scale
+    ref, ours, rp, op = run_both(name, kwargs, specs, torch.float32, steps, fused=True, split=split,
+                                 scheduler=True)
+    assert_same(ref, ours, rp, op, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("name", ["Adam", "RMSprop"])
+def test_compiled_other_dtypes(name, dtype):
+    specs = [((7, 3), False, False), ((5,), True, False), ((), False, False)]
+    kwargs = dict(lr=0.01, weight_decay=0.1)
+    ref, ours, rp, op = run_both(name, kwargs, specs, dtype, 20, fused=True, none_prob=0.0)
+    # bf16: the compiled update rounds once per step (float32 inside); torch rounds after every op.
+    assert_same(ref, ours, rp, op, dtype)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_and_inf_gradients_give_what_torch_gives(name):
+    for fused in (False, True):
+        specs = [((6,), False, False), ((2, 3), False, False)]
+        ref_p, our_p = make_params(specs, torch.float32, 0), make_params(specs, torch.float32, 0)
+        ours_cls, torch_cls = OPTIMIZERS[name]
+        kw = dict(lr=0.1, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.1)
+        ref, ours = torch_cls(ref_p, foreach=False, **kw), ours_cls(our_p, fused=fused, **kw)
+        for step in range(3):
+            for p, q in zip(ref_p, our_p):
+                g = torch.randn(p.shape)
+                if step == 1:
+                    g[0] = float("nan") if p.dim() == 1 else float("inf")
+                p.grad, q.grad = g.clone(), g.clone()
+            ref.step()
+            ours.step()
+        assert_same(ref, ours, ref_p, our_p, torch.float32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_real_training_loop_with_set_to_none(name, fused):
+    """autograd produces fresh grads each step (zero_grad's default set_to_none=True): no stale gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 1))
+    twin = copy.deepcopy(model)
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kw = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
+    ours, ref = ours_cls(model.parameters(), fused=fused, **kw), torch_cls(twin.parameters(), foreach=False,
+                                                                             **kw)
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+    for it in range(15):
+        for m, opt in ((model, ours), (twin, ref)):
+            opt.zero_grad(set_to_none=(it % 2 == 0))
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_steps_make_runs_with_different_step_counts():
+    """A parameter that joins training late keeps its own bias correction."""
+    specs = [((4,), False, False)] * 5
+    ref_p, our_p = make_params(specs, torch.float32, 1), make_params(specs, torch.float32, 1)
+    ref, ours = torch.optim.Adam(ref_p, foreach=False), kernels.Adam(our_p, fused=False)
+    for step in range(12):
+        for i, (p, q) in enumerate(zip(ref_p, our_p)):
+            g = torch.randn(4) if i <= step // 2 or i == 3 else None
+            p.grad, q.grad = g, None if g is None else g.clone()
+        ref.step()
+        ours.step()
+    assert_same(ref, ours, ref_p, our_p, torch.float32, exact=True)
+    assert {float(s["step"]) for s in ours.state.values()} == {12.0, 10.0, 8.0, 4.0}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_and_group_hyperparameters(name):
+    specs = [((3, 2), False, False), ((4,), False, False)]
+    ref_p, our_p = make_params(specs, torch.float32, 2), make_params(specs, torch.float32, 2)
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    ref, ours = torch_cls([ref_p[0]], lr=0.01, foreach=False), ours_cls([our_p[0]], lr=0.01, fused=False)
+    for step in range(6):
+        if step == 2:
+            ref.add_param_group({"params": [ref_p[1]], "lr": 0.1, "weight_decay": 0.5})
+            ours.add_param_group({"params": [our_p[1]], "lr": 0.1, "weight_decay": 0.5})
+        for p, q in zip(ref_p, our_p):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g, g.clone()
+        ref.step()
+        ours.step()
+    assert_same(ref, ours, ref_p, our_p, torch.float32, exact=True)
+
+
+SCHEDULERS = [
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.9 ** e),
+    lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda e: 0.95),
+    lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5),
+    lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5], 0.3),
+    lambda o: torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=3),
+    lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.2, 1.0, total_iters=4),
+    lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+    lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=6, power=2.0),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
+    lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.001, 0.1, step_size_up=2, cycle_momentum=False),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, cycle_momentum=False),
+    lambda o: torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2),
+                                                        torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], [2]),
+    lambda o: torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+                                                         torch.optim.lr_scheduler.StepLR(o, 3, 0.5)]),
+    "plateau",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("make_scheduler", SCHEDULERS, ids=lambda s: "plateau" if s == "plateau" else None)
+def test_every_lr_scheduler(name, make_scheduler):
+    specs = [((5, 2), False, False)]
+    ref_p, our_p = make_params(specs, torch.float32, 3), make_params(specs, torch.float32, 3)
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    ref, ours = torch_cls(ref_p, lr=0.05, foreach=False), ours_cls(our_p, lr=0.05, fused=False)
+    if make_scheduler == "plateau":
+        scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1) for o in (ref, ours)]
+    else:
+        scheds = [make_scheduler(ref), make_scheduler(ours)]
+    for step in range(10):
+        g = torch.randn(5, 2)
+        ref_p[0].grad, our_p[0].grad = g, g.clone()
+        ref.step()
+        ours.step()
+        for s in scheds:
+            s.step(1.0) if make_scheduler == "plateau" else s.step()
+    assert ref.param_groups[0]["lr"] == ours.param_groups[0]["lr"]
+    assert_same(ref, ours, ref_p, our_p, torch.float32, exact=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler(name):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    ours, ref = ours_cls(model.parameters(), lr=0.01, fused=False), torch_cls(twin.parameters(), lr=0.01,
+                                                                               foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    x = torch.randn(8, 4)
+    for step in range(6):
+        for m, opt, sc in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
+            opt.zero_grad()
+            loss = m(x).pow(2).mean() * (float("inf") if step == 2 else 1.0)
+            sc.scale(loss).backward()
+            sc.step(opt)
+            sc.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_moved_after_building_the_optimizer(name):
+    """model.double() replaces p.data: the layout is rebuilt and the state cast, as torch would load it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    twin = copy.deepcopy(model)
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kw = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
+    ours, ref = ours_cls(model.parameters(), fused=False, **kw), torch_cls(twin.parameters(), foreach=False,
+                                                                             **kw)
+    x = torch.randn(5, 3)
+    for step in range(6):
+        if step == 3:
+            model.double()
+            twin.double()
+            for st_ in ref.state.values():  # torch leaves state as it was; cast it as load_state_dict would
+                for k, v in st_.items():
+                    if k != "step":
+                        st_[k] = v.double()
+            x = x.double()
+        for m, opt in ((model, ours), (twin, ref)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(twin.parameters(), model.parameters()):
+        assert q.dtype == torch.float64
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_parameters_are_rehomed_but_keep_identity_and_values():
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    kernels.Adam(model.parameters())
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    # both now live in one buffer
+    assert params[0].untyped_storage().data_ptr() == params[1].untyped_storage().data_ptr()
+
+
+def test_compile_can_be_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(kernels.COMPILE_ENV_VAR, "0")
+    assert kernels.Adam([torch.nn.Parameter(torch.ones(2))])._fused is False
+    monkeypatch.setenv(kernels.COMPILE_ENV_VAR, "1")
+    assert kernels.Adam([torch.nn.Parameter(torch.ones(2))])._fused is True
+    assert kernels.Adam([torch.nn.Parameter(torch.ones(2))], fused=False)._fused is False
