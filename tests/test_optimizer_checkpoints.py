@@ -1,0 +1,199 @@
+"""state_dict interchange with torch.optim both ways, bad checkpoints, bad arguments, torch's optim_db."""
+
+import copy
+import io
+
+import pytest
+import torch
+from strategies import OPTIMIZERS, assert_same, make_params
+
+import kernels
+
+NAMES = list(OPTIMIZERS)
+CONFIGS = {
+    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+    "AdamW": dict(lr=0.01),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
+}
+SPECS = [((4, 3), False, False), ((5,), True, False), ((), False, False), ((2, 2), False, True)]
+
+
+def _train(opts_and_params, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in opts_and_params[0][1]]
+        for opt, params in opts_and_params:
+            for p, g in zip(params, grads):
+                p.grad = g.clone() if p.requires_grad else None
+            opt.step()
+
+
+def _roundtrip(state_dict):
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_dict_interchange(name, direction, fused):
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kw = CONFIGS[name]
+    # phase 1: train a source optimizer; phase 2: load its checkpoint into the other kind and continue
+    src_p = make_params(SPECS, torch.float32, 0)
+    src = torch_cls(src_p, foreach=False, **kw) if direction == "torch->ours" else ours_cls(src_p, fused=fused,
+                                                                                             **kw)
+    _train([(src, src_p)], 7, seed=1)
+    ckpt = _roundtrip(src.state_dict())
+    dst_p = make_params(SPECS, torch.float32, 0)
+    with torch.no_grad():
+        for p, q in zip(dst_p, src_p):
+            p.copy_(q)
+    dst = ours_cls(dst_p, fused=fused, **kw) if direction == "torch->ours" else torch_cls(dst_p, foreach=False,
+                                                                                          **kw)
+    dst.load_state_dict(ckpt)
+    # reference: torch trained for the whole run
+    ref_p = make_params(SPECS, torch.float32, 0)
+    ref = torch_cls(ref_p, foreach=False, **kw)
+    _train([(ref, ref_p)], 7, seed=1)
+    _train([(ref, ref_p), (dst, dst_p)], 8, seed=2)
+    exact = not fused
+    assert_same(ref, dst, ref_p, dst_p, torch.float32, exact=exact)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_has_torchs_layout(name):
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kw = CONFIGS[name]
+    a, b = make_params(SPECS, torch.float32, 0), make_params(SPECS, torch.float32, 0)
+    ours, ref = ours_cls(a, fused=False, **kw), torch_cls(b, foreach=False, **kw)
+    _train([(ours, a)], 2, 0)
+    _train([(ref, b)], 2, 0)
+    s_ours, s_ref = ours.state_dict(), ref.state_dict()
+    assert s_ours["param_groups"][0].keys() == s_ref["param_groups"][0].keys()
+    assert {k: {kk: type(v) for kk, v in st.items()} for k, st in s_ours["state"].items()} == \
+        {k: {kk: type(v) for kk, v in st.items()} for k, st in s_ref["state"].items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_state_dict_is_refused_and_leaves_the_optimizer_unchanged(name):
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kw = CONFIGS[name]
+    params = make_params(SPECS, torch.float32, 0)
+    ours = ours_cls(params, fused=False, **kw)
+    _train([(ours, params)], 3, 0)
+    before = copy.deepcopy(ours.state_dict())
+    values = [p.detach().clone() for p in params]
+
+    good = copy.deepcopy(ours.state_dict())
+    bad_shape = copy.deepcopy(good)
+    key = next(k for k in bad_shape["state"][0] if k != "step")
+    bad_shape["state"][0][key] = torch.zeros(7, 7)
+    missing = copy.deepcopy(good)
+    del missing["state"][1][key]
+    fewer_groups = copy.deepcopy(good)
+    fewer_groups["param_groups"] = []
+    fewer_params = copy.deepcopy(good)
+    fewer_params["param_groups"][0]["params"] = fewer_params["param_groups"][0]["params"][:-1]
+    cases = [(bad_shape, "shape"), (fewer_groups, "parameter groups"), (fewer_params, "parameters"),
+             ({"state": {}}, "param_groups")]
+    if name != "SGD":  # SGD's only state is the buffer: without it a param simply has no state yet
+        cases.append((missing, "lacks"))
+    for bad, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            ours.load_state_dict(bad)
+        after = ours.state_dict()
+        for pid, st in before["state"].items():
+            for k, v in st.items():
+                assert torch.equal(after["state"][pid][k], v)
+        assert after["param_groups"] == before["param_groups"]
+        for p, v in zip(params, values):
+            assert torch.equal(p, v)
+
+
+BAD_ARGS = [
+    ("SGD", dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
+    ("SGD", dict(momentum=-0.5), ValueError, "Invalid momentum value: -0.5"),
+    ("SGD", dict(weight_decay=-1), ValueError, "Invalid weight_decay value: -1"),
+    ("SGD", dict(nesterov=True), ValueError, "Nesterov momentum requires a momentum and zero dampening"),
+    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError, "Nesterov momentum requires"),
+    ("Adam", dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),
+    ("Adam", dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
+    ("Adam", dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0: 1.0"),
+    ("Adam", dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1: -0.1"),
+    ("Adam", dict(weight_decay=-1), ValueError, "Invalid weight_decay value: -1"),
+    ("Adam", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
+    ("Adam", dict(betas=(0.9, torch.tensor(0.99))), ValueError, "betas must be either both floats or both"),
+    ("AdamW", dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1: 1.5"),
+    ("RMSprop", dict(alpha=-0.1), ValueError, "Invalid alpha value: -0.1"),
+    ("RMSprop", dict(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
+    ("RMSprop", dict(momentum=-1.0), ValueError, "Invalid momentum value: -1.0"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,message", BAD_ARGS)
+def test_bad_hyperparameters_raise_like_torch(name, kwargs, exc, message):
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    with pytest.raises(exc) as torch_err:
+        torch_cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    with pytest.raises(exc) as our_err:
+        ours_cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    assert message in str(our_err.value)
+    assert str(our_err.value) == str(torch_err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_params_and_gradients(name):
+    ours_cls = OPTIMIZERS[name][0]
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="iterable of Tensors"):
+        ours_cls(p)
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        ours_cls([p, 3.0])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        ours_cls([{"params": [p]}, {"params": [p, q]}])
+    with pytest.raises(ValueError, match="more than once in the same parameter group"):
+        ours_cls([p, p])
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        ours_cls([p], differentiable=True)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ours_cls(emb.parameters(), fused=False)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def _optim_db_inputs():
+    from torch.testing._internal.common_optimizers import optim_db
+
+    cases = []
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name in OPTIMIZERS:
+            for inp in info.optim_inputs_func(device="cpu"):
+                cases.append(pytest.param(name, inp.kwargs, id=f"{name}-{inp.desc}"))
+    return cases
+
+
+@pytest.mark.parametrize("name,kwargs", _optim_db_inputs())
+def test_torch_optim_db_inputs(name, kwargs):
+    """torch's own optimizer test inputs (common_optimizers.optim_db), through the same comparison."""
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("foreach", "fused", "capturable", "differentiable")}
+    a, b = make_params(SPECS, torch.float32, 5), make_params(SPECS, torch.float32, 5)
+    ref = torch_cls(a, foreach=False, **copy.deepcopy(kwargs))
+    ours = ours_cls(b, fused=False, **copy.deepcopy(kwargs))
+    _train([(ref, a), (ours, b)], 20, 3)
+    assert_same(ref, ours, a, b, torch.float32, exact=True)
+
+
+def test_adamw_is_adam_with_decoupled_weight_decay():
+    a, b = make_params(SPECS, torch.float32, 0), make_params(SPECS, torch.float32, 0)
+    o1 = kernels.AdamW(a, fused=False)
+    o2 = kernels.Adam(b, weight_decay=1e-2, decoupled_weight_decay=True, fused=False)
+    _train([(o1, a), (o2, b)], 5, 0)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
