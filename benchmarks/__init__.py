@@ -1,0 +1,1 @@
+"""Speed and memory of optadvisor's kernels against torch, measured in one run (see README)."""

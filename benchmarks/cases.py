@@ -1,0 +1,105 @@
+"""Workloads and timing helpers shared by the pytest-benchmark suite and ``python -m benchmarks``."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import kernels
+
+# bytes read + written per element per step (fp32)
+BYTES_PER_ELEMENT = {"SGD-momentum": 20, "Adam": 28, "AdamW": 28, "RMSprop": 20, "RMSprop-centered-momentum": 36}
+
+OPTIMIZER_CASES = {
+    # name: (ours, torch class, kwargs, torch paths to compare)
+    "SGD-momentum": (kernels.SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9), ("forloop", "foreach", "fused")),
+    "Adam": (kernels.Adam, torch.optim.Adam, dict(lr=1e-3), ("forloop", "foreach", "fused")),
+    "AdamW": (kernels.AdamW, torch.optim.AdamW, dict(lr=1e-3), ("forloop", "foreach", "fused")),
+    "RMSprop": (kernels.RMSprop, torch.optim.RMSprop, dict(lr=1e-3), ("forloop", "foreach")),
+    "RMSprop-centered-momentum": (kernels.RMSprop, torch.optim.RMSprop,
+                                  dict(lr=1e-3, centered=True, momentum=0.9), ("forloop", "foreach")),
+}
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 parameter shapes of torchvision's ResNet-50 (25.6M elements), without torchvision."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        for b in range(blocks):
+            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (width * 4, width, 1, 1), (width * 4,), (width * 4,)]
+            if b == 0:
+                shapes += [(width * 4, in_ch, 1, 1), (width * 4,), (width * 4,)]
+            in_ch = width * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def workloads(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
+    if quick:
+        return {"one 100k tensor": [(100_000,)], "50 x 1k tensors": [(1000,)] * 50}
+    return {"one 10M tensor": [(10_000_000,)], "ResNet-50 shapes": resnet50_shapes(),
+            "2000 x 1k tensors": [(1000,)] * 2000}
+
+
+def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]]):
+    """An optimizer with persistent gradients; path is ours/ours-eager/forloop/foreach/fused."""
+    ours_cls, torch_cls, kw, _ = OPTIMIZER_CASES[case]
+    params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.01
+    if path == "ours":
+        opt = ours_cls(params, fused=True, **kw)
+    elif path == "ours-eager":
+        opt = ours_cls(params, fused=False, **kw)
+    else:
+        selector = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+        opt = torch_cls(params, **selector[path], **kw)
+    opt.step()  # warm-up: state allocated, compile done, grads moved into our buffer
+    opt.step()
+    return opt
+
+
+def bandwidth_probe(n: int = 25_000_000) -> Callable[[], None]:
+    """``a.add_(b)`` on n floats: 12 bytes per element, the machine's streaming bound in this run."""
+    a, b = torch.randn(n), torch.randn(n)
+    return lambda: a.add_(b)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, measured round-robin so drifts hit every variant alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def mlp(depth: int = 40, width: int = 256) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.LayerNorm(width), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers)
+
+
+def training_loop(opt_factory, depth: int = 40, width: int = 256, batch: int = 64):
+    """One iteration of a real loop: zero_grad() (set_to_none=True), forward, backward, step."""
+    torch.manual_seed(0)
+    model = mlp(depth, width)
+    opt = opt_factory(model.parameters())
+    x, y = torch.randn(batch, width), torch.randn(batch, width)
+
+    def iteration():
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+    iteration()
+    iteration()
+    return iteration, model

@@ -1,0 +1,34 @@
+"""pytest-benchmark: each optimizer step, ours against torch's for-loop, foreach and fused paths.
+
+    pytest benchmarks --benchmark-only            # full sizes
+    BENCH_QUICK=1 pytest benchmarks --benchmark-only
+"""
+
+import os
+
+import pytest
+import torch
+
+import kernels
+from benchmarks.cases import OPTIMIZER_CASES, make_optimizer, training_loop, workloads
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+WORKLOADS = workloads(QUICK)
+PARAMS = [(case, path, wl) for case, (_, _, _, paths) in OPTIMIZER_CASES.items()
+          for wl in WORKLOADS for path in ("ours", *paths)]
+
+
+@pytest.mark.parametrize("case,path,workload", PARAMS, ids=[f"{c}|{w}|{p}" for c, p, w in PARAMS])
+def test_optimizer_step(benchmark, case, path, workload):
+    opt = make_optimizer(case, path, WORKLOADS[workload])
+    benchmark.group = f"{case} | {workload}"
+    benchmark(opt.step)
+
+
+@pytest.mark.parametrize("path", ["ours", "torch-fused"])
+def test_training_loop_adam(benchmark, path):
+    factory = (lambda p: kernels.Adam(p, lr=1e-4)) if path == "ours" else (
+        lambda p: torch.optim.Adam(p, lr=1e-4, fused=True))
+    iteration, _ = training_loop(factory, depth=8 if QUICK else 40, width=64 if QUICK else 256)
+    benchmark.group = "training loop (MLP, Adam)"
+    benchmark(iteration)
