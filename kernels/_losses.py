@@ -1,0 +1,613 @@
+"""One-pass losses: each forward computes the loss *and* its input gradient; backward only scales.
+
+Every loss here is the same :class:`_OnePass` autograd Function around a pure ``compute`` closure that
+returns the loss and the (unscaled) gradients. Saving only the gradient lets autograd hand that buffer to
+``x.grad`` without a copy: peak extra memory is one input-sized buffer instead of torch's two or three.
+The buffer is given away by the first backward, so a second backward through the same graph
+(``retain_graph=True``) raises a clear error; double backward (``create_graph=True``) is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class _OnePass(torch.autograd.Function):
+    """forward(ctx, compute, *inputs): compute() -> (loss, grads, expand).
+
+    ``grads`` holds one gradient (or None) per input, for a unit upstream gradient; ``expand(g)`` shapes a
+    ``reduction='none'`` upstream gradient to broadcast over a gradient; ``recompute(go)`` (optional,
+    instead of grads) produces the gradients from the upstream gradient when they could not be stored.
+    """
+
+    @staticmethod
+    def forward(ctx, compute, name, *inputs):  # noqa: D401 - autograd signature
+        loss, grads, expand = compute()
+        ctx.name = name
+        ctx.grads = grads
+        ctx.expand = expand
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(f"kernels.{ctx.name}: backward ran twice through the same graph "
+                               "(retain_graph=True). The one-pass loss hands its gradient buffer to the first "
+                               "backward; compute the loss again for a second backward.")
+        ctx.grads = None
+        if callable(grads):  # gradients recomputed from the upstream gradient (linear_cross_entropy, 'none')
+            return (None, None, *grads(grad_output))
+        out = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+            elif grad_output.dim() == 0:
+                if grad_output.item() != 1.0:
+                    g.mul_(grad_output.to(g.dtype))
+                out.append(g)
+            else:
+                out.append(g.mul_(ctx.expand(grad_output).to(g.dtype)))
+        return (None, None, *out)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS} (got {reduction!r})")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_float(name: str, arg: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: '{arg}' must be a Tensor (got {type(t).__name__})")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: '{arg}' must be a floating-point tensor (got {t.dtype})")
+
+
+def _same_shape(name: str, input: Tensor, target: Tensor) -> None:
+    _check_float(name, "input", input)
+    _check_float(name, "target", target)
+    if input.shape != target.shape:
+        raise ValueError(f"{name}: input shape {tuple(input.shape)} and target shape {tuple(target.shape)} "
+                         "differ; broadcasting them is almost always a bug, so it is refused")
+
+
+def _reduce(per_elem_sum: Tensor, n: int, reduction: str) -> Tensor:
+    return per_elem_sum / n if reduction == "mean" else per_elem_sum
+
+
+def _run(name: str, compute: Callable, *inputs: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return _OnePass.apply(compute, name, *inputs)
+    with torch.no_grad():
+        return compute(need_grad=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# regression: MSE and Huber
+# ---------------------------------------------------------------------------------------------------------
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    r"""Mean squared error, :math:`\ell = \operatorname{reduce}((x - y)^2)`; as :func:`torch.nn.functional.mse_loss`.
+
+    Gradients flow to ``target`` too when it requires grad. Unlike torch (which warns), differing input
+    and target shapes raise ValueError.
+
+    Example::
+
+        >>> loss = kernels.mse_loss(pred, y)
+    """
+    _check_reduction(reduction)
+    _same_shape("mse_loss", input, target)
+
+    def compute(need_grad=True):
+        cd = _compute_dtype(input.dtype)
+        d = input.to(cd) - target.to(cd)
+        n = d.numel()
+        grad = d.mul(2.0 / n if reduction == "mean" else 2.0) if need_grad else None
+        sq = d.square_()  # d is not needed any more: square in place, no third buffer
+        loss = sq.to(input.dtype) if reduction == "none" else _reduce(sq.sum(), n, reduction).to(input.dtype)
+        if not need_grad:
+            return loss, None, None
+        return loss, _pair(grad, input, target), lambda go: go
+
+    return _run("mse_loss", compute, input, target)
+
+
+def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0) -> Tensor:
+    r"""Huber loss: :math:`\tfrac12 d^2` for :math:`|d|\le\delta`, else :math:`\delta(|d|-\tfrac12\delta)`,
+    :math:`d = x - y`; as :func:`torch.nn.functional.huber_loss`.
+
+    Computed as :math:`c\,(d - \tfrac12 c)` with :math:`c = \operatorname{clamp}(d, -\delta, \delta)`, which
+    is also the gradient: one clamp gives both. ``delta`` must be > 0.
+
+    Example::
+
+        >>> loss = kernels.huber_loss(pred, y, delta=0.5)
+    """
+    _check_reduction(reduction)
+    _same_shape("huber_loss", input, target)
+    if not (isinstance(delta, (int, float)) and delta > 0):
+        raise ValueError(f"huber_loss: 'delta' must be a number > 0 (got {delta!r})")
+    delta = float(delta)
+
+    def compute(need_grad=True):
+        cd = _compute_dtype(input.dtype)
+        d = input.to(cd) - target.to(cd)
+        c = d.clamp(-delta, delta)
+        n = d.numel()
+        per_elem = d.sub_(c, alpha=0.5).mul_(c)  # c (d - c/2), in d's buffer
+        loss = per_elem.to(input.dtype) if reduction == "none" else _reduce(per_elem.sum(), n, reduction).to(
+            input.dtype)
+        if not need_grad:
+            return loss, None, None
+        if reduction == "mean":
+            c.mul_(1.0 / n)
+        return loss, _pair(c, input, target), lambda go: go
+
+    return _run("huber_loss", compute, input, target)
+
+
+def _pair(grad: Tensor, input: Tensor, target: Tensor) -> list[Tensor | None]:
+    """d/dinput = grad, d/dtarget = -grad (each only where asked), in each one's dtype."""
+    g_target = None
+    if target.requires_grad:
+        g_target = grad.neg().to(target.dtype)
+    g_input = grad.to(input.dtype) if input.requires_grad else None
+    return [g_input, g_target]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# margins: binary hinge and multi-class hinge
+# ---------------------------------------------------------------------------------------------------------
+def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
+    r"""Binary SVM hinge, :math:`\max(0, m - y x)` with :math:`y \in \{-1, +1\}`. torch has no such loss.
+
+    Example::
+
+        >>> loss = kernels.hinge_loss(scores, labels_pm1)
+    """
+    _check_reduction(reduction)
+    _same_shape("hinge_loss", input, target)
+    if not isinstance(margin, (int, float)):
+        raise TypeError(f"hinge_loss: 'margin' must be a number (got {type(margin).__name__})")
+    bad = (target != 1) & (target != -1)
+    if bool(bad.any()):
+        raise ValueError(f"hinge_loss: targets must be -1 or +1; found {target[bad].flatten()[0].item()!r}")
+    margin = float(margin)
+
+    def compute(need_grad=True):
+        cd = _compute_dtype(input.dtype)
+        x, y = input.to(cd), target.to(cd)
+        z = torch.addcmul(torch.full_like(x, margin), y, x, value=-1.0)  # m - y x
+        n = z.numel()
+        active = z > 0
+        z.clamp_(min=0)
+        loss = z.to(input.dtype) if reduction == "none" else _reduce(z.sum(), n, reduction).to(input.dtype)
+        if not need_grad:
+            return loss, None, None
+        scale = -1.0 / n if reduction == "mean" else -1.0
+        mask = active.to(cd).mul_(scale)
+        g_in = (y * mask).to(input.dtype) if input.requires_grad else None
+        g_t = (x * mask).to(target.dtype) if target.requires_grad else None
+        return loss, [g_in, g_t], lambda go: go
+
+    return _run("hinge_loss", compute, input, target)
+
+
+def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float = 1.0,
+                      weight: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    r"""Multi-class hinge (p=1) or squared hinge (p=2), as :class:`torch.nn.MultiMarginLoss`:
+
+    .. math:: \ell_i = \frac{1}{C}\sum_{j \ne y_i} w_{y_i} \max(0, m - x_{i,y_i} + x_{i,j})^p
+
+    Example::
+
+        >>> loss = kernels.multi_margin_loss(logits, classes, p=2)
+    """
+    _check_reduction(reduction)
+    _check_float("multi_margin_loss", "input", input)
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ValueError(f"multi_margin_loss: 'p' must be 1 or 2 (got {p!r})")
+    if input.dim() not in (1, 2) or (input.dim() == 2 and input.shape[1] == 0):
+        raise ValueError(f"multi_margin_loss: input must be (C,) or (N, C) with C > 0 "
+                         f"(got shape {tuple(input.shape)})")
+    unbatched = input.dim() == 1
+    x2 = input.unsqueeze(0) if unbatched else input
+    n_rows, n_classes = x2.shape
+    t = _check_targets("multi_margin_loss", target, (n_rows,) if not unbatched else (), n_classes, None)
+    t2 = t.reshape(n_rows)
+    w = _check_weight("multi_margin_loss", weight, n_classes)
+    margin = float(margin)
+
+    def compute(need_grad=True):
+        cd = _compute_dtype(input.dtype)
+        x = x2.to(cd)
+        tu = t2.unsqueeze(1)
+        z = x - x.gather(1, tu)
+        z.add_(margin)
+        z.scatter_(1, tu, 0.0)
+        z.clamp_(min=0)
+        per_row = z.sum(1) if p == 1 else torch.linalg.vecdot(z, z, dim=1)
+        row_w = (w.to(cd)[t2] if w is not None else torch.ones(n_rows, dtype=cd, device=x.device)) / n_classes
+        per_row = per_row * row_w
+        if reduction == "none":
+            loss = per_row.reshape(target.shape).to(input.dtype)
+        else:
+            loss = _reduce(per_row.sum(), n_rows, reduction).to(input.dtype)
+        if not need_grad:
+            return loss, None, None
+        grad = z.sign_() if p == 1 else z.mul_(2.0)
+        scale = row_w / n_rows if reduction == "mean" else row_w
+        grad.mul_(scale.unsqueeze(1))
+        grad.scatter_(1, tu, -grad.sum(1, keepdim=True))
+        grad = grad.reshape(input.shape).to(input.dtype)
+        return loss, [grad, None], (lambda go: go if unbatched else go.reshape(n_rows, 1))
+
+    return _run("multi_margin_loss", compute, input, target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross-entropy
+# ---------------------------------------------------------------------------------------------------------
+def _check_targets(name: str, target: Tensor, shape: tuple, n_classes: int, ignore_index: int | None) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name}: 'target' must be a Tensor (got {type(target).__name__})")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name}: class-index targets must be an integer tensor (got {target.dtype})")
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected target of shape {tuple(shape)} (got {tuple(target.shape)})")
+    t = target.long()
+    valid = t if ignore_index is None else t[t != ignore_index]
+    if valid.numel():
+        lo, hi = int(valid.min()), int(valid.max())
+        if lo < 0 or hi >= n_classes:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name}: target {bad} is out of bounds for {n_classes} classes")
+    return t
+
+
+def _check_weight(name: str, weight: Tensor | None, n_classes: int) -> Tensor | None:
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{name}: 'weight' must be a floating-point Tensor (got {type(weight).__name__})")
+    if weight.dim() != 1 or weight.numel() != n_classes:
+        raise ValueError(f"{name}: 'weight' must have one entry per class, {n_classes} "
+                         f"(got shape {tuple(weight.shape)})")
+    return weight.detach()
+
+
+def _ce_index_core(x: Tensor, t: Tensor, cdim: int, weight: Tensor | None, ignore_index: int,
+                   smoothing: float, need_grad: bool):
+    """Cross-entropy with class-index targets along ``cdim`` of float logits ``x`` (compute dtype).
+
+    Returns (per-sample loss, per-sample weight w_t (0 where ignored), unscaled gradient or None).
+    Per sample: (1-e) w_t (lse - x_t) + (e/C) sum_c w_c (lse - x_c); its gradient is
+    p_c ((1-e) w_t + (e/C) W) - (1-e) w_t [c = t] - (e/C) w_c, with W = sum_c w_c.
+    """
+    n_classes = x.shape[cdim]
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, 0).unsqueeze(cdim)
+    validf = valid.to(x.dtype)
+    w_t = weight[t_safe.squeeze(cdim)] * validf if weight is not None else validf
+    shape_b = [1] * x.dim()
+    shape_b[cdim] = n_classes
+    w_b = weight.view(shape_b) if weight is not None else None
+
+    m = x.amax(cdim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row gives nan, not a crash
+    e = torch.sub(x, m)
+    x_t = x.gather(cdim, t_safe)
+    e.exp_()
+    s = e.sum(cdim, keepdim=True)
+    lse = (m + s.log()).squeeze(cdim)
+    loss = (lse - x_t.squeeze(cdim)) * w_t * (1.0 - smoothing)
+    w_sum = weight.sum() if weight is not None else torch.tensor(float(n_classes), dtype=x.dtype, device=x.device)
+    if smoothing > 0:
+        sum_wx = torch.linalg.vecdot(x, w_b.expand_as(x), dim=cdim) if w_b is not None else x.sum(cdim)
+        loss = loss + (lse * w_sum - sum_wx) * validf * (smoothing / n_classes)
+    if not need_grad:
+        return loss, w_t, None
+    e.div_(s)
+    a = (1.0 - smoothing) * w_t + (smoothing / n_classes) * w_sum * validf
+    e.mul_(a.unsqueeze(cdim))
+    if smoothing > 0:
+        wb = w_b if w_b is not None else torch.ones(shape_b, dtype=x.dtype, device=x.device)
+        e.addcmul_(validf.unsqueeze(cdim), wb, value=-smoothing / n_classes)
+    e.scatter_add_(cdim, t_safe, (-(1.0 - smoothing) * w_t).unsqueeze(cdim))
+    return loss, w_t, e
+
+
+def _ce_prob_core(x: Tensor, y: Tensor, cdim: int, weight: Tensor | None, smoothing: float, need_grad: bool):
+    """Cross-entropy with class-probability targets: per sample sum_c w_c y_c (lse - x_c)."""
+    n_classes = x.shape[cdim]
+    if smoothing > 0:
+        y = y * (1.0 - smoothing) + smoothing / n_classes
+    if weight is not None:
+        shape_b = [1] * x.dim()
+        shape_b[cdim] = n_classes
+        y = y * weight.view(shape_b)
+    m = x.amax(cdim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.sub(x, m)
+    e.exp_()
+    s = e.sum(cdim, keepdim=True)
+    lse = (m + s.log()).squeeze(cdim)
+    swy = y.sum(cdim)
+    loss = lse * swy - torch.linalg.vecdot(y, x, dim=cdim)
+    if not need_grad:
+        return loss, None
+    e.div_(s).mul_(swy.unsqueeze(cdim)).sub_(y)
+    return loss, e
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    r"""Cross-entropy of logits, as :func:`torch.nn.functional.cross_entropy` (same arguments and semantics).
+
+    ``input``: (C), (N, C) or (N, C, d1, ..., dK) logits; ``target``: class indices (shape without C) or
+    class probabilities (the input's shape). Computed in float32 for float16/bfloat16 inputs and stable for
+    extreme logits. The gradient is computed in the forward pass (one pass over the logits).
+
+    .. math:: \ell_i = (1-\varepsilon)\,w_{y_i}\,(\operatorname{lse}(x_i) - x_{i,y_i})
+              + \frac{\varepsilon}{C}\sum_c w_c\,(\operatorname{lse}(x_i) - x_{i,c})
+
+    ``mean`` divides by :math:`\sum_i w_{y_i}` over non-ignored samples (NaN when all are ignored, as in
+    torch); with probability targets it divides by the number of samples.
+
+    Example::
+
+        >>> loss = kernels.cross_entropy(logits, classes, label_smoothing=0.1)
+    """
+    name = "cross_entropy"
+    _check_reduction(reduction)
+    _check_float(name, "input", input)
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
+    if input.dim() == 0:
+        raise ValueError(f"{name}: input must have a class dimension (got a 0-dim tensor)")
+    cdim = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[cdim]
+    w = _check_weight(name, weight, n_classes)
+    smoothing = float(label_smoothing)
+    probs = isinstance(target, Tensor) and target.is_floating_point()
+    if probs:
+        if target.requires_grad:
+            raise NotImplementedError(f"{name}: gradients with respect to probability targets are not "
+                                      "supported; pass target.detach()")
+        if target.shape != input.shape:
+            raise ValueError(f"{name}: probability targets must have the input's shape {tuple(input.shape)} "
+                             f"(got {tuple(target.shape)})")
+        t = target
+    else:
+        sample_shape = tuple(s for i, s in enumerate(input.shape) if i != cdim)
+        t = _check_targets(name, target, sample_shape, n_classes, ignore_index)
+    n_samples = input.numel() // max(n_classes, 1) if n_classes else 0
+
+    def compute(need_grad=True):
+        cd = _compute_dtype(input.dtype)
+        x = input.detach().to(cd)
+        wc = w.to(cd) if w is not None else None
+        if probs:
+            loss, grad = _ce_prob_core(x, t.detach().to(cd), cdim, wc, smoothing, need_grad)
+            denom = n_samples
+        else:
+            loss, w_t, grad = _ce_index_core(x, t, cdim, wc, ignore_index, smoothing, need_grad)
+            denom = w_t.sum()
+        if reduction == "none":
+            out = loss
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss.sum() / denom
+        out = out.to(input.dtype)
+        if not need_grad:
+            return out, None, None
+        if reduction == "mean":
+            grad.div_(denom)
+        grad = grad.to(input.dtype)
+        return out, [grad, None, None], lambda go: go.unsqueeze(cdim)
+
+    return _run(name, compute, input, target if probs else None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         chunk_size: int | None = None) -> Tensor:
+    r"""``cross_entropy(hidden @ weight.T + bias, target)`` without ever materializing the (N, V) logits.
+
+    Rows are processed in chunks of ``chunk_size`` (default: about 8M logits per chunk); each chunk's
+    logits give its loss and, in the same pass, the gradients for ``hidden``, ``weight`` and ``bias``.
+    ``hidden``: (N, D) or (..., D); ``weight``: (V, D); ``target``: class indices of shape hidden.shape[:-1].
+
+    Example::
+
+        >>> loss = kernels.linear_cross_entropy(h, lm_head.weight, tokens, chunk_size=1024)
+    """
+    name = "linear_cross_entropy"
+    _check_reduction(reduction)
+    _check_float(name, "hidden", hidden)
+    _check_float(name, "weight", weight)
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: need hidden (..., D) and weight (V, D) with the same D "
+                         f"(got {tuple(hidden.shape)} and {tuple(weight.shape)})")
+    if bias is not None:
+        _check_float(name, "bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{name}: bias must have shape ({weight.shape[0]},) (got {tuple(bias.shape)})")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{name}: 'chunk_size' must be a positive int (got {chunk_size!r})")
+    n_vocab, dim = weight.shape
+    h2 = hidden.reshape(-1, dim)
+    t = _check_targets(name, target, tuple(hidden.shape[:-1]), n_vocab, ignore_index).reshape(-1)
+    rows = h2.shape[0]
+    chunk = chunk_size or max(1, (1 << 23) // max(n_vocab, 1))
+    smoothing = float(label_smoothing)
+
+    def passes(row_scale: Tensor | None, need_grad: bool):
+        """One sweep over row chunks. row_scale: per-row multiplier of the gradient (None = 1)."""
+        cd = _compute_dtype(hidden.dtype)
+        h, wt = h2.detach(), weight.detach()
+        b = bias.detach() if bias is not None else None
+        losses, wts = [], []
+        gh = torch.empty_like(h) if need_grad and hidden.requires_grad else None
+        gw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_grad and weight.requires_grad \
+            else None
+        gb = torch.zeros(n_vocab, dtype=cd, device=weight.device) if need_grad and bias is not None and \
+            bias.requires_grad else None
+        for lo in range(0, rows, chunk):
+            hi = min(rows, lo + chunk)
+            logits = h[lo:hi] @ wt.T if b is None else torch.addmm(b, h[lo:hi], wt.T)
+            loss, w_t, g = _ce_index_core(logits.to(cd), t[lo:hi], 1, None, ignore_index, smoothing, need_grad)
+            losses.append(loss)
+            wts.append(w_t)
+            if not need_grad:
+                continue
+            if row_scale is not None:
+                g.mul_(row_scale[lo:hi].unsqueeze(1))
+            gl = g.to(hidden.dtype)
+            if gh is not None:
+                torch.mm(gl, wt, out=gh[lo:hi])
+            if gw is not None:
+                gw.addmm_(g.T, h[lo:hi].to(cd))
+            if gb is not None:
+                gb.add_(g.sum(0))
+        cat = torch.cat(losses) if losses else torch.zeros(0, dtype=cd, device=h.device)
+        wsum = torch.cat(wts).sum() if wts else torch.zeros((), dtype=cd, device=h.device)
+        grads = [None if gh is None else gh.reshape(hidden.shape), None if gw is None else gw.to(weight.dtype),
+                 None, None if gb is None else gb.to(bias.dtype)]
+        return cat, wsum, grads
+
+    def compute(need_grad=True):
+        if reduction == "none":
+            loss, _, _ = passes(None, False)
+            out = loss.reshape(target.shape).to(hidden.dtype)
+            if not need_grad:
+                return out, None, None
+
+            def recompute(go):
+                return passes(go.reshape(-1).to(_compute_dtype(hidden.dtype)), True)[2]
+            return out, recompute, None
+        if reduction == "mean":
+            # the denominator (sum of weights of non-ignored rows) is known before any logits are computed
+            denom = float((t != ignore_index).sum())
+            scale = None if denom == 1.0 else torch.full((rows,), 1.0 / denom if denom else float("nan"),
+                                                         dtype=_compute_dtype(hidden.dtype), device=h2.device)
+        else:
+            scale = None
+        loss, wsum, grads = passes(scale, need_grad)
+        out = (loss.sum() / wsum if reduction == "mean" else loss.sum()).to(hidden.dtype)
+        return out, grads if need_grad else None, None
+
+    return _run(name, compute, hidden, weight, target, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.Module wrappers: torch.nn's constructor arguments
+# ---------------------------------------------------------------------------------------------------------
+class MSELoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.MSELoss`: ``MSELoss(reduction='mean')(input, target)``."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return mse_loss(input, target, reduction=self.reduction)
+
+
+class HuberLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.HuberLoss`: ``HuberLoss(reduction='mean', delta=1.0)``."""
+
+    def __init__(self, reduction: str = "mean", delta: float = 1.0) -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        if not delta > 0:
+            raise ValueError(f"HuberLoss: 'delta' must be > 0 (got {delta!r})")
+        self.reduction, self.delta = reduction, delta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` (weight, ignore_index, reduction, label_smoothing)."""
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class MultiMarginLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.MultiMarginLoss`: ``MultiMarginLoss(p=1, margin=1.0, weight=None)``."""
+
+    def __init__(self, p: int = 1, margin: float = 1.0, weight: Tensor | None = None, size_average=None,
+                 reduce=None, reduction: str = "mean") -> None:
+        super().__init__()
+        if p not in (1, 2):
+            raise ValueError(f"MultiMarginLoss: 'p' must be 1 or 2 (got {p!r})")
+        self.p, self.margin = p, margin
+        self.register_buffer("weight", weight)
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return multi_margin_loss(input, target, p=self.p, margin=self.margin, weight=self.weight,
+                                 reduction=self.reduction)
+
+
+class HingeLoss(torch.nn.Module):
+    """Binary SVM hinge ``max(0, margin - y x)``, targets in {-1, +1}: ``HingeLoss(margin=1.0, reduction)``."""
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.margin, self.reduction = margin, reduction
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return hinge_loss(input, target, margin=self.margin, reduction=self.reduction)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Holds :func:`linear_cross_entropy`'s options; called as ``loss_fn(hidden, weight, target, bias=None)``."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 chunk_size: int | None = None) -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return linear_cross_entropy(hidden, weight, target, bias, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                    chunk_size=self.chunk_size)
+
+
+def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+    # torch.nn's deprecated size_average/reduce arguments, mapped as torch maps them
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        reduction = ("mean" if size_average else "sum") if reduce else "none"
+    _check_reduction(reduction)
+    return reduction
