@@ -86,6 +86,11 @@ def _reduce(per_elem_sum: Tensor, n: int, reduction: str) -> Tensor:
     return per_elem_sum / n if reduction == "mean" else per_elem_sum
 
 
+def _inv(n: int) -> float:
+    # 1/n for a mean's gradient; an empty input has an empty gradient, so any finite value serves
+    return 1.0 / n if n else 0.0
+
+
 def _run(name: str, compute: Callable, *inputs: Tensor) -> Tensor:
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
         return _OnePass.apply(compute, name, *inputs)
@@ -113,7 +118,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         cd = _compute_dtype(input.dtype)
         d = input.to(cd) - target.to(cd)
         n = d.numel()
-        grad = d.mul(2.0 / n if reduction == "mean" else 2.0) if need_grad else None
+        grad = d.mul(2.0 * _inv(n) if reduction == "mean" else 2.0) if need_grad else None
         sq = d.square_()  # d is not needed any more: square in place, no third buffer
         loss = sq.to(input.dtype) if reduction == "none" else _reduce(sq.sum(), n, reduction).to(input.dtype)
         if not need_grad:
@@ -151,7 +156,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         if not need_grad:
             return loss, None, None
         if reduction == "mean":
-            c.mul_(1.0 / n)
+            c.mul_(_inv(n))
         return loss, _pair(c, input, target), lambda go: go
 
     return _run("huber_loss", compute, input, target)
@@ -195,7 +200,7 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
         loss = z.to(input.dtype) if reduction == "none" else _reduce(z.sum(), n, reduction).to(input.dtype)
         if not need_grad:
             return loss, None, None
-        scale = -1.0 / n if reduction == "mean" else -1.0
+        scale = -_inv(n) if reduction == "mean" else -1.0
         mask = active.to(cd).mul_(scale)
         g_in = (y * mask).to(input.dtype) if input.requires_grad else None
         g_t = (x * mask).to(target.dtype) if target.requires_grad else None
@@ -413,8 +418,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         out = out.to(input.dtype)
         if not need_grad:
             return out, None, None
-        if reduction == "mean":
-            grad.div_(denom)
+        if reduction == "mean":  # all ignored: torch's gradient is zero (not 0/0)
+            grad.div_(torch.where(denom == 0, 1, denom) if isinstance(denom, Tensor) else max(denom, 1))
         grad = grad.to(input.dtype)
         return out, [grad, None, None], lambda go: go.unsqueeze(cdim)
 
@@ -503,7 +508,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         if reduction == "mean":
             # the denominator (sum of weights of non-ignored rows) is known before any logits are computed
             denom = float((t != ignore_index).sum())
-            scale = None if denom == 1.0 else torch.full((rows,), 1.0 / denom if denom else float("nan"),
+            scale = None if denom == 1.0 else torch.full((rows,), 1.0 / denom if denom else 0.0,
                                                          dtype=_compute_dtype(hidden.dtype), device=h2.device)
         else:
             scale = None
