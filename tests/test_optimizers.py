@@ -20,11 +20,13 @@ SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 @given(data=st.data(), specs=param_specs, dtype=st.sampled_from(EAGER_DTYPES), steps=st.integers(20, 30),
        split=st.booleans(), scheduler=st.booleans())
 def test_eager_matches_torch_bit_for_bit(name, data, specs, dtype, steps, split, scheduler):
-    """The eager path replays torch's for-loop ops on flat buffers: identical bits, every dtype."""
+    """The eager path replays torch's for-loop ops on flat buffers: identical bits in float32, float64 and
+    complex64. In bf16/fp16 torch's scalar (tail, strided) and vectorized loops round differently, and where
+    an element falls depends on the tensor's layout, so there: torch's tolerances."""
     kwargs = data.draw(hyperparams(name))
     ref, ours, rp, op = run_both(name, kwargs, specs, dtype, steps, fused=False, split=split,
                                  scheduler=scheduler)
-    assert_same(ref, ours, rp, op, dtype, exact=True)
+    assert_same(ref, ours, rp, op, dtype, exact=dtype not in (torch.bfloat16, torch.float16))
 
 
 # A fixed set of compiled configurations covering every flag (each is one compile; CI pays for them cold).

@@ -1,0 +1,131 @@
+"""Loss benchmarks: forward + backward of ours against torch.nn.functional, time and peak extra memory.
+
+Each case runs in fresh processes: one that times ours and torch interleaved, and one per implementation
+that measures the peak extra resident memory (VmHWM after /proc/self/clear_refs), so allocator state and
+the high-water mark of one case never leak into another. Run ``python -m benchmarks.losses [--quick]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+from .cases import interleaved
+
+
+def loss_cases(quick: bool) -> dict[str, dict]:
+    s = 16 if quick else 1
+    return {
+        "cross_entropy (8192, 32000)": dict(kind="ce", n=8192 // s, c=32000 // s),
+        "cross_entropy (65536, 10)": dict(kind="ce", n=65536 // s, c=10),
+        "linear_cross_entropy h(4096,1024) W(32000,1024)": dict(kind="lce", n=4096 // s, d=1024 // s,
+                                                               v=32000 // s),
+        "mse_loss 10M": dict(kind="mse", n=10_000_000 // s),
+        "huber_loss 10M": dict(kind="huber", n=10_000_000 // s),
+        "multi_margin_loss (8192, 1000)": dict(kind="mm", n=8192 // s, c=1000 // s),
+        "hinge_loss 10M": dict(kind="hinge", n=10_000_000 // s),
+    }
+
+
+def make_case(spec: dict):
+    """(inputs needing grad, ours(), torch()) for one case; each call runs forward + backward."""
+    g = torch.Generator().manual_seed(0)
+    kind = spec["kind"]
+    if kind == "ce":
+        x = torch.randn(spec["n"], spec["c"], generator=g).requires_grad_()
+        t = torch.randint(0, spec["c"], (spec["n"],), generator=g)
+        return [x], (lambda: kernels.cross_entropy(x, t)), (lambda: F.cross_entropy(x, t))
+    if kind == "lce":
+        h = (torch.randn(spec["n"], spec["d"], generator=g) * 0.1).requires_grad_()
+        w = (torch.randn(spec["v"], spec["d"], generator=g) * 0.1).requires_grad_()
+        t = torch.randint(0, spec["v"], (spec["n"],), generator=g)
+        return [h, w], (lambda: kernels.linear_cross_entropy(h, w, t)), (lambda: F.cross_entropy(F.linear(h, w), t))
+    if kind in ("mse", "huber", "hinge"):
+        x = torch.randn(spec["n"], generator=g).requires_grad_()
+        if kind == "hinge":
+            y = torch.randint(0, 2, (spec["n"],), generator=g).float() * 2 - 1
+            return [x], (lambda: kernels.hinge_loss(x, y)), (lambda: torch.clamp(1 - y * x, min=0).mean())
+        y = torch.randn(spec["n"], generator=g)
+        if kind == "mse":
+            return [x], (lambda: kernels.mse_loss(x, y)), (lambda: F.mse_loss(x, y))
+        return [x], (lambda: kernels.huber_loss(x, y)), (lambda: F.huber_loss(x, y))
+    x = torch.randn(spec["n"], spec["c"], generator=g).requires_grad_()
+    t = torch.randint(0, spec["c"], (spec["n"],), generator=g)
+    return [x], (lambda: kernels.multi_margin_loss(x, t)), (lambda: F.multi_margin_loss(x, t))
+
+
+def _step(inputs, fn):
+    for t in inputs:
+        t.grad = None
+    fn().backward()
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _child(mode: str, spec: dict, rounds: int) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    inputs, ours, ref = make_case(spec)
+    if mode == "time":
+        fns = {"ours": lambda: _step(inputs, ours), "torch": lambda: _step(inputs, ref)}
+        for f in fns.values():
+            f()
+        return interleaved(fns, rounds)
+    fn = ours if mode == "mem-ours" else ref
+    for t in inputs:
+        t.grad = torch.zeros_like(t)  # the gradient itself is not "extra": both need it
+    base = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    for t in inputs:
+        t.grad = None
+    fn().backward()
+    return {"extra_mb": max(0, _rss_kb("VmHWM") - base) / 1024}
+
+
+def run_case(name: str, spec: dict, rounds: int, tuned_malloc: bool) -> dict:
+    env = dict(os.environ)
+    if tuned_malloc:
+        env.update(MALLOC_MMAP_THRESHOLD_="100000000000", MALLOC_TRIM_THRESHOLD_="100000000000",
+                   MALLOC_MMAP_MAX_="0")
+    out = {}
+    for mode in ("time", "mem-ours", "mem-torch"):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.losses", "--child", mode, json.dumps(spec),
+                               str(rounds)], env=env, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def loss_table(quick: bool, rounds: int) -> list[str]:
+    rows = ["| loss (forward + backward) | malloc | ours ms | torch ms | ours / torch | extra MB ours | "
+            "extra MB torch | ours / torch |", "|---|---|---|---|---|---|---|---|"]
+    for name, spec in loss_cases(quick).items():
+        for tuned in (False, True):
+            r = run_case(name, spec, rounds, tuned)
+            t, mo, mt = r["time"], r["mem-ours"]["extra_mb"], r["mem-torch"]["extra_mb"]
+            mem_ratio = f"{mo / mt:.2f}" if mt > 0.5 else "-"
+            rows.append(f"| {name} | {'tuned' if tuned else 'default'} | {t['ours'] * 1e3:.2f} | "
+                        f"{t['torch'] * 1e3:.2f} | **{t['ours'] / t['torch']:.2f}** | {mo:.0f} | {mt:.0f} | "
+                        f"{mem_ratio} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(_child(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))))
+    else:
+        quick = "--quick" in sys.argv
+        print("\n".join(loss_table(quick, 3 if quick else 7)))
