@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from hypothesis import strategies as st
 
 import kernels
 
-# torch's own tolerances (torch.testing.assert_close defaults); for bf16/fp16 the atol is about one ulp at
-# magnitude 0.1-1 instead of 1e-5, because state entries that pass near zero differ by an ulp or two when
-# torch's per-op rounding and ours disagree once (torch's non-vectorized path for strided low-precision
-# tensors rounds differently from its vectorized path, which our flat buffers use)
+EXAMPLES_SCALE = int(os.environ.get("EXAMPLES_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    """Hypothesis example counts, bounded for CI; EXAMPLES_SCALE=10 for a deeper local search."""
+    return n * EXAMPLES_SCALE
+
+
+# torch's own tolerances (torch.testing.assert_close defaults) for float32/float64. For bf16/fp16 the atol
+# is 2^-5 (bf16) / 2^-8 (fp16) of the gradients' unit scale: torch's own scalar and vectorized loops round
+# differently (which one an element meets depends on the tensor's layout), and a one-ulp difference in a
+# momentum buffer is carried for ~1/(1-momentum) steps, so after 20+ steps entries that pass near zero
+# differ by a few low-precision ulps of the gradient scale while both sides are equally right.
 TOLERANCES = {
     torch.float32: dict(rtol=1.3e-6, atol=1e-5),
     torch.float64: dict(rtol=1e-7, atol=1e-7),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
-    torch.float16: dict(rtol=1e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=2 ** -5),
+    torch.float16: dict(rtol=1e-3, atol=2 ** -8),
     torch.complex64: dict(rtol=1.3e-6, atol=1e-5),
 }
 

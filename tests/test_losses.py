@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
+from strategies import examples
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REDUCTIONS = st.sampled_from(["mean", "sum", "none"])
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
 
@@ -145,7 +146,7 @@ def test_hinge_against_its_formula(shape, margin, reduction, dtype, target_grad)
             [x, y], dtype)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(n=st.integers(0, 9), dim=st.integers(1, 5), vocab=st.integers(1, 13), use_bias=st.booleans(),
        chunk=st.sampled_from([None, 1, 3]), reduction=REDUCTIONS, smoothing=st.sampled_from([0.0, 0.2]),
        ignore=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))

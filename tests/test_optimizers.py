@@ -6,13 +6,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import OPTIMIZERS, assert_same, hyperparams, make_params, param_specs, run_both
+from strategies import OPTIMIZERS, examples, assert_same, hyperparams, make_params, param_specs, run_both
 
 import kernels
 
 NAMES = list(OPTIMIZERS)
 EAGER_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -45,7 +45,7 @@ COMPILED_CONFIGS = [
 
 @pytest.mark.parametrize("name,kwargs", COMPILED_CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in
                                                                enumerate(COMPILED_CONFIGS)])
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=param_specs, steps=st.integers(20, 25), split=st.booleans(), lr_scale=st.sampled_from([1, 0.3]))
 def test_compiled_matches_torch(name, kwargs, specs, steps, split, lr_scale):
     """The compiled path, float32, within torch's tolerances; new shapes and lrs reuse the same kernel."""
