@@ -293,10 +293,11 @@ def _check_weight(name: str, weight: Tensor | None, n_classes: int) -> Tensor | 
 
 
 def _ce_index_core(x: Tensor, t: Tensor, cdim: int, weight: Tensor | None, ignore_index: int,
-                   smoothing: float, need_grad: bool):
+                   smoothing: float, need_grad: bool, mean: bool = False):
     """Cross-entropy with class-index targets along ``cdim`` of float logits ``x`` (compute dtype).
 
-    Returns (per-sample loss, per-sample weight w_t (0 where ignored), unscaled gradient or None).
+    Returns (per-sample loss, per-sample weight w_t (0 where ignored), gradient or None); with ``mean`` the
+    gradient is already divided by sum(w_t) (folded into the per-row factors: no extra pass over the logits).
     Per sample: (1-e) w_t (lse - x_t) + (e/C) sum_c w_c (lse - x_c); its gradient is
     p_c ((1-e) w_t + (e/C) W) - (1-e) w_t [c = t] - (e/C) w_c, with W = sum_c w_c.
     """
@@ -323,13 +324,14 @@ def _ce_index_core(x: Tensor, t: Tensor, cdim: int, weight: Tensor | None, ignor
         loss = loss + (lse * w_sum - sum_wx) * validf * (smoothing / n_classes)
     if not need_grad:
         return loss, w_t, None
-    e.div_(s)
-    a = (1.0 - smoothing) * w_t + (smoothing / n_classes) * w_sum * validf
-    e.mul_(a.unsqueeze(cdim))
+    # all ignored: torch's gradient is zero, not 0/0
+    inv = 1.0 / torch.where(w_t.sum() == 0, 1, w_t.sum()) if mean else 1.0
+    a = ((1.0 - smoothing) * w_t + (smoothing / n_classes) * w_sum * validf) * inv
+    e.mul_(a.unsqueeze(cdim) / s)  # softmax and its row factor in one pass
     if smoothing > 0:
         wb = w_b if w_b is not None else torch.ones(shape_b, dtype=x.dtype, device=x.device)
-        e.addcmul_(validf.unsqueeze(cdim), wb, value=-smoothing / n_classes)
-    e.scatter_add_(cdim, t_safe, (-(1.0 - smoothing) * w_t).unsqueeze(cdim))
+        e.addcmul_((validf * inv).unsqueeze(cdim), wb, value=-smoothing / n_classes)
+    e.scatter_add_(cdim, t_safe, (-(1.0 - smoothing) * w_t * inv).unsqueeze(cdim))
     return loss, w_t, e
 
 
@@ -407,7 +409,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
             loss, grad = _ce_prob_core(x, t.detach().to(cd), cdim, wc, smoothing, need_grad)
             denom = n_samples
         else:
-            loss, w_t, grad = _ce_index_core(x, t, cdim, wc, ignore_index, smoothing, need_grad)
+            loss, w_t, grad = _ce_index_core(x, t, cdim, wc, ignore_index, smoothing, need_grad,
+                                             mean=reduction == "mean")
             denom = w_t.sum()
         if reduction == "none":
             out = loss
@@ -418,8 +421,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         out = out.to(input.dtype)
         if not need_grad:
             return out, None, None
-        if reduction == "mean":  # all ignored: torch's gradient is zero (not 0/0)
-            grad.div_(torch.where(denom == 0, 1, denom) if isinstance(denom, Tensor) else max(denom, 1))
+        if reduction == "mean" and probs:
+            grad.div_(max(denom, 1))
         grad = grad.to(input.dtype)
         return out, [grad, None, None], lambda go: go.unsqueeze(cdim)
 

@@ -241,7 +241,8 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_fused", resolve_fused(None))
         self.__dict__.setdefault("_fused_strict", False)
-        self._rebuild()
+        if "_buckets" not in self.__dict__:  # unpickling; load_state_dict (which calls us too) rebuilds itself
+            self._rebuild()
 
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
