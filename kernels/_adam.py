@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedOptimizer, as_real
+from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_selectors, check_lr
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
@@ -41,22 +41,15 @@ def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vma
     # hp: step_size, 1-beta1, beta2, 1-beta2, weight_decay, 1-lr*weight_decay, sqrt(bias_correction2), eps
     # One pass: every buffer read once and written once. Low precision computes in float32 but rounds
     # where torch's op-by-op path rounds (r), so bf16/fp16 results track torch's instead of drifting away.
-    cd, sd = hp.dtype, p.dtype
-
-    def r(t):
-        return t.to(sd).to(cd)
-
-    pf, gf = p.to(cd), g.to(cd)
-    if maximize:
-        gf = -gf
+    r, pf, gf = fused_prologue(hp, p, g, maximize)
     if wd_mode == _WD_L2:
         gf = r(gf + hp[4] * pf)
     elif wd_mode == _WD_DECOUPLED:
         pf = r(pf * hp[5])
-    mf = r(torch.lerp(m.to(cd), gf, hp[1]))
-    vf = r(r(v.to(cd) * hp[2]) + hp[3] * gf * gf)
+    mf = r(torch.lerp(m.to(hp.dtype), gf, hp[1]))
+    vf = r(r(v.to(hp.dtype) * hp[2]) + hp[3] * gf * gf)
     if amsgrad:
-        vf_max = torch.maximum(vmax.to(cd), vf)
+        vf_max = torch.maximum(vmax.to(hp.dtype), vf)
         vmax.copy_(vf_max)
         denom = r(r(r(vf_max.sqrt()) / hp[6]) + hp[7])
     else:

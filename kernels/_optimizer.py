@@ -48,6 +48,19 @@ def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(_real(t) for t in tensors)
 
 
+def fused_prologue(hp: torch.Tensor, p: torch.Tensor, g: torch.Tensor, maximize: bool):
+    """The start every compiled update shares: param and gradient in the compute dtype (``hp``'s), the
+    gradient negated for ``maximize``, and ``r``, which rounds to the storage dtype where torch's op-by-op
+    path rounds (a no-op in float32/float64) so low-precision results track torch's."""
+    cd, sd = hp.dtype, p.dtype
+
+    def r(t: torch.Tensor) -> torch.Tensor:
+        return t.to(sd).to(cd)
+
+    gf = g.to(cd)
+    return r, p.to(cd), (-gf if maximize else gf)
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t).view(-1) if t.is_complex() else t
 

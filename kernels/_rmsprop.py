@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedOptimizer, as_real
+from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
 
 
@@ -39,28 +39,21 @@ def _rmsprop_eager(p, g, square_avg, *rest, lr, alpha, eps, weight_decay, moment
 def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, square_avg,
                    *rest):
     # hp: lr, alpha, 1-alpha, eps, weight_decay, momentum. r(): round where torch's op-by-op path rounds.
-    cd, sd = hp.dtype, p.dtype
-
-    def r(t):
-        return t.to(sd).to(cd)
-
-    pf, gf = p.to(cd), g.to(cd)
-    if maximize:
-        gf = -gf
+    r, pf, gf = fused_prologue(hp, p, g, maximize)
     if decay:
         gf = r(gf + hp[4] * pf)
-    sq = r(r(square_avg.to(cd) * hp[1]) + hp[2] * gf * gf)
+    sq = r(r(square_avg.to(hp.dtype) * hp[1]) + hp[2] * gf * gf)
     square_avg.copy_(sq)
     if centered:
         grad_avg = rest[-1]
-        ga = r(torch.lerp(grad_avg.to(cd), gf, hp[2]))
+        ga = r(torch.lerp(grad_avg.to(hp.dtype), gf, hp[2]))
         grad_avg.copy_(ga)
         avg = r(r(r(sq - ga * ga).sqrt()) + hp[3])
     else:
         avg = r(r(sq.sqrt()) + hp[3])
     if use_momentum:
         buf = rest[0]
-        b = r(r(buf.to(cd) * hp[5]) + gf / avg)
+        b = r(r(buf.to(hp.dtype) * hp[5]) + gf / avg)
         buf.copy_(b)
         p.copy_(pf - hp[0] * b)
     else:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedOptimizer
+from ._optimizer import FusedOptimizer, fused_prologue
 from ._validate import check_lr, check_selectors
 
 
@@ -28,18 +28,11 @@ def _sgd_eager(p, g, buf=None, *, lr, momentum, dampening, weight_decay, nestero
 def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf=None):
     # hp: lr, weight_decay, momentum (0 on a buffer's first step, which then equals the gradient),
     #     1-dampening (1 on the first step), momentum (for Nesterov). r(): round where torch rounds.
-    cd, sd = hp.dtype, p.dtype
-
-    def r(t):
-        return t.to(sd).to(cd)
-
-    pf, gf = p.to(cd), g.to(cd)
-    if maximize:
-        gf = -gf
+    r, pf, gf = fused_prologue(hp, p, g, maximize)
     if decay:
         gf = r(gf + hp[1] * pf)
     if use_momentum:
-        b = r(r(buf.to(cd) * hp[2]) + gf * hp[3])
+        b = r(r(buf.to(hp.dtype) * hp[2]) + gf * hp[3])
         buf.copy_(b)
         gf = r(gf + hp[4] * b) if nesterov else b
     p.copy_(pf - hp[0] * gf)
