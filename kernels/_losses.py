@@ -118,11 +118,13 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         cd = _compute_dtype(input.dtype)
         d = input.to(cd) - target.to(cd)
         n = d.numel()
-        grad = d.mul(2.0 * _inv(n) if reduction == "mean" else 2.0) if need_grad else None
-        sq = d.square_()  # d is not needed any more: square in place, no third buffer
-        loss = sq.to(input.dtype) if reduction == "none" else _reduce(sq.sum(), n, reduction).to(input.dtype)
+        if reduction == "none":
+            loss = (d * d).to(input.dtype)
+        else:  # sum of squares without a d*d temporary, then d itself becomes the gradient: one buffer
+            loss = _reduce(torch.linalg.vector_norm(d).square(), n, reduction).to(input.dtype)
         if not need_grad:
             return loss, None, None
+        grad = d.mul_(2.0 * _inv(n) if reduction == "mean" else 2.0)
         return loss, _pair(grad, input, target), lambda go: go
 
     return _run("mse_loss", compute, input, target)
