@@ -36,8 +36,12 @@ def _worker(rank, world, port, name, out_dir):
             torch.nn.functional.mse_loss(ddp(x[shard]), y[shard]).backward()
             opt.step()
         torch.save([p.detach() for p in ddp.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # gloo's background threads sometimes abort during interpreter teardown ("terminate called without an
+    # active exception"), after the work is done and saved: leave without that teardown
+    os._exit(0)
 
 
 def _free_port():
