@@ -150,3 +150,16 @@ def assert_same(ref, ours, ref_params, our_params, dtype, exact=False):
 
 def detached_state_dict(opt):
     return copy.deepcopy(opt.state_dict())
+
+
+def momentum_kwargs(name, lr):
+    """A configuration with state worth checking: momentum where the optimizer has it."""
+    return dict(lr=lr, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=lr)
+
+
+def twin_models(name, model, *, fused, **kwargs):
+    """(model, ours, twin, ref): a deep copy of ``model`` trained by torch's for-loop path beside ours."""
+    twin = copy.deepcopy(model)
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    return (model, ours_cls(model.parameters(), fused=fused, **kwargs),
+            twin, torch_cls(twin.parameters(), foreach=False, **kwargs))

@@ -1,12 +1,10 @@
 """kernels' optimizers against torch.optim's for-loop path (foreach=False): values, state, API."""
 
-import copy
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import OPTIMIZERS, examples, assert_same, hyperparams, make_params, param_specs, run_both
+from strategies import OPTIMIZERS, examples, momentum_kwargs, twin_models, assert_same, hyperparams, make_params, param_specs, run_both
 
 import kernels
 
@@ -72,7 +70,7 @@ def test_nan_and_inf_gradients_give_what_torch_gives(name):
         specs = [((6,), False, False), ((2, 3), False, False)]
         ref_p, our_p = make_params(specs, torch.float32, 0), make_params(specs, torch.float32, 0)
         ours_cls, torch_cls = OPTIMIZERS[name]
-        kw = dict(lr=0.1, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.1)
+        kw = momentum_kwargs(name, 0.1)
         ref, ours = torch_cls(ref_p, foreach=False, **kw), ours_cls(our_p, fused=fused, **kw)
         for step in range(3):
             for p, q in zip(ref_p, our_p):
@@ -90,13 +88,9 @@ def test_nan_and_inf_gradients_give_what_torch_gives(name):
 def test_real_training_loop_with_set_to_none(name, fused):
     """autograd produces fresh grads each step (zero_grad's default set_to_none=True): no stale gradient."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
-                                torch.nn.Linear(16, 1))
-    twin = copy.deepcopy(model)
-    ours_cls, torch_cls = OPTIMIZERS[name]
-    kw = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
-    ours, ref = ours_cls(model.parameters(), fused=fused, **kw), torch_cls(twin.parameters(), foreach=False,
-                                                                             **kw)
+    model, ours, twin, ref = twin_models(
+        name, torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
+                                  torch.nn.Linear(16, 1)), fused=fused, **momentum_kwargs(name, 0.01))
     x, y = torch.randn(64, 6), torch.randn(64, 1)
     for it in range(15):
         for m, opt in ((model, ours), (twin, ref)):
@@ -186,11 +180,7 @@ def test_every_lr_scheduler(name, make_scheduler):
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_scaler(name):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    twin = copy.deepcopy(model)
-    ours_cls, torch_cls = OPTIMIZERS[name]
-    ours, ref = ours_cls(model.parameters(), lr=0.01, fused=False), torch_cls(twin.parameters(), lr=0.01,
-                                                                               foreach=False)
+    model, ours, twin, ref = twin_models(name, torch.nn.Linear(4, 2), fused=False, lr=0.01)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
     x = torch.randn(8, 4)
     for step in range(6):
@@ -209,12 +199,8 @@ def test_grad_scaler(name):
 def test_model_moved_after_building_the_optimizer(name):
     """model.double() replaces p.data: the layout is rebuilt and the state cast, as torch would load it."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    twin = copy.deepcopy(model)
-    ours_cls, torch_cls = OPTIMIZERS[name]
-    kw = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
-    ours, ref = ours_cls(model.parameters(), fused=False, **kw), torch_cls(twin.parameters(), foreach=False,
-                                                                             **kw)
+    model, ours, twin, ref = twin_models(name, torch.nn.Linear(3, 2), fused=False,
+                                         **momentum_kwargs(name, 0.01))
     x = torch.randn(5, 3)
     for step in range(6):
         if step == 3:
