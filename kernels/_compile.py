@@ -62,7 +62,11 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor,
         tag = "_".join(str(int(f)) if isinstance(f, bool) else str(f) for f in flags) or "plain"
         compiled = torch.compile(_fresh_copy(fn, f"{tag}_{ref.device.type}_{str(ref.dtype)[6:]}"),
                                  dynamic=True, fullgraph=True,
-                                 options={"emulate_precision_casts": True})
+                                 options={"emulate_precision_casts": True,
+                                          # a parallel loop whatever size the first call had: the
+                                          # kernel serves every size (dynamic shapes), so the size
+                                          # hint of its first call must not make it single-threaded
+                                          "cpp.dynamic_threads": True})
         _compiled[key] = compiled
     try:
         compiled(scalars, *flags, *tensors)
