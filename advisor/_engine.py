@@ -1,0 +1,280 @@
+"""The engine: evaluate rules over facts, add up scores, settle hyperparameters, explain.
+
+Conflict resolution (documented in the README, same everywhere):
+1. Every rule that fires adds its scores; a candidate's score is the sum.
+2. The highest score wins. A tie goes to the candidate whose strongest supporting rule has the higher
+   priority, then to the earlier candidate in the fixed order (Adam, AdamW, SGD, RMSprop; losses in their
+   task's order). The result is deterministic.
+3. A hyperparameter set by several firing rules takes the value of the highest-priority one; two rules of
+   equal priority may both set it only if one declares ``overrides`` of the other (checked at load), and
+   then the overriding rule wins. Multipliers (``scale``) from every firing rule multiply the value.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ._expr import UNKNOWN
+from ._profile import TaskProfile
+from ._rules import LOSSES_FOR_TASK, OPTIMIZERS, CompiledRule, RuleSet, load_rules
+
+
+class Choice(BaseModel):
+    """A chosen optimizer or loss: its kernels class name, constructor arguments and score."""
+
+    name: str
+    params: dict[str, Any]
+    score: float
+
+
+class Reason(BaseModel):
+    """A rule that fired: what it concluded, on which facts, why, and from where."""
+
+    rule_id: str
+    concluded: list[str]
+    matched: dict[str, Any]
+    because: str
+    source: str
+    priority: int
+
+
+class Alternative(BaseModel):
+    """A candidate that lost, with its score and why."""
+
+    kind: str
+    name: str
+    score: float
+    why: str
+
+
+class Unknown(BaseModel):
+    """A rule that could not be decided because facts are unknown, and what it would have concluded."""
+
+    rule_id: str
+    missing: list[str]
+    would: list[str]
+
+
+class Note(BaseModel):
+    rule_id: str
+    text: str
+
+
+class Recommendation(BaseModel):
+    """The advice: optimizer and loss with their hyperparameters, and the reasons for them."""
+
+    facts: TaskProfile
+    optimizer: Choice
+    loss: Choice
+    reasons: list[Reason]
+    alternatives: list[Alternative]
+    notes: list[Note] = Field(default_factory=list)
+    unknown: list[Unknown] = Field(default_factory=list)
+
+    def build_optimizer(self, params: Any):
+        """The recommended ``kernels`` optimizer over ``params`` (e.g. ``model.parameters()``)."""
+        import kernels
+
+        kwargs = dict(self.optimizer.params)
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
+        return getattr(kernels, self.optimizer.name)(params, **kwargs)
+
+    def build_loss(self):
+        """The recommended ``kernels`` loss module (e.g. ``kernels.HuberLoss(delta=...)``)."""
+        import torch
+
+        import kernels
+
+        kwargs = dict(self.loss.params)
+        if "weight" in kwargs:
+            kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32)
+        for name in ("p", "ignore_index"):
+            if name in kwargs:
+                kwargs[name] = int(kwargs[name])
+        return getattr(kernels, self.loss.name)(**kwargs)
+
+    def explain(self) -> str:
+        """A readable, deterministic multi-line explanation."""
+        facts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.facts.known().items())
+        lines = [f"Advice for: {facts}", "",
+                 f"  optimizer  {_call(self.optimizer)}   (score {_fmt(self.optimizer.score)})",
+                 f"  loss       {_call(self.loss)}   (score {_fmt(self.loss.score)})", "", "Why (rules that fired):"]
+        chosen = (self.optimizer.name, self.loss.name)
+        for i, r in enumerate(self.reasons, 1):
+            matched = ", ".join(f"{k}={_fmt(v)}" for k, v in r.matched.items()) or "always"
+            # hyperparameters of candidates that were not chosen are in r.concluded, not worth a line here
+            shown = [c for c in r.concluded if "." not in c.split(" ")[0] or c.split(".")[0] in chosen]
+            lines.append(f"  {i}. [{r.rule_id}] {'; '.join(shown) or 'nothing for the chosen pair'}   <- {matched}")
+            lines.append(f"     because: {r.because}")
+            lines.append(f"     source:  {r.source}")
+        if self.alternatives:
+            lines += ["", "Alternatives:"]
+            lines += [f"  - {a.kind} {a.name} (score {_fmt(a.score)}): {a.why}" for a in self.alternatives]
+        if self.notes:
+            lines += ["", "Notes:"]
+            lines += [f"  - {n.text} [{n.rule_id}]" for n in self.notes]
+        if self.unknown:
+            lines += ["", "Unknown facts that could change this advice:"]
+            lines += [f"  - {', '.join(u.missing)}: rule {u.rule_id} would conclude {'; '.join(u.would)}"
+                      for u in self.unknown]
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _call(choice: Choice) -> str:
+    return f"{choice.name}(" + ", ".join(f"{k}={_fmt(v)}" for k, v in choice.params.items()) + ")"
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin() -> RuleSet:
+    return load_rules()
+
+
+def _as_paths(paths: Iterable[str | Path] | str | Path | None) -> tuple[Path, ...] | None:
+    if paths is None:
+        return None
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    return tuple(Path(p) for p in paths)
+
+
+def advise(profile: TaskProfile | dict[str, Any] | None = None, *, rules: Iterable[str | Path] | RuleSet | None = None,
+           extra_rules: Iterable[str | Path] | None = None, **facts: Any) -> Recommendation:
+    """Recommend an optimizer and a loss, with hyperparameters and reasons.
+
+    ``advise(task="regression", n_samples=2000, target_outlier_fraction=0.12)`` or
+    ``advise(TaskProfile(...))``. ``rules=[paths]`` replaces the built-in rulebook, ``extra_rules=[paths]``
+    adds to it (same id overrides, ``enabled: false`` disables).
+
+    Example::
+
+        >>> rec = advise(task="regression", n_samples=2_000, target_outlier_fraction=0.12)
+        >>> rec.loss.name
+        'HuberLoss'
+    """
+    if profile is None:
+        profile = TaskProfile(**facts)
+    elif facts:
+        raise TypeError("pass either a TaskProfile/dict or facts as keyword arguments, not both")
+    elif isinstance(profile, dict):
+        profile = TaskProfile(**profile)
+    if isinstance(rules, RuleSet):
+        if extra_rules:
+            raise TypeError("extra_rules needs rule files, not a loaded RuleSet, in 'rules'")
+        ruleset = rules
+    elif rules is None and extra_rules is None:
+        ruleset = _builtin()
+    else:
+        ruleset = load_rules(_as_paths(rules), _as_paths(extra_rules))
+    return evaluate(ruleset, profile)
+
+
+def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
+    """Apply a loaded rule set to a profile (``advise`` without the loading)."""
+    facts = profile.model_dump()
+    scores: dict[str, dict[str, float]] = {"optimizer": {}, "loss": {}}
+    support: dict[str, list[tuple[str, float, int]]] = {}
+    values: dict[tuple[str, str], tuple[Any, CompiledRule]] = {}
+    scales: dict[tuple[str, str], float] = {}
+    reasons, notes, unknown = [], [], []
+    for rule in ruleset:
+        outcome = rule.evaluate(facts)
+        then = rule.rule.then
+        if outcome is UNKNOWN:
+            would = _conclusions(rule, facts, evaluate_values=False)
+            if then.optimizer or then.loss or then.params or then.scale:
+                missing = sorted(f for f in rule.facts if facts.get(f) is None)
+                unknown.append(Unknown(rule_id=rule.id, missing=missing, would=would))
+            continue
+        if outcome is not True:
+            continue
+        for kind in ("optimizer", "loss"):
+            for name, delta in getattr(then, kind).items():
+                scores[kind][name] = scores[kind].get(name, 0.0) + delta
+                support.setdefault(name, []).append((rule.id, delta, rule.rule.priority))
+        for cand, ps in rule.params.items():
+            for pname, fn in ps.items():
+                value = fn(facts)
+                if value is UNKNOWN:
+                    continue
+                held = values.get((cand, pname))
+                if held is None or _beats(rule, held[1]):
+                    values[(cand, pname)] = (value, rule)
+        for cand, ps in rule.scale.items():
+            for pname, fn in ps.items():
+                factor = fn(facts)
+                if factor is not UNKNOWN:
+                    scales[(cand, pname)] = scales.get((cand, pname), 1.0) * factor
+        reasons.append(Reason(rule_id=rule.id, concluded=_conclusions(rule, facts), because=rule.rule.because,
+                              source=rule.rule.source, priority=rule.rule.priority,
+                              matched={f: facts[f] for f in sorted(rule.facts) if facts.get(f) is not None}))
+        notes += [Note(rule_id=rule.id, text=t) for t in then.notes]
+
+    def pick(kind: str, candidates: tuple[str, ...]) -> tuple[str, list[Alternative]]:
+        def key(name: str):
+            top = max((p for _, d, p in support.get(name, []) if d > 0), default=-10**9)
+            return (-scores[kind].get(name, 0.0), -top, candidates.index(name))
+        ranked = sorted(candidates, key=key)
+        winner = ranked[0]
+        best = scores[kind].get(winner, 0.0)
+        alternatives = []
+        for name in ranked[1:]:
+            s = scores[kind].get(name, 0.0)
+            pro = ", ".join(f"{rid} {d:+g}" for rid, d, _ in support.get(name, [])) or "no rule supports it"
+            why = (f"tied with {winner} at {_fmt(best)}; {winner} has the higher-priority support" if s == best
+                   else f"{_fmt(best - s)} below {winner}")
+            alternatives.append(Alternative(kind=kind, name=name, score=s, why=f"{why} (for it: {pro})"))
+        return winner, alternatives
+
+    opt, opt_alts = pick("optimizer", OPTIMIZERS)
+    loss, loss_alts = pick("loss", LOSSES_FOR_TASK[profile.task])
+
+    def settle(cand: str) -> dict[str, Any]:
+        out = {}
+        for (c, pname), (value, _) in sorted(values.items()):
+            if c == cand:
+                factor = scales.get((c, pname))
+                out[pname] = value * factor if factor is not None and not isinstance(value, (bool, list)) else value
+        return out
+
+    return Recommendation(
+        facts=profile,
+        optimizer=Choice(name=opt, params=settle(opt), score=scores["optimizer"].get(opt, 0.0)),
+        loss=Choice(name=loss, params=settle(loss), score=scores["loss"].get(loss, 0.0)),
+        reasons=reasons, alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown)
+
+
+def _beats(challenger: CompiledRule, holder: CompiledRule) -> bool:
+    if challenger.rule.priority != holder.rule.priority:
+        return challenger.rule.priority > holder.rule.priority
+    return challenger.rule.overrides == holder.id
+
+
+def _conclusions(rule: CompiledRule, facts: dict[str, Any], evaluate_values: bool = True) -> list[str]:
+    then = rule.rule.then
+    out = [f"{name} {delta:+g}" for name, delta in {**then.optimizer, **then.loss}.items()]
+    for cand, ps in then.params.items():
+        for pname, raw in ps.items():
+            value = rule.params[cand][pname](facts) if evaluate_values else UNKNOWN
+            shown = _fmt(value) if value is not UNKNOWN else str(raw).lstrip("=")
+            out.append(f"{cand}.{pname} = {shown}")
+    for cand, ps in then.scale.items():
+        for pname, raw in ps.items():
+            factor = rule.scale[cand][pname](facts) if evaluate_values else UNKNOWN
+            out.append(f"{cand}.{pname} x {_fmt(factor) if factor is not UNKNOWN else str(raw).lstrip('=')}")
+    if then.notes and not out:
+        out.append("a note")
+    return out

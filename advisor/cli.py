@@ -1,0 +1,151 @@
+"""``advise``: the advisor on the command line.
+
+    advise --task classification --n-samples 50000 --n-classes 10 --class-imbalance 20
+    advise --profile facts.yaml --json
+    advise --example                     # a built-in regression example with outliers
+    advise rules list | check FILE... | schema
+
+Exit codes: 0 ok, 2 bad input (invalid facts, rule errors, failing rule examples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ._engine import evaluate
+from ._expr import RuleError
+from ._profile import TaskProfile
+from ._rules import builtin_rule_files, load_rules, rule_file_schema
+
+EXAMPLE = {"task": "regression", "n_samples": 2000, "n_features": 8, "target_outlier_fraction": 0.12,
+           "target_scale": 3.5, "model_kind": "mlp", "n_params": 5000, "batch_size": 64, "tuning_budget": 5}
+
+
+def _fact_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in TaskProfile.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ann = str(field.annotation)
+        if "bool" in ann:
+            parser.add_argument(flag, dest=name, type=_bool, metavar="{true,false}", help=field.description)
+        elif "list" in ann:
+            parser.add_argument(flag, dest=name, type=lambda s: [int(x) for x in s.split(",")],
+                                metavar="N,N,...", help=field.description)
+        elif "Literal" in ann:
+            choices = list(field.annotation.__args__) if name == "task" else [
+                a for a in field.annotation.__args__[0].__args__]
+            parser.add_argument(flag, dest=name, choices=choices, help=field.description)
+        else:
+            parser.add_argument(flag, dest=name, type=float if "float" in ann else int, help=field.description)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("true", "yes", "1"):
+        return True
+    if s.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _advise(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="advise", description="Recommend an optimizer and a loss, with reasons.",
+                                 epilog="Subcommands: advise rules list | check FILE... | schema")
+    _fact_flags(ap)
+    ap.add_argument("--profile", type=Path, help="read facts from a YAML or JSON file (flags override it)")
+    ap.add_argument("--example", action="store_true", help="advise on a built-in example task")
+    ap.add_argument("--rules", type=Path, nargs="+", help="rule files replacing the built-in rulebook")
+    ap.add_argument("--extra-rules", type=Path, nargs="+", help="rule files added on top (same id overrides)")
+    ap.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+    args = ap.parse_args(argv)
+    facts: dict[str, Any] = dict(EXAMPLE) if args.example else {}
+    if args.profile:
+        try:
+            loaded = yaml.safe_load(args.profile.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            return _fail(f"{args.profile}: cannot read facts: {exc}")
+        if not isinstance(loaded, dict):
+            return _fail(f"{args.profile}: expected a mapping of facts")
+        facts.update(loaded)
+    facts.update({k: v for k, v in vars(args).items() if k in TaskProfile.model_fields and v is not None})
+    if "task" not in facts:
+        return _fail("give --task (regression or classification), --profile FILE or --example")
+    try:
+        profile = TaskProfile(**facts)
+    except ValidationError as exc:
+        return _fail("invalid facts: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'facts'}: {e['msg']}"
+                                                   for e in exc.errors()))
+    try:
+        ruleset = load_rules(args.rules, args.extra_rules)
+        rec = evaluate(ruleset, profile)
+    except RuleError as exc:
+        return _fail(str(exc))
+    print(rec.model_dump_json(indent=2) if args.json else rec.explain())
+    return 0
+
+
+def _rules(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="advise rules")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the rules in use, with priorities and sources")
+    check = sub.add_parser("check", help="validate rule files and run their examples")
+    check.add_argument("files", type=Path, nargs="+")
+    check.add_argument("--extra", action="store_true", help="check them as extra rules over the built-in book")
+    sub.add_parser("schema", help="the JSON Schema of a rule file")
+    args = ap.parse_args(argv)
+    if args.command == "schema":
+        print(json.dumps(rule_file_schema(), indent=2))
+        return 0
+    try:
+        if args.command == "list":
+            ruleset = load_rules()
+            for r in ruleset:
+                print(f"{r.id:34s} priority {r.rule.priority:>3}  {r.rule.description}  [{r.origin}]")
+            return 0
+        ruleset = load_rules(None, args.files) if args.extra else load_rules(args.files)
+        failures = check_examples(ruleset)
+    except RuleError as exc:
+        return _fail(str(exc))
+    for f in failures:
+        print(f, file=sys.stderr)
+    n_examples = sum(len(r.rule.examples) for r in ruleset)
+    print(f"{len(ruleset)} rules, {n_examples} examples: {'FAILED' if failures else 'ok'}")
+    return 2 if failures else 0
+
+
+def check_examples(ruleset) -> list[str]:
+    """Run every example's ``expect`` (the whole rule set's advice) against ``ruleset``; the ``fires``
+    part already ran at load. Returns one message per failure."""
+    failures = []
+    for rule in ruleset:
+        for i, example in enumerate(rule.rule.examples, 1):
+            if not example.expect:
+                continue
+            rec = evaluate(ruleset, TaskProfile(**example.facts))
+            got = {"optimizer": rec.optimizer.name, "loss": rec.loss.name}
+            for key, want in example.expect.items():
+                if got[key] != want:
+                    failures.append(f"{rule.origin}: rule {rule.id}: example {i} expects {key} {want}, "
+                                    f"the rule set gives {got[key]} for {example.facts}")
+    return failures
+
+
+def _fail(message: str) -> int:
+    print(f"advise: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "rules":
+        return _rules(argv[1:])
+    return _advise(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
