@@ -1,0 +1,214 @@
+"""The rule language: loading, errors with file/line/rule id, all-or-nothing, overrides, the parser's safety."""
+
+import json
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import examples
+
+from advisor import RuleError, advise, load_rules, rule_file_schema
+from advisor._expr import UNKNOWN, Expression
+from advisor._profile import FACT_TYPES
+from advisor.cli import main
+
+GOOD = """
+rules:
+  - id: always-sgd
+    description: SGD everywhere
+    when: "task == 'regression'"
+    then:
+      optimizer: {SGD: 100}
+      params: {SGD: {lr: 0.5}}
+    because: team policy
+    source: our wiki
+    examples:
+      - facts: {task: regression}
+        fires: true
+        expect: {optimizer: SGD}
+"""
+
+
+def write(tmp_path, text, name="rules.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def rule(**overrides):
+    base = dict(id="r1", description="d", when="task == 'regression'", then={"loss": {"MSELoss": 1}},
+                because="b", source="s", examples=[{"facts": {"task": "regression"}, "fires": True}])
+    base.update(overrides)
+    return base
+
+
+def yaml_of(*rules):
+    import yaml
+    return yaml.safe_dump({"rules": list(rules)}, sort_keys=False)
+
+
+def test_replace_and_extend_the_rulebook(tmp_path):
+    path = write(tmp_path, GOOD)
+    only = advise(task="regression", rules=[path])
+    assert only.optimizer.name == "SGD" and only.optimizer.params == {"lr": 0.5}
+    assert [r.rule_id for r in only.reasons] == ["always-sgd"]
+    extended = advise(task="regression", extra_rules=[path])
+    assert extended.optimizer.name == "SGD" and extended.loss.name == "MSELoss"
+    assert len(extended.reasons) > 1
+
+
+def test_override_by_id_and_disable(tmp_path):
+    override = write(tmp_path, yaml_of(rule(id="huber-for-outliers", when="task == 'regression'",
+                                            then={"loss": {"HuberLoss": 50}, "params": {"HuberLoss": {"delta": 2.0}}})))
+    rec = advise(task="regression", extra_rules=[override])
+    assert rec.loss.name == "HuberLoss" and rec.loss.params == {"delta": 2.0}
+    disable = write(tmp_path, "rules:\n  - {id: huber-for-outliers, enabled: false}\n", "off.yaml")
+    rec = advise(task="regression", target_outlier_fraction=0.5, extra_rules=[disable])
+    assert rec.loss.name == "MSELoss"
+    assert "huber-for-outliers" in load_rules(None, [disable]).disabled
+
+
+BAD = [
+    ("rules:\n  - id: x\n    when: [unclosed\n", r"rules\.yaml:\d+: malformed YAML"),
+    ("- just a list\n", "mapping with a 'rules' list"),
+    (yaml_of(rule(when="n_rows > 3")), r"rules\.yaml:2: rule r1: unknown fact 'n_rows'"),
+    (yaml_of(rule(when="task > 3")), "rule r1: type mismatch"),
+    (yaml_of(rule(when="n_samples + 'a' > 1")), "type mismatch"),
+    (yaml_of(rule(when="n_samples")), "is a number, not a bool"),
+    (yaml_of(rule(when="task.upper() == 'X'")), "not allowed"),
+    (yaml_of(rule(when="class_counts[0] > 3")), "Subscript is not allowed"),
+    (yaml_of(rule(when="__import__('os').system('true') == 0")), "not allowed"),
+    (yaml_of(rule(when="open('x') == 1")), "the call open"),
+    (yaml_of(rule(when="(lambda: True)()")), "not allowed"),
+    (yaml_of(rule(when="[x for x in [1]] == [1]")), "not allowed"),
+    (yaml_of(rule(when="__class__ == 1")), "dunder"),
+    (yaml_of(rule(), rule()), "duplicate rule id"),
+    (yaml_of(rule(then={"params": {"SGD": {"lr": 0.1}}}), rule(id="r2", then={"params": {"SGD": {"lr": 0.2}}})),
+     "sets SGD.lr, which rule r1"),
+    (yaml_of(rule(examples=[{"facts": {"task": "regression"}, "fires": False}])),
+     "example 1 expects fires: false"),
+    (yaml_of(rule(then={"params": {"SGD": {"learning_rate": 0.1}}})), "no hyperparameter 'learning_rate'"),
+    (yaml_of(rule(then={"params": {"Adamax": {"lr": 0.1}}})), "unknown candidate 'Adamax'"),
+    (yaml_of(rule(then={"loss": {"FocalLoss": 1}})), "FocalLoss|then.loss"),
+    (yaml_of(rule(id="Bad Id")), "rule Bad Id: id"),
+    (yaml_of(rule(source="")), "source"),
+    (yaml_of(rule(examples=[])), "examples"),
+    (yaml_of(rule(overrides="nope")), "overrides unknown rule 'nope'"),
+    (yaml_of(rule(examples=[{"facts": {"task": "regression", "n_samples": -1}, "fires": True}])),
+     "invalid facts: n_samples"),
+]
+
+
+@pytest.mark.parametrize("text,pattern", BAD)
+def test_bad_rule_files_get_a_clear_error_and_nothing_changes(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    before = advise(task="regression", target_outlier_fraction=0.2).model_dump_json()
+    with pytest.raises(RuleError, match=pattern):
+        load_rules([path])
+    with pytest.raises(RuleError):
+        advise(task="regression", extra_rules=[path])
+    # the rule set in use is still the built-in one
+    assert advise(task="regression", target_outlier_fraction=0.2).model_dump_json() == before
+
+
+def test_overrides_allows_equal_priority_and_wins(tmp_path):
+    path = write(tmp_path, yaml_of(rule(then={"optimizer": {"SGD": 1}, "params": {"SGD": {"lr": 0.1}}}),
+                                   rule(id="r2", overrides="r1", then={"params": {"SGD": {"lr": 0.2}}})))
+    rec = advise(task="regression", model_kind="linear", rules=[path])
+    assert rec.optimizer.params == {"lr": 0.2}
+
+
+def test_missing_file_is_a_rule_error(tmp_path):
+    with pytest.raises(RuleError, match="cannot read rule file"):
+        load_rules([tmp_path / "nope.yaml"])
+
+
+def test_schema_is_json_schema():
+    schema = rule_file_schema()
+    assert schema["type"] == "object" and "rules" in schema["properties"]
+    json.dumps(schema)
+
+
+# ---- expressions ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source,facts,value", [
+    ("n_samples < 10 * n_params", {"n_samples": 50, "n_params": 10}, True),
+    ("n_samples < 10 * n_params", {"n_samples": 50}, UNKNOWN),
+    ("task == 'regression' and n_samples > 5", {"task": "classification"}, False),  # False and unknown
+    ("task == 'regression' or n_samples > 5", {"task": "regression"}, True),  # True or unknown
+    ("not nonstationary", {"nonstationary": False}, True),
+    ("model_kind in ['cnn', 'rnn']", {"model_kind": "rnn"}, True),
+    ("model_kind not in ['cnn', 'rnn']", {"model_kind": "rnn"}, False),
+    ("1 < n_classes <= 3", {"n_classes": 3}, True),
+    ("log10(n_samples) >= 3", {"n_samples": 1000}, True),
+    ("max(1, min(batch_size / 256, 32))", {"batch_size": 1024}, 4.0),
+    ("abs(-2) ** 3 % 5", {}, 3),
+])
+def test_expression_values(source, facts, value):
+    expr = Expression(source, FACT_TYPES)
+    assert expr.evaluate(facts) == value if value is not UNKNOWN else expr.evaluate(facts) is UNKNOWN
+
+
+TOKENS = ["n_samples", "n_params", "task", "nonstationary", "class_counts", "'cnn'", "1", "2.5", "True", "(",
+          ")", "[", "]", ",", " and ", " or ", " not ", "+", "-", "*", "/", "**", "<", "==", " in ", ".", "x",
+          "__import__", "lambda", ":", "abs", "log10", "eval", "__class__", "for", "'", "\\", "{", "}", "max"]
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(max_size=60), st.lists(st.sampled_from(TOKENS), max_size=14).map("".join)))
+def test_parser_fuzz_only_accepts_or_raises_rule_error(source):
+    try:
+        expr = Expression(source, FACT_TYPES)
+    except RuleError:
+        return
+    facts = {"n_samples": 100, "n_params": 7, "task": "regression", "nonstationary": True,
+             "class_counts": [3, 4]}
+    try:
+        value = expr.evaluate(facts)
+    except RuleError:
+        return
+    assert value is UNKNOWN or isinstance(value, (bool, int, float, str, list))
+
+
+@st.composite
+def random_ast(draw, depth=0):
+    leaves = ["n_samples", "n_params", "1", "0.5", "'cnn'", "model_kind", "nonstationary", "True",
+              "__builtins__", "x.y", "a[0]", "f(1)", "abs(n_samples)", "min(1, 2)", "[1, 2]"]
+    if depth > 3 or draw(st.booleans()):
+        return draw(st.sampled_from(leaves))
+    op = draw(st.sampled_from(["{} + {}", "{} * {}", "{} < {}", "{} == {}", "{} and {}", "{} or {}", "not {}",
+                               "-{}", "({})", "{} in [{}]", "max({}, {})", "{}.real", "{}[{}]", "{} if {} else {}",
+                               "[{} for _ in {}]", "lambda: {}", "{} ** {}", "{} // {}", "log10({})"]))
+    n = op.count("{}")
+    return op.format(*[draw(random_ast(depth + 1)) for _ in range(n)])
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_ast())
+def test_parser_fuzz_random_asts(source):
+    test_parser_fuzz_only_accepts_or_raises_rule_error.hypothesis.inner_test(source)
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def test_cli(tmp_path, capsys):
+    assert main(["--example"]) == 0
+    assert "Why (rules that fired)" in capsys.readouterr().out
+    assert main(["--task", "classification", "--n-samples", "50000", "--n-classes", "10",
+                 "--class-imbalance", "20", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["loss"]["name"] == "CrossEntropyLoss"
+    profile = write(tmp_path, "task: regression\ntarget_outlier_fraction: 0.3\n", "facts.yaml")
+    assert main(["--profile", str(profile)]) == 0
+    assert "HuberLoss" in capsys.readouterr().out
+    assert main(["--task", "regression", "--n-samples", "-3"]) == 2
+    assert "n_samples" in capsys.readouterr().err
+    bad = write(tmp_path, yaml_of(rule(when="task > 3")), "bad.yaml")
+    assert main(["--task", "regression", "--extra-rules", str(bad)]) == 2
+    assert "bad.yaml:2: rule r1: type mismatch" in capsys.readouterr().err
+    assert main(["rules", "check", str(write(tmp_path, GOOD))]) == 0
+    assert main(["rules", "list"]) == 0
+    assert "huber-for-outliers" in capsys.readouterr().out
+    assert main(["rules", "schema"]) == 0
+    json.loads(capsys.readouterr().out)
+    wrong = write(tmp_path, GOOD.replace("expect: {optimizer: SGD}", "expect: {optimizer: Adam}"), "wrong.yaml")
+    assert main(["rules", "check", str(wrong)]) == 2
