@@ -30,6 +30,7 @@ disables it.
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -180,17 +181,9 @@ class RuleSet:
         return next((r for r in self.rules if r.id == rule_id), None)
 
 
-BUILTIN_RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-
-
 def builtin_rule_files() -> list[Path]:
-    """The rulebook shipped with the package (the ``rules`` package data)."""
-    try:
-        import rules as _rules_pkg  # the installed package data
-
-        folder = Path(_rules_pkg.__file__).resolve().parent
-    except ImportError:  # pragma: no cover - running from a source tree without the package
-        folder = BUILTIN_RULES_DIR
+    """The rulebook shipped with the package (the repository's rules/, installed as ``advisor.rules``)."""
+    folder = Path(str(importlib.resources.files("advisor.rules")))
     return sorted(folder.glob("*.yaml"))
 
 

@@ -1,0 +1,1 @@
+"""The built-in rulebook (YAML, content not code), installed as the ``advisor.rules`` package data."""
