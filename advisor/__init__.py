@@ -13,6 +13,20 @@ from ._profile import TaskProfile
 from ._rules import Rule, RuleFile, RuleSet, builtin_rule_files, load_rules, rule_file_schema
 
 __all__ = [
-    "advise", "evaluate", "TaskProfile", "Recommendation", "Choice", "Reason", "Alternative", "Note", "Unknown",
-    "load_rules", "RuleSet", "Rule", "RuleFile", "RuleError", "rule_file_schema", "builtin_rule_files",
+    "Alternative",
+    "Choice",
+    "Note",
+    "Reason",
+    "Recommendation",
+    "Rule",
+    "RuleError",
+    "RuleFile",
+    "RuleSet",
+    "TaskProfile",
+    "Unknown",
+    "advise",
+    "builtin_rule_files",
+    "evaluate",
+    "load_rules",
+    "rule_file_schema",
 ]

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from ._engine import evaluate
 from ._expr import RuleError
 from ._profile import TaskProfile
-from ._rules import builtin_rule_files, load_rules, rule_file_schema
+from ._rules import load_rules, rule_file_schema
 
 EXAMPLE = {"task": "regression", "n_samples": 2000, "n_features": 8, "target_outlier_fraction": 0.12,
            "target_scale": 3.5, "model_kind": "mlp", "n_params": 5000, "batch_size": 64, "tuning_budget": 5}

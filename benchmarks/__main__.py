@@ -16,8 +16,15 @@ import textwrap
 
 import torch
 
-from .cases import (BYTES_PER_ELEMENT, OPTIMIZER_CASES, bandwidth_probe, interleaved, make_optimizer,
-                    training_loop, workloads)
+from .cases import (
+    BYTES_PER_ELEMENT,
+    OPTIMIZER_CASES,
+    bandwidth_probe,
+    interleaved,
+    make_optimizer,
+    training_loop,
+    workloads,
+)
 
 
 def optimizer_table(quick: bool, rounds: int) -> list[str]:

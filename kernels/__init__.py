@@ -6,13 +6,39 @@
 
 from ._adam import Adam, AdamW
 from ._compile import ENV_VAR as COMPILE_ENV_VAR
-from ._losses import (CrossEntropyLoss, HingeLoss, HuberLoss, LinearCrossEntropyLoss, MSELoss, MultiMarginLoss,
-                      cross_entropy, hinge_loss, huber_loss, linear_cross_entropy, mse_loss, multi_margin_loss)
+from ._losses import (
+                      CrossEntropyLoss,
+                      HingeLoss,
+                      HuberLoss,
+                      LinearCrossEntropyLoss,
+                      MSELoss,
+                      MultiMarginLoss,
+                      cross_entropy,
+                      hinge_loss,
+                      huber_loss,
+                      linear_cross_entropy,
+                      mse_loss,
+                      multi_margin_loss,
+)
 from ._rmsprop import RMSprop
 from ._sgd import SGD
 
 __all__ = [
-    "SGD", "Adam", "AdamW", "RMSprop", "COMPILE_ENV_VAR",
-    "mse_loss", "huber_loss", "cross_entropy", "multi_margin_loss", "hinge_loss", "linear_cross_entropy",
-    "MSELoss", "HuberLoss", "CrossEntropyLoss", "MultiMarginLoss", "HingeLoss", "LinearCrossEntropyLoss",
+                      "COMPILE_ENV_VAR",
+                      "SGD",
+                      "Adam",
+                      "AdamW",
+                      "CrossEntropyLoss",
+                      "HingeLoss",
+                      "HuberLoss",
+                      "LinearCrossEntropyLoss",
+                      "MSELoss",
+                      "MultiMarginLoss",
+                      "RMSprop",
+                      "cross_entropy",
+                      "hinge_loss",
+                      "huber_loss",
+                      "linear_cross_entropy",
+                      "mse_loss",
+                      "multi_margin_loss",
 ]

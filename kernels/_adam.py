@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
-from ._validate import check_selectors, check_lr
+from ._validate import check_lr, check_selectors
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 

@@ -27,7 +27,7 @@ class _OnePass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, compute, name, *inputs):  # noqa: D401 - autograd signature
+    def forward(ctx, compute, name, *inputs):
         loss, grads, expand = compute()
         ctx.name = name
         ctx.grads = grads

@@ -4,8 +4,8 @@ import os
 import sys
 
 import pytest
-from hypothesis import settings
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 

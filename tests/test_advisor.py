@@ -1,12 +1,11 @@
 """The advisor: a table of facts -> expected advice, every rule's examples, explanations, building kernels."""
 
-import json
 
 import pytest
 import torch
 
 import kernels
-from advisor import Recommendation, RuleError, TaskProfile, advise, builtin_rule_files, load_rules
+from advisor import Recommendation, TaskProfile, advise, builtin_rule_files, load_rules
 from advisor.cli import check_examples
 
 # facts -> (optimizer, loss, expected hyperparameters subset): the advisor's behaviour as a data table

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import examples
 
 import kernels
-from strategies import examples
 
 SETTINGS = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REDUCTIONS = st.sampled_from(["mean", "sum", "none"])

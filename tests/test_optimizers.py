@@ -4,7 +4,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import OPTIMIZERS, examples, momentum_kwargs, twin_models, assert_same, hyperparams, make_params, param_specs, run_both
+from strategies import (
+    OPTIMIZERS,
+    assert_same,
+    examples,
+    hyperparams,
+    make_params,
+    momentum_kwargs,
+    param_specs,
+    run_both,
+    twin_models,
+)
 
 import kernels
 
