@@ -66,6 +66,8 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 _NOT_A_GRAD = object()
+_data_ptr = torch.Tensor.data_ptr
+_grad_of = operator.attrgetter("grad")
 
 
 class _Bucket:
@@ -111,7 +113,8 @@ class _Bucket:
 
     def moved(self) -> bool:
         # a new dtype or device means a new allocation, hence a new address
-        return [p.data_ptr() for p in self.params] != self.param_ptrs
+        # (map over the C methods: this runs every step, for every parameter)
+        return list(map(_data_ptr, self.params)) != self.param_ptrs
 
 
 class FusedOptimizer(Optimizer):
@@ -274,7 +277,7 @@ class FusedOptimizer(Optimizer):
     def _gather_grads(self, bucket: _Bucket) -> list[bool] | None:
         """Bring every gradient into the bucket's buffer. Returns None when all params have one, else a
         per-parameter mask of who has one."""
-        grads = [p.grad for p in bucket.params]
+        grads = list(map(_grad_of, bucket.params))
         if all(map(operator.is_, grads, bucket.grad_views)):
             return None
         bucket.ensure_grad_buffer()
