@@ -84,6 +84,7 @@ def _child(mode: str, spec: dict, rounds: int) -> dict:
             f()
         return interleaved(fns, rounds)
     fn = ours if mode == "mem-ours" else ref
+    _step(inputs, fn)  # warm-up: a compile (and its memory) happens here, not in the measured call
     for t in inputs:
         t.grad = torch.zeros_like(t)  # the gradient itself is not "extra": both need it
     base = _rss_kb("VmRSS")

@@ -47,16 +47,17 @@ def _fresh_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
     return copy
 
 
-def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor, ...], scalars: torch.Tensor,
-              *, strict: bool) -> bool:
-    """Run ``fn(scalars, *flags, *tensors)`` compiled. Returns False (nothing was written) when compiling is
-    impossible here, so the caller runs its eager path; raises instead when ``strict``."""
+def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor | None, ...],
+              scalars: torch.Tensor, *, strict: bool) -> tuple[bool, Any]:
+    """Run ``fn(scalars, *flags, *tensors)`` compiled: ``(True, its result)``, or ``(False, None)`` (nothing
+    was written) when compiling is impossible here, so the caller runs its eager path; raises instead when
+    ``strict``."""
     ref = tensors[0]
     key = (fn.__qualname__, flags, ref.device.type, ref.dtype)
     if key in _broken:
         if strict:
             raise RuntimeError(f"fused=True but the compiled update is unavailable: {_broken[key]}")
-        return False
+        return False, None
     compiled = _compiled.get(key)
     if compiled is None:
         tag = "_".join(str(int(f)) if isinstance(f, bool) else str(f) for f in flags) or "plain"
@@ -69,7 +70,7 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor,
                                           "cpp.dynamic_threads": True})
         _compiled[key] = compiled
     try:
-        compiled(scalars, *flags, *tensors)
+        result = compiled(scalars, *flags, *tensors)
     except Exception as exc:  # compile failures surface at the first call, before anything is written
         if not _is_compile_failure(exc):
             raise
@@ -77,11 +78,11 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor,
         _compiled.pop(key, None)
         if strict:
             raise RuntimeError(f"fused=True but compiling the update failed: {_broken[key]}") from exc
-        warnings.warn(f"optadvisor: compiling the fused update failed ({_broken[key]}); using the eager "
+        warnings.warn(f"optadvisor: compiling {fn.__name__} failed ({_broken[key]}); using the eager "
                       f"path for this configuration. Set {ENV_VAR}=0 to silence this.", RuntimeWarning,
                       stacklevel=3)
-        return False
-    return True
+        return False, None
+    return True, result
 
 
 def _is_compile_failure(exc: BaseException) -> bool:

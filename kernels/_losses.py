@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._compile import compile_enabled_by_env, run_fused
+from ._loss_fused import cross_entropy_rows_fused, hinge_fused, huber_fused, mse_fused
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -86,6 +89,25 @@ def _reduce(per_elem_sum: Tensor, n: int, reduction: str) -> Tensor:
     return per_elem_sum / n if reduction == "mean" else per_elem_sum
 
 
+# Inputs smaller than this run eagerly: a first-call compile (seconds) is not worth it for them.
+_COMPILE_MIN_NUMEL = 1 << 16
+
+
+def _worth_compiling(t: Tensor) -> bool:
+    return t.numel() >= _COMPILE_MIN_NUMEL and compile_enabled_by_env()
+
+
+def _compiled(fn: Callable, flags: tuple, tensors: tuple, scalars: list[float], dtype: torch.dtype):
+    """Run a compiled loss core (``_loss_fused``): (True, result), or (False, None) when compiling is
+    impossible here and the caller computes eagerly. Callers first check :func:`_worth_compiling`."""
+    hp = torch.tensor(scalars, dtype=dtype, device=tensors[0].device)
+    return run_fused(fn, flags, tensors, hp, strict=False)
+
+
+def _grad_buffer(need: bool, like: Tensor, dtype: torch.dtype) -> Tensor | None:
+    return torch.empty(like.shape, dtype=dtype, device=like.device) if need else None
+
+
 def _inv(n: int) -> float:
     # 1/n for a mean's gradient; an empty input has an empty gradient, so any finite value serves
     return 1.0 / n if n else 0.0
@@ -116,8 +138,16 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
     def compute(need_grad=True):
         cd = _compute_dtype(input.dtype)
+        n = input.numel()
+        if _worth_compiling(input):
+            grad = _grad_buffer(need_grad, input, cd)
+            ok, out = _compiled(mse_fused, (need_grad, reduction != "none"),
+                                (input.detach(), target.detach(), grad),
+                                [2.0 * _inv(n) if reduction == "mean" else 2.0], cd)
+            if ok:
+                loss = (out if reduction == "none" else _reduce(out, n, reduction)).to(input.dtype)
+                return loss, (_pair(grad, input, target) if need_grad else None), lambda go: go
         d = input.to(cd) - target.to(cd)
-        n = d.numel()
         if reduction == "none":
             loss = (d * d).to(input.dtype)
         else:  # sum of squares without a d*d temporary, then d itself becomes the gradient: one buffer
@@ -149,6 +179,15 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
 
     def compute(need_grad=True):
         cd = _compute_dtype(input.dtype)
+        n = input.numel()
+        if _worth_compiling(input):
+            grad = _grad_buffer(need_grad, input, cd)
+            ok, out = _compiled(huber_fused, (need_grad, reduction != "none"),
+                                (input.detach(), target.detach(), grad),
+                                [delta, _inv(n) if reduction == "mean" else 1.0], cd)
+            if ok:
+                loss = (out if reduction == "none" else _reduce(out, n, reduction)).to(input.dtype)
+                return loss, (_pair(grad, input, target) if need_grad else None), lambda go: go
         d = input.to(cd) - target.to(cd)
         c = d.clamp(-delta, delta)
         n = d.numel()
@@ -194,6 +233,17 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
 
     def compute(need_grad=True):
         cd = _compute_dtype(input.dtype)
+        n = input.numel()
+        if _worth_compiling(input):
+            want_x, want_t = need_grad and input.requires_grad, need_grad and target.requires_grad
+            gx, gy = _grad_buffer(want_x, input, cd), _grad_buffer(want_t, target, cd)
+            ok, out = _compiled(hinge_fused, (want_x, want_t, reduction != "none"),
+                                (input.detach(), target.detach(), gx, gy),
+                                [margin, -_inv(n) if reduction == "mean" else -1.0], cd)
+            if ok:
+                loss = (out if reduction == "none" else _reduce(out, n, reduction)).to(input.dtype)
+                grads = [None if gx is None else gx.to(input.dtype), None if gy is None else gy.to(target.dtype)]
+                return loss, (grads if need_grad else None), lambda go: go
         x, y = input.to(cd), target.to(cd)
         z = torch.addcmul(torch.full_like(x, margin), y, x, value=-1.0)  # m - y x
         n = z.numel()
@@ -405,15 +455,23 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
 
     def compute(need_grad=True):
         cd = _compute_dtype(input.dtype)
-        x = input.detach().to(cd)
         wc = w.to(cd) if w is not None else None
         if probs:
-            loss, grad = _ce_prob_core(x, t.detach().to(cd), cdim, wc, smoothing, need_grad)
+            loss, grad = _ce_prob_core(input.detach().to(cd), t.detach().to(cd), cdim, wc, smoothing, need_grad)
             denom = n_samples
         else:
-            loss, w_t, grad = _ce_index_core(x, t, cdim, wc, ignore_index, smoothing, need_grad,
-                                             mean=reduction == "mean")
-            denom = w_t.sum()
+            fused = False
+            if input.dim() == 2 and _worth_compiling(input):
+                valid = t != ignore_index
+                denom = (wc[torch.where(valid, t, 0)] * valid).sum() if wc is not None else valid.sum().to(cd)
+                inv = 1.0 / float(denom) if reduction == "mean" and float(denom) != 0 else 1.0
+                grad = _grad_buffer(need_grad, input, cd)
+                fused, loss = _compiled(cross_entropy_rows_fused, (wc is not None, smoothing > 0, need_grad),
+                                        (input.detach(), t, wc, grad), [float(ignore_index), smoothing, inv], cd)
+            if not fused:
+                loss, w_t, grad = _ce_index_core(input.detach().to(cd), t, cdim, wc, ignore_index, smoothing,
+                                                 need_grad, mean=reduction == "mean")
+                denom = w_t.sum()
         if reduction == "none":
             out = loss
         elif reduction == "sum":

@@ -148,7 +148,7 @@ class FusedOptimizer(Optimizer):
         tensors = as_real(*run.values())
         if self._fused:
             hp = torch.tensor(scalars, dtype=_compute_dtype(run["param"].dtype), device=run["param"].device)
-            if run_fused(fused_fn, flags, tensors, hp, strict=self._fused_strict):
+            if run_fused(fused_fn, flags, tensors, hp, strict=self._fused_strict)[0]:
                 return
         eager(*run.values(), **eager_kwargs)  # complex stays complex: the eager math mirrors torch's handling
 
