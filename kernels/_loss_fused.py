@@ -60,8 +60,9 @@ def cross_entropy_rows_fused(hp, weighted: bool, smoothing: bool, need_grad: boo
     validf = valid.to(cd)
     m = xf.amax(1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
-    e = torch.exp(xf - m)
-    s = e.sum(1, keepdim=True)
+    # exp(x - m) is written twice on purpose: shared, inductor would materialize it as an (N, C) buffer
+    # between the row reduction and the gradient; recomputed, both stay in registers (no extra memory)
+    s = torch.exp(xf - m).sum(1, keepdim=True)
     lse = (m + torch.log(s)).squeeze(1)
     x_t = xf.gather(1, tt.unsqueeze(1)).squeeze(1)
     if weighted:
@@ -79,7 +80,7 @@ def cross_entropy_rows_fused(hp, weighted: bool, smoothing: bool, need_grad: boo
     if need_grad:
         inv = hp[2]
         a = ((1.0 - eps) * w_t + (eps / n_classes) * w_sum * validf) * inv
-        g = e * (a.unsqueeze(1) / s)
+        g = torch.exp(xf - m) * (a.unsqueeze(1) / s)
         onehot = torch.arange(n_classes, device=xf.device).unsqueeze(0) == tt.unsqueeze(1)
         g = g - torch.where(onehot, ((1.0 - eps) * w_t * inv).unsqueeze(1), 0.0)
         if smoothing:
