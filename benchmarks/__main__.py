@@ -1,12 +1,21 @@
-"""``python -m benchmarks [--quick] [--out DIR]``: ours against torch, interleaved, with the bandwidth bound.
+"""``python -m benchmarks``: optadvisor's kernels against torch, in one run, as a report.
 
-Prints a Markdown table (median step time, ratio to torch's best path, multiple of the memory-bandwidth
-bound measured in the same rounds) and writes it to DIR/report.md.
+    python -m benchmarks              # full sizes (~10 minutes on 2 cores)
+    python -m benchmarks --quick      # tiny sizes, seconds: checks that everything runs, not speed
+    python -m benchmarks --device cuda
+
+Writes DIR/report.md (Markdown tables: median time, ratio to torch's best path, multiple of the
+memory-bandwidth bound measured in the same rounds, peak extra memory), DIR/results.json, the
+pytest-benchmark JSON of the same comparisons (DIR/pytest-benchmark.json) and, with matplotlib installed
+(``pip install '.[plots]'``), DIR/ratios.png. Times are medians of rounds interleaved in one process; memory
+is measured per case in a fresh process (VmHWM after /proc/self/clear_refs on Linux; the CUDA allocator's
+peak on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -16,96 +25,200 @@ import textwrap
 
 import torch
 
-from .cases import (
-    BYTES_PER_ELEMENT,
-    OPTIMIZER_CASES,
-    bandwidth_probe,
-    interleaved,
-    make_optimizer,
-    training_loop,
-    workloads,
-)
+from .cases import (BYTES_PER_ELEMENT, OPTIMIZER_CASES, bandwidth_probe, interleaved, make_optimizer,
+                    peak_extra_mb, synchronized, training_loop, workloads)
 
 
-def optimizer_table(quick: bool, rounds: int) -> list[str]:
+def _step_memory(case: str, path: str, workload: str, quick: bool, device: str) -> float:
+    """Peak extra memory of one optimizer step, in a fresh process."""
+    code = textwrap.dedent(f"""
+        import json, torch
+        from benchmarks.cases import make_optimizer, peak_extra_mb, workloads
+        opt = make_optimizer({case!r}, {path!r}, workloads({quick!r})[{workload!r}], {device!r})
+        print(json.dumps(peak_extra_mb(opt.step, {device!r})))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        return float("nan")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict]) -> list[str]:
     rows = ["| optimizer | workload | ours ms | torch best ms (path) | ours / torch best | ours / fused "
-            "| ours x bound | torch best x bound |", "|---|---|---|---|---|---|---|---|"]
+            "| ours x bound | torch best x bound | step peak MB ours / torch best |",
+            "|---|---|---|---|---|---|---|---|---|"]
     probe_n = 2_000_000 if quick else 25_000_000
-    probe = bandwidth_probe(probe_n)
+    probe = bandwidth_probe(probe_n, device)
     for case, (_, _, _, paths) in OPTIMIZER_CASES.items():
+        if device == "cuda":
+            paths = tuple(p for p in paths if p != "forloop") or paths
         for wl_name, shapes in workloads(quick).items():
             n = sum(torch.Size(s).numel() for s in shapes)
-            fns = {"ours": make_optimizer(case, "ours", shapes).step}
+            fns = {"ours": synchronized(make_optimizer(case, "ours", shapes, device).step, device)}
             for path in paths:
-                fns[path] = make_optimizer(case, path, shapes).step
+                fns[path] = synchronized(make_optimizer(case, path, shapes, device).step, device)
             fns["bound"] = probe
             t = interleaved(fns, rounds)
+            del fns
             gbps = 12 * probe_n / t.pop("bound")
             bound = BYTES_PER_ELEMENT[case] * n / gbps
             best = min(paths, key=lambda k: t[k])
+            mem_ours = _step_memory(case, "ours", wl_name, quick, device)
+            mem_best = _step_memory(case, best, wl_name, quick, device)
             fused = f"{t['ours'] / t['fused']:.2f}" if "fused" in t else "-"
             rows.append(f"| {case} | {wl_name} | {t['ours'] * 1e3:.2f} | {t[best] * 1e3:.2f} ({best}) | "
                         f"**{t['ours'] / t[best]:.2f}** | {fused} | {t['ours'] / bound:.2f} | "
-                        f"{t[best] / bound:.2f} |")
+                        f"{t[best] / bound:.2f} | {mem_ours:.1f} / {mem_best:.1f} |")
+            results.append({"kind": "optimizer", "case": case, "workload": wl_name, "times_s": t,
+                            "best_torch_path": best, "ratio": t["ours"] / t[best], "bound_s": bound,
+                            "step_peak_mb": {"ours": mem_ours, best: mem_best}})
             print(rows[-1], flush=True)
-            del fns
     return rows
 
 
-def training_rows(quick: bool, rounds: int) -> list[str]:
+def training_rows(quick: bool, rounds: int, device: str, results: list[dict]) -> list[str]:
     import kernels
 
     depth, width = (8, 64) if quick else (40, 256)
-    ours, m1 = training_loop(lambda p: kernels.Adam(p, lr=1e-4), depth, width)
-    ref, m2 = training_loop(lambda p: torch.optim.Adam(p, lr=1e-4, fused=True), depth, width)
+    ours, m1 = training_loop(lambda p: kernels.Adam(p, lr=1e-4), depth, width, device=device)
+    ref, m2 = training_loop(lambda p: torch.optim.Adam(p, lr=1e-4, fused=True), depth, width, device=device)
     t = interleaved({"ours": ours, "torch fused": ref}, rounds)
     same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(m1.parameters(), m2.parameters()))
-    return [f"| training loop, {depth}-layer MLP width {width}, Adam | {t['ours'] * 1e3:.2f} ms | "
-            f"{t['torch fused'] * 1e3:.2f} ms | **{t['ours'] / t['torch fused']:.2f}** | params equal: {same} |"]
+    results.append({"kind": "training_loop", "depth": depth, "width": width, "times_s": t,
+                    "ratio": t["ours"] / t["torch fused"], "params_equal": same})
+    return ["| case | ours | torch fused Adam | ours / torch | check |", "|---|---|---|---|---|",
+            (f"| training loop, {depth}-layer MLP width {width}, Adam | {t['ours'] * 1e3:.2f} ms | "
+             f"{t['torch fused'] * 1e3:.2f} ms | **{t['ours'] / t['torch fused']:.2f}** | params equal: {same} |")]
 
 
 COMPILE_SNIPPET = textwrap.dedent("""
-    import time, torch, kernels
-    p = [torch.nn.Parameter(torch.randn(1000)) for _ in range(10)]
-    for q in p: q.grad = torch.randn(1000)
+    import sys, time, torch, kernels
+    p = [torch.nn.Parameter(torch.randn(1000, device=sys.argv[1])) for _ in range(10)]
+    for q in p: q.grad = torch.randn_like(q)
     opt = kernels.Adam(p)
     t = time.perf_counter(); opt.step(); print(time.perf_counter() - t)
 """)
 
 
-def compile_times() -> tuple[float, float]:
+def compile_times(device: str) -> tuple[float, float]:
     """First-step time of kernels.Adam in a fresh process with an empty, then a warm, inductor cache."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        out = [float(subprocess.run([sys.executable, "-c", COMPILE_SNIPPET], env=env, capture_output=True,
-                                    text=True, check=True).stdout.split()[-1]) for _ in range(2)]
+        out = [float(subprocess.run([sys.executable, "-c", COMPILE_SNIPPET, device], env=env,
+                                    capture_output=True, text=True, check=True).stdout.split()[-1])
+               for _ in range(2)]
     return out[0], out[1]
 
 
+def loss_rows(quick: bool, rounds: int, device: str, results: list[dict]) -> list[str]:
+    from .losses import loss_cases, loss_table, make_case, _step
+
+    if device == "cpu":
+        return loss_table(quick, rounds, results)
+    rows = ["| loss (forward + backward) | ours ms | torch ms | ours / torch | peak MB ours | peak MB torch |",
+            "|---|---|---|---|---|---|"]
+    for name, spec in loss_cases(quick).items():
+        inputs, ours, ref = make_case({**spec, "device": device})
+        fns = {"ours": synchronized(lambda: _step(inputs, ours), device),
+               "torch": synchronized(lambda: _step(inputs, ref), device)}
+        for f in fns.values():
+            f()
+        t = interleaved(fns, rounds)
+        mem = {k: peak_extra_mb(f, device) for k, f in fns.items()}
+        rows.append(f"| {name} | {t['ours'] * 1e3:.2f} | {t['torch'] * 1e3:.2f} | **{t['ours'] / t['torch']:.2f}** "
+                    f"| {mem['ours']:.0f} | {mem['torch']:.0f} |")
+        results.append({"kind": "loss", "case": name, "times_s": t, "ratio": t["ours"] / t["torch"],
+                        "peak_mb": mem})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def pytest_benchmark_json(out: str, quick: bool) -> str:
+    """Run the pytest-benchmark suite (same comparisons) and keep its JSON."""
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        return "pytest-benchmark is not installed (pip install '.[test]'): no pytest-benchmark JSON."
+    path = os.path.join(out, "pytest-benchmark.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, **({"BENCH_QUICK": "1"} if quick else {})}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-p",
+                           "no:cacheprovider", f"--benchmark-json={path}"], cwd=root, env=env,
+                          capture_output=True, text=True)
+    return f"pytest-benchmark JSON: {path}" if proc.returncode == 0 else (
+        "pytest-benchmark run failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+
+
+def chart(results: list[dict], path: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install '.[plots]'): no chart."
+    labels = [f"{r['case']} | {r.get('workload', '')}".strip(" |") for r in results if "case" in r]
+    ratios = [r["ratio"] for r in results if "case" in r]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(labels) + 1.5))
+    colors = ["tab:green" if x <= 1 else "tab:red" for x in ratios]
+    ax.barh(range(len(labels)), ratios, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time, ours / torch's best path (< 1: ours is faster)")
+    ax.set_title("optadvisor kernels vs torch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart: {path}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (checks it runs, not speed)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (median taken)")
-    ap.add_argument("--out", default="benchmark-report", help="directory for report.md")
+    ap.add_argument("--out", default="benchmark-report", help="directory for the report (default: %(default)s)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--skip-losses", action="store_true")
+    ap.add_argument("--skip-pytest", action="store_true", help="do not run the pytest-benchmark suite")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (5 if args.quick else 15)
-    torch.set_num_threads(os.cpu_count() or 1)
-    header = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads. Medians of {rounds} interleaved rounds; ratios < 1 mean "
-              "ours is faster. 'bound' = bytes moved / bandwidth of a.add_(b) measured in the same rounds.", ""]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("python -m benchmarks: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    rounds = args.rounds or (3 if args.quick else 15)
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    header = [f"Machine: {where}; torch {torch.__version__}. Command: python -m benchmarks "
+              f"{' '.join(sys.argv[1:] if argv is None else argv)}".rstrip(),
+              "",
+              f"Medians of {rounds} interleaved rounds; ratios < 1 mean ours is faster; 'x bound' = time / (bytes "
+              "moved / bandwidth of a.add_(b) measured in the same rounds); step peak = extra memory one step "
+              "allocates, measured in a fresh process.", ""]
     print("\n".join(header), flush=True)
-    rows = optimizer_table(args.quick, rounds)
-    loop = ["", "| case | ours | torch fused Adam | ours / torch | check |", "|---|---|---|---|---|",
-            *training_rows(args.quick, rounds)]
-    print("\n".join(loop), flush=True)
-    cold, warm = compile_times()
-    comp = ["", f"First step of kernels.Adam (compile): {cold:.1f} s with an empty inductor cache, "
-                f"{warm:.1f} s with a warm one."]
-    print("\n".join(comp))
+    results: list[dict] = []
+    sections = [optimizer_rows(args.quick, rounds, args.device, results), [""],
+                training_rows(args.quick, rounds, args.device, results)]
+    print("\n".join(sections[-1]), flush=True)
+    cold, warm = compile_times(args.device)
+    sections.append(["", f"First step of kernels.Adam (compile): {cold:.1f} s with an empty inductor cache, "
+                         f"{warm:.1f} s with a warm one."])
+    print(sections[-1][-1], flush=True)
+    if not args.skip_losses:
+        sections += [[""], loss_rows(args.quick, rounds, args.device, results)]
     os.makedirs(args.out, exist_ok=True)
+    extras = [chart(results, os.path.join(args.out, "ratios.png"))]
+    if not args.skip_pytest:
+        extras.append(pytest_benchmark_json(args.out, args.quick))
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump({"machine": where, "torch": torch.__version__, "rounds": rounds, "results": results}, fh,
+                  indent=2, default=float)
     with open(os.path.join(args.out, "report.md"), "w") as fh:
-        fh.write("\n".join(header + rows + loop + comp) + "\n")
-    print(f"\nwritten: {os.path.join(args.out, 'report.md')}")
+        fh.write("\n".join(header + [line for sec in sections for line in sec]) + "\n")
+    print("\n".join(extras + [f"written: {os.path.join(args.out, 'report.md')}"]))
     return 0
 
 

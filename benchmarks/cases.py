@@ -45,10 +45,10 @@ def workloads(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
             "2000 x 1k tensors": [(1000,)] * 2000}
 
 
-def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]]):
+def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: str = "cpu"):
     """An optimizer with persistent gradients; path is ours/ours-eager/forloop/foreach/fused."""
     ours_cls, torch_cls, kw, _ = OPTIMIZER_CASES[case]
-    params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 0.01
     if path == "ours":
@@ -56,17 +56,29 @@ def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]]):
     elif path == "ours-eager":
         opt = ours_cls(params, fused=False, **kw)
     else:
-        selector = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+        selector = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
         opt = torch_cls(params, **selector[path], **kw)
     opt.step()  # warm-up: state allocated, compile done, grads moved into our buffer
     opt.step()
     return opt
 
 
-def bandwidth_probe(n: int = 25_000_000) -> Callable[[], None]:
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """On a GPU, time the work, not its launch."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def bandwidth_probe(n: int = 25_000_000, device: str = "cpu") -> Callable[[], None]:
     """``a.add_(b)`` on n floats: 12 bytes per element, the machine's streaming bound in this run."""
-    a, b = torch.randn(n), torch.randn(n)
-    return lambda: a.add_(b)
+    a, b = torch.randn(n, device=device), torch.randn(n, device=device)
+    return synchronized(lambda: a.add_(b), device)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> dict[str, float]:
@@ -88,12 +100,12 @@ def mlp(depth: int = 40, width: int = 256) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def training_loop(opt_factory, depth: int = 40, width: int = 256, batch: int = 64):
+def training_loop(opt_factory, depth: int = 40, width: int = 256, batch: int = 64, device: str = "cpu"):
     """One iteration of a real loop: zero_grad() (set_to_none=True), forward, backward, step."""
     torch.manual_seed(0)
-    model = mlp(depth, width)
+    model = mlp(depth, width).to(device)
     opt = opt_factory(model.parameters())
-    x, y = torch.randn(batch, width), torch.randn(batch, width)
+    x, y = torch.randn(batch, width, device=device), torch.randn(batch, width, device=device)
 
     def iteration():
         opt.zero_grad()
@@ -102,4 +114,42 @@ def training_loop(opt_factory, depth: int = 40, width: int = 256, batch: int = 6
 
     iteration()
     iteration()
-    return iteration, model
+    return synchronized(iteration, device), model
+
+
+def rss_kb(field: str) -> int:
+    """VmRSS / VmHWM of this process in kB (Linux); 0 elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux's clear_refs); ru_maxrss cannot be reset and is inherited across exec."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory that one call of fn adds above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    base = rss_kb("VmRSS")
+    if not reset_peak_rss():
+        return float("nan")
+    fn()
+    return max(0, rss_kb("VmHWM") - base) / 1024

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import kernels
 
-from .cases import interleaved
+from .cases import interleaved, peak_extra_mb
 
 
 def loss_cases(quick: bool) -> dict[str, dict]:
@@ -37,28 +37,36 @@ def loss_cases(quick: bool) -> dict[str, dict]:
 
 def make_case(spec: dict):
     """(inputs needing grad, ours(), torch()) for one case; each call runs forward + backward."""
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    device = spec.get("device", "cpu")
     kind = spec["kind"]
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device)
+
+    def randint(high, shape):
+        return torch.randint(0, high, shape, device=device)
+
     if kind == "ce":
-        x = torch.randn(spec["n"], spec["c"], generator=g).requires_grad_()
-        t = torch.randint(0, spec["c"], (spec["n"],), generator=g)
+        x = randn(spec["n"], spec["c"]).requires_grad_()
+        t = randint(spec["c"], (spec["n"],))
         return [x], (lambda: kernels.cross_entropy(x, t)), (lambda: F.cross_entropy(x, t))
     if kind == "lce":
-        h = (torch.randn(spec["n"], spec["d"], generator=g) * 0.1).requires_grad_()
-        w = (torch.randn(spec["v"], spec["d"], generator=g) * 0.1).requires_grad_()
-        t = torch.randint(0, spec["v"], (spec["n"],), generator=g)
+        h = (randn(spec["n"], spec["d"]) * 0.1).requires_grad_()
+        w = (randn(spec["v"], spec["d"]) * 0.1).requires_grad_()
+        t = randint(spec["v"], (spec["n"],))
         return [h, w], (lambda: kernels.linear_cross_entropy(h, w, t)), (lambda: F.cross_entropy(F.linear(h, w), t))
     if kind in ("mse", "huber", "hinge"):
-        x = torch.randn(spec["n"], generator=g).requires_grad_()
+        x = randn(spec["n"]).requires_grad_()
         if kind == "hinge":
-            y = torch.randint(0, 2, (spec["n"],), generator=g).float() * 2 - 1
+            y = randint(2, (spec["n"],)).float() * 2 - 1
             return [x], (lambda: kernels.hinge_loss(x, y)), (lambda: torch.clamp(1 - y * x, min=0).mean())
-        y = torch.randn(spec["n"], generator=g)
+        y = randn(spec["n"])
         if kind == "mse":
             return [x], (lambda: kernels.mse_loss(x, y)), (lambda: F.mse_loss(x, y))
         return [x], (lambda: kernels.huber_loss(x, y)), (lambda: F.huber_loss(x, y))
-    x = torch.randn(spec["n"], spec["c"], generator=g).requires_grad_()
-    t = torch.randint(0, spec["c"], (spec["n"],), generator=g)
+    x = randn(spec["n"], spec["c"]).requires_grad_()
+    t = randint(spec["c"], (spec["n"],))
     return [x], (lambda: kernels.multi_margin_loss(x, t)), (lambda: F.multi_margin_loss(x, t))
 
 
@@ -66,14 +74,6 @@ def _step(inputs, fn):
     for t in inputs:
         t.grad = None
     fn().backward()
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def _child(mode: str, spec: dict, rounds: int) -> dict:
@@ -88,16 +88,15 @@ def _child(mode: str, spec: dict, rounds: int) -> dict:
     _step(inputs, fn)  # warm-up: a compile (and its memory) happens here, not in the measured call
     for t in inputs:
         t.grad = torch.zeros_like(t)  # the gradient itself is not "extra": both need it
-    base = _rss_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    for t in inputs:
-        t.grad = None
-    fn().backward()
-    return {"extra_mb": max(0, _rss_kb("VmHWM") - base) / 1024}
+
+    def measured():
+        for t in inputs:
+            t.grad = None
+        fn().backward()
+    return {"extra_mb": peak_extra_mb(measured, "cpu")}
 
 
-def run_case(name: str, spec: dict, rounds: int, tuned_malloc: bool) -> dict:
+def run_case(name: str, spec: dict, rounds: int, tuned_malloc: bool, processes: int = 3) -> dict:
     env = dict(os.environ)
     if tuned_malloc:
         env.update(MALLOC_MMAP_THRESHOLD_="100000000000", MALLOC_TRIM_THRESHOLD_="100000000000",
@@ -109,25 +108,29 @@ def run_case(name: str, spec: dict, rounds: int, tuned_malloc: bool) -> dict:
 
     # where glibc places big buffers differs between processes (torch's CE once 163 ms, once 1580 ms with
     # the same settings): time in three processes and take each side's median
-    times = [child("time") for _ in range(3)]
+    times = [child("time") for _ in range(processes)]
     out = {"time": {k: statistics.median(t[k] for t in times) for k in times[0]}}
     for mode in ("mem-ours", "mem-torch"):
         out[mode] = child(mode)
     return out
 
 
-def loss_table(quick: bool, rounds: int) -> list[str]:
+def loss_table(quick: bool, rounds: int, results: list[dict] | None = None) -> list[str]:
     rows = ["| loss (forward + backward) | malloc | ours ms | torch ms | ours / torch | extra MB ours | "
             "extra MB torch | ours / torch |", "|---|---|---|---|---|---|---|---|"]
     for name, spec in loss_cases(quick).items():
-        for tuned in (False, True):
-            r = run_case(name, spec, rounds, tuned)
+        for tuned in ((False,) if quick else (False, True)):  # --quick checks that it runs, not speed
+            r = run_case(name, spec, rounds, tuned, processes=1 if quick else 3)
             t, mo, mt = r["time"], r["mem-ours"]["extra_mb"], r["mem-torch"]["extra_mb"]
             mem_ratio = f"{mo / mt:.2f}" if mt > 0.5 else "-"
             rows.append(f"| {name} | {'tuned' if tuned else 'default'} | {t['ours'] * 1e3:.2f} | "
                         f"{t['torch'] * 1e3:.2f} | **{t['ours'] / t['torch']:.2f}** | {mo:.0f} | {mt:.0f} | "
                         f"{mem_ratio} |")
             print(rows[-1], flush=True)
+            if results is not None:
+                results.append({"kind": "loss", "case": f"{name} ({'tuned' if tuned else 'default'} malloc)",
+                                "times_s": t, "ratio": t["ours"] / t["torch"],
+                                "extra_mb": {"ours": mo, "torch": mt}})
     return rows
 
 

@@ -30,6 +30,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._compile import resolve_fused, run_fused
+from ._memory import flat_buffer
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -85,7 +86,7 @@ class _Bucket:
         self.total = total
         ref = params[0]
         self.device, self.dtype = ref.device, ref.dtype
-        self.flat_param = torch.empty(total, device=self.device, dtype=self.dtype)
+        self.flat_param = flat_buffer(total, self.device, self.dtype, zero=False)
         for p, view in zip(params, self.views(self.flat_param)):
             view.copy_(p.detach())
         for p, view in zip(params, self.views(self.flat_param)):
@@ -103,13 +104,13 @@ class _Bucket:
 
     def ensure_grad_buffer(self) -> None:
         if self.flat_grad is None:
-            self.flat_grad = torch.zeros(self.total, device=self.device, dtype=self.dtype)
+            self.flat_grad = flat_buffer(self.total, self.device, self.dtype, zero=True)
             self.grad_views = self.views(self.flat_grad)
 
     def ensure_state(self, keys: tuple[str, ...]) -> None:
         for key in keys:
             if key not in self.flat_state:
-                self.flat_state[key] = torch.zeros(self.total, device=self.device, dtype=self.dtype)
+                self.flat_state[key] = flat_buffer(self.total, self.device, self.dtype, zero=True)
 
     def moved(self) -> bool:
         # a new dtype or device means a new allocation, hence a new address

@@ -1,0 +1,24 @@
+"""CI runs the benchmark suite in --quick mode on every change, so it never rots (no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_report_quick(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for needle in ("| Adam |", "| RMSprop |", "training loop", "First step of kernels.Adam", "cross_entropy",
+                   "linear_cross_entropy", "hinge_loss"):
+        assert needle in report, needle
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert {r["kind"] for r in results} == {"optimizer", "training_loop", "loss"}
+    assert all(r["ratio"] > 0 for r in results)
+    bench = json.loads((out / "pytest-benchmark.json").read_text())
+    assert len(bench["benchmarks"]) > 20
