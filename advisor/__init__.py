@@ -7,26 +7,17 @@
 >>> print(rec.explain())   # the rules that fired, on which facts, their sources, what lost and why
 """
 
+from ._data import DataProfile, profile_data
 from ._engine import Alternative, Choice, Note, Reason, Recommendation, Unknown, advise, evaluate
 from ._expr import RuleError
+from ._lr import LRRangeResult, lr_range_test
+from ._monitor import Diagnosis, Finding, TrainingMonitor, diagnose
 from ._profile import TaskProfile
 from ._rules import Rule, RuleFile, RuleSet, builtin_rule_files, load_rules, rule_file_schema
 
 __all__ = [
-    "Alternative",
-    "Choice",
-    "Note",
-    "Reason",
-    "Recommendation",
-    "Rule",
-    "RuleError",
-    "RuleFile",
-    "RuleSet",
-    "TaskProfile",
-    "Unknown",
-    "advise",
-    "builtin_rule_files",
-    "evaluate",
-    "load_rules",
-    "rule_file_schema",
+    "advise", "evaluate", "TaskProfile", "Recommendation", "Choice", "Reason", "Alternative", "Note", "Unknown",
+    "load_rules", "RuleSet", "Rule", "RuleFile", "RuleError", "rule_file_schema", "builtin_rule_files",
+    "profile_data", "DataProfile", "TrainingMonitor", "diagnose", "Diagnosis", "Finding", "lr_range_test",
+    "LRRangeResult",
 ]

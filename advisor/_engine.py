@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from ._expr import UNKNOWN
-from ._profile import TaskProfile
+from ._monitor import Diagnosis, TrainingMonitor, diagnose
+from ._profile import HISTORY_FACTS, TaskProfile
 from ._rules import LOSSES_FOR_TASK, OPTIMIZERS, CompiledRule, RuleSet, load_rules
 
 
@@ -75,6 +76,7 @@ class Recommendation(BaseModel):
     alternatives: list[Alternative]
     notes: list[Note] = Field(default_factory=list)
     unknown: list[Unknown] = Field(default_factory=list)
+    diagnosis: Diagnosis | None = None
 
     def build_optimizer(self, params: Any):
         """The recommended ``kernels`` optimizer over ``params`` (e.g. ``model.parameters()``)."""
@@ -102,7 +104,10 @@ class Recommendation(BaseModel):
     def explain(self) -> str:
         """A readable, deterministic multi-line explanation."""
         facts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.facts.known().items())
-        lines = [f"Advice for: {facts}", "",
+        lines = [f"Advice for: {facts}", ""]
+        if self.diagnosis is not None:
+            lines += [self.diagnosis.explain(), ""]
+        lines += [
                  f"  optimizer  {_call(self.optimizer)}   (score {_fmt(self.optimizer.score)})",
                  f"  loss       {_call(self.loss)}   (score {_fmt(self.loss.score)})", "", "Why (rules that fired):"]
         chosen = (self.optimizer.name, self.loss.name)
@@ -151,13 +156,15 @@ def _as_paths(paths: Iterable[str | Path] | str | Path | None) -> tuple[Path, ..
     return tuple(Path(p) for p in paths)
 
 
-def advise(profile: TaskProfile | dict[str, Any] | None = None, *, rules: Iterable[str | Path] | RuleSet | None = None,
-           extra_rules: Iterable[str | Path] | None = None, **facts: Any) -> Recommendation:
+def advise(profile: TaskProfile | dict[str, Any] | Any | None = None, *,
+           rules: Iterable[str | Path] | RuleSet | None = None, extra_rules: Iterable[str | Path] | None = None,
+           history: TrainingMonitor | Iterable[dict[str, float]] | None = None, **facts: Any) -> Recommendation:
     """Recommend an optimizer and a loss, with hyperparameters and reasons.
 
     ``advise(task="regression", n_samples=2000, target_outlier_fraction=0.12)`` or
-    ``advise(TaskProfile(...))``. ``rules=[paths]`` replaces the built-in rulebook, ``extra_rules=[paths]``
-    adds to it (same id overrides, ``enabled: false`` disables).
+    ``advise(TaskProfile(...))`` or ``advise(profile_data(X, y))``. ``rules=[paths]`` replaces the built-in
+    rulebook, ``extra_rules=[paths]`` adds to it (same id overrides, ``enabled: false`` disables).
+    ``history`` (a TrainingMonitor or its records) is diagnosed and its facts join the profile's.
 
     Example::
 
@@ -171,6 +178,15 @@ def advise(profile: TaskProfile | dict[str, Any] | None = None, *, rules: Iterab
         raise TypeError("pass either a TaskProfile/dict or facts as keyword arguments, not both")
     elif isinstance(profile, dict):
         profile = TaskProfile(**profile)
+    elif not isinstance(profile, TaskProfile) and isinstance(getattr(profile, "facts", None), TaskProfile):
+        profile = profile.facts  # a DataProfile from profile_data
+    if not isinstance(profile, TaskProfile):
+        raise TypeError(f"advise: expected a TaskProfile, a dict of facts or a DataProfile (got "
+                        f"{type(profile).__name__})")
+    diagnosis = None
+    if history is not None:
+        diagnosis = diagnose(history)
+        profile = TaskProfile(**{**profile.model_dump(), **diagnosis.facts})
     if isinstance(rules, RuleSet):
         if extra_rules:
             raise TypeError("extra_rules needs rule files, not a loaded RuleSet, in 'rules'")
@@ -179,7 +195,10 @@ def advise(profile: TaskProfile | dict[str, Any] | None = None, *, rules: Iterab
         ruleset = _builtin()
     else:
         ruleset = load_rules(_as_paths(rules), _as_paths(extra_rules))
-    return evaluate(ruleset, profile)
+    rec = evaluate(ruleset, profile)
+    if diagnosis is not None:
+        rec.diagnosis = diagnosis
+    return rec
 
 
 def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
@@ -195,8 +214,9 @@ def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
         then = rule.rule.then
         if outcome is UNKNOWN:
             would = _conclusions(rule, facts, evaluate_values=False)
-            if then.optimizer or then.loss or then.params or then.scale:
-                missing = sorted(f for f in rule.facts if facts.get(f) is None)
+            # facts read off training curves are unknown whenever no history was given: not worth listing
+            missing = sorted(f for f in rule.facts if facts.get(f) is None and f not in HISTORY_FACTS)
+            if missing and (then.optimizer or then.loss or then.params or then.scale):
                 unknown.append(Unknown(rule_id=rule.id, missing=missing, would=would))
             continue
         if outcome is not True:

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ._expr import BOOL, NUMBER, NUMBERS, STR
 
 
+_FROM_HISTORY = {"from_history": True}
+
+
 class TaskProfile(BaseModel):
     """What is known about a training task. Every field but ``task`` may be left unknown (None).
 
@@ -49,6 +52,26 @@ class TaskProfile(BaseModel):
         None, description="What matters most: reaching a good loss quickly, or the best held-out result.")
     teacher_for_distillation: bool | None = Field(
         None, description="The model will serve as a teacher for knowledge distillation.")
+
+    # facts read off training curves by advisor.diagnose (advise(..., history=...) fills them in)
+    diverged: bool | None = Field(None, description="Training loss became non-finite or blew up (from curves).",
+                                  json_schema_extra=_FROM_HISTORY)
+    exploding_gradients: bool | None = Field(None, description="Gradient norm spiked or became non-finite.",
+                                             json_schema_extra=_FROM_HISTORY)
+    plateau: bool | None = Field(None, description="Training loss stopped improving.",
+                                 json_schema_extra=_FROM_HISTORY)
+    noisy_loss: bool | None = Field(None, description="Training loss scatters widely around its trend.",
+                                    json_schema_extra=_FROM_HISTORY)
+    overfitting: bool | None = Field(None, description="Validation loss rises while training loss falls.",
+                                     json_schema_extra=_FROM_HISTORY)
+    loss_rising: bool | None = Field(None, description="Training loss trends upward.",
+                                     json_schema_extra=_FROM_HISTORY)
+    lr_too_low: bool | None = Field(None, description="Loss falls steadily but very slowly.",
+                                    json_schema_extra=_FROM_HISTORY)
+    grad_norm_p90: float | None = Field(None, ge=0.0, description="90th percentile of the logged gradient norms.",
+                                        json_schema_extra=_FROM_HISTORY)
+    last_lr: float | None = Field(None, gt=0.0, description="The learning rate at the end of the logged history.",
+                                  json_schema_extra=_FROM_HISTORY)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,3 +128,7 @@ def fact_types() -> dict[str, str]:
 
 
 FACT_TYPES = fact_types()
+
+
+HISTORY_FACTS = frozenset(name for name, f in TaskProfile.model_fields.items()
+                          if (f.json_schema_extra or {}).get("from_history"))

@@ -4,6 +4,8 @@
     advise --profile facts.yaml --json
     advise --example                     # a built-in regression example with outliers
     advise rules list | check FILE... | schema
+    advise profile DATA.(csv|npz|pt) --target COLUMN      # profile the data, then advise
+    advise diagnose HISTORY.(csv|json)                     # what the training curves show
 
 Exit codes: 0 ok, 2 bad input (invalid facts, rule errors, failing rule examples).
 """
@@ -55,7 +57,8 @@ def _bool(s: str) -> bool:
 
 def _advise(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="advise", description="Recommend an optimizer and a loss, with reasons.",
-                                 epilog="Subcommands: advise rules list | check FILE... | schema")
+                                 epilog="Subcommands: advise rules list | check FILE... | schema; advise profile DATA "
+                                        "--target COLUMN; advise diagnose HISTORY")
     _fact_flags(ap)
     ap.add_argument("--profile", type=Path, help="read facts from a YAML or JSON file (flags override it)")
     ap.add_argument("--example", action="store_true", help="advise on a built-in example task")
@@ -140,10 +143,96 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _load_table(path: Path, target: str | None):
+    """(X, y) from a CSV (header row; the target column by name), an .npz (arrays X and y, or --target) or a
+    .pt file (a dict with X and y, or a pair)."""
+    import numpy as np
+    import torch
+
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if len(rows) < 2:
+            raise ValueError(f"{path}: needs a header row and at least one data row")
+        header, body = rows[0], rows[1:]
+        if target is None or target not in header:
+            raise ValueError(f"{path}: --target must name one of the columns {header}")
+        t = header.index(target)
+        try:
+            X = np.array([[float(v) for i, v in enumerate(r) if i != t] for r in body], dtype=np.float64)
+        except ValueError as exc:
+            raise ValueError(f"{path}: feature columns must be numeric ({exc})") from None
+        raw = [r[t] for r in body]
+        try:
+            y = np.array([float(v) for v in raw])
+        except ValueError:
+            labels = sorted(set(raw))
+            y = np.array([labels.index(v) for v in raw])  # string classes, encoded in sorted order
+        return X, y
+    if path.suffix == ".npz":
+        data = np.load(path)
+        key = target or "y"
+        if "X" not in data or key not in data:
+            raise ValueError(f"{path}: expected arrays 'X' and '{key}' (found {list(data)})")
+        return data["X"], data[key]
+    if path.suffix == ".pt":
+        data = torch.load(path, weights_only=True)
+        if isinstance(data, dict) and "X" in data and (target or "y") in data:
+            return data["X"], data[target or "y"]
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            return data
+        raise ValueError(f"{path}: expected a dict with 'X' and 'y' or an (X, y) pair")
+    raise ValueError(f"{path}: unsupported data file (use .csv, .npz or .pt)")
+
+
+def _profile(argv: list[str]) -> int:
+    from ._data import profile_data
+
+    ap = argparse.ArgumentParser(prog="advise profile", description="Profile a data set, then advise.")
+    ap.add_argument("data", type=Path, help="a .csv (with --target), .npz or .pt file")
+    ap.add_argument("--target", help="the target column (CSV) or array name (npz/pt)")
+    ap.add_argument("--task", choices=["regression", "classification"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        X, y = _load_table(args.data, args.target)
+        prof = profile_data(X, y, task=args.task)
+        rec = evaluate(load_rules(), prof.facts)
+    except (OSError, ValueError, TypeError, RuleError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"profile": prof.model_dump(mode="json"), "recommendation": rec.model_dump(mode="json")},
+                         indent=2))
+    else:
+        print(prof.explain() + "\n\n" + rec.explain())
+    return 0
+
+
+def _diagnose(argv: list[str]) -> int:
+    from ._monitor import TrainingMonitor, diagnose
+
+    ap = argparse.ArgumentParser(prog="advise diagnose", description="Diagnose training curves.")
+    ap.add_argument("history", type=Path, help="a CSV (step,train_loss,val_loss,grad_norm,lr) or JSON list")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        d = diagnose(TrainingMonitor.load(args.history))
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(d.model_dump_json(indent=2) if args.json else d.explain())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "rules":
         return _rules(argv[1:])
+    if argv and argv[0] == "profile":
+        return _profile(argv[1:])
+    if argv and argv[0] == "diagnose":
+        return _diagnose(argv[1:])
     return _advise(argv)
 
 

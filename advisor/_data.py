@@ -1,0 +1,214 @@
+"""``profile_data``: facts about a task read off its data (and model), each inference explained.
+
+Data may be tensors, numpy arrays, a ``torch.utils.data.Dataset`` or a ``DataLoader``; it is streamed
+batch by batch, so memory stays bounded whatever the data set's size: counts and distinct values are exact
+(distinct values up to 1,000), robust statistics of a regression target (quartiles, median absolute
+deviation) come from a fixed-size uniform reservoir sample of 100,000 targets (exact below that size).
+
+Outliers (documented rule): a regression target is an outlier when it lies more than 3 IQR beyond the
+quartiles (Tukey's "far out" fence); the target's robust scale is 1.4826 x MAD (Huber's delta follows it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ._profile import TaskProfile
+
+_RESERVOIR = 100_000
+_DISTINCT_CAP = 1_000
+
+
+class DataProfile(BaseModel):
+    """What ``profile_data`` found: the facts (a TaskProfile, what ``advise`` reads) and the evidence."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    facts: TaskProfile
+    evidence: dict[str, str]
+    nan_in_features: int
+    nan_in_target: int
+
+    def explain(self) -> str:
+        lines = ["Data profile:"] + [f"  {k}: {v}" for k, v in self.evidence.items()]
+        return "\n".join(lines)
+
+
+def _batches(X: Any, y: Any, batch: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if y is None:  # a Dataset or DataLoader of (x, y) pairs
+        loader = X
+        if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.utils.data.IterableDataset):
+            loader = torch.utils.data.DataLoader(X, batch_size=1024)
+        for item in loader:
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise ValueError("profile_data: a Dataset/DataLoader must yield (features, target) pairs")
+            yield torch.as_tensor(item[0]), torch.as_tensor(item[1])
+        return
+    try:
+        Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError("profile_data: X and y must be numeric tensors or arrays (encode string labels as "
+                        f"integers first): {exc}") from None
+    if Xt.shape[0] != yt.shape[0]:
+        raise ValueError(f"profile_data: X has {Xt.shape[0]} rows but y has {yt.shape[0]}")
+    for i in range(0, Xt.shape[0], batch):
+        yield Xt[i:i + batch], yt[i:i + batch]
+
+
+def _model_facts(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("profile_data: the model has no trainable parameters")
+    n_params = sum(p.numel() for p in params)
+    kinds = Counter(type(m).__name__ for m in model.modules())
+    if any(isinstance(m, (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                          torch.nn.TransformerDecoderLayer)) for m in model.modules()):
+        kind, why = "transformer", "it has attention layers"
+    elif any(isinstance(m, torch.nn.RNNBase) for m in model.modules()):
+        kind, why = "rnn", "it has recurrent layers (RNN/LSTM/GRU)"
+    elif any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()):
+        kind, why = "cnn", "it has convolution layers"
+    elif kinds.get("Linear", 0) == 1 and sum(1 for m in model.modules() if not list(m.children())) <= 2:
+        kind, why = "linear", "it is a single Linear layer"
+    elif kinds.get("Linear", 0) >= 2:
+        kind, why = "mlp", f"it stacks {kinds['Linear']} Linear layers"
+    else:
+        kind, why = "other", "no attention, recurrent, convolution or Linear layers recognized"
+    return ({"n_params": n_params, "model_kind": kind},
+            {"n_params": f"{n_params:,} trainable parameters", "model_kind": f"{kind}: {why}"})
+
+
+def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
+                 task: str | None = None) -> DataProfile:
+    """Infer a TaskProfile from data (and optionally the model), explaining each inference.
+
+    ``X, y``: tensors or arrays of matching length; or ``X`` a Dataset/DataLoader of (features, target)
+    and ``y=None``. ``task`` forces "regression" or "classification" instead of inferring it.
+
+    Example::
+
+        >>> prof = profile_data(X, y, model=net)
+        >>> rec = advise(prof)
+    """
+    if task not in (None, "regression", "classification"):
+        raise ValueError(f"profile_data: task must be 'regression' or 'classification' (got {task!r})")
+    n = 0
+    n_features = None
+    nan_x = nan_y = 0
+    inf_found = False
+    integral = True
+    distinct: set[float] = set()
+    counts: Counter = Counter()
+    reservoir: list[float] = []
+    rng = random.Random(0)
+    for xb, yb in _batches(X, y):
+        if not (xb.is_floating_point() or xb.dtype in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                       torch.uint8, torch.bool)):
+            raise TypeError(f"profile_data: features must be numeric (got {xb.dtype})")
+        if yb.is_complex():
+            raise TypeError(f"profile_data: the target must be real (got {yb.dtype})")
+        feats = xb[0].numel() if xb.dim() > 1 else 1
+        if n_features is None:
+            n_features = feats
+        elif feats != n_features:
+            raise ValueError(f"profile_data: rows have {n_features} and {feats} features")
+        if xb.is_floating_point():
+            nan_x += int(torch.isnan(xb).sum())
+            inf_found |= bool(torch.isinf(xb).any())
+        yf = yb.reshape(yb.shape[0], -1)
+        if yf.shape[1] != 1:
+            raise ValueError(f"profile_data: one target per example expected (got {yf.shape[1]})")
+        yv = yf[:, 0].double()
+        nan_mask = torch.isnan(yv)
+        nan_y += int(nan_mask.sum())
+        yv = yv[~nan_mask]
+        if bool(torch.isinf(yv).any()):
+            raise ValueError("profile_data: the target has infinite values; fix or drop them first")
+        n += yb.shape[0]
+        if yb.is_floating_point() and yv.numel():
+            integral &= bool((yv == torch.round(yv)).all())
+        if len(distinct) <= _DISTINCT_CAP:
+            distinct.update(torch.unique(yv).tolist())
+        if integral and len(distinct) <= _DISTINCT_CAP:
+            counts.update(yv.long().tolist())
+        for v in yv.tolist():  # reservoir sample (Vitter's algorithm R), deterministic seed
+            if len(reservoir) < _RESERVOIR:
+                reservoir.append(v)
+            else:
+                j = rng.randrange(n)
+                if j < _RESERVOIR:
+                    reservoir[j] = v
+    if n == 0:
+        raise ValueError("profile_data: the data is empty")
+    if inf_found:
+        raise ValueError("profile_data: the features have infinite values; fix or drop them first")
+    evidence: dict[str, str] = {"n_samples": f"{n:,} examples", "n_features": f"{n_features} features per example"}
+    if nan_x or nan_y:
+        evidence["missing"] = (f"{nan_x:,} NaN feature values and {nan_y:,} NaN targets (reported, not dropped: "
+                               "impute or drop them before training)")
+    n_distinct = len(distinct)
+    facts: dict[str, Any] = {"n_samples": n, "n_features": n_features}
+    if task is None:
+        if n_distinct == 2:
+            task, why = "classification", "the target has exactly 2 distinct values: binary classification"
+        elif integral and n_distinct <= max(20, int(math.sqrt(n))) and n_distinct < n:
+            task, why = "classification", (f"the target takes {n_distinct} distinct integer values "
+                                           f"(<= max(20, sqrt(n)) = {max(20, int(math.sqrt(n)))}): classes")
+        else:
+            task, why = "regression", (f"the target has {'over ' if n_distinct > _DISTINCT_CAP else ''}"
+                                       f"{n_distinct} distinct {'integer' if integral else 'real'} values: "
+                                       "a quantity to predict")
+    else:
+        why = "given by the caller"
+    facts["task"] = task
+    evidence["task"] = f"{task}: {why}"
+    if task == "classification":
+        if not integral or n_distinct > _DISTINCT_CAP:
+            raise ValueError("profile_data: task='classification' needs integer class labels in the target")
+        labels = sorted(counts)
+        if labels and labels[0] >= 0 and labels[-1] < 10 * len(labels) + 10:
+            class_counts = [counts.get(c, 0) for c in range(labels[-1] + 1)]
+        else:
+            class_counts = [counts[c] for c in labels]
+        if len(class_counts) >= 2:
+            facts["class_counts"] = class_counts
+            nonzero = [c for c in class_counts if c > 0]
+            ratio = max(nonzero) / min(nonzero)
+            evidence["class_counts"] = (f"{len(class_counts)} classes, counts {class_counts[:10]}"
+                                        f"{' ...' if len(class_counts) > 10 else ''}; largest/smallest = {ratio:.3g}")
+    else:
+        sample = sorted(reservoir)
+        q1, med, q3 = (_quantile(sample, q) for q in (0.25, 0.5, 0.75))
+        iqr = q3 - q1
+        lo, hi = q1 - 3 * iqr, q3 + 3 * iqr
+        outliers = sum(1 for v in sample if v < lo or v > hi) / len(sample)
+        mad = _quantile(sorted(abs(v - med) for v in sample), 0.5)
+        scale = 1.4826 * mad
+        facts["target_outlier_fraction"] = outliers
+        basis = "all targets" if n <= _RESERVOIR else f"a uniform sample of {_RESERVOIR:,} targets"
+        evidence["target_outlier_fraction"] = (f"{outliers:.2%} of {basis} lie beyond 3 IQR of the quartiles "
+                                               f"[{lo:.4g}, {hi:.4g}]")
+        if scale > 0:
+            facts["target_scale"] = scale
+            evidence["target_scale"] = f"1.4826 x MAD = {scale:.4g} (median {med:.4g})"
+    if model is not None:
+        mfacts, mevidence = _model_facts(model)
+        facts.update(mfacts)
+        evidence.update(mevidence)
+    return DataProfile(facts=TaskProfile(**facts), evidence=evidence, nan_in_features=nan_x, nan_in_target=nan_y)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    pos = q * (len(sorted_values) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+

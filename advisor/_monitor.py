@@ -1,0 +1,211 @@
+"""Watching training: a small recorder for plain PyTorch loops, and ``diagnose`` that turns curves into facts.
+
+Each finding names the steps and numbers that show it. The facts it sets (``diverged``, ``exploding_gradients``,
+``plateau``, ``noisy_loss``, ``overfitting``, ``loss_rising``, ``lr_too_low``, ``grad_norm_p90``) are
+``TaskProfile`` fields, so ``rules/diagnostics.yaml`` maps them to actions like any other rule, and
+``advise(profile, history=monitor)`` folds them into the recommendation.
+
+Thresholds (documented, deliberately simple; smoothing is a centered running median):
+- diverged: a non-finite training loss, or a smoothed loss above 4x its best after the first 10% of steps;
+- exploding_gradients: a non-finite gradient norm, or one above 10x the median norm;
+- plateau: over the last quarter of steps the smoothed loss improved by less than 1% (and it is not at ~0);
+- noisy_loss: residuals around the smoothed curve, in the second half, have a spread above 25% of its level;
+- overfitting: validation loss rose more than 5% above its minimum, for at least two records after it,
+  while the training loss kept falling;
+- loss_rising: the smoothed training loss at the end is more than 10% above its value at mid-run;
+- lr_too_low: the loss falls steadily (over 90% of smoothed steps go down) but by less than 20% in total.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+METRICS = ("train_loss", "val_loss", "grad_norm", "lr")
+
+
+class TrainingMonitor:
+    """Record metrics from a training loop; pass it (or its ``history``) to ``diagnose`` or ``advise``.
+
+    Example::
+
+        >>> monitor = TrainingMonitor()
+        >>> for step in range(100):
+        ...     loss = train_step()
+        ...     monitor.log(step, train_loss=loss.item(), grad_norm=norm, lr=opt.param_groups[0]["lr"])
+        >>> print(diagnose(monitor).explain())
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def log(self, step: int, **metrics: float) -> None:
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"TrainingMonitor.log: unknown metric(s) {sorted(unknown)}; known: {', '.join(METRICS)}")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError(f"TrainingMonitor.log: 'step' must be an int (got {type(step).__name__})")
+        row: dict[str, float] = {"step": step}
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            if hasattr(v, "item"):
+                v = v.item()
+            row[k] = float(v)
+        self.history.append(row)
+
+    def to_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["step", *METRICS])
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingMonitor:
+        """Read a history written by ``to_csv`` or a JSON list of records."""
+        path = Path(path)
+        monitor = cls()
+        try:
+            if path.suffix == ".json":
+                rows = json.loads(path.read_text())
+            else:
+                with open(path, newline="") as fh:
+                    rows = list(csv.DictReader(fh))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read a training history: {exc}") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a history is a list of records")
+        for i, row in enumerate(rows):
+            try:
+                monitor.log(int(float(row["step"])), **{k: float(v) for k, v in row.items()
+                                                      if k != "step" and v not in ("", None)})
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"{path}: record {i + 1}: {exc}") from None
+        return monitor
+
+
+class Finding(BaseModel):
+    """One condition seen in the curves, with the evidence."""
+
+    fact: str
+    steps: list[int] = Field(default_factory=list)
+    numbers: dict[str, float] = Field(default_factory=dict)
+    message: str
+
+
+class Diagnosis(BaseModel):
+    """What the curves show: findings, and the facts they set for the rules."""
+
+    findings: list[Finding]
+    facts: dict[str, Any]
+    n_records: int
+
+    def explain(self) -> str:
+        if not self.findings:
+            return f"Diagnosis of {self.n_records} records: nothing abnormal found."
+        lines = [f"Diagnosis of {self.n_records} records:"]
+        lines += [f"  - {f.fact}: {f.message}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def _series(history: list[Mapping[str, float]], key: str) -> tuple[list[int], list[float]]:
+    rows = [(int(r["step"]), float(r[key])) for r in history if key in r and r[key] is not None]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def _running_median(values: list[float], window: int) -> list[float]:
+    half = max(1, window // 2)
+    return [statistics.median(values[max(0, i - half): i + half + 1]) for i in range(len(values))]
+
+
+def diagnose(history: TrainingMonitor | Iterable[Mapping[str, float]]) -> Diagnosis:
+    """Turn training curves into facts for the rules. ``history``: a TrainingMonitor or a list of records
+    ``{"step": int, "train_loss": float, "val_loss": ..., "grad_norm": ..., "lr": ...}``."""
+    records = list(history.history if isinstance(history, TrainingMonitor) else history)
+    steps, loss = _series(records, "train_loss")
+    if not loss:
+        raise ValueError("diagnose: the history has no train_loss values")
+    findings: list[Finding] = []
+    facts: dict[str, Any] = {k: False for k in ("diverged", "exploding_gradients", "plateau", "noisy_loss",
+                                                 "overfitting", "loss_rising", "lr_too_low")}
+
+    def add(fact: str, message: str, steps_: list[int], **numbers: float) -> None:
+        facts[fact] = True
+        findings.append(Finding(fact=fact, steps=steps_[:10], numbers=numbers, message=message))
+
+    bad = [s for s, v in zip(steps, loss) if not math.isfinite(v)]
+    finite = [(s, v) for s, v in zip(steps, loss) if math.isfinite(v)]
+    if bad:
+        add("diverged", f"training loss is not finite from step {bad[0]} ({len(bad)} records)", bad)
+    n = len(finite)
+    smooth = _running_median([v for _, v in finite], max(3, n // 20)) if n else []
+    fs = [s for s, _ in finite]
+    if n >= 8 and not bad:
+        warm = max(1, n // 10)
+        best = min(smooth[warm:] or smooth)
+        worst_i = max(range(warm, n), key=lambda i: smooth[i])
+        if best > 0 and smooth[worst_i] > 4 * best and smooth[-1] > 2 * best:
+            add("diverged", f"smoothed loss reached {smooth[worst_i]:.4g} at step {fs[worst_i]}, over 4x its "
+                f"best {best:.4g}", [fs[worst_i]], best=best, peak=smooth[worst_i])
+    gsteps, gnorm = _series(records, "grad_norm")
+    if gnorm:
+        finite_g = [g for g in gnorm if math.isfinite(g)]
+        if finite_g:
+            ordered = sorted(finite_g)
+            facts["grad_norm_p90"] = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+        med = statistics.median(finite_g) if finite_g else float("nan")
+        spikes = [s for s, g in zip(gsteps, gnorm) if not math.isfinite(g) or (med > 0 and g > 10 * med)]
+        if spikes:
+            add("exploding_gradients", f"gradient norm above 10x its median {med:.4g} (or not finite) at "
+                f"{len(spikes)} steps, first {spikes[0]}; clip at about the 90th percentile "
+                f"{facts.get('grad_norm_p90', float('nan')):.4g}", spikes, median=med,
+                p90=facts.get("grad_norm_p90", float("nan")))
+    if n >= 8 and not facts["diverged"]:
+        q = max(2, n // 4)
+        start, end = smooth[-q], smooth[-1]
+        scale = max(abs(v) for v in smooth) or 1.0
+        if start > 0 and (start - end) / start < 0.01 and end > 1e-3 * scale:
+            add("plateau", f"over the last {q} records (steps {fs[-q]}-{fs[-1]}) the smoothed loss moved from "
+                f"{start:.4g} to {end:.4g} (< 1% better)", [fs[-q], fs[-1]], start=start, end=end)
+        half = n // 2
+        resid = [abs(v - m) for (_, v), m in zip(finite[half:], smooth[half:])]
+        level = statistics.median([abs(m) for m in smooth[half:]]) or 1.0
+        spread = statistics.median(resid) * 1.4826 / level if resid else 0.0
+        if spread > 0.25:
+            add("noisy_loss", f"in the second half the loss scatters by {spread:.0%} of its level around the "
+                "smoothed curve", [fs[half], fs[-1]], relative_spread=spread)
+        mid = smooth[half]
+        if mid > 0 and smooth[-1] > 1.1 * mid:
+            add("loss_rising", f"smoothed training loss rose from {mid:.4g} (step {fs[half]}) to "
+                f"{smooth[-1]:.4g} (step {fs[-1]})", [fs[half], fs[-1]], mid=mid, end=smooth[-1])
+        downs = sum(1 for a, b in zip(smooth, smooth[1:]) if b < a)
+        moving = sum(1 for a, b in zip(smooth, smooth[1:]) if b != a) or 1
+        total = (smooth[0] - smooth[-1]) / smooth[0] if smooth[0] > 0 else 0.0
+        if downs / moving > 0.9 and 0 < total < 0.2 and not facts["plateau"]:
+            add("lr_too_low", f"the loss falls steadily ({downs}/{moving} smoothed steps down) but only "
+                f"{total:.0%} over steps {fs[0]}-{fs[-1]}: the learning rate is likely too low",
+                [fs[0], fs[-1]], total_decrease=total)
+    vsteps, val = _series(records, "val_loss")
+    if len(val) >= 4 and all(math.isfinite(v) for v in val):
+        i_min = min(range(len(val)), key=lambda i: val[i])
+        after = val[i_min + 1:]
+        rising = [v for v in after if v > 1.05 * val[i_min]]
+        train_at = [v for s, v in finite if s <= vsteps[i_min]]
+        train_end = [v for s, v in finite if s >= vsteps[-1]] or [finite[-1][1]] if finite else []
+        if len(rising) >= 2 and val[-1] > 1.05 * val[i_min] and train_at and train_end and \
+                train_end[0] < train_at[-1]:
+            add("overfitting", f"validation loss rose from its minimum {val[i_min]:.4g} (step {vsteps[i_min]}) "
+                f"to {val[-1]:.4g} (step {vsteps[-1]}) while training loss fell from {train_at[-1]:.4g} to "
+                f"{train_end[0]:.4g}: stop early or regularize", [vsteps[i_min], vsteps[-1]],
+                val_min=val[i_min], val_end=val[-1])
+    lrs = [v for _, v in zip(*_series(records, "lr")) if math.isfinite(v) and v > 0]
+    if lrs:
+        facts["last_lr"] = lrs[-1]
+    return Diagnosis(findings=findings, facts=facts, n_records=len(records))

@@ -1,0 +1,214 @@
+"""profile_data, diagnose/TrainingMonitor and lr_range_test on synthetic data with known properties."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import examples
+
+import kernels
+from advisor import TrainingMonitor, advise, diagnose, lr_range_test, profile_data
+
+SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---- profile_data ----------------------------------------------------------------------------------------
+@SETTINGS
+@given(n=st.integers(200, 3000), frac=st.sampled_from([0.0, 0.03, 0.1, 0.2]), dtype=st.sampled_from(
+    [torch.float32, torch.float64]), as_numpy=st.booleans(), seed=st.integers(0, 100))
+def test_planted_outliers_are_found(n, frac, dtype, as_numpy, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, generator=g, dtype=dtype)
+    y = torch.randn(n, generator=g, dtype=dtype) * 2 + 5
+    k = int(frac * n)
+    y[:k] = 5 + 200 * torch.sign(torch.randn(k, generator=g, dtype=dtype))  # far outside 3 IQR
+    data = (X.numpy(), y.numpy()) if as_numpy else (X, y)
+    prof = profile_data(*data)
+    assert prof.facts.task == "regression"
+    assert prof.facts.target_outlier_fraction == pytest.approx(k / n, abs=0.01)
+    assert prof.facts.target_scale == pytest.approx(2.0, rel=0.25)
+    assert prof.facts.n_samples == n and prof.facts.n_features == 4
+    if frac >= 0.1:
+        assert advise(prof).loss.name == "HuberLoss"
+
+
+@SETTINGS
+@given(n_classes=st.integers(2, 12), ratio=st.sampled_from([1, 5, 20]), per=st.integers(20, 60),
+       int_dtype=st.sampled_from([torch.int64, torch.int32, torch.float32]))
+def test_planted_classes_and_imbalance(n_classes, ratio, per, int_dtype):
+    counts = [per * ratio] + [per] * (n_classes - 1)
+    y = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)]).to(int_dtype)
+    X = torch.randn(len(y), 3)
+    prof = profile_data(X, y)
+    assert prof.facts.task == "classification"
+    assert prof.facts.class_counts == counts
+    assert prof.facts.class_imbalance == pytest.approx(ratio)
+    assert ("binary" in prof.evidence["task"]) == (n_classes == 2)
+
+
+def test_dataloader_streaming_and_model_facts():
+    X, y = torch.randn(5000, 6), torch.randint(0, 4, (5000,))
+    ds = torch.utils.data.TensorDataset(X, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=333)
+    prof = profile_data(loader, model=torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten()))
+    assert prof.facts.n_samples == 5000 and prof.facts.n_classes == 4 and prof.facts.model_kind == "cnn"
+    assert profile_data(ds).facts.class_counts == profile_data(X, y).facts.class_counts
+    assert profile_data(X, y, model=torch.nn.Linear(6, 4)).facts.model_kind == "linear"
+    tf = torch.nn.TransformerEncoderLayer(8, 2, 16)
+    assert profile_data(X, y, model=tf).facts.model_kind == "transformer"
+    assert profile_data(X, y, model=torch.nn.LSTM(6, 4)).facts.model_kind == "rnn"
+
+
+def test_nan_is_reported_not_dropped():
+    X, y = torch.randn(100, 3), torch.randn(100)
+    X[0, 0] = float("nan")
+    y[:5] = float("nan")
+    prof = profile_data(X, y)
+    assert prof.nan_in_features == 1 and prof.nan_in_target == 5
+    assert "NaN" in prof.evidence["missing"] and prof.facts.n_samples == 100
+
+
+@pytest.mark.parametrize("args,exc,pattern", [
+    ((torch.zeros(0, 3), torch.zeros(0)), ValueError, "empty"),
+    ((torch.zeros(5, 3), torch.zeros(4)), ValueError, "5 rows but y has 4"),
+    ((np.zeros((3, 2)), np.array(["a", "b", "c"])), TypeError, "numeric"),
+    ((torch.tensor([[1.0], [float("inf")]]), torch.zeros(2)), ValueError, "infinite"),
+    ((torch.zeros(2, 1), torch.tensor([1.0, float("inf")])), ValueError, "infinite"),
+])
+def test_bad_data(args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        profile_data(*args)
+
+
+def test_model_without_parameters_and_bad_task():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        profile_data(torch.randn(10, 2), torch.randn(10), model=torch.nn.ReLU())
+    with pytest.raises(ValueError, match="task must be"):
+        profile_data(torch.randn(10, 2), torch.randn(10), task="ranking")
+    with pytest.raises(ValueError, match="integer class labels"):
+        profile_data(torch.randn(10, 2), torch.randn(10), task="classification")
+
+
+# ---- diagnose ----------------------------------------------------------------------------------------------
+def _curve(n=200, fn=lambda s: 1 / (1 + 0.05 * s), noise=0.0, seed=0, **extra):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for s in range(n):
+        row = {"step": s, "train_loss": fn(s) * (1 + noise * float(torch.randn((), generator=g))),
+               "grad_norm": 1.0 + 0.1 * float(torch.rand((), generator=g)), "lr": 0.01}
+        for k, f in extra.items():
+            v = f(s)
+            if v is not None:
+                row[k] = v
+        rows.append(row)
+    return rows
+
+
+CONDITIONS = {
+    "diverged": _curve(fn=lambda s: 1 / (1 + 0.05 * s) if s < 150 else float("nan")),
+    "plateau": _curve(fn=lambda s: max(0.5, 1 - 0.01 * s)),
+    "noisy_loss": _curve(noise=0.6),
+    "overfitting": _curve(val_loss=lambda s: (0.5 + abs(s - 80) / 200) if s % 10 == 0 else None),
+    "loss_rising": _curve(fn=lambda s: 1 / (1 + 0.05 * s) if s < 100 else 1 / 6 * (1 + 0.02 * (s - 100))),
+    "lr_too_low": _curve(fn=lambda s: 1 - 0.0005 * s),
+}
+
+
+@pytest.mark.parametrize("fact", list(CONDITIONS))
+def test_each_condition_is_found_with_evidence(fact):
+    d = diagnose(CONDITIONS[fact])
+    assert d.facts[fact] is True, d.explain()
+    finding = next(f for f in d.findings if f.fact == fact)
+    assert finding.steps and finding.message
+
+
+def test_exploding_gradients_and_clean_curve():
+    rows = _curve()
+    rows[120]["grad_norm"] = 80.0
+    d = diagnose(rows)
+    assert d.facts["exploding_gradients"] and d.facts["grad_norm_p90"] == pytest.approx(1.09, abs=0.02)
+    clean = diagnose(_curve(val_loss=lambda s: 1 / (1 + 0.05 * s) + 0.05 if s % 10 == 0 else None))
+    assert clean.findings == [], clean.explain()
+    assert clean.facts["last_lr"] == 0.01
+
+
+def test_monitor_roundtrip_and_advice(tmp_path):
+    m = TrainingMonitor()
+    for row in CONDITIONS["diverged"]:
+        m.log(row["step"], **{k: v for k, v in row.items() if k != "step"})
+    m.to_csv(tmp_path / "h.csv")
+    again = TrainingMonitor.load(tmp_path / "h.csv")
+    assert len(again.history) == len(m.history)
+    rec = advise(task="regression", history=again)
+    assert rec.diagnosis.facts["diverged"] and rec.optimizer.params["lr"] == pytest.approx(0.001)
+    assert "diverged" in rec.explain()
+    with pytest.raises(ValueError, match="no train_loss"):
+        diagnose([{"step": 1, "val_loss": 1.0}])
+    with pytest.raises(ValueError, match="unknown metric"):
+        m.log(1, accuracy=0.5)
+
+
+# ---- lr_range_test -----------------------------------------------------------------------------------------
+def test_lr_range_test_on_least_squares_stays_in_the_stable_range():
+    torch.manual_seed(0)
+    n, d = 256, 8
+    X = torch.randn(n, d) * torch.linspace(0.5, 2.0, d)
+    y = X @ torch.randn(d) + 0.01 * torch.randn(n)
+    model = torch.nn.Linear(d, 1, bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    # full-batch gradient descent on mean squared error: stable iff lr < 2 / L, L = largest eigenvalue of 2 X^T X / n
+    L = float(torch.linalg.eigvalsh(2 * X.T @ X / n).max())
+    res = lr_range_test(model, lambda out, t: kernels.mse_loss(out.squeeze(1), t),
+                        lambda p, lr: kernels.SGD(p, lr=lr), (X, y), start=1e-5, end=10, steps=120, batch_size=n)
+    assert res.recommended is not None and 0 < res.recommended < 2 / L, (res.recommended, 2 / L, res.reasoning)
+    assert res.stopped_early and res.lrs[-1] > 2 / L * 0.5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert set(res.suggestions) == {"steepest", "valley", "min_div_10"}
+
+
+def test_lr_range_test_refuses_with_too_few_points():
+    X, y = torch.randn(64, 3), torch.randn(64)
+    model = torch.nn.Linear(3, 1)
+    res = lr_range_test(model, lambda o, t: kernels.mse_loss(o.squeeze(1), t), lambda p, lr: kernels.SGD(p, lr=lr),
+                        (X, y), start=1e-3, end=1e3, steps=12)
+    assert res.recommended is None and "too few" in res.reasoning
+    with pytest.raises(ValueError, match="start < end"):
+        lr_range_test(model, None, None, (X, y), start=1.0, end=0.1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        lr_range_test(torch.nn.ReLU(), None, None, (X, y))
+    assert not math.isnan(sum(res.losses))
+
+
+def test_cli_profile_and_diagnose(tmp_path, capsys):
+    from advisor.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 2, generator=g)
+    y = torch.randn(300, generator=g)
+    y[:40] = 500.0
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("a,b,price\n" + "\n".join(f"{a},{b},{t}" for (a, b), t in zip(X.tolist(), y.tolist())))
+    assert main(["profile", str(csv_path), "--target", "price"]) == 0
+    out = capsys.readouterr().out
+    assert "target_outlier_fraction" in out and "HuberLoss" in out
+    labels = tmp_path / "c.csv"
+    labels.write_text("x,kind\n" + "\n".join(f"{i},{'cat' if i % 3 else 'dog'}" for i in range(60)))
+    assert main(["profile", str(labels), "--target", "kind"]) == 0
+    assert "binary classification" in capsys.readouterr().out
+    np.savez(tmp_path / "d.npz", X=X.numpy(), y=y.numpy())
+    assert main(["profile", str(tmp_path / "d.npz"), "--json"]) == 0
+    assert main(["profile", str(csv_path), "--target", "nope"]) == 2
+    m = TrainingMonitor()
+    for row in CONDITIONS["overfitting"]:
+        m.log(row["step"], **{k: v for k, v in row.items() if k != "step"})
+    m.to_csv(tmp_path / "h.csv")
+    assert main(["diagnose", str(tmp_path / "h.csv")]) == 0
+    assert "overfitting" in capsys.readouterr().out
+    (tmp_path / "empty.csv").write_text("step,val_loss\n1,0.5\n")
+    assert main(["diagnose", str(tmp_path / "empty.csv")]) == 2
