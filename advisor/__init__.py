@@ -13,11 +13,12 @@ from ._expr import RuleError
 from ._lr import LRRangeResult, lr_range_test
 from ._monitor import Diagnosis, Finding, TrainingMonitor, diagnose
 from ._profile import TaskProfile
+from ._trial import CandidateResult, TrialResult, trial
 from ._rules import Rule, RuleFile, RuleSet, builtin_rule_files, load_rules, rule_file_schema
 
 __all__ = [
     "advise", "evaluate", "TaskProfile", "Recommendation", "Choice", "Reason", "Alternative", "Note", "Unknown",
     "load_rules", "RuleSet", "Rule", "RuleFile", "RuleError", "rule_file_schema", "builtin_rule_files",
     "profile_data", "DataProfile", "TrainingMonitor", "diagnose", "Diagnosis", "Finding", "lr_range_test",
-    "LRRangeResult",
+    "LRRangeResult", "trial", "TrialResult", "CandidateResult",
 ]

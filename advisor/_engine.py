@@ -77,29 +77,18 @@ class Recommendation(BaseModel):
     notes: list[Note] = Field(default_factory=list)
     unknown: list[Unknown] = Field(default_factory=list)
     diagnosis: Diagnosis | None = None
+    candidates: dict[str, Choice] = Field(
+        default_factory=dict, description="every candidate optimizer and loss with its settled hyperparameters "
+                                          "and score (what advisor.trial builds its alternatives from)")
 
-    def build_optimizer(self, params: Any):
-        """The recommended ``kernels`` optimizer over ``params`` (e.g. ``model.parameters()``)."""
-        import kernels
+    def build_optimizer(self, params: Any, choice: Choice | None = None, **overrides: Any):
+        """The recommended ``kernels`` optimizer over ``params`` (e.g. ``model.parameters()``); ``choice``
+        picks another candidate, ``overrides`` replace hyperparameters (e.g. ``lr=...``)."""
+        return build_optimizer(choice or self.optimizer, params, **overrides)
 
-        kwargs = dict(self.optimizer.params)
-        if "betas" in kwargs:
-            kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
-        return getattr(kernels, self.optimizer.name)(params, **kwargs)
-
-    def build_loss(self):
+    def build_loss(self, choice: Choice | None = None):
         """The recommended ``kernels`` loss module (e.g. ``kernels.HuberLoss(delta=...)``)."""
-        import torch
-
-        import kernels
-
-        kwargs = dict(self.loss.params)
-        if "weight" in kwargs:
-            kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32)
-        for name in ("p", "ignore_index"):
-            if name in kwargs:
-                kwargs[name] = int(kwargs[name])
-        return getattr(kernels, self.loss.name)(**kwargs)
+        return build_loss(choice or self.loss)
 
     def explain(self) -> str:
         """A readable, deterministic multi-line explanation."""
@@ -129,6 +118,31 @@ class Recommendation(BaseModel):
             lines += [f"  - {', '.join(u.missing)}: rule {u.rule_id} would conclude {'; '.join(u.would)}"
                       for u in self.unknown]
         return "\n".join(lines)
+
+
+def build_optimizer(choice: Choice, params: Any, **overrides: Any):
+    """A ``kernels`` optimizer from a Choice (name and constructor arguments)."""
+    import kernels
+
+    kwargs = {**choice.params, **overrides}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
+    return getattr(kernels, choice.name)(params, **kwargs)
+
+
+def build_loss(choice: Choice):
+    """A ``kernels`` loss module from a Choice."""
+    import torch
+
+    import kernels
+
+    kwargs = dict(choice.params)
+    if "weight" in kwargs:
+        kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32)
+    for name in ("p", "ignore_index"):
+        if name in kwargs:
+            kwargs[name] = int(kwargs[name])
+    return getattr(kernels, choice.name)(**kwargs)
 
 
 def _fmt(v: Any) -> str:
@@ -270,11 +284,12 @@ def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
                 out[pname] = value * factor if factor is not None and not isinstance(value, (bool, list)) else value
         return out
 
+    candidates = {name: Choice(name=name, params=settle(name), score=scores[kind].get(name, 0.0))
+                  for kind, names in (("optimizer", OPTIMIZERS), ("loss", LOSSES_FOR_TASK[profile.task]))
+                  for name in names}
     return Recommendation(
-        facts=profile,
-        optimizer=Choice(name=opt, params=settle(opt), score=scores["optimizer"].get(opt, 0.0)),
-        loss=Choice(name=loss, params=settle(loss), score=scores["loss"].get(loss, 0.0)),
-        reasons=reasons, alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown)
+        facts=profile, optimizer=candidates[opt], loss=candidates[loss], reasons=reasons,
+        alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown, candidates=candidates)
 
 
 def _beats(challenger: CompiledRule, holder: CompiledRule) -> bool:
