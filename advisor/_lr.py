@@ -8,7 +8,7 @@ are restored afterwards, exactly.
 
 Suggestions, computed on the smoothed curve without its first and last 10% of points:
 - ``steepest``: where the loss falls fastest per unit of log-lr;
-- ``valley``: 2/3 of the way down the longest descending stretch (fastai's default);
+- ``valley``: 2/3 of the way down the deepest descending stretch (fastai's "valley", by depth not length);
 - ``min_div_10``: the learning rate at the minimum loss, divided by 10.
 The recommendation is the valley (robust on noisy curves), capped by min/10 x 3 so that it stays well
 below the divergence point; with fewer than 10 usable points no suggestion is made, and the result says so.
@@ -158,20 +158,21 @@ def _suggest(lrs: list[float], smooth: list[float], stopped: bool) -> tuple[dict
     slopes = {i: (smooth[i + 1] - smooth[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in idx}
     steepest = min(slopes, key=slopes.get)
     i_min = min(idx, key=lambda i: smooth[i])
-    # longest stretch of consecutive decreasing smoothed losses
-    best_len, best_start, run_start = 0, idx[0], idx[0]
+    # the descent (a stretch of decreasing smoothed loss) with the largest total drop: on a noisy curve the
+    # longest stretch can be an early wiggle, the deepest one is where the model actually learns
+    best_drop, best_start, best_len, run_start = -1.0, idx[0], 0, idx[0]
     for a, b in zip(idx, idx[1:]):
         if smooth[b] >= smooth[a]:
             run_start = b
-        elif b - run_start > best_len:
-            best_len, best_start = b - run_start, run_start
+        elif smooth[run_start] - smooth[b] > best_drop:
+            best_drop, best_start, best_len = smooth[run_start] - smooth[b], run_start, b - run_start
     valley = best_start + (2 * best_len) // 3
     suggestions = {"steepest": lrs[steepest], "valley": lrs[valley], "min_div_10": lrs[i_min] / 10}
     cap = 3 * suggestions["min_div_10"]
     recommended = min(suggestions["valley"], cap)
     reasoning = (f"the smoothed loss is lowest at lr={lrs[i_min]:.3g}{' before it diverged' if stopped else ''}; "
-                 f"it falls fastest at {lrs[steepest]:.3g}; the longest descent runs from {lrs[best_start]:.3g} to "
+                 f"it falls fastest at {lrs[steepest]:.3g}; the deepest descent runs from {lrs[best_start]:.3g} to "
                  f"{lrs[best_start + best_len]:.3g}. Recommended: the valley point 2/3 along that descent "
                  f"({suggestions['valley']:.3g})" + (f", capped at 3 x (min/10) = {cap:.3g}" if recommended == cap and
-                                                    cap < suggestions["valley"] else "") + ".")
+                                                    cap < suggestions["valley"] else ""))
     return suggestions, recommended, reasoning

@@ -6,6 +6,7 @@
     advise rules list | check FILE... | schema
     advise profile DATA.(csv|npz|pt) --target COLUMN      # profile the data, then advise
     advise diagnose HISTORY.(csv|json)                     # what the training curves show
+    advise trial --example digits [--storage URL]          # try the top candidates on a validation set
 
 Exit codes: 0 ok, 2 bad input (invalid facts, rule errors, failing rule examples).
 """
@@ -225,6 +226,37 @@ def _diagnose(argv: list[str]) -> int:
     return 0
 
 
+def _trial_cmd(argv: list[str]) -> int:
+    from ._data import profile_data
+    from ._examples import example_task
+    from ._trial import trial
+
+    ap = argparse.ArgumentParser(prog="advise trial", description="Profile a built-in example task, advise, then "
+                                 "try the top candidates on its validation set (an Optuna study).")
+    ap.add_argument("--example", choices=["digits", "diabetes"], required=True)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--budget-steps", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=2, help="number of seeds per candidate")
+    ap.add_argument("--metric", default="val_loss", choices=["val_loss", "val_error", "val_mae"])
+    ap.add_argument("--storage", help="SQLite file or Optuna storage URL (default optadvisor-trials.db)")
+    ap.add_argument("--study-name")
+    ap.add_argument("--plot", help="save the validation curves (PNG/SVG)")
+    args = ap.parse_args(argv)
+    try:
+        model_fn, train, val = example_task(args.example)
+        rec = evaluate(load_rules(), profile_data(*train, model=model_fn()).facts)
+        res = trial(model_fn, train, val, rec, top_k=args.top_k, budget_steps=args.budget_steps, metric=args.metric,
+                    seeds=tuple(range(args.seeds)), storage=args.storage, study_name=args.study_name)
+    except (ImportError, ValueError, RuleError) as exc:
+        return _fail(str(exc))
+    print(res.table())
+    print(f"\nwinner: {res.winner.optimizer.name} + {res.winner.loss.name}, lr {res.winner.lr:.3g} "
+          f"({res.winner.lr_reasoning})\nstudy: {res.study_name} in {res.storage}; {res.steps_run} training steps")
+    if args.plot:
+        print(f"curves: {res.plot(args.plot)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "rules":
@@ -233,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return _profile(argv[1:])
     if argv and argv[0] == "diagnose":
         return _diagnose(argv[1:])
+    if argv and argv[0] == "trial":
+        return _trial_cmd(argv[1:])
     return _advise(argv)
 
 
