@@ -220,14 +220,18 @@ def _trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: A
     results, steps_run = [], 0
 
     def run(opt_choice: Choice, loss_fn: Any, loss_choice: Choice, seed: int, lr: float):
+        out = run_or_reuse(opt_choice, loss_fn, loss_choice, seed, lr)
+        if bar:
+            bar.update(1)
+        return out
+
+    def run_or_reuse(opt_choice: Choice, loss_fn: Any, loss_choice: Choice, seed: int, lr: float):
         """One (candidate, seed, lr) run as an Optuna trial; finished runs in the study are reused."""
         nonlocal steps_run
         key = f"{opt_choice.name}|{loss_choice.name}|{seed}|{lr:.6g}"
         known = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("key") == key
                  and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
                  and not _dead_local_run(study, t, optuna)]
-        if bar:
-            bar.update(1)
         done = [t for t in known if t.state == optuna.trial.TrialState.COMPLETE]
         if done:
             return done[0].value, [tuple(x) for x in done[0].user_attrs.get("curve", [])]

@@ -44,13 +44,16 @@ def _step_memory(case: str, path: str, workload: str, quick: bool, device: str) 
     return float(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict]) -> list[str]:
+def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict],
+                   cases: list[str] | None = None) -> list[str]:
     rows = ["| optimizer | workload | ours ms | torch best ms (path) | ours / torch best | ours / fused "
             "| ours x bound | torch best x bound | step peak MB ours / torch best |",
             "|---|---|---|---|---|---|---|---|---|"]
     probe_n = 2_000_000 if quick else 25_000_000
     probe = bandwidth_probe(probe_n, device)
     for case, (_, _, _, paths) in OPTIMIZER_CASES.items():
+        if cases and case not in cases:
+            continue
         if device == "cuda":
             paths = tuple(p for p in paths if p != "forloop") or paths
         for wl_name, shapes in workloads(quick).items():
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip-losses", action="store_true")
     ap.add_argument("--skip-pytest", action="store_true", help="do not run the pytest-benchmark suite")
+    ap.add_argument("--cases", nargs="+", choices=list(OPTIMIZER_CASES), help="only these optimizer cases")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("python -m benchmarks: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "allocates, measured in a fresh process.", ""]
     print("\n".join(header), flush=True)
     results: list[dict] = []
-    sections = [optimizer_rows(args.quick, rounds, args.device, results), [""],
+    sections = [optimizer_rows(args.quick, rounds, args.device, results, args.cases), [""],
                 training_rows(args.quick, rounds, args.device, results)]
     print("\n".join(sections[-1]), flush=True)
     cold, warm = compile_times(args.device, args.quick)

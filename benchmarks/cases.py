@@ -11,14 +11,19 @@ import torch
 import kernels
 
 # bytes read + written per element per step (fp32)
-BYTES_PER_ELEMENT = {"SGD-momentum": 20, "Adam": 28, "AdamW": 28, "RMSprop": 20, "RMSprop-centered-momentum": 36}
+BYTES_PER_ELEMENT = {"SGD-momentum": 20, "SGD-nesterov": 20, "Adam": 28, "Adam-amsgrad": 36, "AdamW": 28,
+                     "RMSprop": 20, "RMSprop-momentum": 28, "RMSprop-centered-momentum": 36}
 
 OPTIMIZER_CASES = {
     # name: (ours, torch class, kwargs, torch paths to compare)
     "SGD-momentum": (kernels.SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9), ("forloop", "foreach", "fused")),
+    "SGD-nesterov": (kernels.SGD, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9, "nesterov": True},
+                     ("forloop", "foreach", "fused")),
     "Adam": (kernels.Adam, torch.optim.Adam, dict(lr=1e-3), ("forloop", "foreach", "fused")),
+    "Adam-amsgrad": (kernels.Adam, torch.optim.Adam, {"lr": 1e-3, "amsgrad": True}, ("forloop", "foreach", "fused")),
     "AdamW": (kernels.AdamW, torch.optim.AdamW, dict(lr=1e-3), ("forloop", "foreach", "fused")),
     "RMSprop": (kernels.RMSprop, torch.optim.RMSprop, dict(lr=1e-3), ("forloop", "foreach")),
+    "RMSprop-momentum": (kernels.RMSprop, torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.9}, ("forloop", "foreach")),
     "RMSprop-centered-momentum": (kernels.RMSprop, torch.optim.RMSprop,
                                   dict(lr=1e-3, centered=True, momentum=0.9), ("forloop", "foreach")),
 }
