@@ -183,8 +183,14 @@ class RuleSet:
 
 def builtin_rule_files() -> list[Path]:
     """The rulebook shipped with the package (the repository's rules/, installed as ``advisor.rules``)."""
-    folder = Path(str(importlib.resources.files("advisor.rules")))
-    return sorted(folder.glob("*.yaml"))
+    try:
+        folder = Path(str(importlib.resources.files("advisor.rules")))
+    except ModuleNotFoundError:  # advisor imported from a source checkout that is not installed
+        folder = Path(__file__).resolve().parent.parent / "rules"
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        raise RuleError(f"the built-in rulebook is missing: no *.yaml in {folder}")
+    return files
 
 
 def load_rules(paths: Iterable[str | Path] | None = None,
