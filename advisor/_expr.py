@@ -227,28 +227,25 @@ def _lift(op: Callable[..., Any], *args: Callable[[dict], Any]) -> Callable[[dic
 
 
 def _all(parts: list[Callable[[dict], Any]]) -> Callable[[dict], Any]:
-    def fn(f: dict) -> Any:
-        unknown = False
-        for part in parts:
-            v = part(f)
-            if v is UNKNOWN:
-                unknown = True
-            elif not v:
-                return False
-        return UNKNOWN if unknown else True
-    return fn
+    return _connective(parts, decisive=False)
 
 
 def _any(parts: list[Callable[[dict], Any]]) -> Callable[[dict], Any]:
+    return _connective(parts, decisive=True)
+
+
+def _connective(parts: list[Callable[[dict], Any]], decisive: bool) -> Callable[[dict], Any]:
+    """and (decisive=False) / or (decisive=True) in three-valued logic: the first operand equal to
+    ``decisive`` decides; otherwise UNKNOWN if any operand is unknown."""
     def fn(f: dict) -> Any:
         unknown = False
         for part in parts:
             v = part(f)
             if v is UNKNOWN:
                 unknown = True
-            elif v:
-                return True
-        return UNKNOWN if unknown else False
+            elif bool(v) == decisive:
+                return decisive
+        return UNKNOWN if unknown else not decisive
     return fn
 
 

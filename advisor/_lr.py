@@ -25,6 +25,18 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 
+def pyplot():
+    """matplotlib.pyplot on a file backend (plots are an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'optadvisor[plots]'") from exc
+    return plt
+
+
 class LRRangeResult(BaseModel):
     """The sweep: learning rates, raw and smoothed losses, suggestions, a recommendation and why."""
 
@@ -39,13 +51,7 @@ class LRRangeResult(BaseModel):
 
     def plot(self, path: str) -> str:
         """Save the curve with the suggestions marked (PNG or SVG by extension; needs matplotlib)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("plotting needs matplotlib: pip install 'optadvisor[plots]'") from exc
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(self.lrs, self.losses, alpha=0.3, label="loss")
         ax.plot(self.lrs, self.smoothed, label="smoothed")

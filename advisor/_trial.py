@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ._engine import Choice, Reason, Recommendation, build_loss, build_optimizer
-from ._lr import _cycle, lr_range_test
+from ._lr import _cycle, lr_range_test, pyplot
 
 METRICS = ("val_loss", "val_error", "val_mae")
 
@@ -70,13 +70,7 @@ class TrialResult(BaseModel):
 
     def plot(self, path: str) -> str:
         """Validation curves of every candidate and seed (PNG/SVG; needs matplotlib)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("plotting needs matplotlib: pip install 'optadvisor[plots]'") from exc
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         for c in self.ranked:
             for j, curve in enumerate(c.curves):

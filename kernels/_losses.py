@@ -139,14 +139,10 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     def compute(need_grad=True):
         cd = _compute_dtype(input.dtype)
         n = input.numel()
-        if _worth_compiling(input):
-            grad = _grad_buffer(need_grad, input, cd)
-            ok, out = _compiled(mse_fused, (need_grad, reduction != "none"),
-                                (input.detach(), target.detach(), grad),
-                                [2.0 * _inv(n) if reduction == "mean" else 2.0], cd)
-            if ok:
-                loss = (out if reduction == "none" else _reduce(out, n, reduction)).to(input.dtype)
-                return loss, (_pair(grad, input, target) if need_grad else None), lambda go: go
+        done = _regression_compiled(mse_fused, [2.0 * _inv(n) if reduction == "mean" else 2.0], input, target,
+                                    reduction, need_grad)
+        if done is not None:
+            return done
         d = input.to(cd) - target.to(cd)
         if reduction == "none":
             loss = (d * d).to(input.dtype)
@@ -180,14 +176,10 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
     def compute(need_grad=True):
         cd = _compute_dtype(input.dtype)
         n = input.numel()
-        if _worth_compiling(input):
-            grad = _grad_buffer(need_grad, input, cd)
-            ok, out = _compiled(huber_fused, (need_grad, reduction != "none"),
-                                (input.detach(), target.detach(), grad),
-                                [delta, _inv(n) if reduction == "mean" else 1.0], cd)
-            if ok:
-                loss = (out if reduction == "none" else _reduce(out, n, reduction)).to(input.dtype)
-                return loss, (_pair(grad, input, target) if need_grad else None), lambda go: go
+        done = _regression_compiled(huber_fused, [delta, _inv(n) if reduction == "mean" else 1.0], input, target,
+                                    reduction, need_grad)
+        if done is not None:
+            return done
         d = input.to(cd) - target.to(cd)
         c = d.clamp(-delta, delta)
         n = d.numel()
@@ -201,6 +193,20 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         return loss, _pair(c, input, target), lambda go: go
 
     return _run("huber_loss", compute, input, target)
+
+
+def _regression_compiled(fn: Callable, scalars: list[float], input: Tensor, target: Tensor, reduction: str,
+                         need_grad: bool):
+    """MSE/Huber through their compiled core: ``compute``'s result, or None to compute eagerly."""
+    if not _worth_compiling(input):
+        return None
+    cd = _compute_dtype(input.dtype)
+    grad = _grad_buffer(need_grad, input, cd)
+    ok, out = _compiled(fn, (need_grad, reduction != "none"), (input.detach(), target.detach(), grad), scalars, cd)
+    if not ok:
+        return None
+    loss = (out if reduction == "none" else _reduce(out, input.numel(), reduction)).to(input.dtype)
+    return loss, (_pair(grad, input, target) if need_grad else None), lambda go: go
 
 
 def _pair(grad: Tensor, input: Tensor, target: Tensor) -> list[Tensor | None]:
