@@ -32,3 +32,25 @@ def test_training_loop_adam(benchmark, path):
     iteration, _ = training_loop(factory, depth=8 if QUICK else 40, width=64 if QUICK else 256)
     benchmark.group = "training loop (MLP, Adam)"
     benchmark(iteration)
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_first_step_compile_time(benchmark, cache, tmp_path_factory):
+    """kernels.Adam's first step (the compile) in a fresh process: empty inductor cache, then a warm one."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.__main__ import COMPILE_SNIPPET
+
+    cache_dir = str(tmp_path_factory.getbasetemp() / "inductor-cache")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    if cache == "warm":
+        subprocess.run([sys.executable, "-c", COMPILE_SNIPPET, "cpu"], env=env, check=True, capture_output=True)
+    elif os.path.isdir(cache_dir):
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    benchmark.group = "first step (compile)"
+    benchmark.pedantic(lambda: subprocess.run([sys.executable, "-c", COMPILE_SNIPPET, "cpu"], env=env, check=True,
+                                              capture_output=True), rounds=1, iterations=1)
