@@ -299,7 +299,7 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
         z = x - x.gather(1, tu)
         z.add_(margin)
         z.scatter_(1, tu, 0.0)
-        z.clamp_(min=0)
+        z.masked_fill_(~(z > 0), 0.0)  # as torch: only z > 0 counts, so a NaN margin contributes nothing
         per_row = z.sum(1) if p == 1 else torch.linalg.vecdot(z, z, dim=1)
         row_w = (w.to(cd)[t2] if w is not None else torch.ones(n_rows, dtype=cd, device=x.device)) / n_classes
         per_row = per_row * row_w

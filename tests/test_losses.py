@@ -267,3 +267,14 @@ BAD = [
 def test_bad_input_gets_a_clear_error(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_nan_logits_behave_as_in_torch():
+    x = torch.randn(6, 5, requires_grad=True)
+    with torch.no_grad():
+        x[2, 3] = float("nan")
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    for kw in ({}, {"reduction": "none"}, {"label_smoothing": 0.2, "reduction": "sum"}):
+        compare(lambda a: kernels.cross_entropy(a, t, **kw), lambda a: F.cross_entropy(a, t, **kw), [x], torch.float32)
+    compare(lambda a: kernels.multi_margin_loss(a, t, reduction="none"),
+            lambda a: F.multi_margin_loss(a, t, reduction="none"), [x], torch.float32)
