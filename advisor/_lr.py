@@ -37,6 +37,16 @@ def pyplot():
     return plt
 
 
+def save_figure(plt: Any, fig: Any, ax: Any, path: str, xlabel: str, ylabel: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 class LRRangeResult(BaseModel):
     """The sweep: learning rates, raw and smoothed losses, suggestions, a recommendation and why."""
 
@@ -60,13 +70,7 @@ class LRRangeResult(BaseModel):
         if self.recommended:
             ax.axvline(self.recommended, color="black", linewidth=1.5, label=f"recommended {self.recommended:.2g}")
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(plt, fig, ax, path, "learning rate", "loss")
 
 
 def _cycle(data: Any, batch_size: int) -> Iterable[tuple[Any, Any]]:

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ._engine import Choice, Reason, Recommendation, build_loss, build_optimizer
-from ._lr import _cycle, lr_range_test, pyplot
+from ._lr import _cycle, lr_range_test, pyplot, save_figure
 
 METRICS = ("val_loss", "val_error", "val_mae")
 
@@ -76,13 +76,7 @@ class TrialResult(BaseModel):
             for j, curve in enumerate(c.curves):
                 xs, ys = zip(*curve) if curve else ((), ())
                 ax.plot(xs, ys, alpha=0.8, label=f"{c.optimizer.name} + {c.loss.name}" if j == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(self.metric)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(plt, fig, ax, path, "step", self.metric)
 
 
 def _pairs(rec: Recommendation, top_k: int) -> list[tuple[Choice, Choice]]:
