@@ -51,19 +51,28 @@ def workloads(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
 
 
 def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: str = "cpu"):
-    """An optimizer with persistent gradients; path is ours/ours-eager/forloop/foreach/fused."""
+    """An optimizer whose gradients persist between steps, as in a ``zero_grad(set_to_none=False)`` loop.
+
+    path: forloop/foreach/fused (torch's), ours (gradients in our buffer, where
+    ``opt.zero_grad(set_to_none=False)`` puts them), ours-copy (gradients in tensors of their own, which
+    each step copies in: the cost of a ``set_to_none=True`` loop) or ours-eager."""
     ours_cls, torch_cls, kw, _ = OPTIMIZER_CASES[case]
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1) for s in shapes]
-    for p in params:
-        p.grad = torch.randn_like(p) * 0.01
-    if path == "ours":
+    grads = [torch.randn_like(p) * 0.01 for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    if path in ("ours", "ours-copy"):
         opt = ours_cls(params, fused=True, **kw)
+        if path == "ours":
+            opt.zero_grad(set_to_none=False)  # gradients become views of the optimizer's buffer, zeroed
+            for p in params:
+                p.grad.normal_(0, 0.01)
     elif path == "ours-eager":
         opt = ours_cls(params, fused=False, **kw)
     else:
         selector = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
         opt = torch_cls(params, **selector[path], **kw)
-    opt.step()  # warm-up: state allocated, compile done, grads moved into our buffer
+    opt.step()  # warm-up: state allocated, compile done
     opt.step()
     return opt
 

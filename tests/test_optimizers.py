@@ -248,3 +248,99 @@ def test_compile_can_be_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(kernels.COMPILE_ENV_VAR, "1")
     assert kernels.Adam([torch.nn.Parameter(torch.ones(2))])._fused is True
     assert kernels.Adam([torch.nn.Parameter(torch.ones(2))], fused=False)._fused is False
+
+
+def test_step_leaves_p_grad_alone_and_zero_grad_false_adopts_the_buffer():
+    """step() copies a foreign gradient in and leaves ``p.grad`` as it was; zero_grad(set_to_none=False)
+    points gradients at the flat buffer (zeroing what they replace, as torch zeroes in place) and keeps
+    None gradients None, so those parameters are still skipped."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3)),
+              torch.nn.Parameter(torch.randn(4))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, ref = kernels.Adam(params, lr=0.1), torch.optim.Adam(twins, lr=0.1, foreach=False)
+    for p, q in zip(params[:2], twins[:2]):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    held = params[0].grad
+    ours.step()
+    ref.step()
+    assert params[0].grad is held and params[2].grad is None
+    ours.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=False)
+    assert params[2].grad is None and float(held.abs().sum()) == 0.0
+    bucket = ours._buckets[0]
+    for p, view in zip(params[:2], bucket.grad_views[:2]):
+        assert p.grad is view and float(p.grad.abs().sum()) == 0.0
+    for _ in range(4):  # backward now accumulates straight into the buffer; steps copy nothing
+        for ps, opt in ((params, ours), (twins, ref)):
+            opt.zero_grad(set_to_none=False)
+            (ps[0].sin().sum() + (ps[1] ** 2).sum()).backward()
+            opt.step()
+    assert params[0].grad is bucket.grad_views[0] and params[2].grad is None
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_zero_grad_false_with_module_loop_and_sparse_grads(fused):
+    """A sparse gradient is zeroed in place (as torch does) and still refused by step()."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = kernels.SGD(emb.parameters(), lr=0.1, fused=fused)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert emb.weight.grad.is_sparse and float(emb.weight.grad.to_dense().abs().sum()) == 0.0
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_compiled_update_is_called_directly_after_the_first_step():
+    """After its first (guarded) call a configuration's compiled graph is called directly, skipping
+    dynamo's per-call guard check, whatever the length; lengths dynamo would specialize (0 and 1) and a
+    changed global state (grad mode) go back through the guarded path. Results match torch throughout."""
+    from kernels import _compile
+
+    torch.manual_seed(1)
+    sizes = [(7,), (1,), (300,), (2, 2)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = kernels.Adam([params[0]], lr=0.05, weight_decay=0.1, fused=True)
+    ref = torch.optim.Adam([twins[0]], lr=0.05, weight_decay=0.1, foreach=False)
+    guarded_calls = []
+    kernel = None
+    for step in range(8):
+        if step == 3:  # a new group of another length: the same kernel, called directly
+            ours.add_param_group({"params": params[1:]})
+            ref.add_param_group({"params": twins[1:]})
+        n_active = 1 if step < 3 else len(params)
+        for p, q in zip(params[:n_active], twins[:n_active]):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        counted = []
+        if kernel is not None:
+            guarded = kernel.guarded
+            kernel.guarded = lambda *a, _g=guarded, **kw: counted.append(1) or _g(*a, **kw)
+        try:
+            ours.step()
+        finally:
+            if kernel is not None:
+                kernel.guarded = guarded
+        ref.step()
+        if kernel is None:
+            kernel = next(k for key, k in _compile._compiled.items()
+                          if key[0] == "_adam_fused" and key[1] == (False, False, 1) and key[3] == torch.float32)
+        else:
+            guarded_calls.append(len(counted))
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, rtol=1.3e-6, atol=1e-5)
+    assert kernel.direct is not None and guarded_calls == [0] * 7
+    state = kernel.direct[3]
+    with torch.no_grad():
+        assert _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(4),), 8, state, (True,))
+        assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(1),), 8, state, (True,))
+        assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(0),), 8, state, (True,))
+        assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(4), torch.zeros(5)), 8, state,
+                                               (True, True))
+        assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(8)[::2],), 8, state, (True,))
+    with torch.enable_grad():  # grad mode differs from the captured state
+        assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(4),), 8, state, (True,))
