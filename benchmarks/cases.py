@@ -96,10 +96,15 @@ def bandwidth_probe(n: int = 25_000_000, device: str = "cpu") -> Callable[[], No
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, measured round-robin so drifts hit every variant alike."""
+    """Median seconds per call of each fn, measured round-robin so drifts hit every variant alike.
+
+    The order rotates every round: what ran just before a call (whose dirty cache lines that call may have
+    to write back, whose threads may still be spinning) differs from round to round, so no variant always
+    follows the same neighbour."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+    items = list(fns.items())
+    for r in range(rounds):
+        for k, fn in items[r % len(items):] + items[:r % len(items)]:
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
