@@ -61,8 +61,10 @@ class _Kernel:
     guards would pass by construction: a graph with dynamic sizes and no outputs, the same tensors present,
     1-D contiguous tensors of one length >= 2 (dynamo specializes 0 and 1), the same global state
     (grad mode, autocast, ...: dynamo's own ``GlobalStateGuard``) and no torch function/dispatch mode;
-    anything else goes through ``guarded``. If torch's internals differ from what this expects, no plan is
-    recorded and every call is guarded: slower, never different.
+    anything else goes through ``guarded``. Where inductor's own entry point can be found under AOT
+    autograd's runtime wrapper (another ~40 us cold), it is called instead, after giving the same bits as
+    the wrapped graph once on scratch inputs. If torch's internals differ from what this expects, no plan
+    is recorded and every call is guarded: slower, never different.
     """
 
     def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
@@ -78,7 +80,7 @@ class _Kernel:
             self.guarded = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
     # -- capture (runs inside dynamo's backend call, before inductor takes ownership of the graph) --
-    def capture(self, gm: Any, compiled: Callable[..., Any], plan: tuple | None) -> None:
+    def capture(self, compiled: Callable[..., Any], plan: tuple | None) -> None:
         if plan is not None:
             self._pending = (compiled, plan)
 
@@ -207,7 +209,7 @@ def _capturing_backend(kernel: _Kernel, options: dict[str, Any]) -> Callable[...
             except Exception:  # pragma: no cover - unexpected graph metadata: stay guarded
                 plan = None
             compiled = inner(gm, example_inputs, **kwargs)
-            kernel.capture(gm, compiled, plan)
+            kernel.capture(compiled, plan)
             return compiled
 
         def __getattr__(self, name: str) -> Any:

@@ -153,9 +153,9 @@ class _Bucket:
             self.full_run = cached = (keys, run)
         return cached[1]
 
-    def set_step(self, i: int, step: int) -> None:
-        self.host_steps[i] = step
-        self.common_step = step if self.host_steps.count(step) == len(self.host_steps) else None
+    def refresh_common_step(self) -> None:
+        steps = self.host_steps
+        self.common_step = steps[0] if not steps or steps.count(steps[0]) == len(steps) else None
 
     def moved(self) -> bool:
         # a new dtype or device means a new allocation, hence a new address
@@ -250,10 +250,11 @@ class FusedOptimizer(Optimizer):
                 step = float(old["step"])
                 step_views[i].fill_(step)
                 new["step"] = step_views[i]
-                bucket.set_step(i, int(step))
+                bucket.host_steps[i] = int(step)
             else:
-                bucket.set_step(i, 1)
+                bucket.host_steps[i] = 1
             self.state[p] = new
+        bucket.refresh_common_step()
 
     def _rebuild(self) -> None:
         self._buckets = []
@@ -426,7 +427,7 @@ class FusedOptimizer(Optimizer):
             if steps[start] == 0:
                 self._expose_state(bucket, start, end, keys)
             steps[start:end] = [new_step] * (end - start)
-        bucket.common_step = steps[0] if steps.count(steps[0]) == len(steps) else None
+        bucket.refresh_common_step()
 
     @staticmethod
     def _runs(present: list[bool] | None, steps: list[int]) -> list[tuple[int, int]]:
