@@ -30,6 +30,7 @@ import ctypes
 import operator
 import threading
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -371,23 +372,24 @@ class FusedOptimizer(Optimizer):
         if all(map(operator.is_, grads, bucket.grad_views)):
             return None
         bucket.ensure_grad_buffer()
-        present, dsts, srcs = [], [], []
-        for i, (p, g, view) in enumerate(zip(bucket.params, grads, bucket.grad_views)):
-            if g is None:
-                present.append(False)
-                continue
-            present.append(True)
-            if g is view:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
+        pairs = [(view, g) for g, view in zip(grads, bucket.grad_views) if g is not None and g is not view]
+        if pairs:
+            dsts, srcs = map(list, zip(*pairs))
+            try:
+                torch._foreach_copy_(dsts, srcs)  # one call; layouts are checked only if it fails
+            except RuntimeError:
+                self._refuse_unsupported_grads(bucket, grads)
+                raise
+        if any(map(operator.is_, grads, repeat(None))):
+            return [g is not None for g in grads]
+        return None
+
+    def _refuse_unsupported_grads(self, bucket: _Bucket, grads: list[torch.Tensor | None]) -> None:
+        for i, g in enumerate(grads):
+            if g is not None and (g.is_sparse or g.layout != torch.strided):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {i} "
                                    f"of group {bucket.group_index} has a {g.layout} gradient); use "
                                    "torch.optim.SparseAdam or dense gradients")
-            dsts.append(view)
-            srcs.append(g)
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
-        return None if all(present) else present
 
     def _step_bucket(self, bucket: _Bucket) -> None:
         present = self._gather_grads(bucket)
