@@ -128,7 +128,8 @@ class _Bucket:
         self.flat_state: dict[str, torch.Tensor] = {}
         self.steps = torch.zeros(len(params), dtype=_scalar_dtype())
         self.host_steps = [0] * len(params)
-        # the step every parameter shares (the usual case), or None once they differ
+        # the step every parameter shares (the usual case), or None once they differ; while it is set it is
+        # authoritative and host_steps may lag (the usual step does not rewrite a list per step)
         self.common_step: int | None = 0
         self.full_run: tuple[tuple[str, ...], dict[str, torch.Tensor]] | None = None
 
@@ -410,10 +411,11 @@ class FusedOptimizer(Optimizer):
             if common == 0:
                 self._expose_state(bucket, 0, len(bucket.params), keys)
             bucket.common_step = common + 1
-            bucket.host_steps = [common + 1] * len(bucket.params)
             return
         bucket.ensure_state(keys)
         flats = {"param": bucket.flat_param, "grad": bucket.flat_grad, **bucket.flat_state}
+        if common is not None:
+            bucket.host_steps = [common] * len(bucket.params)
         steps = bucket.host_steps
         for start, end in self._runs(present, steps):
             lo = bucket.offsets[start]
