@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -98,6 +99,24 @@ def make_grads(params, steps, seed, none_prob=0.2, scale=1.0):
                 row.append(g.to(p.dtype))
         out.append(row)
     return out
+
+
+@contextlib.contextmanager
+def direct_grad_threshold(numel: int):
+    """Optimizers built inside read gradients of at least ``numel`` elements where they lie (rather than
+    copying them into the flat buffer): with a small ``numel`` the tests' small shapes take that path too."""
+    from kernels import _optimizer
+
+    saved = _optimizer.DIRECT_GRAD_MIN_NUMEL
+    _optimizer.DIRECT_GRAD_MIN_NUMEL = numel
+    try:
+        yield
+    finally:
+        _optimizer.DIRECT_GRAD_MIN_NUMEL = saved
+
+
+# thresholds the property tests draw from: every gradient read in place, some, or none (the default)
+DIRECT_THRESHOLDS = st.sampled_from([1, 8, 1 << 16])
 
 
 def groups_of(params, kwargs, split):

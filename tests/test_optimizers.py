@@ -5,8 +5,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import (
+    DIRECT_THRESHOLDS,
     OPTIMIZERS,
     assert_same,
+    direct_grad_threshold,
     examples,
     hyperparams,
     make_params,
@@ -26,14 +28,16 @@ SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_ch
 @pytest.mark.parametrize("name", NAMES)
 @SETTINGS
 @given(data=st.data(), specs=param_specs, dtype=st.sampled_from(EAGER_DTYPES), steps=st.integers(20, 30),
-       split=st.booleans(), scheduler=st.booleans())
-def test_eager_matches_torch_bit_for_bit(name, data, specs, dtype, steps, split, scheduler):
+       split=st.booleans(), scheduler=st.booleans(), direct=DIRECT_THRESHOLDS)
+def test_eager_matches_torch_bit_for_bit(name, data, specs, dtype, steps, split, scheduler, direct):
     """The eager path replays torch's for-loop ops on flat buffers: identical bits in float32, float64 and
     complex64. In bf16/fp16 torch's scalar (tail, strided) and vectorized loops round differently, and where
-    an element falls depends on the tensor's layout, so there: torch's tolerances."""
+    an element falls depends on the tensor's layout, so there: torch's tolerances. Gradients are read from
+    the flat buffer or, above ``direct`` elements, where autograd left them."""
     kwargs = data.draw(hyperparams(name))
-    ref, ours, rp, op = run_both(name, kwargs, specs, dtype, steps, fused=False, split=split,
-                                 scheduler=scheduler)
+    with direct_grad_threshold(direct):
+        ref, ours, rp, op = run_both(name, kwargs, specs, dtype, steps, fused=False, split=split,
+                                     scheduler=scheduler)
     assert_same(ref, ours, rp, op, dtype, exact=dtype not in (torch.bfloat16, torch.float16))
 
 
@@ -54,13 +58,16 @@ COMPILED_CONFIGS = [
 @pytest.mark.parametrize("name,kwargs", COMPILED_CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in
                                                                enumerate(COMPILED_CONFIGS)])
 @settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(specs=param_specs, steps=st.integers(20, 25), split=st.booleans(), lr_scale=st.sampled_from([1, 0.3]))
-def test_compiled_matches_torch(name, kwargs, specs, steps, split, lr_scale):
-    """The compiled path, float32, within torch's tolerances; new shapes and lrs reuse the same kernel."""
+@given(specs=param_specs, steps=st.integers(20, 25), split=st.booleans(), lr_scale=st.sampled_from([1, 0.3]),
+       direct=DIRECT_THRESHOLDS)
+def test_compiled_matches_torch(name, kwargs, specs, steps, split, lr_scale, direct):
+    """The compiled path, float32, within torch's tolerances; new shapes and lrs reuse the same kernel;
+    gradients read from the flat buffer or, above ``direct`` elements, where they lie."""
     kwargs = dict(kwargs)
     kwargs["lr"] = kwargs.get("lr", 1e-3) * lr_scale
-    ref, ours, rp, op = run_both(name, kwargs, specs, torch.float32, steps, fused=True, split=split,
-                                 scheduler=True)
+    with direct_grad_threshold(direct):
+        ref, ours, rp, op = run_both(name, kwargs, specs, torch.float32, steps, fused=True, split=split,
+                                     scheduler=True)
     assert_same(ref, ours, rp, op, torch.float32)
 
 
@@ -109,6 +116,58 @@ def test_real_training_loop_with_set_to_none(name, fused):
             opt.step()
     for p, q in zip(twin.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_large_gradients_are_read_where_they_lie(name, fused):
+    """Gradients above the threshold that are tensors of their own are read in place (not copied), mixed
+    with small copied ones, a non-contiguous one (copied), one aliasing the parameter buffer (copied), None
+    ones, gradients adopted by zero_grad(set_to_none=False) and a fresh one replacing an adopted one; the
+    layout puts large parameters last, yet state_dict order and results are torch's. ``p.grad`` is never
+    touched by step()."""
+    torch.manual_seed(3)
+    shapes = [(3,), (4, 5), (2,), (6, 5), (), (3, 3)]
+    with direct_grad_threshold(9):
+        ours_p = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        ref_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
+        kwargs = momentum_kwargs(name, 0.05)
+        ours = OPTIMIZERS[name][0](ours_p, fused=fused, **kwargs)
+        ref = OPTIMIZERS[name][1](ref_p, foreach=False, **kwargs)
+    bucket = ours._buckets[0]
+    assert [tuple(p.shape) for p in bucket.params] == [(3,), (2,), (), (4, 5), (6, 5), (3, 3)]
+    for step in range(10):
+        if step == 6:
+            ours.zero_grad(set_to_none=False)
+            ref.zero_grad(set_to_none=False)
+        for i, (p, q) in enumerate(zip(ours_p, ref_p)):
+            if step == 2 and i == 1:
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape)
+            if step == 3 and i == 3:
+                g = torch.randn(5, 6).t()  # non-contiguous
+            if step < 6 or (step == 8 and i == 5):
+                p.grad, q.grad = g, g.clone()
+            else:
+                p.grad.add_(g)  # adopted: accumulates into the buffer
+                q.grad.add_(g)
+        if step == 4:
+            ours_p[5].grad = bucket.flat_param[-9:].view(3, 3)  # aliases the parameters: must be copied
+            ref_p[5].grad = ref_p[5].detach().clone()
+        held = [p.grad for p in ours_p]
+        ours.step()
+        ref.step()
+        assert all(p.grad is h for p, h in zip(ours_p, held))
+        assert_same(ref, ours, ref_p, ours_p, torch.float32)
+    with direct_grad_threshold(1):  # every parameter large, every gradient its own: no gradient buffer
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes[:2]]
+        opt = OPTIMIZERS[name][0](ps, fused=fused, **kwargs)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._buckets[0].flat_grad is None
 
 
 def test_partial_steps_make_runs_with_different_step_counts():
