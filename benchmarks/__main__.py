@@ -47,7 +47,7 @@ def _step_memory(case: str, path: str, workload: str, quick: bool, device: str) 
 def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict],
                    cases: list[str] | None = None) -> list[str]:
     rows = ["| optimizer | workload | ours ms | torch best ms (path) | ours / torch best | ours / fused "
-            "| ours x bound | torch best x bound | grads copied: ours / torch best "
+            "| ours x bound | torch best x bound | separate grads: ours / torch best "
             "| step peak MB ours / torch best |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     probe_n = 2_000_000 if quick else 25_000_000
@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
               "moved / bandwidth of a.add_(b) measured in the same rounds); step peak = extra memory one step "
               "allocates, measured in a fresh process. Optimizer steps: gradients persist between steps, as in "
               "a zero_grad(set_to_none=False) loop (ours: in the optimizer's buffer, where that call puts them); "
-              "'grads copied' times our step when every gradient is a tensor of its own, as after torch's "
-              "default zero_grad(set_to_none=True), so each step first copies them in. The training loop uses "
-              "that default.", ""]
+              "'separate grads' times our step when every gradient is a tensor of its own, as after torch's "
+              "default zero_grad(set_to_none=True): large ones are read where they lie, small ones copied into "
+              "the buffer first. The training loop uses that default.", ""]
     print("\n".join(header), flush=True)
     results: list[dict] = []
     sections = [optimizer_rows(args.quick, rounds, args.device, results, args.cases), [""],
