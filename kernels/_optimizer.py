@@ -122,7 +122,6 @@ class _Bucket:
         self.params = params
         self.positions = positions  # each parameter's index in its group's "params", for messages
         self.n_small = sum(p.numel() < DIRECT_GRAD_MIN_NUMEL for p in params)
-        assert all(p.numel() < DIRECT_GRAD_MIN_NUMEL for p in params[:self.n_small])
         self.numels = [p.numel() for p in params]
         self.offsets = []
         total = 0
@@ -148,7 +147,6 @@ class _Bucket:
         # the step every parameter shares (the usual case), or None once they differ; while it is set it is
         # authoritative and host_steps may lag (the usual step does not rewrite a list per step)
         self.common_step: int | None = 0
-        self.full_run: tuple[tuple[str, ...], dict[str, torch.Tensor]] | None = None
         self.run_cache: dict[tuple, dict[str, Any]] = {}
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -164,23 +162,15 @@ class _Bucket:
             if key not in self.flat_state:
                 self.flat_state[key] = flat_buffer(self.total, self.device, self.dtype, zero=True)
 
-    def whole_run(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The buffers of a step over every parameter, built once per set of state keys."""
-        cached = self.full_run
-        if cached is None or cached[0] != keys or cached[1]["grad"] is not self.flat_grad:
-            self.ensure_state(keys)
-            run = {"param": self.flat_param, "grad": self.flat_grad, **{k: self.flat_state[k] for k in keys}}
-            self.full_run = cached = (keys, run)
-        return cached[1]
-
     def span(self, start: int, end: int) -> int:
         """How many elements parameters ``start:end`` hold."""
         return self.offsets[end - 1] + self.numels[end - 1] - self.offsets[start] if end > start else 0
 
-    def slices(self, keys: tuple[str, ...], start: int, end: int, grad: bool = True) -> dict[str, torch.Tensor]:
+    def slices(self, keys: tuple[str, ...], start: int, end: int,
+               grad: bool = True) -> dict[str, torch.Tensor | None]:
         """The buffers' slices for parameters ``start:end`` (``grad``: with the gradient buffer's), in the
-        order an update takes them: param, grad, then the state in ``keys`` order. Cached: a step with
-        large gradients read in place asks for the same slices every time."""
+        order an update takes them: param, grad, then the state in ``keys`` order. Cached: every step asks
+        for the same slices (the whole buffers, or the runs around large gradients read in place)."""
         key = (keys, start, end, grad)
         run = self.run_cache.get(key)
         if run is None:
@@ -451,8 +441,7 @@ class FusedOptimizer(Optimizer):
             if g is not None and (g.is_sparse or g.layout != torch.strided):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter "
                                    f"{bucket.positions[i]} of group {bucket.group_index} has a {g.layout} "
-                                   "gradient); use "
-                                   "torch.optim.SparseAdam or dense gradients")
+                                   "gradient); use torch.optim.SparseAdam or dense gradients")
 
     def _step_bucket(self, bucket: _Bucket) -> None:
         present, direct = self._gather_grads(bucket)
@@ -464,11 +453,7 @@ class FusedOptimizer(Optimizer):
         if present is None and common is not None:
             # the usual step: every parameter has a gradient and they share a step count
             bucket.ensure_state(keys)
-            if bucket.total:
-                if direct is None:
-                    self._update(group, bucket.whole_run(keys), common + 1)
-                else:
-                    self._update_run(bucket, group, keys, 0, len(bucket.params), direct, common + 1)
+            self._update_run(bucket, group, keys, 0, len(bucket.params), direct, common + 1)
             if not keys and not self._step_in_state:
                 return  # stateless (SGD without momentum): torch keeps no state, nor do we
             if self._step_in_state:
