@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
               "allocates, measured in a fresh process. Optimizer steps: gradients persist between steps, as in "
               "a zero_grad(set_to_none=False) loop (ours: in the optimizer's buffer, where that call puts them); "
               "'separate grads' times our step when every gradient is a tensor of its own, as after torch's "
-              "default zero_grad(set_to_none=True): large ones are read where they lie, small ones copied into "
-              "the buffer first. The training loop uses that default.", ""]
+              "default zero_grad(set_to_none=True): large ones are read where they lie, small ones copied "
+              "into the buffer first. The training loop uses that default.", ""]
     print("\n".join(header), flush=True)
     results: list[dict] = []
     sections = [optimizer_rows(args.quick, rounds, args.device, results, args.cases), [""],

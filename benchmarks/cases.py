@@ -55,7 +55,8 @@ def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: 
 
     path: forloop/foreach/fused (torch's), ours (gradients in our buffer, where
     ``opt.zero_grad(set_to_none=False)`` puts them), ours-copy (gradients in tensors of their own, as in a
-    ``set_to_none=True`` loop: the step reads large ones where they lie and copies the small ones in) or ours-eager."""
+    ``set_to_none=True`` loop: the step reads large ones where they lie and copies the small ones in) or
+    ours-eager."""
     ours_cls, torch_cls, kw, _ = OPTIMIZER_CASES[case]
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1) for s in shapes]
     grads = [torch.randn_like(p) * 0.01 for p in params]

@@ -107,7 +107,7 @@ _grad_of = operator.attrgetter("grad")
 # zero_grad(set_to_none=True)) is read where it lies, by a kernel call of its own, rather than copied into the
 # gradient buffer: the copy moves 8 more bytes per element (SGD's step moves 20, Adam's 28), a call costs
 # ~20-50 us, and 2^16 was best of 2^14..2^20 on ResNet-50 shapes and the 40-layer MLP loop (benchmarks,
-# "grads copied"). Below it, one copy of many small gradients beats many calls.
+# "separate grads"). Below it, one copy of many small gradients beats many calls.
 DIRECT_GRAD_MIN_NUMEL = 1 << 16
 
 
@@ -117,11 +117,14 @@ class _Bucket:
     Parameters below :data:`DIRECT_GRAD_MIN_NUMEL` come first in the buffers, then the large ones, so that
     when large gradients are read in place the small ones still form one run."""
 
-    def __init__(self, group_index: int, params: list[torch.Tensor], positions: list[int]):
+    def __init__(self, group_index: int, group_params: list[torch.Tensor], positions: list[int]):
+        """``positions``: the indices in ``group_params`` of the parameters this bucket holds."""
         self.group_index = group_index
-        self.params = params
-        self.positions = positions  # each parameter's index in its group's "params", for messages
-        self.n_small = sum(p.numel() < DIRECT_GRAD_MIN_NUMEL for p in params)
+        small = [i for i in positions if group_params[i].numel() < DIRECT_GRAD_MIN_NUMEL]
+        large = [i for i in positions if group_params[i].numel() >= DIRECT_GRAD_MIN_NUMEL]
+        self.n_small = len(small)
+        self.positions = small + large  # each parameter's index in its group's "params", for messages
+        self.params = params = [group_params[i] for i in self.positions]
         self.numels = [p.numel() for p in params]
         self.offsets = []
         total = 0
@@ -254,11 +257,7 @@ class FusedOptimizer(Optimizer):
         params = self.param_groups[group_index]["params"]
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
-        buckets = []
-        for positions in by_kind.values():
-            # small parameters first, then large ones (each side in group order): see _Bucket
-            positions = sorted(positions, key=lambda i: params[i].numel() >= DIRECT_GRAD_MIN_NUMEL)
-            buckets.append(_Bucket(group_index, [params[i] for i in positions], positions))
+        buckets = [_Bucket(group_index, params, positions) for positions in by_kind.values()]
         for bucket in buckets:
             self._adopt_state(bucket)
         return buckets
@@ -283,7 +282,8 @@ class FusedOptimizer(Optimizer):
                 value = old.get(k)
                 if value is None:
                     raise ValueError(f"state for parameter {bucket.positions[i]} of group "
-                                     f"{bucket.group_index} lacks {k!r}, which {type(self).__name__} needs with these options")
+                                     f"{bucket.group_index} lacks {k!r}, which {type(self).__name__} needs "
+                                     "with these options")
                 flat_views[k][i].copy_(value.detach().reshape(p.shape))
                 new[k] = flat_views[k][i]
             if self._step_in_state:
@@ -452,7 +452,6 @@ class FusedOptimizer(Optimizer):
         common = bucket.common_step
         if present is None and common is not None:
             # the usual step: every parameter has a gradient and they share a step count
-            bucket.ensure_state(keys)
             self._update_run(bucket, group, keys, 0, len(bucket.params), direct, common + 1)
             if not keys and not self._step_in_state:
                 return  # stateless (SGD without momentum): torch keeps no state, nor do we
@@ -484,7 +483,7 @@ class FusedOptimizer(Optimizer):
         on the buffers' slices, except that each parameter in ``direct`` gets a call of its own that reads
         its gradient where it lies."""
         s = start
-        for i in (direct or ()):
+        for i in (direct or ()):  # ascending: _gather_grads fills it in index order
             if i < start or i >= end:
                 continue
             if bucket.span(s, i):
@@ -515,6 +514,7 @@ class FusedOptimizer(Optimizer):
         return runs
 
     def _expose_state(self, bucket: _Bucket, start: int, end: int, keys: tuple[str, ...]) -> None:
+        bucket.ensure_state(keys)  # a bucket of empty tensors has run no update that would have made them
         for i in range(start, end):
             p, o, n = bucket.params[i], bucket.offsets[i], bucket.numels[i]
             entry = {}
