@@ -80,6 +80,9 @@ class Recommendation(BaseModel):
     candidates: dict[str, Choice] = Field(
         default_factory=dict, description="every candidate optimizer and loss with its settled hyperparameters "
                                           "and score (what advisor.trial builds its alternatives from)")
+    train_steps: int | None = Field(
+        default=None, description="how many optimizer steps to train (early stopping), when a trial measured it: "
+                                  "the step at which the winner's mean validation metric was best")
 
     def build_optimizer(self, params: Any, choice: Choice | None = None, **overrides: Any):
         """The recommended ``kernels`` optimizer over ``params`` (e.g. ``model.parameters()``); ``choice``
@@ -98,7 +101,10 @@ class Recommendation(BaseModel):
             lines += [self.diagnosis.explain(), ""]
         lines += [
                  f"  optimizer  {_call(self.optimizer)}   (score {_fmt(self.optimizer.score)})",
-                 f"  loss       {_call(self.loss)}   (score {_fmt(self.loss.score)})", "", "Why (rules that fired):"]
+                 f"  loss       {_call(self.loss)}   (score {_fmt(self.loss.score)})"]
+        if self.train_steps is not None:
+            lines.append(f"  train for  {self.train_steps} steps (early stopping, measured by a trial)")
+        lines += ["", "Why (rules that fired):"]
         chosen = (self.optimizer.name, self.loss.name)
         for i, r in enumerate(self.reasons, 1):
             matched = ", ".join(f"{k}={_fmt(v)}" for k, v in r.matched.items()) or "always"

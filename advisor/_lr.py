@@ -2,9 +2,10 @@
 
 The sweep (Smith 2017, "Cyclical Learning Rates"; the fastai "LR finder") raises the learning rate from
 ``start`` to ``end`` geometrically over ``steps`` mini-batches, records the loss, smooths it with a
-bias-corrected exponential moving average (the sweep is geometric, so this smooths in log-lr), and stops
-when the smoothed loss exceeds ``diverge_factor`` x its best. Model parameters, buffers and the RNG state
-are restored afterwards, exactly.
+bias-corrected exponential moving average of a trailing median (the median of the last 3-9 losses: robust to
+batches dominated by outliers or noise, which would otherwise pull an average up for many steps and make the
+sweep look diverged early), and stops when the smoothed loss exceeds ``diverge_factor`` x its best. Model
+parameters, buffers and the RNG state are restored afterwards, exactly.
 
 Suggestions, computed on the smoothed curve without its first and last 10% of points:
 - ``steepest``: where the loss falls fastest per unit of log-lr;
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from ._train import batches as _batches
 
 
 def pyplot():
@@ -73,24 +77,6 @@ class LRRangeResult(BaseModel):
         return save_figure(plt, fig, ax, path, "learning rate", "loss")
 
 
-def _cycle(data: Any, batch_size: int) -> Iterable[tuple[Any, Any]]:
-    """Endless mini-batches from a DataLoader/iterable of (x, y), or from an (X, y) pair of tensors."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        X, y = data
-        if X.shape[0] != y.shape[0] or X.shape[0] == 0:
-            raise ValueError(f"lr_range_test: X has {X.shape[0]} rows and y has {y.shape[0]}; need equal, > 0")
-        while True:
-            for i in range(0, X.shape[0], batch_size):
-                yield X[i:i + batch_size], y[i:i + batch_size]
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch[0], batch[1]
-        if empty:
-            raise ValueError("lr_range_test: train_data yielded no batches")
-
-
 def lr_range_test(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   optimizer_factory: Callable[..., torch.optim.Optimizer], train_data: Any, start: float = 1e-7,
                   end: float = 10.0, steps: int = 100, *, batch_size: int = 64, smoothing: float = 0.9,
@@ -124,7 +110,9 @@ def lr_range_test(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch
         model.train()
         ratio = (end / start) ** (1 / (steps - 1))
         avg, best = 0.0, math.inf
-        batches = iter(_cycle(train_data, batch_size))
+        window: list[float] = []
+        median_window = max(3, min(9, steps // 12) | 1)
+        batches = iter(_batches(train_data, batch_size, "lr_range_test"))
         for i in range(steps):
             lr = start * ratio ** i
             for group in opt.param_groups:
@@ -138,7 +126,11 @@ def lr_range_test(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch
                 break
             loss.backward()
             opt.step()
-            avg = smoothing * avg + (1 - smoothing) * value
+            # a trailing median first: one batch full of outliers is a spike the median ignores, where a
+            # mean (and an EMA of raw losses) would carry it for many steps
+            window.append(value)
+            robust = statistics.median(window[-median_window:])
+            avg = smoothing * avg + (1 - smoothing) * robust
             smooth = avg / (1 - smoothing ** (i + 1))
             lrs.append(lr)
             losses.append(value)

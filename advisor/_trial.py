@@ -1,26 +1,47 @@
-"""``trial``: try the top optimizer/loss candidates of a recommendation on a validation set.
+"""``trial``: search optimizer, loss, learning rate and weight decay on a validation set, seeded by the rules.
 
-Each candidate gets its learning rate from a range test, then trains for ``budget_steps`` steps per seed;
-all candidates are judged on the validation data with the *same yardstick*:
+How it searches (the defaults; every number is an argument):
 
-- ``metric="val_loss"``: the recommended loss (``rec.loss``) on the validation data, whatever loss the
-  candidate trained with (a Huber-trained model is judged by the same function as an MSE-trained one);
-- ``metric="val_error"`` (classification): the misclassification rate; ``"val_mae"`` (regression): the mean
-  absolute error.
+1. **Range tests centre the learning rates.** For each candidate optimizer, a learning-rate range test
+   (``lr_range_test``, robust to outliers) on a fresh model with the recommended loss gives a centre; the
+   search covers ``centre x 10^-2.5 .. centre x 10^0.5`` on a log scale — the validation optimum of a short
+   run on small data is often one or two decades below where the training loss falls fastest.
+2. **A plan of configurations fixed up front** (``n_trials``, on the first seed): the rules-only advice
+   itself first (never pruned), then the best-ranked optimizer/loss pairs of the rules at half a decade and
+   a decade and a half below their centre, then a scrambled Sobol sequence over (optimizer, loss, log
+   learning rate, log weight decay for AdamW).
+3. **Successive halving** (Optuna's ``SuccessiveHalvingPruner``, reduction factor 3) on the best validation
+   value so far, evaluated every ``budget_steps // 10`` steps: about a third of the configurations survive
+   each rung (at 1/10, 3/10 and 9/10 of the budget), so many configurations cost little more than a few.
+4. **Finalists on every seed**: the rules-only advice and the ``top_k`` best configurations that ran the
+   whole budget are trained on the other seeds; the winner is the lowest mean validation curve, at its best
+   step (**early stopping**: ``recommendation.train_steps``). The rules-only advice is always a finalist, so
+   the winner is never worse than not running a trial, on the trial's own yardstick.
 
-Every (candidate, seed) run is an Optuna trial in a study: an SQLite file by default, so an interrupted
-trial resumes without redoing finished runs, or any Optuna storage URL (PostgreSQL, MySQL) so that several
-machines can run workers on one study (each skips runs that are finished or running elsewhere; runs whose
-worker died are failed by Optuna's heartbeat and redone). Deterministic given the seeds.
+Every run is an Optuna trial in one study (an SQLite file by default, any Optuna storage URL for several
+machines). The study is named after a fingerprint of everything that determines its results (the data, the
+model's architecture and initial weights, the candidates' hyperparameters, the budget, seeds and metric),
+so a changed call starts fresh while an interrupted identical call resumes, redoing nothing that finished.
+Workers on one study share the plan (stored in the study), claim each run exactly once (an atomic
+insert of a claim record), prune in plan order (a run's pruning decision waits for the runs before it to
+reach the same rung, so it is the decision one worker alone would take), wait for runs in flight, take over
+the runs of a worker whose heartbeat stopped (after ``grace_period`` seconds; at once for a dead process on
+the same host), and all end with the same answer. A run whose loss or validation metric stops being finite
+is recorded as failed with its reason, and the search goes on.
 Needs the ``trial`` extra: ``pip install 'optadvisor[trial]'`` (optuna, tqdm).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import math
 import os
 import socket
 import statistics
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,19 +50,29 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ._engine import Choice, Reason, Recommendation, build_loss, build_optimizer
-from ._lr import _cycle, lr_range_test, pyplot, save_figure
+from ._engine import Choice, Note, Reason, Recommendation, build_loss, build_optimizer
+from ._lr import lr_range_test, pyplot, save_figure
+from ._rules import OPTIMIZERS
+from ._train import (CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, RunResult, default_metric, fused_for,
+                     is_pair, train_run)
 
-METRICS = ("val_loss", "val_error", "val_mae")
+PLAN_VERSION = "2"
+LR_DECADES = (-2.5, 0.5)       # the learning-rate range around the range test's centre, in decades
+WD_DECADES = (-4.0, -1.0)      # AdamW's decoupled weight decay
+SEEDED_OFFSETS = (-0.5, -1.5)  # the rules' best pairs start here (decades below the centre)
+REDUCTION = 3
 
 
 class CandidateResult(BaseModel):
-    """One optimizer/loss pair: its learning rate (and how it was found) and its validation results."""
+    """One finalist: its configuration, how its learning rate was found, and its validation results."""
 
     optimizer: Choice
     loss: Choice
     lr: float
+    weight_decay: float | None
+    origin: str
     lr_reasoning: str
+    best_step: int
     values: list[float]
     mean: float
     spread: float
@@ -49,7 +80,7 @@ class CandidateResult(BaseModel):
 
 
 class TrialResult(BaseModel):
-    """The ranked table, the winner, and the recommendation updated with the measured evidence."""
+    """The finalists ranked, the winner, the updated advice, and what the search cost."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     metric: str
@@ -58,84 +89,109 @@ class TrialResult(BaseModel):
     recommendation: Recommendation
     study_name: str
     storage: str
-    steps_run: int
+    configs_tried: int
+    pruned: int
+    failed: list[str]
     skipped: list[str]
+    steps_run: int
+    steps_total: int
+    train_seconds: float
+    wall_seconds: float
 
     def table(self) -> str:
-        lines = [f"| rank | optimizer | loss | lr | {self.metric} (mean ± spread over seeds) |",
-                 "|---|---|---|---|---|"]
+        lines = [f"| rank | optimizer | loss | lr | weight decay | best step | {self.metric} (mean ± spread) | from |",
+                 "|---|---|---|---|---|---|---|---|"]
         for i, c in enumerate(self.ranked, 1):
-            lines.append(f"| {i} | {c.optimizer.name} | {c.loss.name} | {c.lr:.3g} | {c.mean:.4g} ± {c.spread:.2g} |")
+            wd = f"{c.weight_decay:.2g}" if c.weight_decay else "-"
+            lines.append(f"| {i} | {c.optimizer.name} | {c.loss.name} | {c.lr:.3g} | {wd} | {c.best_step} | "
+                         f"{c.mean:.4g} ± {c.spread:.2g} | {c.origin} |")
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
-        """Validation curves of every candidate and seed (PNG/SVG; needs matplotlib)."""
+        """Validation curves of every finalist and seed (PNG/SVG; needs matplotlib)."""
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         for c in self.ranked:
             for j, curve in enumerate(c.curves):
                 xs, ys = zip(*curve) if curve else ((), ())
-                ax.plot(xs, ys, alpha=0.8, label=f"{c.optimizer.name} + {c.loss.name}" if j == 0 else None)
+                ax.plot(xs, ys, alpha=0.8, label=f"{c.optimizer.name} {c.lr:.2g} + {c.loss.name}" if j == 0 else None)
         return save_figure(plt, fig, ax, path, "step", self.metric)
 
 
-def _pairs(rec: Recommendation, top_k: int) -> list[tuple[Choice, Choice]]:
-    opts = [c for c in rec.candidates.values() if c.name in ("Adam", "AdamW", "SGD", "RMSprop")]
-    losses = [c for c in rec.candidates.values() if c.name not in ("Adam", "AdamW", "SGD", "RMSprop")]
-    chosen = (rec.optimizer.name, rec.loss.name)
-    pairs = [(o, lo) for o in opts for lo in losses]
-    pairs.sort(key=lambda p: ((p[0].name, p[1].name) != chosen, -(p[0].score + p[1].score), p[0].name, p[1].name))
-    return pairs[:top_k]
+def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: Any, rec: Recommendation,
+          top_k: int = 3, budget_steps: int = 300, metric: str | None = None, **options: Any) -> TrialResult:
+    """Search the configurations around ``rec`` on ``val_data``; return the ranking and the updated advice.
+
+    ``model_fn()`` builds a fresh model (seeded by us before each call); ``train_data``/``val_data``: an
+    (X, y) pair of tensors or an iterable of (x, y) batches. ``metric``: ``None`` picks the default — the
+    error rate for classification (``val_balanced_error`` when the largest class is over 3x the smallest),
+    the MSE for regression — or one of ``val_loss`` (the recommended loss), ``val_mse``, ``val_mae``,
+    ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (40 configurations), ``seeds``
+    ((0, 1, 2)), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage`` (an SQLite path, default
+    ``optadvisor-trials.db``, or an Optuna storage URL), ``study_name`` (default: from the fingerprint),
+    ``progress`` (a tqdm bar), ``heartbeat_interval`` (10 s) and ``grace_period`` (60 s).
+
+    Example::
+
+        >>> result = trial(lambda: MyNet(), (X_train, y_train), (X_val, y_val), advise(profile))
+        >>> print(result.table()); result.recommendation.optimizer, result.recommendation.train_steps
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+        warnings.filterwarnings("ignore", message=".*[Hh]eartbeat.*")
+        return _Search(model_fn, train_data, val_data, rec, top_k, budget_steps, metric, **options).run()
 
 
-def _evaluate(model: torch.nn.Module, val_data: Any, yardstick: Callable, metric: str) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        batches = [val_data] if isinstance(val_data, (tuple, list)) and len(val_data) == 2 and \
-            isinstance(val_data[0], torch.Tensor) else val_data
-        for x, y in batches:
-            out = model(x)
-            if metric == "val_loss":
-                value = float(yardstick(out, y)) * len(y)
-            elif metric == "val_error":
-                value = float((out.argmax(-1) != y).sum())
-            else:
-                value = float((out.reshape(y.shape) - y).abs().sum())
-            total += value
-            count += len(y)
-    model.train()
-    if count == 0:
-        raise ValueError("trial: the validation data is empty")
-    return total / count
+# ----------------------------------------------------------------------------------------------------------
+# checks and the fingerprint
 
+def _check_data(data: Any, name: str, task: str, h: Any) -> None:
+    """Hash the data into ``h``; refuse data that cannot rank models (one class, a constant target)."""
+    import numpy as np
+
+    distinct: set[float] = set()
+    rows = 0
+    for x, y in ([data] if is_pair(data) else data):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        for t in (x, y):
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+        rows += len(y)
+        if len(distinct) < 3:
+            distinct.update(torch.unique(y.detach().reshape(-1)[:100_000]).double().tolist()[:3])
+    if rows == 0:
+        raise ValueError(f"trial: {name} is empty")
+    if len(distinct) < 2:
+        what = "one class" if task == "classification" else "a constant target"
+        raise ValueError(f"trial: {name} has {what} ({next(iter(distinct), None)!r}): it cannot tell one model "
+                         "from another" + (" (every model has the same error)" if task == "classification" else
+                                           " (nothing to learn)" if name == "train_data" else ""))
+
+
+def _fingerprint(model_fn, train_data, val_data, rec: Recommendation, settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(f"optadvisor trial plan v{PLAN_VERSION}".encode())
+    task = rec.facts.task or "regression"
+    _check_data(train_data, "train_data", task, h)
+    _check_data(val_data, "val_data", task, h)
+    torch.manual_seed(settings["seeds"][0])
+    model = model_fn()
+    h.update(repr(model).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().contiguous().numpy().tobytes())
+    h.update(json.dumps({"optimizer": rec.optimizer.model_dump(), "loss": rec.loss.model_dump(),
+                         "candidates": {k: c.model_dump() for k, c in rec.candidates.items()},
+                         **settings}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the study: opening, claims, heartbeats
 
 _WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_local_run(study: Any, t: Any, optuna: Any) -> bool:
-    """A RUNNING trial started on this host by a process that no longer exists (killed): mark it failed so
-    that it is redone now. Runs of other hosts are left to Optuna's heartbeat (failed after its grace period)."""
-    if t.state != optuna.trial.TrialState.RUNNING:
-        return False
-    host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-        return False
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # alive, another user's
-        return False
-    try:
-        study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-    except Exception:  # noqa: BLE001 - storage internals differ across optuna versions; redo it anyway
-        pass
-    return True
-
-
-def _open_study(storage: str | None, study_name: str):
+def _open_storage(storage: str | None, heartbeat_interval: int, grace_period: int):
     try:
         import optuna
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -144,174 +200,493 @@ def _open_study(storage: str | None, study_name: str):
     url = storage or "optadvisor-trials.db"
     if "://" not in url:
         url = f"sqlite:///{Path(url).resolve()}"
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        _sqlite_wal(url[len("sqlite:///"):])
     try:
-        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
-        study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
-                                    direction="minimize")
-        optuna.storages.fail_stale_trials(study)
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+                                         grace_period=grace_period)
     except Exception as exc:  # sqlalchemy/optuna raise many types for a bad or unreachable URL
         raise ValueError(f"trial: cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return optuna, study, url
+    return optuna, rdb, url
 
 
-def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: Any, rec: Recommendation,
-          top_k: int = 3, budget_steps: int = 300, metric: str = "val_loss", **options: Any) -> TrialResult:
-    """Train the top-k candidates of ``rec`` briefly, judge them on ``val_data``, return the ranking.
+def _sqlite_wal(path: str) -> None:
+    """Write-ahead logging for an SQLite study file (a setting stored in the file): readers no longer block
+    the writer, which is what several workers on one machine need, and each commit costs less."""
+    import sqlite3
 
-    ``model_fn()`` builds a fresh model (seeded by us before each call); ``train_data``/``val_data``: an
-    (X, y) pair of tensors or an iterable of (x, y) batches. ``storage``: an SQLite file path (default
-    ``optadvisor-trials.db``) or an Optuna storage URL. ``study_name`` defaults to a name derived from the
-    candidates, budget and seeds, so the same call resumes the same study.
-
-    Example::
-
-        >>> result = trial(lambda: MyNet(), (X_train, y_train), (X_val, y_val), advise(profile))
-        >>> print(result.table()); result.recommendation.optimizer
-    """
-    args, kwargs = (model_fn, train_data, val_data, rec, top_k, budget_steps, metric), options
-    with warnings.catch_warnings():
-        # optuna warns that heartbeats are meant for Study.optimize; we use them to fail dead workers' runs
-        warnings.filterwarnings("ignore", message=".*[Hh]eartbeat.*")
-        warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-        return _trial(*args, **kwargs)
-
-
-def _trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: Any, rec: Recommendation,
-          top_k: int = 3, budget_steps: int = 300, metric: str = "val_loss", *, seeds: Sequence[int] = (0, 1, 2),
-          batch_size: int = 64, lr_steps: int = 60, eval_every: int | None = None, storage: str | None = None,
-          study_name: str | None = None, progress: bool = True) -> TrialResult:
-    """See :func:`trial`."""
-    if metric not in METRICS:
-        raise ValueError(f"trial: metric must be one of {METRICS} (got {metric!r})")
-    if metric == "val_error" and rec.facts.task != "classification":
-        raise ValueError("trial: metric='val_error' needs a classification task")
-    if metric == "val_mae" and rec.facts.task != "regression":
-        raise ValueError("trial: metric='val_mae' needs a regression task")
-    if top_k < 1 or budget_steps < 1 or not seeds:
-        raise ValueError("trial: top_k, budget_steps and seeds must be positive / non-empty")
-    pairs = _pairs(rec, top_k + 2)
-    skipped = [f"{o.name}+{lo.name}: HingeLoss needs one score per example and +-1 targets; trial it by hand"
-               for o, lo in pairs if lo.name == "HingeLoss"]
-    pairs = [(o, lo) for o, lo in pairs if lo.name != "HingeLoss"][:top_k]
-    yardstick = build_loss(rec.loss if rec.loss.name != "HingeLoss" else pairs[0][1])
-    name = study_name or ("optadvisor-" + "-".join(f"{o.name}+{lo.name}" for o, lo in pairs) +
-                          f"-{budget_steps}-{'.'.join(map(str, seeds))}-{metric}")
-    optuna, study, url = _open_study(storage, name)
-    every = eval_every or max(1, budget_steps // 10)
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    total_runs = len(pairs) * (len(seeds) + 1)
-    bar = tqdm(total=total_runs, desc="advisor.trial", disable=not progress) if tqdm else None
-    results, steps_run = [], 0
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=60)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise ValueError(f"trial: cannot open the SQLite study file {path!r}: {exc}") from None
 
-    def run(opt_choice: Choice, loss_fn: Any, loss_choice: Choice, seed: int, lr: float):
-        out = run_or_reuse(opt_choice, loss_fn, loss_choice, seed, lr)
-        if bar:
-            bar.update(1)
+
+class _Heartbeat:
+    """Record a run's heartbeat every ``interval`` seconds while it trains (Optuna fails stale runs)."""
+
+    def __init__(self, rdb: Any, trial_id: int, interval: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(rdb, trial_id, interval), daemon=True)
+        rdb.record_heartbeat(trial_id)
+        self._thread.start()
+
+    def _beat(self, rdb, trial_id, interval):
+        while not self._stop.wait(interval):
+            try:
+                rdb.record_heartbeat(trial_id)
+            except Exception:  # noqa: BLE001 - a missed beat only risks a takeover; the run goes on
+                pass
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def _pid_dead(worker: str) -> bool:
+    """A worker id of this host whose process no longer exists (killed: its runs can be taken over now)."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+class _PlanOrderView:
+    """What Optuna's pruner sees when deciding on the run in plan slot ``slot``: the runs of earlier slots only
+    (each slot's latest attempt), exactly what it would see if one worker ran the plan in order."""
+
+    def __init__(self, study: Any, trials: list[Any], direction: Any):
+        self._storage = study._storage  # the pruner records the rung it reached through the storage
+        self._trials = trials
+        self.direction = direction
+
+    def get_trials(self, deepcopy: bool = False, states: Any = None) -> list[Any]:
+        return [t for t in self._trials if states is None or t.state in states]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the search
+
+class _Search:
+    def __init__(self, model_fn, train_data, val_data, rec: Recommendation, top_k: int, budget_steps: int,
+                 metric: str | None, *, n_trials: int = 40, seeds: Sequence[int] = (0, 1, 2), batch_size: int = 64,
+                 lr_steps: int = 60, storage: str | None = None, study_name: str | None = None,
+                 progress: bool = True, heartbeat_interval: int = 10, grace_period: int = 60,
+                 poll_seconds: float = 0.2):
+        task = rec.facts.task
+        metric = metric or default_metric(task, rec.facts.class_imbalance)
+        if metric not in METRICS:
+            raise ValueError(f"trial: metric must be one of {METRICS} (got {metric!r})")
+        if metric in CLASSIFICATION_METRICS and task != "classification":
+            raise ValueError(f"trial: metric={metric!r} needs a classification task (the advice is for {task})")
+        if metric in REGRESSION_METRICS and task != "regression":
+            raise ValueError(f"trial: metric={metric!r} needs a regression task (the advice is for {task})")
+        for name, value, low in (("top_k", top_k, 1), ("budget_steps", budget_steps, 1), ("n_trials", n_trials, 1),
+                                 ("batch_size", batch_size, 1), ("lr_steps", lr_steps, 10)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"trial: {name} must be an integer >= {low} (got {value!r})")
+        seeds = tuple(seeds)
+        if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"trial: seeds must be distinct integers, at least one (got {seeds!r})")
+        if grace_period <= heartbeat_interval:
+            raise ValueError("trial: grace_period must be longer than heartbeat_interval")
+        self.model_fn, self.train_data, self.val_data, self.rec = model_fn, train_data, val_data, rec
+        self.top_k, self.budget, self.metric, self.seeds = top_k, budget_steps, metric, seeds
+        self.batch_size, self.lr_steps, self.poll = batch_size, lr_steps, poll_seconds
+        self.eval_every = max(1, budget_steps // 10)
+        self.rung0 = self.eval_every * max(1, round(budget_steps / (3 * REDUCTION * self.eval_every)))
+        self.skipped: list[str] = []
+        if self.rung0 * REDUCTION > budget_steps:
+            fits = max(top_k + 1, n_trials // 3)
+            warnings.warn(f"trial: budget_steps={budget_steps} is too small to prune (the first rung is at step "
+                          f"{self.rung0}, the next at {self.rung0 * REDUCTION}): every configuration trains the "
+                          f"whole budget, so only the first {min(fits, n_trials)} of {n_trials} run",
+                          UserWarning, stacklevel=3)
+            self.skipped.append(f"{max(0, n_trials - fits)} configurations: budget too small to prune")
+            n_trials = min(n_trials, fits)
+        self.n_trials = n_trials
+        self.finalists = top_k + 1
+        self.total_slots = n_trials + self.finalists * (len(seeds) - 1)
+        self.losses = [c for c in _task_losses(rec) if c != "HingeLoss"]
+        if "HingeLoss" in _task_losses(rec):
+            self.skipped.append("HingeLoss: it needs one score per example and +-1 targets; trial it by hand")
+        if not self.losses:
+            raise ValueError("trial: no loss candidate can be trialled (HingeLoss needs +-1 targets)")
+        self.yardstick_choice = rec.loss if rec.loss.name in self.losses else rec.candidates[self.losses[0]]
+        self.yardstick = build_loss(self.yardstick_choice) if metric == "val_loss" else None
+        settings = {"budget_steps": budget_steps, "seeds": list(seeds), "batch_size": batch_size, "metric": metric,
+                    "n_trials": n_trials, "top_k": top_k, "lr_steps": lr_steps}
+        self.fingerprint = _fingerprint(model_fn, train_data, val_data, rec, settings)
+        self.name = study_name or f"optadvisor-{self.fingerprint[:24]}"
+        self.heartbeat_interval, self.grace = heartbeat_interval, grace_period
+        self.optuna, self.rdb, self.url = _open_storage(storage, heartbeat_interval, grace_period)
+        self.progress = progress
+        self.steps_run = 0
+        self.train_seconds = 0.0
+        self._final: dict[int, Any] = {}  # slot -> its ended run (final: never changes again)
+
+    # ---- study and plan ------------------------------------------------------------------------------
+    def _open_study(self):
+        optuna = self.optuna
+        try:
+            self.study = optuna.create_study(study_name=self.name, storage=self.rdb, direction="minimize")
+            creator = True
+        except optuna.exceptions.DuplicatedStudyError:
+            self.study = optuna.load_study(study_name=self.name, storage=self.rdb)
+            creator = False
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"trial: cannot open the Optuna storage {self.url!r}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        # Optuna's caching wrapper of the RDB storage (finished runs are read once): every run is written and
+        # read through it, with the storage API (one insert to start a run, two writes to end it)
+        self.storage = self.study._storage
+        attrs = self.study.user_attrs
+        if creator:
+            self.study.set_user_attr("fingerprint", self.fingerprint)
+            self.study.set_user_attr("creator", _WORKER)
+        elif attrs.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise ValueError(f"trial: the study {self.name!r} in {self.url} was run with other data, another model "
+                             "or other settings (its fingerprint differs); its results do not apply here. Use "
+                             "another study_name, or leave it unset to get one derived from the fingerprint")
+        self.plan = self._wait_for_plan(creator)
+
+    def _wait_for_plan(self, creator: bool) -> list[dict[str, Any]]:
+        start = time.monotonic()
+        while not creator:
+            attrs = self.study.user_attrs
+            if "plan" in attrs:
+                self.centres = attrs["centres"]
+                return attrs["plan"]
+            if time.monotonic() - start > self.grace or _pid_dead(str(attrs.get("creator", ""))):
+                break  # the worker that created the study died before writing its plan: write it ourselves
+            time.sleep(self.poll)
+        plan = self._make_plan()
+        self.study.set_user_attr("centres", self.centres)
+        self.study.set_user_attr("plan", plan)
+        return plan
+
+    def _make_plan(self) -> list[dict[str, Any]]:
+        rec = self.rec
+        self.centres = {}
+        for name in OPTIMIZERS:
+            choice = rec.candidates[name]
+            torch.manual_seed(self.seeds[0])
+            probe = self.model_fn()
+            res = lr_range_test(probe, build_loss(rec.loss if rec.loss.name in self.losses else self.yardstick_choice),
+                                lambda p, lr, c=choice, f=fused_for(probe): build_optimizer(c, p, lr=lr, fused=f),
+                                self.train_data, start=1e-6,
+                                end=10.0, steps=self.lr_steps, batch_size=self.batch_size)
+            self.steps_run += len(res.lrs)
+            rule_lr = float(choice.params.get("lr", 1e-3))
+            if res.recommended:
+                self.centres[name] = {"lr": res.recommended, "why": f"range test: {res.reasoning}",
+                                      "steps": len(res.lrs)}
+            else:
+                self.centres[name] = {"lr": rule_lr, "why": f"range test gave no suggestion ({res.reasoning}); "
+                                      f"centred on the rules' lr {rule_lr:.3g}", "steps": len(res.lrs)}
+        plan = [self._config(rec.optimizer.name, rec.loss.name if rec.loss.name in self.losses else self.losses[0],
+                             float(rec.optimizer.params.get("lr", 1e-3)), None, "rules", exempt=True)]
+        plan[0]["lr_why"] = "the rules' learning rate"
+        pairs = sorted(((o, lo) for o in OPTIMIZERS for lo in self.losses),
+                       key=lambda p: (-(rec.candidates[p[0]].score + rec.candidates[p[1]].score),
+                                      OPTIMIZERS.index(p[0]), self.losses.index(p[1])))
+        for o, lo in pairs[:3]:
+            for off in SEEDED_OFFSETS:
+                if len(plan) < self.n_trials:
+                    plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, None, "rules-ranked", off))
+        sobol = torch.quasirandom.SobolEngine(4, scramble=True, seed=self.seeds[0])
+        while len(plan) < self.n_trials:
+            u = sobol.draw(1)[0].tolist()
+            o = OPTIMIZERS[min(int(u[0] * len(OPTIMIZERS)), len(OPTIMIZERS) - 1)]
+            lo = self.losses[min(int(u[1] * len(self.losses)), len(self.losses) - 1)]
+            off = LR_DECADES[0] + u[2] * (LR_DECADES[1] - LR_DECADES[0])
+            wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if o == "AdamW" else None
+            plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, wd, "search", off))
+        return plan
+
+    def _config(self, opt: str, loss: str, lr: float, wd: float | None, origin: str, offset: float | None = None,
+                exempt: bool = False) -> dict[str, Any]:
+        cfg = {"optimizer": opt, "loss": loss, "lr": lr, "weight_decay": wd, "origin": origin, "exempt": exempt}
+        if offset is not None:
+            cfg["lr_why"] = f"range-test centre {self.centres[opt]['lr']:.3g} x 10^{offset:+.2f}"
+        return cfg
+
+    # ---- slots -----------------------------------------------------------------------------------------
+    def _trials_by_slot(self) -> dict[int, list[Any]]:
+        out: dict[int, list[Any]] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            if "run" in t.user_attrs:
+                out.setdefault(int(t.user_attrs["run"]["slot"]), []).append(t)
+        for slot, ts in out.items():
+            ts.sort(key=lambda t: t.user_attrs["run"]["attempt"])
+            if slot not in self._final and self._status(ts) == "done":
+                self._final[slot] = ts[-1]
         return out
 
-    def run_or_reuse(opt_choice: Choice, loss_fn: Any, loss_choice: Choice, seed: int, lr: float):
-        """One (candidate, seed, lr) run as an Optuna trial; finished runs in the study are reused."""
-        nonlocal steps_run
-        key = f"{opt_choice.name}|{loss_choice.name}|{seed}|{lr:.6g}"
-        known = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("key") == key
-                 and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-                 and not _dead_local_run(study, t, optuna)]
-        done = [t for t in known if t.state == optuna.trial.TrialState.COMPLETE]
-        if done:
-            return done[0].value, [tuple(x) for x in done[0].user_attrs.get("curve", [])]
-        if known:  # running on another worker: its value will be in the study when it finishes
-            return None, []
-        t = study.ask()
-        for k, v in (("key", key), ("optimizer", opt_choice.name), ("loss", loss_choice.name), ("seed", seed),
-                     ("lr", lr), ("worker", _WORKER)):
-            t.set_user_attr(k, v)
+    def _status(self, attempts: list[Any]) -> str:
+        """'free' (never run, or its last attempt was abandoned), 'running' or 'done'."""
+        TS = self.optuna.trial.TrialState
+        if not attempts:
+            return "free"
+        t = attempts[-1]
+        if t.state in (TS.COMPLETE, TS.PRUNED) or (t.state == TS.FAIL and "diverged" in _outcome(t)):
+            return "done"
+        if t.state == TS.RUNNING:
+            if _pid_dead(str(t.user_attrs["run"]["worker"])):
+                try:
+                    self.storage.set_trial_state_values(t._trial_id, state=TS.FAIL)
+                except self.optuna.exceptions.UpdateFinishedTrialError:
+                    pass
+                return "free"
+            return "running"
+        return "free"  # FAIL (abandoned: its worker died) or WAITING
+
+    def _claim(self, slot: int, attempt: int) -> bool:
+        """Atomically claim (slot, attempt): the storage refuses a second study of the same name."""
         try:
-            value, curve = _train_one(model_fn, seed, opt_choice, loss_fn, lr, train_data, val_data, budget_steps,
-                                      batch_size, every, yardstick, metric)
+            self.rdb.create_new_study([self.optuna.study.StudyDirection.MINIMIZE],
+                                      f"{self.name}/claim/{slot}/{attempt}")
+            return True
+        except self.optuna.exceptions.DuplicatedStudyError:
+            return False
+
+    def _take(self, slot: int, by_slot: dict[int, list[Any]] | None = None) -> None:
+        """Run ``slot`` here if nobody has it (or its worker is gone)."""
+        by_slot = self._trials_by_slot() if by_slot is None else by_slot
+        attempts = by_slot.get(slot, [])
+        if self._status(attempts) != "free":
+            return
+        attempt = (attempts[-1].user_attrs["run"]["attempt"] + 1) if attempts else 0
+        if slot >= self.n_trials:
+            cfg, seed = self._finalist_config(slot)
+            if cfg is None:
+                return
+        else:
+            cfg, seed = self.plan[slot], self.seeds[0]
+        if self._claim(slot, attempt):
+            self._run(slot, attempt, cfg, seed)
+
+    def _finalist_config(self, slot: int) -> tuple[dict[str, Any] | None, int]:
+        j, k = divmod(slot - self.n_trials, len(self.seeds) - 1)
+        finalists = self._finalist_slots()
+        if j >= len(finalists):
+            return None, 0
+        return {**self.plan[finalists[j]], "exempt": True, "of": finalists[j]}, self.seeds[k + 1]
+
+    def _finalist_slots(self) -> list[int]:
+        """The rules' configuration and the top_k best complete search runs (waits for the search to end)."""
+        by_slot = self._wait(range(self.n_trials))
+        TS = self.optuna.trial.TrialState
+        complete = [(by_slot[s][-1].value, s) for s in range(1, self.n_trials)
+                    if by_slot[s][-1].state == TS.COMPLETE]
+        return [0] + [s for _, s in sorted(complete)[:self.top_k]]
+
+    def _wait(self, slots: Sequence[int], ready: Callable[[Any], bool] | None = None) -> dict[int, list[Any]]:
+        """Wait until every slot is done (or ``ready(latest attempt)``), taking over abandoned ones."""
+        last_stale_check = 0.0
+        while True:
+            by_slot = self._trials_by_slot()
+            pending = []
+            for s in slots:
+                attempts = by_slot.get(s, [])
+                status = self._status(attempts)
+                if status == "done" or (status == "running" and ready is not None and ready(attempts[-1])):
+                    continue
+                pending.append((s, status))
+            if not pending:
+                return by_slot
+            for s, status in pending:
+                if status == "free":
+                    self._take(s)
+            if time.monotonic() - last_stale_check > self.heartbeat_interval:
+                self.optuna.storages.fail_stale_trials(self.study)
+                last_stale_check = time.monotonic()
+            self._tick(by_slot)
+            time.sleep(self.poll)
+
+    def _tick(self, by_slot: dict[int, list[Any]] | None = None) -> None:
+        """Progress: runs done by any worker (counted when waiting) or by this one."""
+        if self.bar is None or self.bar.disable:
+            return
+        if by_slot is None:
+            self.bar.update(1)
+        else:
+            self.bar.n = sum(1 for ts in by_slot.values() if self._status(ts) == "done")
+            self.bar.refresh()
+
+    # ---- one run -----------------------------------------------------------------------------------------
+    def _run(self, slot: int, attempt: int, cfg: dict[str, Any], seed: int) -> None:
+        """One run as an Optuna trial, written through the storage API: created RUNNING with its
+        configuration in one insert, its rungs reported for the pruner, its outcome and state at the end."""
+        optuna, st = self.optuna, self.storage
+        TS = optuna.trial.TrialState
+        template = optuna.trial.FrozenTrial(
+            number=-1, state=TS.RUNNING, value=None, datetime_start=datetime.datetime.now(), datetime_complete=None,
+            params={}, distributions={}, system_attrs={}, intermediate_values={}, trial_id=-1,
+            user_attrs={"run": {"slot": slot, "attempt": attempt, "worker": _WORKER, "seed": seed, **cfg}})
+        tid = st.create_new_trial(self.study._study_id, template_trial=template)
+        heartbeat = _Heartbeat(self.rdb, tid, self.heartbeat_interval)
+        prune = slot < self.n_trials and not cfg["exempt"]
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=self.rung0, reduction_factor=REDUCTION)
+        best = [math.inf]
+        next_rung = [self.rung0]
+
+        def on_eval(step: int, value: float) -> bool:
+            best[0] = min(best[0], value)
+            if not prune or step < next_rung[0]:
+                return False  # only the rungs are reported: the pruner reads nothing else, the curve is kept
+            while next_rung[0] <= step:
+                next_rung[0] *= REDUCTION
+            st.set_trial_intermediate_value(tid, step, best[0])
+            return pruner.prune(self._view_for(slot, step), st.get_trial(tid))
+
+        try:
+            res: RunResult = train_run(self.model_fn, seed, self.rec.candidates[cfg["optimizer"]],
+                                       self.rec.candidates[cfg["loss"]], cfg["lr"], self.train_data, self.val_data,
+                                       self.budget, batch_size=self.batch_size, eval_every=self.eval_every,
+                                       metric=self.metric, yardstick=self.yardstick, on_eval=on_eval,
+                                       weight_decay=cfg["weight_decay"])
         except BaseException:
-            study.tell(t, state=optuna.trial.TrialState.FAIL)  # never a half-written result
+            heartbeat.stop()
+            st.set_trial_state_values(tid, state=TS.FAIL)  # abandoned: another attempt redoes it
             raise
-        steps_run += budget_steps
-        value = value if math.isfinite(value) else float("inf")
-        t.set_user_attr("curve", curve)
-        study.tell(t, value)
-        return value, [tuple(x) for x in curve]
+        heartbeat.stop()
+        self.steps_run += res.steps
+        self.train_seconds += res.train_seconds
+        outcome = {"steps": res.steps, "curve": res.curve, "best_step": res.best[0]}
+        if res.diverged:
+            outcome["diverged"] = res.diverged
+        st.set_trial_user_attr(tid, "outcome", outcome)
+        if res.diverged:
+            st.set_trial_state_values(tid, state=TS.FAIL)
+        elif res.stopped:
+            st.set_trial_state_values(tid, state=TS.PRUNED)
+        else:
+            st.set_trial_state_values(tid, state=TS.COMPLETE, values=[res.best[1]])
+        self._final[slot] = st.get_trial(tid)
+        self._tick()
 
-    for opt_choice, loss_choice in pairs:
-        loss_fn = build_loss(loss_choice)
-        # the learning rate: a range test on a fresh model (seeded), restored afterwards
-        torch.manual_seed(seeds[0])
-        probe = model_fn()
-        lr_res = lr_range_test(probe, loss_fn, lambda p, lr: build_optimizer(opt_choice, p, lr=lr), train_data,
-                               start=1e-6, end=10.0, steps=lr_steps, batch_size=batch_size)
-        steps_run += len(lr_res.lrs)
-        lr = lr_res.recommended or float(opt_choice.params.get("lr", 1e-3))
-        lr_reason = lr_res.reasoning if lr_res.recommended else f"range test gave no suggestion ({lr_res.reasoning}); " \
-                                                                 f"the rule's lr {lr:.3g} was used"
-        # the range test finds the edge of stability; a constant rate over a short budget does best somewhat
-        # below it, so half and a fifth of its suggestion are tried on the first seed and the better one is
-        # kept for the other seeds
-        first = {}
-        for cand_lr in (lr / 2, lr / 5):
-            first[cand_lr] = run(opt_choice, loss_fn, loss_choice, seeds[0], cand_lr)
-        first = {k: v for k, v in first.items() if v[0] is not None}
-        if not first:
-            continue  # both runs are in progress on other workers
-        lr = min(first, key=lambda k: (first[k][0], -k))
-        lr_reason += f"; on seed {seeds[0]} lr {lr:.3g} beat " + ", ".join(
-            f"{k:.3g} ({first[k][0]:.4g})" for k in first if k != lr)
-        runs = [first[lr]] + [run(opt_choice, loss_fn, loss_choice, seed, lr) for seed in seeds[1:]]
-        runs = [r for r in runs if r is not None and r[0] is not None]
-        values = [v for v, _ in runs]
-        curves = [c for _, c in runs]
-        if not values:
-            continue
-        finite = [v for v in values if math.isfinite(v)]
-        mean = statistics.fmean(finite) if len(finite) == len(values) else float("inf")
-        spread = statistics.pstdev(finite) if len(finite) > 1 else 0.0
-        results.append(CandidateResult(optimizer=opt_choice.model_copy(update={"params": {**opt_choice.params, "lr": lr}}),
-                                       loss=loss_choice, lr=lr, lr_reasoning=lr_reason, values=values, mean=mean,
-                                       spread=spread, curves=curves))
-    if bar:
-        bar.close()
-    if not results:
-        raise RuntimeError("trial: every run is still running on other workers; call again later")
-    ranked = sorted(results, key=lambda c: (c.mean, c.optimizer.name, c.loss.name))
-    winner = ranked[0]
-    evidence = Reason(
-        rule_id="trial", priority=100,
-        concluded=[f"{winner.optimizer.name} + {winner.loss.name} (lr {winner.lr:.3g}) won"],
-        matched={f"{c.optimizer.name}+{c.loss.name}": round(c.mean, 6) for c in ranked},
-        because=(f"measured on the validation data ({metric}, mean over seeds {list(seeds)}, {budget_steps} steps "
-                 f"each, learning rates from range tests, refined on the first seed): " +
-                 "; ".join(f"{c.optimizer.name}+{c.loss.name} {c.mean:.4g} ± {c.spread:.2g}" for c in ranked)),
-        source=f"Optuna study {name!r} in {url}")
-    updated = rec.model_copy(update={"optimizer": winner.optimizer, "loss": winner.loss,
-                                     "reasons": [evidence, *rec.reasons]}, deep=True)
-    return TrialResult(metric=metric, ranked=ranked, winner=winner, recommendation=updated, study_name=name,
-                       storage=url, steps_run=steps_run, skipped=skipped)
+    def _view_for(self, slot: int, step: int) -> _PlanOrderView:
+        """Wait until every earlier prunable slot has passed ``step`` or ended, then show only those."""
+        earlier = [s for s in range(slot) if not self.plan[s]["exempt"]]
+        if all(s in self._final for s in earlier):  # ended runs never change: no need to read them again
+            trials = [self._final[s] for s in earlier]
+        else:
+            by_slot = self._wait(earlier, ready=lambda t: t.last_step is not None and t.last_step > step)
+            trials = [by_slot[s][-1] for s in earlier]
+        return _PlanOrderView(self.study, trials, self.optuna.study.StudyDirection.MINIMIZE)
+
+    # ---- the whole search ------------------------------------------------------------------------------
+    def run(self) -> TrialResult:
+        t0 = time.perf_counter()
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            tqdm = None
+        self.bar = tqdm(total=self.total_slots, desc="advisor.trial", disable=not self.progress) if tqdm else None
+        try:
+            self._open_study()
+            self.optuna.storages.fail_stale_trials(self.study)
+            snapshot, taken_at = self._trials_by_slot(), time.monotonic()
+            for slot in range(self.total_slots):
+                if time.monotonic() - taken_at > 1.0:  # claims are atomic: a stale view only costs a failed claim
+                    snapshot, taken_at = self._trials_by_slot(), time.monotonic()
+                self._take(slot, snapshot)
+            by_slot = self._wait(range(self.total_slots))
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return self._result(by_slot, time.perf_counter() - t0)
+
+    def _result(self, by_slot: dict[int, list[Any]], wall: float) -> TrialResult:
+        TS = self.optuna.trial.TrialState
+        finalists = self._finalist_slots()
+        latest = {s: ts[-1] for s, ts in by_slot.items()}
+        rows = []
+        for j, s in enumerate(finalists):
+            runs = [latest[s]] + [latest[self.n_trials + j * (len(self.seeds) - 1) + k]
+                                  for k in range(len(self.seeds) - 1)]
+            cfg = self.plan[s]
+            if any(r.state != TS.COMPLETE for r in runs):
+                continue  # diverged on another seed: not a candidate
+            curves = [[tuple(p) for p in _outcome(r)["curve"]] for r in runs]
+            mean = _mean_curve(curves)
+            best_step, best_mean = min(mean, key=lambda sv: (sv[1], sv[0]))
+            values = [dict(c)[best_step] for c in curves]
+            params = {**self.rec.candidates[cfg["optimizer"]].params, "lr": cfg["lr"]}
+            if cfg["weight_decay"] is not None:
+                params["weight_decay"] = cfg["weight_decay"]
+            opt = self.rec.candidates[cfg["optimizer"]].model_copy(update={"params": params})
+            rows.append(CandidateResult(
+                optimizer=opt, loss=self.rec.candidates[cfg["loss"]], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                origin=cfg["origin"], lr_reasoning=cfg.get("lr_why", ""), best_step=best_step, values=values,
+                mean=best_mean, spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves))
+        if not rows:
+            raise RuntimeError("trial: every finalist diverged on some seed; see the failed runs in the study "
+                               f"{self.name!r} ({self.url})")
+        ranked = sorted(rows, key=lambda c: (c.mean, c.origin != "rules", c.optimizer.name, c.loss.name, c.lr))
+        winner = ranked[0]
+        trials = [t for t in self.study.get_trials(deepcopy=False) if "run" in t.user_attrs]
+        searched = [latest[s] for s in range(self.n_trials)]
+        failed = []
+        for s in sorted(latest):
+            if "diverged" in _outcome(latest[s]):
+                run = latest[s].user_attrs["run"]
+                failed.append(f"run {s} ({run['optimizer']} lr {run['lr']:.3g} + {run['loss']}, seed {run['seed']}): "
+                              f"{_outcome(latest[s])['diverged']}")
+        range_steps = sum(c.get("steps", 0) for c in self.centres.values())
+        steps_total = range_steps + sum(int(_outcome(t).get("steps", 0)) for t in trials)
+        rules_row = next((c for c in ranked if c.origin == "rules"), None)
+        wd = f", weight decay {winner.weight_decay:.2g}" if winner.weight_decay else ""
+        evidence = Reason(
+            rule_id="trial", priority=100,
+            concluded=[f"{winner.optimizer.name} (lr {winner.lr:.3g}{wd}) + {winner.loss.name} won; "
+                       f"train {winner.best_step} steps"],
+            matched={f"{c.optimizer.name} {c.lr:.3g} + {c.loss.name}": round(c.mean, 6) for c in ranked},
+            because=(f"measured on the validation data ({self.metric}, mean over seeds {list(self.seeds)}, at the "
+                     f"best step of {self.budget}): {len(searched)} configurations searched on seed {self.seeds[0]} "
+                     f"with successive halving ({sum(1 for t in searched if t.state == TS.PRUNED)} pruned), the "
+                     f"finalists on every seed: " + "; ".join(
+                         f"{c.optimizer.name} {c.lr:.3g} + {c.loss.name} {c.mean:.4g} ± {c.spread:.2g} "
+                         f"(step {c.best_step}, {c.origin})" for c in ranked) +
+                     (f". The rules' own advice scored {rules_row.mean:.4g}." if rules_row else "")),
+            source=f"Optuna study {self.name!r} in {self.url}")
+        note = Note(rule_id="trial", text=f"Train for about {winner.best_step} steps of batch {self.batch_size} "
+                    f"(the validation {self.metric} was best there in the trial; later it got worse or stopped "
+                    "improving): stop early on a validation set.")
+        updated = self.rec.model_copy(update={"optimizer": winner.optimizer, "loss": winner.loss,
+                                              "reasons": [evidence, *self.rec.reasons],
+                                              "notes": [note, *self.rec.notes], "train_steps": winner.best_step},
+                                      deep=True)
+        return TrialResult(metric=self.metric, ranked=ranked, winner=winner, recommendation=updated,
+                           study_name=self.name, storage=self.url, configs_tried=len(searched),
+                           pruned=sum(1 for t in searched if t.state == TS.PRUNED), failed=failed,
+                           skipped=self.skipped, steps_run=self.steps_run, steps_total=steps_total,
+                           train_seconds=self.train_seconds, wall_seconds=wall)
 
 
-def _train_one(model_fn, seed, opt_choice, loss_fn, lr, train_data, val_data, budget_steps, batch_size, every,
-               yardstick, metric) -> tuple[float, list[tuple[int, float]]]:
-    """Train a fresh model (seeded) for budget_steps; the validation value at the end, and the curve."""
-    torch.manual_seed(seed)
-    model = model_fn()
-    opt = build_optimizer(opt_choice, model.parameters(), lr=lr)
-    batches = iter(_cycle(train_data, batch_size))
-    curve = []
-    for step in range(1, budget_steps + 1):
-        x, y = next(batches)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            return float("inf"), curve
-        loss.backward()
-        opt.step()
-        if step % every == 0 or step == budget_steps:
-            curve.append((step, _evaluate(model, val_data, yardstick, metric)))
-    return curve[-1][1], curve
+def _outcome(t: Any) -> dict[str, Any]:
+    return t.user_attrs.get("outcome", {})
+
+
+def _task_losses(rec: Recommendation) -> list[str]:
+    from ._rules import LOSSES_FOR_TASK
+
+    return list(LOSSES_FOR_TASK[rec.facts.task or "regression"])
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    return [(s, statistics.fmean(dict(c)[s] for c in curves)) for s in steps]
