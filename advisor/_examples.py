@@ -1,34 +1,76 @@
-"""Built-in example tasks for ``advise trial --example`` and examples/: scikit-learn's bundled data sets
-(no download), standardized and split 75/25 with a fixed seed, and a small MLP."""
+"""Built-in example tasks for ``advise trial --example``, examples/ and the advice benchmark: scikit-learn's
+bundled tables (no download), split and standardized as the advice benchmark's protocol says, and its MLP.
+
+- digits, breast_cancer, wine, iris: classification; diabetes: regression; diabetes_outliers: diabetes with
+  10% outliers planted in the *training* targets (a random sign times 8-16 standard deviations), the
+  validation targets clean.
+- A fixed 75/25 split (seed 0); features standardized with the training split's mean and std, regression
+  targets too.
+- The model: an MLP n_features-64-64-outputs with ReLU (one output, returned flat, for regression).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+EXAMPLES = ("digits", "breast_cancer", "wine", "iris", "diabetes", "diabetes_outliers")
 
-def example_task(name: str) -> tuple[Callable[[], torch.nn.Module], tuple, tuple]:
-    """(model_fn, (X_train, y_train), (X_val, y_val)) for "digits" (10 classes) or "diabetes" (regression)."""
+
+class MLP(torch.nn.Module):
+    """n_features-64-64-outputs, ReLU; a single output per example is returned flat (regression)."""
+
+    def __init__(self, n_features: int, outputs: int, hidden: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(n_features, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, outputs))
+        self.flat = outputs == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.squeeze(-1) if self.flat else out
+
+
+def load_example(name: str) -> dict[str, Any]:
+    """The data set as a dict: name, task, train=(X, y), val=(X, y), n_features, outputs."""
     try:
-        from sklearn.datasets import load_diabetes, load_digits
+        from sklearn import datasets
     except ImportError as exc:
         raise ImportError("the examples use scikit-learn's bundled data: pip install scikit-learn") from exc
-    if name == "digits":
-        X, y = load_digits(return_X_y=True)
-        X, y, out = torch.tensor(X, dtype=torch.float32), torch.tensor(y), 10
-    elif name == "diabetes":
-        X, y = load_diabetes(return_X_y=True)
-        X, y, out = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), 1
-        y = (y - y.mean()) / y.std()
-    else:
-        raise ValueError(f"unknown example {name!r}: digits or diabetes")
-    X = (X - X.mean(0)) / (X.std(0) + 1e-6)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    loaders = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
+               "wine": datasets.load_wine, "iris": datasets.load_iris, "diabetes": datasets.load_diabetes,
+               "diabetes_outliers": datasets.load_diabetes}
+    if name not in loaders:
+        raise ValueError(f"unknown example {name!r}: one of {', '.join(EXAMPLES)}")
+    X, y = loaders[name](return_X_y=True)
+    task = "regression" if name.startswith("diabetes") else "classification"
+    X = torch.tensor(X, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.float32 if task == "regression" else torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=gen)
     n = int(0.75 * len(y))
     tr, va = perm[:n], perm[n:]
+    mu, sd = X[tr].mean(0), X[tr].std(0)
+    sd[sd == 0] = 1.0
+    X = (X - mu) / sd
+    ytr, yva = y[tr].clone(), y[va].clone()
+    if task == "regression":
+        m, s = ytr.mean(), ytr.std()
+        ytr, yva = (ytr - m) / s, (yva - m) / s
+        if name == "diabetes_outliers":
+            k = len(ytr) // 10
+            idx = torch.randperm(len(ytr), generator=gen)[:k]
+            sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+            ytr[idx] += sign * (8 + 8 * torch.rand(k, generator=gen))
+    outputs = 1 if task == "regression" else int(y.max()) + 1
+    return {"name": name, "task": task, "train": (X[tr], ytr), "val": (X[va], yva), "n_features": X.shape[1],
+            "outputs": outputs}
 
-    def model_fn() -> torch.nn.Module:
-        net = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 32), torch.nn.ReLU(), torch.nn.Linear(32, out))
-        return net if out > 1 else torch.nn.Sequential(net, torch.nn.Flatten(0))
-    return model_fn, (X[tr], y[tr]), (X[va], y[va])
+
+def example_task(name: str) -> tuple[Callable[[], torch.nn.Module], tuple, tuple]:
+    """(model_fn, (X_train, y_train), (X_val, y_val)) of a built-in example (see ``EXAMPLES``)."""
+    data = load_example(name)
+    return (lambda: MLP(data["n_features"], data["outputs"])), data["train"], data["val"]

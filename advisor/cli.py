@@ -6,7 +6,7 @@
     advise rules list | check FILE... | schema
     advise profile DATA.(csv|npz|pt) --target COLUMN      # profile the data, then advise
     advise diagnose HISTORY.(csv|json)                     # what the training curves show
-    advise trial --example digits [--storage URL]          # try the top candidates on a validation set
+    advise trial --example digits [--storage URL]          # search around the advice on a validation set
 
 Exit codes: 0 ok, 2 bad input (invalid facts, rule errors, failing rule examples).
 """
@@ -228,30 +228,38 @@ def _diagnose(argv: list[str]) -> int:
 
 def _trial_cmd(argv: list[str]) -> int:
     from ._data import profile_data
-    from ._examples import example_task
+    from ._examples import EXAMPLES, example_task
+    from ._train import METRICS
     from ._trial import trial
 
     ap = argparse.ArgumentParser(prog="advise trial", description="Profile a built-in example task, advise, then "
-                                 "try the top candidates on its validation set (an Optuna study).")
-    ap.add_argument("--example", choices=["digits", "diabetes"], required=True)
-    ap.add_argument("--top-k", type=int, default=3)
-    ap.add_argument("--budget-steps", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=2, help="number of seeds per candidate")
-    ap.add_argument("--metric", default="val_loss", choices=["val_loss", "val_error", "val_mae"])
+                                 "search around the advice on its validation set (an Optuna study). Run the same "
+                                 "command with the same --storage URL on several machines to share the work.")
+    ap.add_argument("--example", choices=EXAMPLES, required=True)
+    ap.add_argument("--n-trials", type=int, default=40, help="configurations searched (default %(default)s)")
+    ap.add_argument("--top-k", type=int, default=3, help="finalists trained on every seed besides the rules' own")
+    ap.add_argument("--budget-steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default %(default)s)")
+    ap.add_argument("--metric", choices=METRICS, help="default: error rate (classification), MSE (regression)")
     ap.add_argument("--storage", help="SQLite file or Optuna storage URL (default optadvisor-trials.db)")
     ap.add_argument("--study-name")
-    ap.add_argument("--plot", help="save the validation curves (PNG/SVG)")
+    ap.add_argument("--plot", help="save the finalists' validation curves (PNG/SVG)")
     args = ap.parse_args(argv)
     try:
         model_fn, train, val = example_task(args.example)
         rec = evaluate(load_rules(), profile_data(*train, model=model_fn()).facts)
         res = trial(model_fn, train, val, rec, top_k=args.top_k, budget_steps=args.budget_steps, metric=args.metric,
-                    seeds=tuple(range(args.seeds)), storage=args.storage, study_name=args.study_name)
+                    n_trials=args.n_trials, seeds=tuple(range(args.seeds)), storage=args.storage,
+                    study_name=args.study_name)
     except (ImportError, ValueError, RuleError) as exc:
         return _fail(str(exc))
+    w = res.winner
     print(res.table())
-    print(f"\nwinner: {res.winner.optimizer.name} + {res.winner.loss.name}, lr {res.winner.lr:.3g} "
-          f"({res.winner.lr_reasoning})\nstudy: {res.study_name} in {res.storage}; {res.steps_run} training steps")
+    print(f"\nwinner: {w.optimizer.name} (lr {w.lr:.3g}) + {w.loss.name}, train {w.best_step} steps "
+          f"({w.lr_reasoning})\nstudy: {res.study_name} in {res.storage}; {res.configs_tried} configurations, "
+          f"{res.pruned} pruned, {res.steps_total:,} training steps in all ({res.steps_run:,} here)")
+    for f in res.failed:
+        print(f"failed: {f}")
     if args.plot:
         print(f"curves: {res.plot(args.plot)}")
     return 0

@@ -3,6 +3,7 @@
     python -m benchmarks              # full sizes (~10 minutes on 2 cores)
     python -m benchmarks --quick      # tiny sizes, seconds: checks that everything runs, not speed
     python -m benchmarks --device cuda
+    python -m benchmarks advice       # does the advice beat the naive default? (see benchmarks/advice.py)
 
 Writes DIR/report.md (Markdown tables: median time, ratio to torch's best path, multiple of the
 memory-bandwidth bound measured in the same rounds, peak extra memory), DIR/results.json, the
@@ -187,6 +188,10 @@ def chart(results: list[dict], path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0] == "advice":  # the advice benchmark: python -m benchmarks advice [--quick]
+        from .advice import main as advice_main
+        return advice_main(args_in[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (checks it runs, not speed)")

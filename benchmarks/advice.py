@@ -2,11 +2,12 @@
 
 The protocol (fixed; every row below is trained and judged by it):
 
-- data: scikit-learn's bundled tables (no download): digits, breast cancer, wine, iris (classification),
-  diabetes (regression), and diabetes with 10% outliers planted in the *training* targets (a random sign
-  times 8-16 standard deviations; the validation targets stay clean). A fixed 75/25 split (seed 0),
-  features standardized with the training split's mean and std, regression targets too;
-- model: an MLP n_features-64-64-outputs with ReLU; 300 steps of batch 64, seeds 0, 1 and 2, validation
+- data and model: the built-in examples (``advisor/_examples.py``): scikit-learn's bundled tables (no
+  download) digits, breast cancer, wine, iris (classification), diabetes (regression), and diabetes with
+  10% outliers planted in the *training* targets (a random sign times 8-16 standard deviations; the
+  validation targets stay clean); a fixed 75/25 split (seed 0), features standardized with the training
+  split's mean and std, regression targets too; an MLP n_features-64-64-outputs with ReLU;
+- training: 300 steps of batch 64, seeds 0, 1 and 2, validation
   metric averaged over the seeds; the metric: validation error rate (classification) or validation MSE on
   standardized targets (regression) — the trial's default yardsticks;
 - the reference grid: {SGD momentum 0.9, Adam, AdamW, RMSprop} x {MSE, Huber | cross-entropy,
@@ -38,60 +39,20 @@ from typing import Any
 
 import torch
 
+from advisor._examples import EXAMPLES, MLP, load_example
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID_PATH = os.path.join(HERE, "advice_grid.json")
 STEPS, BATCH, SEEDS, EVAL_EVERY = 300, 64, (0, 1, 2), 30
 GRID_OPTIMIZERS = {"SGD": {"momentum": 0.9}, "Adam": {}, "AdamW": {}, "RMSprop": {}}
 GRID_LOSSES = {"regression": ("MSELoss", "HuberLoss"), "classification": ("CrossEntropyLoss", "MultiMarginLoss")}
 GRID_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-DATASETS = ("digits", "breast_cancer", "wine", "iris", "diabetes", "diabetes_outliers")
+DATASETS = EXAMPLES
 QUICK_DATASETS = ("iris", "diabetes_outliers")
 
 
 def load(name: str) -> dict[str, Any]:
-    """The data set split, standardized and (for diabetes_outliers) contaminated, as the protocol says."""
-    from sklearn import datasets
-
-    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
-              "wine": datasets.load_wine, "iris": datasets.load_iris,
-              "diabetes": datasets.load_diabetes, "diabetes_outliers": datasets.load_diabetes}[name]
-    X, y = loader(return_X_y=True)
-    task = "regression" if name.startswith("diabetes") else "classification"
-    X = torch.tensor(X, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.float32 if task == "regression" else torch.int64)
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=gen)
-    n = int(0.75 * len(y))
-    tr, va = perm[:n], perm[n:]
-    mu, sd = X[tr].mean(0), X[tr].std(0)
-    sd[sd == 0] = 1.0
-    X = (X - mu) / sd
-    ytr, yva = y[tr].clone(), y[va].clone()
-    if task == "regression":
-        m, s = ytr.mean(), ytr.std()
-        ytr, yva = (ytr - m) / s, (yva - m) / s
-        if name == "diabetes_outliers":
-            k = len(ytr) // 10
-            idx = torch.randperm(len(ytr), generator=gen)[:k]
-            sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
-            ytr[idx] += sign * (8 + 8 * torch.rand(k, generator=gen))
-    outputs = 1 if task == "regression" else int(y.max()) + 1
-    return {"name": name, "task": task, "train": (X[tr], ytr), "val": (X[va], yva),
-            "n_features": X.shape[1], "outputs": outputs}
-
-
-class MLP(torch.nn.Module):
-    """n_features-64-64-outputs, ReLU; one output per example is returned flat (regression)."""
-
-    def __init__(self, n_features: int, outputs: int):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(n_features, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                                       torch.nn.ReLU(), torch.nn.Linear(64, outputs))
-        self.flat = outputs == 1
-
-    def forward(self, x):
-        out = self.net(x)
-        return out.squeeze(-1) if self.flat else out
+    return load_example(name)
 
 
 def model_fn_for(data: dict[str, Any]):

@@ -14,7 +14,7 @@ print(profile.explain(), "\n")
 rec = advise(profile)
 print(rec.explain(), "\n")
 
-result = trial(model_fn, (X_train, y_train), (X_val, y_val), rec, top_k=3, budget_steps=200, seeds=(0, 1),
+result = trial(model_fn, (X_train, y_train), (X_val, y_val), rec,
                storage="digits-trials.db")   # rerun: finished runs are reused from the study
 print(result.table())
 result.plot("digits-curves.png")
@@ -22,10 +22,10 @@ result.plot("digits-curves.png")
 final = result.recommendation                   # the advice, with the measured evidence as its first reason
 model = model_fn()
 opt, loss_fn = final.build_optimizer(model.parameters()), final.build_loss()
-for epoch in range(20):
-    for i in range(0, len(y_train), 64):
-        opt.zero_grad()
-        loss_fn(model(X_train[i:i + 64]), y_train[i:i + 64]).backward()
-        opt.step()
+for step in range(final.train_steps):          # early stopping: as long as the trial found best
+    i = (step * 64) % len(y_train)
+    opt.zero_grad()
+    loss_fn(model(X_train[i:i + 64]), y_train[i:i + 64]).backward()
+    opt.step()
 with torch.no_grad():
     print("validation accuracy:", (model(X_val).argmax(1) == y_val).float().mean().item())
