@@ -108,6 +108,7 @@ class RunResult:
     """A run's validation curve [(step, value)], where it ended and why, and the time spent training."""
 
     curve: list[tuple[int, float]] = field(default_factory=list)
+    keys: list[float] = field(default_factory=list)
     steps: int = 0
     diverged: str | None = None
     stopped: bool = False
@@ -115,23 +116,28 @@ class RunResult:
 
     @property
     def best(self) -> tuple[int, float]:
-        """(step, value) of the best validation value (the first of equals): early stopping's choice."""
+        """(step, value) of the best validation point (by its ranking key; the first of equals): early
+        stopping's choice."""
         if not self.curve:
             return 0, math.inf
-        return min(self.curve, key=lambda sv: (sv[1], sv[0]))
+        i = min(range(len(self.curve)), key=lambda i: (self.keys[i], self.curve[i][0]))
+        return self.curve[i]
 
 
 def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Choice, loss: Choice, lr: float,
               train_data: Any, val_data: Any, steps: int, *, batch_size: int = 64, eval_every: int | None = None,
               metric: str = "val_loss", yardstick: Callable | None = None,
               on_eval: Callable[[int, float], bool] | None = None, weight_decay: float | None = None,
-              fused: bool | None = None) -> RunResult:
+              fused: bool | None = None, tiebreak: tuple[Callable, float] | None = None) -> RunResult:
     """Train a fresh model (``torch.manual_seed(seed)`` before ``model_fn()``) for ``steps`` steps.
 
     ``on_eval(step, value)`` is called after each evaluation; returning True stops the run there (pruned).
     ``weight_decay`` (when not None) replaces the optimizer choice's. ``fused``: the kernels optimizer's
     (``None``: compiled for models of 1M parameters or more, eager below, where the first step's compile
     would cost more than it saves; the two paths compute the same update).
+    ``tiebreak=(loss, weight)``: each point's ranking key (``RunResult.keys``, what ``on_eval`` receives) is the
+    metric plus ``weight`` x the validation ``loss`` (capped at 10) — for an error rate, which ties often on
+    small validation sets, a weight small enough never to reorder two different error rates.
     """
     every = eval_every or max(1, steps // 10)
     torch.manual_seed(seed)
@@ -155,15 +161,19 @@ def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Cho
         result.train_seconds += time.perf_counter() - t0
         result.steps = step
         if not finite:
-            result.diverged = f"the training loss became {float(value)} at step {step}"
+            result.diverged = f"the training loss became {float(value.detach())} at step {step}"
             return result
         if step % every == 0 or step == steps:
             v = evaluate(model, val_data, metric, yardstick)
             if not math.isfinite(v):
                 result.diverged = f"the validation metric {metric} became {v} at step {step}"
                 return result
+            key = v
+            if tiebreak is not None:
+                key += tiebreak[1] * min(evaluate(model, val_data, "val_loss", tiebreak[0]), 10.0)
             result.curve.append((step, v))
-            if on_eval is not None and on_eval(step, v):
+            result.keys.append(key)
+            if on_eval is not None and on_eval(step, key):
                 result.stopped = True
                 return result
     return result

@@ -7,8 +7,8 @@ How it searches (the defaults; every number is an argument):
    search covers ``centre x 10^-2.5 .. centre x 10^0.5`` on a log scale — the validation optimum of a short
    run on small data is often one or two decades below where the training loss falls fastest.
 2. **A plan of configurations fixed up front** (``n_trials``, on the first seed): the rules-only advice
-   itself first (never pruned), then the best-ranked optimizer/loss pairs of the rules at half a decade and
-   a decade and a half below their centre, then a scrambled Sobol sequence over (optimizer, loss, log
+   itself first (never pruned), then the three best-ranked optimizer/loss pairs of the rules at half a decade
+   and a decade and a half below their centre (the best one also two and a half decades below), then a scrambled Sobol sequence over (optimizer, loss, log
    learning rate, log weight decay for AdamW).
 3. **Successive halving** (Optuna's ``SuccessiveHalvingPruner``, reduction factor 3) on the best validation
    value so far, evaluated every ``budget_steps // 10`` steps: about a third of the configurations survive
@@ -61,6 +61,7 @@ LR_DECADES = (-2.5, 0.5)       # the learning-rate range around the range test's
 WD_DECADES = (-4.0, -1.0)      # AdamW's decoupled weight decay
 SEEDED_OFFSETS = (-0.5, -1.5)  # the rules' best pairs start here (decades below the centre)
 REDUCTION = 3
+MIN_RUNG = 10                  # the first pruning decision comes after at least this many steps
 
 
 class CandidateResult(BaseModel):
@@ -119,14 +120,14 @@ class TrialResult(BaseModel):
 
 
 def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: Any, rec: Recommendation,
-          top_k: int = 3, budget_steps: int = 300, metric: str | None = None, **options: Any) -> TrialResult:
+          top_k: int = 5, budget_steps: int = 300, metric: str | None = None, **options: Any) -> TrialResult:
     """Search the configurations around ``rec`` on ``val_data``; return the ranking and the updated advice.
 
     ``model_fn()`` builds a fresh model (seeded by us before each call); ``train_data``/``val_data``: an
     (X, y) pair of tensors or an iterable of (x, y) batches. ``metric``: ``None`` picks the default — the
     error rate for classification (``val_balanced_error`` when the largest class is over 3x the smallest),
     the MSE for regression — or one of ``val_loss`` (the recommended loss), ``val_mse``, ``val_mae``,
-    ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (40 configurations), ``seeds``
+    ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (60 configurations), ``seeds``
     ((0, 1, 2)), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage`` (an SQLite path, default
     ``optadvisor-trials.db``, or an Optuna storage URL), ``study_name`` (default: from the fingerprint),
     ``progress`` (a tqdm bar), ``heartbeat_interval`` (10 s) and ``grace_period`` (60 s).
@@ -145,8 +146,9 @@ def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: An
 # ----------------------------------------------------------------------------------------------------------
 # checks and the fingerprint
 
-def _check_data(data: Any, name: str, task: str, h: Any) -> None:
-    """Hash the data into ``h``; refuse data that cannot rank models (one class, a constant target)."""
+def _check_data(data: Any, name: str, task: str, h: Any) -> int:
+    """Hash the data into ``h``; refuse data that cannot rank models (one class, a constant target); the
+    number of rows."""
     import numpy as np
 
     distinct: set[float] = set()
@@ -166,13 +168,15 @@ def _check_data(data: Any, name: str, task: str, h: Any) -> None:
         raise ValueError(f"trial: {name} has {what} ({next(iter(distinct), None)!r}): it cannot tell one model "
                          "from another" + (" (every model has the same error)" if task == "classification" else
                                            " (nothing to learn)" if name == "train_data" else ""))
+    return rows
 
 
-def _fingerprint(model_fn, train_data, val_data, rec: Recommendation, settings: dict[str, Any]) -> str:
+def _fingerprint(model_fn, train_data, val_data, rec: Recommendation, settings: dict[str, Any]) -> tuple[str, int]:
+    """A digest of everything that determines the study's results, and the number of validation rows."""
     h = hashlib.sha256(f"optadvisor trial plan v{PLAN_VERSION}".encode())
     task = rec.facts.task or "regression"
     _check_data(train_data, "train_data", task, h)
-    _check_data(val_data, "val_data", task, h)
+    n_val = _check_data(val_data, "val_data", task, h)
     torch.manual_seed(settings["seeds"][0])
     model = model_fn()
     h.update(repr(model).encode())
@@ -182,7 +186,7 @@ def _fingerprint(model_fn, train_data, val_data, rec: Recommendation, settings: 
     h.update(json.dumps({"optimizer": rec.optimizer.model_dump(), "loss": rec.loss.model_dump(),
                          "candidates": {k: c.model_dump() for k, c in rec.candidates.items()},
                          **settings}, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    return h.hexdigest(), n_val
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,7 +285,7 @@ class _PlanOrderView:
 
 class _Search:
     def __init__(self, model_fn, train_data, val_data, rec: Recommendation, top_k: int, budget_steps: int,
-                 metric: str | None, *, n_trials: int = 40, seeds: Sequence[int] = (0, 1, 2), batch_size: int = 64,
+                 metric: str | None, *, n_trials: int = 60, seeds: Sequence[int] = (0, 1, 2), batch_size: int = 64,
                  lr_steps: int = 60, storage: str | None = None, study_name: str | None = None,
                  progress: bool = True, heartbeat_interval: int = 10, grace_period: int = 60,
                  poll_seconds: float = 0.2):
@@ -307,8 +311,11 @@ class _Search:
         self.batch_size, self.lr_steps, self.poll = batch_size, lr_steps, poll_seconds
         self.eval_every = max(1, budget_steps // 10)
         self.rung0 = self.eval_every * max(1, round(budget_steps / (3 * REDUCTION * self.eval_every)))
+        if self.rung0 < MIN_RUNG:  # a validation score after a handful of steps says little
+            self.rung0 = self.eval_every * math.ceil(MIN_RUNG / self.eval_every)
         self.skipped: list[str] = []
-        if self.rung0 * REDUCTION > budget_steps:
+        self.can_prune = self.rung0 * REDUCTION <= budget_steps
+        if not self.can_prune:
             fits = max(top_k + 1, n_trials // 3)
             warnings.warn(f"trial: budget_steps={budget_steps} is too small to prune (the first rung is at step "
                           f"{self.rung0}, the next at {self.rung0 * REDUCTION}): every configuration trains the "
@@ -326,9 +333,16 @@ class _Search:
             raise ValueError("trial: no loss candidate can be trialled (HingeLoss needs +-1 targets)")
         self.yardstick_choice = rec.loss if rec.loss.name in self.losses else rec.candidates[self.losses[0]]
         self.yardstick = build_loss(self.yardstick_choice) if metric == "val_loss" else None
+        self.tiebreak = None
         settings = {"budget_steps": budget_steps, "seeds": list(seeds), "batch_size": batch_size, "metric": metric,
                     "n_trials": n_trials, "top_k": top_k, "lr_steps": lr_steps}
-        self.fingerprint = _fingerprint(model_fn, train_data, val_data, rec, settings)
+        self.fingerprint, n_val = _fingerprint(model_fn, train_data, val_data, rec, settings)
+        if metric in CLASSIFICATION_METRICS and "CrossEntropyLoss" in rec.candidates:
+            # error rates tie often on small validation sets: the validation cross-entropy breaks the ties,
+            # weighted so that it never reorders two different error rates (they differ by >= 1/(C n_val))
+            classes = rec.facts.n_classes or len(rec.facts.class_counts or ()) or 2
+            self.tiebreak = (build_loss(rec.candidates["CrossEntropyLoss"].model_copy(update={"params": {}})),
+                             0.01 / (classes * n_val))
         self.name = study_name or f"optadvisor-{self.fingerprint[:24]}"
         self.heartbeat_interval, self.grace = heartbeat_interval, grace_period
         self.optuna, self.rdb, self.url = _open_storage(storage, heartbeat_interval, grace_period)
@@ -336,6 +350,7 @@ class _Search:
         self.steps_run = 0
         self.train_seconds = 0.0
         self._final: dict[int, Any] = {}  # slot -> its ended run (final: never changes again)
+        self._finalists: list[int] | None = None
 
     # ---- study and plan ------------------------------------------------------------------------------
     def _open_study(self):
@@ -402,8 +417,8 @@ class _Search:
         pairs = sorted(((o, lo) for o in OPTIMIZERS for lo in self.losses),
                        key=lambda p: (-(rec.candidates[p[0]].score + rec.candidates[p[1]].score),
                                       OPTIMIZERS.index(p[0]), self.losses.index(p[1])))
-        for o, lo in pairs[:3]:
-            for off in SEEDED_OFFSETS:
+        for i, (o, lo) in enumerate(pairs[:3]):
+            for off in SEEDED_OFFSETS + ((LR_DECADES[0],) if i == 0 else ()):
                 if len(plan) < self.n_trials:
                     plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, None, "rules-ranked", off))
         sobol = torch.quasirandom.SobolEngine(4, scramble=True, seed=self.seeds[0])
@@ -486,12 +501,20 @@ class _Search:
         return {**self.plan[finalists[j]], "exempt": True, "of": finalists[j]}, self.seeds[k + 1]
 
     def _finalist_slots(self) -> list[int]:
-        """The rules' configuration and the top_k best complete search runs (waits for the search to end)."""
-        by_slot = self._wait(range(self.n_trials))
-        TS = self.optuna.trial.TrialState
-        complete = [(by_slot[s][-1].value, s) for s in range(1, self.n_trials)
-                    if by_slot[s][-1].state == TS.COMPLETE]
-        return [0] + [s for _, s in sorted(complete)[:self.top_k]]
+        """The rules' configuration and the top_k best complete search runs (waits for the search to end; then
+        final, so kept). Fewer complete runs than top_k leave the last finalist slots void."""
+        if self._finalists is None:
+            by_slot = self._wait(range(self.n_trials))
+            TS = self.optuna.trial.TrialState
+            complete = [(by_slot[s][-1].value, s) for s in range(1, self.n_trials)
+                        if by_slot[s][-1].state == TS.COMPLETE]
+            self._finalists = [0] + [s for _, s in sorted(complete)[:self.top_k]]
+        return self._finalists
+
+    def _live_slots(self) -> list[int]:
+        """Every slot that has a run to do: the search, and the finalists' other seeds that are not void."""
+        per = len(self.seeds) - 1
+        return list(range(self.n_trials + len(self._finalist_slots()) * per))
 
     def _wait(self, slots: Sequence[int], ready: Callable[[Any], bool] | None = None) -> dict[int, list[Any]]:
         """Wait until every slot is done (or ``ready(latest attempt)``), taking over abandoned ones."""
@@ -538,7 +561,7 @@ class _Search:
             user_attrs={"run": {"slot": slot, "attempt": attempt, "worker": _WORKER, "seed": seed, **cfg}})
         tid = st.create_new_trial(self.study._study_id, template_trial=template)
         heartbeat = _Heartbeat(self.rdb, tid, self.heartbeat_interval)
-        prune = slot < self.n_trials and not cfg["exempt"]
+        prune = self.can_prune and slot < self.n_trials and not cfg["exempt"]
         pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=self.rung0, reduction_factor=REDUCTION)
         best = [math.inf]
         next_rung = [self.rung0]
@@ -550,14 +573,17 @@ class _Search:
             while next_rung[0] <= step:
                 next_rung[0] *= REDUCTION
             st.set_trial_intermediate_value(tid, step, best[0])
-            return pruner.prune(self._view_for(slot, step), st.get_trial(tid))
+            if pruner.prune(self._view_for(slot, step), st.get_trial(tid)):
+                return True
+            st.set_trial_user_attr(tid, "rung_passed", step)  # what later slots wait for (see _view_for)
+            return False
 
         try:
             res: RunResult = train_run(self.model_fn, seed, self.rec.candidates[cfg["optimizer"]],
                                        self.rec.candidates[cfg["loss"]], cfg["lr"], self.train_data, self.val_data,
                                        self.budget, batch_size=self.batch_size, eval_every=self.eval_every,
                                        metric=self.metric, yardstick=self.yardstick, on_eval=on_eval,
-                                       weight_decay=cfg["weight_decay"])
+                                       weight_decay=cfg["weight_decay"], tiebreak=self.tiebreak)
         except BaseException:
             heartbeat.stop()
             st.set_trial_state_values(tid, state=TS.FAIL)  # abandoned: another attempt redoes it
@@ -565,7 +591,7 @@ class _Search:
         heartbeat.stop()
         self.steps_run += res.steps
         self.train_seconds += res.train_seconds
-        outcome = {"steps": res.steps, "curve": res.curve, "best_step": res.best[0]}
+        outcome = {"steps": res.steps, "curve": res.curve, "keys": res.keys, "best_step": res.best[0]}
         if res.diverged:
             outcome["diverged"] = res.diverged
         st.set_trial_user_attr(tid, "outcome", outcome)
@@ -574,7 +600,7 @@ class _Search:
         elif res.stopped:
             st.set_trial_state_values(tid, state=TS.PRUNED)
         else:
-            st.set_trial_state_values(tid, state=TS.COMPLETE, values=[res.best[1]])
+            st.set_trial_state_values(tid, state=TS.COMPLETE, values=[min(res.keys)])
         self._final[slot] = st.get_trial(tid)
         self._tick()
 
@@ -584,7 +610,7 @@ class _Search:
         if all(s in self._final for s in earlier):  # ended runs never change: no need to read them again
             trials = [self._final[s] for s in earlier]
         else:
-            by_slot = self._wait(earlier, ready=lambda t: t.last_step is not None and t.last_step > step)
+            by_slot = self._wait(earlier, ready=lambda t: t.user_attrs.get("rung_passed", -1) >= step)
             trials = [by_slot[s][-1] for s in earlier]
         return _PlanOrderView(self.study, trials, self.optuna.study.StudyDirection.MINIMIZE)
 
@@ -604,7 +630,7 @@ class _Search:
                 if time.monotonic() - taken_at > 1.0:  # claims are atomic: a stale view only costs a failed claim
                     snapshot, taken_at = self._trials_by_slot(), time.monotonic()
                 self._take(slot, snapshot)
-            by_slot = self._wait(range(self.total_slots))
+            by_slot = self._wait(self._live_slots())
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -622,21 +648,23 @@ class _Search:
             if any(r.state != TS.COMPLETE for r in runs):
                 continue  # diverged on another seed: not a candidate
             curves = [[tuple(p) for p in _outcome(r)["curve"]] for r in runs]
-            mean = _mean_curve(curves)
-            best_step, best_mean = min(mean, key=lambda sv: (sv[1], sv[0]))
+            keys = [[(st, k) for (st, _), k in zip(c, _outcome(r)["keys"])] for c, r in zip(curves, runs)]
+            best_step, best_key = min(_mean_curve(keys), key=lambda sv: (sv[1], sv[0]))
             values = [dict(c)[best_step] for c in curves]
+            best_mean = statistics.fmean(values)
             params = {**self.rec.candidates[cfg["optimizer"]].params, "lr": cfg["lr"]}
             if cfg["weight_decay"] is not None:
                 params["weight_decay"] = cfg["weight_decay"]
             opt = self.rec.candidates[cfg["optimizer"]].model_copy(update={"params": params})
-            rows.append(CandidateResult(
+            rows.append((best_key, CandidateResult(
                 optimizer=opt, loss=self.rec.candidates[cfg["loss"]], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                 origin=cfg["origin"], lr_reasoning=cfg.get("lr_why", ""), best_step=best_step, values=values,
-                mean=best_mean, spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves))
+                mean=best_mean, spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves)))
         if not rows:
             raise RuntimeError("trial: every finalist diverged on some seed; see the failed runs in the study "
                                f"{self.name!r} ({self.url})")
-        ranked = sorted(rows, key=lambda c: (c.mean, c.origin != "rules", c.optimizer.name, c.loss.name, c.lr))
+        ranked = [r for _, r in sorted(rows, key=lambda kr: (kr[0], kr[1].origin != "rules", kr[1].optimizer.name,
+                                                               kr[1].loss.name, kr[1].lr))]
         winner = ranked[0]
         trials = [t for t in self.study.get_trials(deepcopy=False) if "run" in t.user_attrs]
         searched = [latest[s] for s in range(self.n_trials)]

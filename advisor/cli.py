@@ -236,8 +236,8 @@ def _trial_cmd(argv: list[str]) -> int:
                                  "search around the advice on its validation set (an Optuna study). Run the same "
                                  "command with the same --storage URL on several machines to share the work.")
     ap.add_argument("--example", choices=EXAMPLES, required=True)
-    ap.add_argument("--n-trials", type=int, default=40, help="configurations searched (default %(default)s)")
-    ap.add_argument("--top-k", type=int, default=3, help="finalists trained on every seed besides the rules' own")
+    ap.add_argument("--n-trials", type=int, default=60, help="configurations searched (default %(default)s)")
+    ap.add_argument("--top-k", type=int, default=5, help="finalists trained on every seed besides the rules' own")
     ap.add_argument("--budget-steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default %(default)s)")
     ap.add_argument("--metric", choices=METRICS, help="default: error rate (classification), MSE (regression)")
