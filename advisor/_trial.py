@@ -207,13 +207,20 @@ def _open_storage(storage: str | None, heartbeat_interval: int, grace_period: in
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         _sqlite_wal(url[len("sqlite:///"):])
-    try:
-        rdb = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
-                                         grace_period=grace_period)
-    except Exception as exc:  # sqlalchemy/optuna raise many types for a bad or unreachable URL
-        raise ValueError(f"trial: cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return optuna, rdb, url
+    for attempt in range(6):
+        try:
+            rdb = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+                                             grace_period=grace_period)
+            return optuna, rdb, url
+        except Exception as exc:  # sqlalchemy/optuna raise many types for a bad or unreachable URL
+            text = str(exc)
+            # workers started together on a new database race to create its tables: the loser retries
+            if attempt < 5 and any(k in text for k in ("already exists", "duplicate key", "UniqueViolation")):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise ValueError(f"trial: cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
+                             f"{text.splitlines()[0] if text else ''}") from None
+    raise AssertionError("unreachable")
 
 
 def _sqlite_wal(path: str) -> None:
