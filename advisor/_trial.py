@@ -215,7 +215,7 @@ def _open_storage(storage: str | None, heartbeat_interval: int, grace_period: in
         except Exception as exc:  # sqlalchemy/optuna raise many types for a bad or unreachable URL
             text = str(exc)
             # workers started together on a new database race to create its tables: the loser retries
-            if attempt < 5 and any(k in text for k in ("already exists", "duplicate key", "UniqueViolation")):
+            if attempt < 5 and any(k in text for k in _SCHEMA_RACE):
                 time.sleep(0.2 * (attempt + 1))
                 continue
             raise ValueError(f"trial: cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
@@ -237,6 +237,9 @@ def _sqlite_wal(path: str) -> None:
             con.close()
     except sqlite3.Error as exc:
         raise ValueError(f"trial: cannot open the SQLite study file {path!r}: {exc}") from None
+
+
+_SCHEMA_RACE = ("already exists", "duplicate key", "UniqueViolation", "UNIQUE constraint", "database is locked")
 
 
 class _Heartbeat:
@@ -278,13 +281,40 @@ class _PlanOrderView:
     """What Optuna's pruner sees when deciding on the run in plan slot ``slot``: the runs of earlier slots only
     (each slot's latest attempt), exactly what it would see if one worker ran the plan in order."""
 
-    def __init__(self, study: Any, trials: list[Any], direction: Any):
-        self._storage = study._storage  # the pruner records the rung it reached through the storage
+    def __init__(self, storage: Any, trials: list[Any], direction: Any):
+        self._storage = storage  # the pruner records the rung it reached through the storage
         self._trials = trials
         self.direction = direction
 
     def get_trials(self, deepcopy: bool = False, states: Any = None) -> list[Any]:
         return [t for t in self._trials if states is None or t.state in states]
+
+
+class _RunRecord:
+    """This worker's own copy of a running trial (what the pruner reads), kept in step with what is written
+    to the storage, so that a rung costs two writes and no read."""
+
+    def __init__(self, optuna: Any, storage: Any, tid: int, template: Any):
+        self.optuna, self.storage, self.tid = optuna, storage, tid
+        self.system_attrs: dict[str, Any] = {}
+        self.intermediate: dict[int, float] = {}
+        self.template = template
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:  # the pruner's one write
+        self.storage.set_trial_system_attr(trial_id, key, value)
+        if trial_id == self.tid:
+            self.system_attrs[key] = value
+
+    def report(self, step: int, value: float) -> None:
+        self.storage.set_trial_intermediate_value(self.tid, step, value)
+        self.intermediate[step] = value
+
+    def frozen(self, state: Any = None, value: float | None = None, user_attrs: dict | None = None) -> Any:
+        t = self.template
+        return self.optuna.trial.FrozenTrial(
+            number=-1, state=state or t.state, value=value, datetime_start=t.datetime_start,
+            datetime_complete=None, params={}, distributions={}, user_attrs={**t.user_attrs, **(user_attrs or {})},
+            system_attrs=dict(self.system_attrs), intermediate_values=dict(self.intermediate), trial_id=self.tid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,6 +597,7 @@ class _Search:
             params={}, distributions={}, system_attrs={}, intermediate_values={}, trial_id=-1,
             user_attrs={"run": {"slot": slot, "attempt": attempt, "worker": _WORKER, "seed": seed, **cfg}})
         tid = st.create_new_trial(self.study._study_id, template_trial=template)
+        record = _RunRecord(optuna, st, tid, template)
         heartbeat = _Heartbeat(self.rdb, tid, self.heartbeat_interval)
         prune = self.can_prune and slot < self.n_trials and not cfg["exempt"]
         pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=self.rung0, reduction_factor=REDUCTION)
@@ -579,8 +610,8 @@ class _Search:
                 return False  # only the rungs are reported: the pruner reads nothing else, the curve is kept
             while next_rung[0] <= step:
                 next_rung[0] *= REDUCTION
-            st.set_trial_intermediate_value(tid, step, best[0])
-            if pruner.prune(self._view_for(slot, step), st.get_trial(tid)):
+            record.report(step, best[0])
+            if pruner.prune(self._view_for(slot, step, record), record.frozen()):
                 return True
             st.set_trial_user_attr(tid, "rung_passed", step)  # what later slots wait for (see _view_for)
             return False
@@ -608,10 +639,12 @@ class _Search:
             st.set_trial_state_values(tid, state=TS.PRUNED)
         else:
             st.set_trial_state_values(tid, state=TS.COMPLETE, values=[min(res.keys)])
-        self._final[slot] = st.get_trial(tid)
+        state = TS.FAIL if res.diverged else TS.PRUNED if res.stopped else TS.COMPLETE
+        self._final[slot] = record.frozen(state, None if state != TS.COMPLETE else min(res.keys),
+                                          {"outcome": outcome})
         self._tick()
 
-    def _view_for(self, slot: int, step: int) -> _PlanOrderView:
+    def _view_for(self, slot: int, step: int, record: _RunRecord) -> _PlanOrderView:
         """Wait until every earlier prunable slot has passed ``step`` or ended, then show only those."""
         earlier = [s for s in range(slot) if not self.plan[s]["exempt"]]
         if all(s in self._final for s in earlier):  # ended runs never change: no need to read them again
@@ -619,7 +652,7 @@ class _Search:
         else:
             by_slot = self._wait(earlier, ready=lambda t: t.user_attrs.get("rung_passed", -1) >= step)
             trials = [by_slot[s][-1] for s in earlier]
-        return _PlanOrderView(self.study, trials, self.optuna.study.StudyDirection.MINIMIZE)
+        return _PlanOrderView(record, trials, self.optuna.study.StudyDirection.MINIMIZE)
 
     # ---- the whole search ------------------------------------------------------------------------------
     def run(self) -> TrialResult:
