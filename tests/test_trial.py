@@ -21,10 +21,10 @@ from advisor import advise, profile_data, trial
 from advisor._examples import example_task
 from advisor._train import evaluate
 
-sys.path.insert(0, os.path.dirname(__file__))
-from trial_worker import SMALL, small_study, summary  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, ROOT)  # the benchmarks package is run from the repository root, not installed
+from trial_worker import SMALL, small_study, summary  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "trial_worker.py")
 
 
