@@ -99,8 +99,36 @@ class _Kernel:
         if pending is not None and result is None and state_guard is not None and self.direct is None:
             compiled, plan = pending
             call = _innermost(compiled, plan, scalars, flags, tensors) or (lambda a: compiled(*a))
-            self.direct = (call, plan, scalars.shape[0], state_guard, tuple(t is not None for t in tensors))
+            if self._serves_other_sizes(call, plan, scalars, flags, tensors):
+                self.direct = (call, plan, scalars.shape[0], state_guard, tuple(t is not None for t in tensors))
         return result
+
+    def _serves_other_sizes(self, call: Callable[[list], Any], plan: tuple, scalars: torch.Tensor, flags: tuple,
+                            tensors: tuple) -> bool:
+        """A direct call skips dynamo's guards, so it is only recorded once it has shown, on scratch inputs of
+        two other lengths, the same bits as the guarded call: a graph that inductor specialized to one size
+        (seen: plain SGD's update compiled for 5 elements, later called with 2, failed inside inductor)
+        stays guarded instead."""
+        n = next(t.shape[0] for t in tensors if t is not None)
+        try:
+            for length in (37, 41) if n not in (37, 41) else (43, 47):
+                gen = torch.Generator(device=scalars.device).manual_seed(length)
+                inputs = [None if t is None else torch.rand(length, generator=gen, device=t.device).to(t.dtype)
+                          for t in tensors]
+                direct = [None if t is None else t.clone() for t in inputs]
+                guarded = [None if t is None else t.clone() for t in inputs]
+                args = (scalars, *flags, *direct)
+                call([args[i] if kind else args[i].shape[0] for kind, i in plan])
+                saved, self._pending = self._pending, None
+                try:
+                    self.guarded(scalars, *flags, *guarded)
+                finally:
+                    self._pending = saved
+                if not all(a is None or _same_values(a, b) for a, b in zip(direct, guarded)):
+                    return False
+        except Exception:  # noqa: BLE001 - a graph that cannot take another size: keep every call guarded
+            return False
+        return True
 
     @staticmethod
     def _direct_ok(scalars: torch.Tensor, tensors: tuple, hp_len: int, state_guard: Any,
