@@ -361,10 +361,10 @@ class _Search:
             self.skipped.append(f"{max(0, n_trials - fits)} configurations: budget too small to prune")
             n_trials = min(n_trials, fits)
         self.n_trials = n_trials
-        self.finalists = top_k + 1
-        self.total_slots = n_trials + self.finalists * (len(seeds) - 1)
-        self.losses = [c for c in _task_losses(rec) if c != "HingeLoss"]
-        if "HingeLoss" in _task_losses(rec):
+        self.total_slots = n_trials + (top_k + 1) * (len(seeds) - 1)  # the search, then the finalists' seeds
+        task_losses = _task_losses(rec)
+        self.losses = [c for c in task_losses if c != "HingeLoss"]
+        if "HingeLoss" in task_losses:
             self.skipped.append("HingeLoss: it needs one score per example and +-1 targets; trial it by hand")
         if not self.losses:
             raise ValueError("trial: no loss candidate can be trialled (HingeLoss needs +-1 targets)")
@@ -436,10 +436,10 @@ class _Search:
             choice = rec.candidates[name]
             torch.manual_seed(self.seeds[0])
             probe = self.model_fn()
-            res = lr_range_test(probe, build_loss(rec.loss if rec.loss.name in self.losses else self.yardstick_choice),
+            res = lr_range_test(probe, build_loss(self.yardstick_choice),
                                 lambda p, lr, c=choice, f=fused_for(probe): build_optimizer(c, p, lr=lr, fused=f),
-                                self.train_data, start=1e-6,
-                                end=10.0, steps=self.lr_steps, batch_size=self.batch_size)
+                                self.train_data, start=1e-6, end=10.0, steps=self.lr_steps,
+                                batch_size=self.batch_size)
             self.steps_run += len(res.lrs)
             rule_lr = float(choice.params.get("lr", 1e-3))
             if res.recommended:
@@ -448,8 +448,8 @@ class _Search:
             else:
                 self.centres[name] = {"lr": rule_lr, "why": f"range test gave no suggestion ({res.reasoning}); "
                                       f"centred on the rules' lr {rule_lr:.3g}", "steps": len(res.lrs)}
-        plan = [self._config(rec.optimizer.name, rec.loss.name if rec.loss.name in self.losses else self.losses[0],
-                             float(rec.optimizer.params.get("lr", 1e-3)), None, "rules", exempt=True)]
+        plan = [self._config(rec.optimizer.name, self.yardstick_choice.name, float(rec.optimizer.params.get("lr", 1e-3)),
+                             None, "rules", exempt=True)]
         plan[0]["lr_why"] = "the rules' learning rate"
         pairs = sorted(((o, lo) for o in OPTIMIZERS for lo in self.losses),
                        key=lambda p: (-(rec.candidates[p[0]].score + rec.candidates[p[1]].score),
@@ -530,6 +530,10 @@ class _Search:
         if self._claim(slot, attempt):
             self._run(slot, attempt, cfg, seed)
 
+    def _seed_slot(self, j: int, k: int) -> int:
+        """The slot of finalist ``j`` on seed ``seeds[k + 1]`` (its first seed's run is its search slot)."""
+        return self.n_trials + j * (len(self.seeds) - 1) + k
+
     def _finalist_config(self, slot: int) -> tuple[dict[str, Any] | None, int]:
         j, k = divmod(slot - self.n_trials, len(self.seeds) - 1)
         finalists = self._finalist_slots()
@@ -550,8 +554,7 @@ class _Search:
 
     def _live_slots(self) -> list[int]:
         """Every slot that has a run to do: the search, and the finalists' other seeds that are not void."""
-        per = len(self.seeds) - 1
-        return list(range(self.n_trials + len(self._finalist_slots()) * per))
+        return list(range(self._seed_slot(len(self._finalist_slots()), 0)))
 
     def _wait(self, slots: Sequence[int], ready: Callable[[Any], bool] | None = None) -> dict[int, list[Any]]:
         """Wait until every slot is done (or ``ready(latest attempt)``), taking over abandoned ones."""
@@ -682,8 +685,7 @@ class _Search:
         latest = {s: ts[-1] for s, ts in by_slot.items()}
         rows = []
         for j, s in enumerate(finalists):
-            runs = [latest[s]] + [latest[self.n_trials + j * (len(self.seeds) - 1) + k]
-                                  for k in range(len(self.seeds) - 1)]
+            runs = [latest[s]] + [latest[self._seed_slot(j, k)] for k in range(len(self.seeds) - 1)]
             cfg = self.plan[s]
             if any(r.state != TS.COMPLETE for r in runs):
                 continue  # diverged on another seed: not a candidate
