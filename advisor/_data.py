@@ -34,6 +34,8 @@ class DataProfile(BaseModel):
     evidence: dict[str, str]
     nan_in_features: int
     nan_in_target: int
+    class_labels: list[int] | None = None
+    """Classification with labels other than 0..K-1: the label of each class index, in sorted order."""
 
     def explain(self) -> str:
         lines = ["Data profile:"] + [f"  {k}: {v}" for k, v in self.evidence.items()]
@@ -150,8 +152,8 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
         raise ValueError("profile_data: the features have infinite values; fix or drop them first")
     evidence: dict[str, str] = {"n_samples": f"{n:,} examples", "n_features": f"{n_features} features per example"}
     if nan_x or nan_y:
-        evidence["missing"] = (f"{nan_x:,} NaN feature values and {nan_y:,} NaN targets (reported, not dropped: "
-                               "impute or drop them before training)")
+        evidence["missing"] = (f"{nan_x:,} missing (NaN) feature values and {nan_y:,} missing targets; the "
+                               "facts describe the rest (impute or drop them before training)")
     n_distinct = len(distinct)
     facts: dict[str, Any] = {"n_samples": n, "n_features": n_features}
     if task is None:
@@ -168,14 +170,19 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
         why = "given by the caller"
     facts["task"] = task
     evidence["task"] = f"{task}: {why}"
+    class_labels = None
     if task == "classification":
         if not integral or n_distinct > _DISTINCT_CAP:
             raise ValueError("profile_data: task='classification' needs integer class labels in the target")
         labels = sorted(counts)
-        if labels and labels[0] >= 0 and labels[-1] < 10 * len(labels) + 10:
-            class_counts = [counts.get(c, 0) for c in range(labels[-1] + 1)]
-        else:
-            class_counts = [counts[c] for c in labels]
+        class_counts = [counts[c] for c in labels]  # class index i is the i-th smallest label
+        if labels != list(range(len(labels))):
+            class_labels = labels
+            shown = ", ".join(f"{lab}->{i}" for i, lab in enumerate(labels[:6])) + (" ..." if len(labels) > 6 else "")
+            evidence["class_labels"] = (f"the labels are not 0..{len(labels) - 1}: class index i is the i-th "
+                                        f"smallest label ({shown}); counts, class weights and the model's outputs "
+                                        "follow that order, so train on the indices "
+                                        "(torch.searchsorted(torch.tensor(profile.class_labels), y))")
         if len(class_counts) >= 2:
             facts["class_counts"] = class_counts
             nonzero = [c for c in class_counts if c > 0]
@@ -201,7 +208,8 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
         mfacts, mevidence = _model_facts(model)
         facts.update(mfacts)
         evidence.update(mevidence)
-    return DataProfile(facts=TaskProfile(**facts), evidence=evidence, nan_in_features=nan_x, nan_in_target=nan_y)
+    return DataProfile(facts=TaskProfile(**facts), evidence=evidence, nan_in_features=nan_x, nan_in_target=nan_y,
+                       class_labels=class_labels)
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

@@ -19,7 +19,7 @@ Thresholds (documented, deliberately simple; smoothing is a centered running med
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import statistics
 from collections.abc import Iterable, Mapping
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from ._yaml import load_json, read_text
 
 METRICS = ("train_loss", "val_loss", "grad_norm", "lr")
 
@@ -72,21 +74,27 @@ class TrainingMonitor:
         """Read a history written by ``to_csv`` or a JSON list of records."""
         path = Path(path)
         monitor = cls()
-        try:
-            if path.suffix == ".json":
-                rows = json.loads(path.read_text())
-            else:
-                with open(path, newline="") as fh:
-                    rows = list(csv.DictReader(fh))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read a training history: {exc}") from None
+        text = read_text(path, "training history")
+        if path.suffix == ".json":
+            rows = load_json(text, str(path))
+        else:
+            try:
+                rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            except csv.Error as exc:
+                raise ValueError(f"{path}: malformed CSV: {exc}") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a history is a list of records")
         for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not all(isinstance(k, str) for k in row):
+                raise ValueError(f"{path}: record {i + 1}: expected a mapping of column names to numbers")
             try:
-                monitor.log(int(float(row["step"])), **{k: float(v) for k, v in row.items()
-                                                      if k != "step" and v not in ("", None)})
-            except (KeyError, ValueError, TypeError) as exc:
+                step = float(row["step"])
+                if not (math.isfinite(step) and step == int(step)):
+                    raise ValueError(f"step must be a finite integer (got {row['step']!r})")
+                monitor.log(int(step), **{k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)})
+            except KeyError:
+                raise ValueError(f"{path}: record {i + 1}: no 'step'") from None
+            except (ValueError, TypeError, OverflowError) as exc:
                 raise ValueError(f"{path}: record {i + 1}: {exc}") from None
         return monitor
 

@@ -20,7 +20,8 @@ class TaskProfile(BaseModel):
         >>> TaskProfile(task="classification", n_samples=50_000, n_classes=10, class_imbalance=20)
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a fact of inf would pass every >= bound and turn into advice such as HuberLoss(delta=inf)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     task: Literal["regression", "classification"] = Field(
         description="What is predicted: a real value (regression) or a class (classification).")
@@ -33,7 +34,7 @@ class TaskProfile(BaseModel):
         None, ge=1.0, description="Ratio of the largest class's count to the smallest's (1 = balanced).")
     target_outlier_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="Fraction of regression targets that are outliers (e.g. beyond "
-                                          "1.5 IQR of the quartiles).")
+                                          "3 IQR of the quartiles, as profile_data counts them).")
     target_scale: float | None = Field(
         None, gt=0.0, description="Robust scale of the regression targets (1.4826 x median absolute "
                                   "deviation): sets Huber's delta.")

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._expr import NUMBER, NUMBERS, UNKNOWN, Expression, RuleError, combine_all, combine_any, negate
 from ._profile import FACT_TYPES, TaskProfile
+from ._yaml import InputError, load_yaml, read_text
 
 OptimizerName = Literal["SGD", "Adam", "AdamW", "RMSprop"]
 LossName = Literal["MSELoss", "HuberLoss", "CrossEntropyLoss", "MultiMarginLoss", "HingeLoss"]
@@ -65,7 +65,7 @@ LOSSES_FOR_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss"),
 }
 
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN score would silently never win
 
 
 class AllOf(BaseModel):
@@ -235,16 +235,9 @@ def load_rules(paths: Iterable[str | Path] | None = None,
 
 def _read_file(path: Path) -> list[CompiledRule | str]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RuleError(f"{path}: cannot read rule file: {exc.strerror or exc}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RuleError(f"{where}: malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
+        data, root = load_yaml(read_text(path, "rule file"), str(path))
+    except InputError as exc:
+        raise RuleError(str(exc)) from None
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         raise RuleError(f"{path}:1: a rule file must be a mapping with a 'rules' list")
     unknown = set(data) - {"rules"}

@@ -14,18 +14,19 @@ Exit codes: 0 ok, 2 bad input (invalid facts, rule errors, failing rule examples
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from ._engine import evaluate
 from ._expr import RuleError
 from ._profile import TaskProfile
 from ._rules import load_rules, rule_file_schema
+from ._yaml import InputError, load_yaml, read_text
 
 EXAMPLE = {"task": "regression", "n_samples": 2000, "n_features": 8, "target_outlier_fraction": 0.12,
            "target_scale": 3.5, "model_kind": "mlp", "n_params": 5000, "batch_size": 64, "tuning_budget": 5}
@@ -70,11 +71,14 @@ def _advise(argv: list[str]) -> int:
     facts: dict[str, Any] = dict(EXAMPLE) if args.example else {}
     if args.profile:
         try:
-            loaded = yaml.safe_load(args.profile.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            return _fail(f"{args.profile}: cannot read facts: {exc}")
+            loaded, _ = load_yaml(read_text(args.profile, "facts file"), str(args.profile))
+        except InputError as exc:
+            return _fail(str(exc))
         if not isinstance(loaded, dict):
             return _fail(f"{args.profile}: expected a mapping of facts")
+        bad_keys = [k for k in loaded if not isinstance(k, str)]
+        if bad_keys:
+            return _fail(f"{args.profile}: fact names must be strings (got {bad_keys[0]!r})")
         facts.update(loaded)
     facts.update({k: v for k, v in vars(args).items() if k in TaskProfile.model_fields and v is not None})
     if "task" not in facts:
@@ -144,6 +148,58 @@ def _fail(message: str) -> int:
     return 2
 
 
+_MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})  # cells read as missing values (NaN)
+
+
+def _load_csv(path: Path, target: str | None):
+    """(X, y) from a CSV with a header row. Empty cells (and NA, N/A, NaN, null, None) are missing values:
+    NaN, which ``profile_data`` counts and reports. A target column with any non-numeric value other than a
+    missing one holds class names, encoded by their rank in sorted order."""
+    import csv
+
+    import numpy as np
+
+    reader = csv.reader(io.StringIO(read_text(path, "CSV file"), newline=""))
+    rows, lines = [], []
+    try:
+        for r in reader:
+            if r:  # blank lines are skipped
+                rows.append(r)
+                lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+    if len(rows) < 2:
+        raise ValueError(f"{path}: needs a header row and at least one data row")
+    header, body = rows[0], rows[1:]
+    if target is None or target not in header:
+        raise ValueError(f"{path}: --target must name one of the columns {header}")
+    for r, line in zip(body, lines[1:]):
+        if len(r) != len(header):
+            raise ValueError(f"{path}:{line}: this row has {len(r)} cells, the header has {len(header)}")
+    t = header.index(target)
+
+    def number(v: str, line: int, col: str) -> float:
+        if v.strip().lower() in _MISSING:
+            return float("nan")
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError(f"{path}:{line}: column {col!r}: {v!r} is not a number (feature columns must be "
+                             "numeric)") from None
+
+    X = np.array([[number(v, line, header[j]) for j, v in enumerate(r) if j != t] for r, line in zip(body, lines[1:])],
+                 dtype=np.float64).reshape(len(body), len(header) - 1)
+    raw = [r[t].strip() for r in body]
+    present = [v for v in raw if v.lower() not in _MISSING]
+    try:
+        [float(v) for v in present]
+        y = np.array([float("nan") if v.lower() in _MISSING else float(v) for v in raw])
+    except ValueError:
+        labels = {v: i for i, v in enumerate(sorted(set(present)))}  # class names, encoded in sorted order
+        y = np.array([labels.get(v, float("nan")) for v in raw], dtype=np.float64)
+    return X, y
+
+
 def _load_table(path: Path, target: str | None):
     """(X, y) from a CSV (header row; the target column by name), an .npz (arrays X and y, or --target) or a
     .pt file (a dict with X and y, or a pair)."""
@@ -151,27 +207,7 @@ def _load_table(path: Path, target: str | None):
     import torch
 
     if path.suffix == ".csv":
-        import csv
-
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if len(rows) < 2:
-            raise ValueError(f"{path}: needs a header row and at least one data row")
-        header, body = rows[0], rows[1:]
-        if target is None or target not in header:
-            raise ValueError(f"{path}: --target must name one of the columns {header}")
-        t = header.index(target)
-        try:
-            X = np.array([[float(v) for i, v in enumerate(r) if i != t] for r in body], dtype=np.float64)
-        except ValueError as exc:
-            raise ValueError(f"{path}: feature columns must be numeric ({exc})") from None
-        raw = [r[t] for r in body]
-        try:
-            y = np.array([float(v) for v in raw])
-        except ValueError:
-            labels = sorted(set(raw))
-            y = np.array([labels.index(v) for v in raw])  # string classes, encoded in sorted order
-        return X, y
+        return _load_csv(path, target)
     if path.suffix == ".npz":
         data = np.load(path)
         key = target or "y"
@@ -221,7 +257,7 @@ def _diagnose(argv: list[str]) -> int:
     try:
         d = diagnose(TrainingMonitor.load(args.history))
     except (OSError, ValueError) as exc:
-        return _fail(str(exc))
+        return _fail(str(exc) if str(args.history) in str(exc) else f"{args.history}: {exc}")
     print(d.model_dump_json(indent=2) if args.json else d.explain())
     return 0
 

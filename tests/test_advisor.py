@@ -117,6 +117,12 @@ def test_build_optimizer_and_loss_give_kernels_objects():
     (dict(task="regression", n_classes=3), "n_classes"),
     (dict(task="classification", n_classes=3, class_counts=[1, 2]), "n_classes"),
     (dict(task="classification", model_kind="gan"), "model_kind"),
+    # infinite facts pass every >= bound; refused like NaN (inf once became HuberLoss(delta=inf))
+    (dict(task="regression", target_outlier_fraction=0.2, target_scale=float("inf")), "target_scale"),
+    (dict(task="classification", class_imbalance=float("inf")), "class_imbalance"),
+    (dict(task="regression", grad_norm_p90=float("inf")), "grad_norm_p90"),
+    (dict(task="regression", last_lr=float("inf")), "last_lr"),
+    (dict(task="regression", target_scale=float("nan")), "target_scale"),
 ])
 def test_invalid_facts_are_rejected_naming_the_field(facts, field):
     with pytest.raises(ValueError, match=field):

@@ -1,5 +1,6 @@
 """profile_data, diagnose/TrainingMonitor and lr_range_test on synthetic data with known properties."""
 
+import json
 import math
 
 import numpy as np
@@ -70,6 +71,61 @@ def test_nan_is_reported_not_dropped():
     prof = profile_data(X, y)
     assert prof.nan_in_features == 1 and prof.nan_in_target == 5
     assert "NaN" in prof.evidence["missing"] and prof.facts.n_samples == 100
+
+
+@pytest.mark.parametrize("labels", [(1, 2), (3, 7, 11), (-1, 1), (0, 2, 5)])
+def test_labels_other_than_0_to_k_keep_the_imbalance(labels):
+    """Labels that are not 0..K-1 are mapped to class indices in sorted order, and the evidence says so;
+    {1, 2} at 900/100 was once padded with an empty class 0: 3 classes, imbalance unknown, no weights."""
+    counts = [900] + [100] * (len(labels) - 1)
+    y = torch.cat([torch.full((c,), lab) for lab, c in zip(labels, counts)])
+    prof = profile_data(torch.randn(len(y), 2), y)
+    assert prof.facts.task == "classification" and prof.facts.n_classes == len(labels)
+    assert prof.facts.class_counts == counts and prof.facts.class_imbalance == pytest.approx(9)
+    assert prof.class_labels == list(labels)
+    mapping = ", ".join(f"{lab}->{i}" for i, lab in enumerate(labels))
+    assert mapping in prof.evidence["class_labels"]
+    rec = advise(prof)
+    assert rec.loss.name == "CrossEntropyLoss" and len(rec.loss.params["weight"]) == len(labels)
+    assert rec.loss.params["weight"][0] < rec.loss.params["weight"][1]
+    # the mapping the evidence names gives the indices the weights are for
+    idx = torch.searchsorted(torch.tensor(prof.class_labels), y)
+    assert torch.equal(torch.bincount(idx), torch.tensor(counts))
+    same = profile_data(torch.randn(len(y), 2), idx)
+    assert same.class_labels is None and "class_labels" not in same.evidence
+    assert same.facts == prof.facts
+
+
+def test_csv_empty_cells_are_missing_values(tmp_path, capsys):
+    """One empty target cell once turned a regression column into string class labels (0% outliers,
+    MSE): empty cells are missing values, counted and reported, and the rest is profiled."""
+    from advisor.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(500, generator=g) * 2.5
+    y[:40] += 60.0
+    X = torch.randn(500, 2, generator=g)
+    rows = [f"{a},{b},{t}" for (a, b), t in zip(X.tolist(), y.tolist())]
+    rows[7] = rows[7].rsplit(",", 1)[0] + ","  # one empty target cell
+    rows[9] = "," + rows[9].split(",", 1)[1]  # one empty feature cell
+    rows[11] = rows[11].rsplit(",", 1)[0] + ",NA"
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    assert main(["profile", str(path), "--target", "y", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    facts = out["profile"]["facts"]
+    assert facts["task"] == "regression"
+    assert 0.07 < facts["target_outlier_fraction"] < 0.09 and 1.5 < facts["target_scale"] < 4
+    assert out["profile"]["nan_in_target"] == 2 and out["profile"]["nan_in_features"] == 1
+    assert "2 missing targets" in out["profile"]["evidence"]["missing"]
+    assert out["recommendation"]["loss"]["name"] == "HuberLoss"
+    # class names with a missing cell: the missing one is not a class
+    labels = tmp_path / "c.csv"
+    labels.write_text("x,kind\n" + "\n".join(f"{i},{'' if i == 5 else 'cat' if i % 3 else 'dog'}"
+                                              for i in range(60)))
+    assert main(["profile", str(labels), "--target", "kind", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["profile"]["facts"]["class_counts"] == [39, 20] and out["profile"]["nan_in_target"] == 1
 
 
 @pytest.mark.parametrize("args,exc,pattern", [

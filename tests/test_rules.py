@@ -97,6 +97,20 @@ BAD = [
     (yaml_of(rule(overrides="nope")), "overrides unknown rule 'nope'"),
     (yaml_of(rule(examples=[{"facts": {"task": "regression", "n_samples": -1}, "fires": True}])),
      "invalid facts: n_samples"),
+    # scores and values must be finite: a NaN score never wins and never loses
+    (yaml_of(rule()).replace("MSELoss: 1", "HuberLoss: .nan"), r"rules.yaml:2: rule r1: then.loss.HuberLoss: .*finite"),
+    (yaml_of(rule()).replace("MSELoss: 1", "HuberLoss: .inf"), r"then.loss.HuberLoss: .*finite"),
+    # duplicate keys: YAML keeps the last one silently; refused with both lines
+    (yaml_of(rule()).replace("  when:", "  when: 'false'\n  when:"), r"rules.yaml:5: duplicate key 'when' \(first at line 4\)"),
+    (yaml_of(rule()) + yaml_of(rule(id="r2")), r"rules.yaml:\d+: duplicate key 'rules' \(first at line 1\)"),
+    # numbers beyond any sensible length (OverflowError / int's digit limit before this)
+    (yaml_of(rule(priority=10 ** 400)), r"rules.yaml:\d+: a number of 401 characters"),
+    (yaml_of(rule(then={"params": {"SGD": {"lr": 10 ** 400}}})), r"a number of 401 characters"),
+    (yaml_of(rule(priority=10 ** 4000)), r"a number of 4001 characters"),
+    # nesting and aliases
+    ("rules: " + "[" * 5000 + "]" * 5000, r"rules.yaml:1: nested more than 64 levels deep"),
+    ("a: &x [1, 2]\nrules: *x\n", r"rules.yaml:2: YAML aliases \(\*x\) are not allowed"),
+    ("- id: x\n  description: [a, [b]]\n  {[1]: 2}: 3\n", r"rules.yaml:3: a mapping key must be a plain value"),
 ]
 
 
@@ -122,6 +136,33 @@ def test_overrides_allows_equal_priority_and_wins(tmp_path):
 def test_missing_file_is_a_rule_error(tmp_path):
     with pytest.raises(RuleError, match="cannot read rule file"):
         load_rules([tmp_path / "nope.yaml"])
+
+
+def test_non_utf8_rule_file_is_a_rule_error_with_its_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.encode() + "# caf\u00e9\n".encode("latin-1"))
+    line = GOOD.count("\n") + 1
+    with pytest.raises(RuleError, match=rf"latin1.yaml:{line}: rule file is not UTF-8 text \(byte 0xe9"):
+        load_rules([path])
+
+
+def test_billion_laughs_is_refused_at_once(tmp_path):
+    """A 9-level alias bomb (~10^9 strings if expanded) is refused before anything is built."""
+    import time
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = write(tmp_path, "\n".join(lines) + "\nrules: []\n")
+    t0 = time.perf_counter()
+    with pytest.raises(RuleError, match=r"rules.yaml:2: YAML aliases \(\*a0\) are not allowed"):
+        load_rules(None, [path])
+    assert time.perf_counter() - t0 < 5
+
+
+def test_oversized_rule_file_is_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# " + "x" * (5 << 20) + "\nrules: []\n")
+    with pytest.raises(RuleError, match="big.yaml: rule file larger than 4 MiB"):
+        load_rules(None, [path])
 
 
 def test_schema_is_json_schema():

@@ -1,0 +1,90 @@
+"""The CLI on hostile files: every subcommand answers bad input with a message and exit 2, never a traceback."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from advisor.cli import main
+
+# (subcommand argv before the file, the file's suffix)
+FILE_INPUTS = [
+    (["--profile"], ".yaml"),
+    (["--task", "regression", "--extra-rules"], ".yaml"),
+    (["rules", "check"], ".yaml"),
+    (["profile", "--target", "y"], ".csv"),
+    (["diagnose"], ".json"),
+    (["diagnose"], ".csv"),
+]
+
+HOSTILE = [
+    b"1: 2\ntask: regression\n",                                 # a non-string key
+    b"\xff\xfetask: regression\n",                               # not UTF-8
+    b"[" * 5000 + b"]" * 5000,                                   # deep nesting (RecursionError before)
+    b"{" * 100000,
+    b'[{"step": 1e400, "train_loss": 1}]',                       # int(inf): OverflowError before
+    b'[{"step": ' + b"9" * 5000 + b"}]",                          # over int's digit limit
+    b"a,b,y\n1,2,3\n4,5\n",                                      # a short row
+    b"a,b,y\n1,2\x00,3\n",                                       # a NUL byte
+    b"y\n" + b"1\n" * 3,
+    b"a: &a [x, x]\nb: [*a, *a]\n",                              # aliases
+    b"task: regression\ntask: classification\n",                 # a duplicate key
+    b"rules:\n- id: x\n  priority: " + b"9" * 5000 + b"\n",
+    b"step,train_loss\n1e400,1\n",
+    b"step,train_loss\nx,1\n",
+    b"[1, 2, 3]",
+    b"null",
+    b"",
+]
+
+
+def _run(tmp_path, capsys, argv, suffix, content: bytes) -> tuple[int, str]:
+    path = tmp_path / f"input{suffix}"
+    path.write_bytes(content)
+    if argv[0] == "profile":
+        args = ["profile", str(path), *argv[1:]]
+    else:
+        args = [*argv, str(path)]
+    rc = main(args)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("argv,suffix", FILE_INPUTS)
+@pytest.mark.parametrize("content", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_files_get_exit_2_and_a_message(tmp_path, capsys, argv, suffix, content):
+    rc, err = _run(tmp_path, capsys, argv, suffix, content)
+    assert rc in (0, 2)
+    if rc == 2:
+        assert err.startswith("advise: error: ") and "Traceback" not in err
+        assert "input" in err  # the message names the file
+
+
+@pytest.mark.parametrize("argv,suffix", FILE_INPUTS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b":", b",", b"\n", b"- ", b"&a ", b"*a", b"step", b"y",
+                              b"task", b"1e400", b"\"", b"'", b"\xff", b"9" * 80, b"regression", b"  "]),
+             max_size=80).map(b"".join)))
+def test_fuzzed_files_never_crash_the_cli(tmp_path, capsys, argv, suffix, content):
+    rc, err = _run(tmp_path, capsys, argv, suffix, content)
+    assert rc in (0, 2), err
+    assert "Traceback" not in err
+
+
+def test_specific_messages(tmp_path, capsys):
+    rc, err = _run(tmp_path, capsys, ["--profile"], ".yaml", b"1: 2\n")
+    assert rc == 2 and "fact names must be strings (got 1)" in err
+    rc, err = _run(tmp_path, capsys, ["diagnose"], ".json", b'[{"step": 1e400, "train_loss": 1}]')
+    assert rc == 2 and "record 1: step must be a finite integer" in err
+    rc, err = _run(tmp_path, capsys, ["diagnose"], ".json", b"[" * 100000)
+    assert rc == 2 and "nested too deeply" in err
+    rc, err = _run(tmp_path, capsys, ["profile", "--target", "y"], ".csv", b"a,b,y\n1,2,3\n4,5\n")
+    assert rc == 2 and "input.csv:3: this row has 2 cells, the header has 3" in err
+    rc, err = _run(tmp_path, capsys, ["--task", "regression", "--extra-rules"], ".yaml", b"\xffrules: []\n")
+    assert rc == 2 and "input.yaml:1: rule file is not UTF-8 text" in err
+
+
+def test_no_arguments_is_an_error_not_help(capsys):
+    assert main([]) == 2
+    assert "give --task" in capsys.readouterr().err
