@@ -147,9 +147,17 @@ class _Kernel:
                 n = t.shape[0]
             elif t.shape[0] != n:
                 return False
-        return (n is not None and n >= 2 and state_guard.check()
-                and not torch._C._is_torch_function_mode_enabled()
-                and torch._C._len_torch_dispatch_stack() == 0)
+        return n is not None and n >= 2 and state_guard.check() and not modes_active()
+
+
+def transforms_active() -> bool:
+    """A torch.func transform (grad, vmap, jvp, ...) is active (torch has no public query)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def modes_active() -> bool:
+    """A user's TorchDispatchMode or TorchFunctionMode is active (torch has no public query for either)."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
 
 
 def _innermost(compiled: Callable[..., Any], plan: tuple, scalars: torch.Tensor, flags: tuple,
@@ -313,6 +321,16 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
     was written) when compiling is impossible here, so the caller runs its eager path; raises instead when
     ``strict``."""
     ref = tensors[0]
+    if modes_active():
+        # torch.compile does not trace under a user's dispatch/function mode (FlopCounterMode, a debug
+        # mode, ...): fullgraph then fails with "found no compiled frames". Eager runs under the mode and
+        # the mode sees its aten calls, as it sees torch.optim's. Nothing is marked broken: the compiled
+        # path serves the next call made outside the mode.
+        if strict:
+            raise RuntimeError("fused=True, but a TorchDispatchMode or TorchFunctionMode is active and "
+                               "torch.compile cannot run under it; use fused=None (the default: compiled "
+                               "outside the mode, eager inside it) or fused=False")
+        return False, None
     key = (fn.__qualname__, flags, ref.device, ref.dtype)
     if key in _broken:
         if strict:

@@ -4,7 +4,13 @@ Every loss here is the same :class:`_OnePass` autograd Function around a pure ``
 returns the loss and the (unscaled) gradients. Saving only the gradient lets autograd hand that buffer to
 ``x.grad`` without a copy: peak extra memory is one input-sized buffer instead of torch's two or three.
 The buffer is given away by the first backward, so a second backward through the same graph
-(``retain_graph=True``) raises a clear error; double backward (``create_graph=True``) is not supported.
+(``retain_graph=True``) raises a clear error, and so does every double backward (``create_graph=True``):
+the forward keeps no input to differentiate the gradient again. So do ``torch.func`` transforms.
+
+Precision: float16/bfloat16 inputs are computed in float32. A float16 input's gradient is kept in float32
+until backward has applied the upstream gradient (a GradScaler's scale) and only then rounded: rounded first,
+small gradients would flush to zero before the scale could save them. Under ``torch.autocast`` the losses
+run in float32 and return float32, as torch's autocast runs its losses.
 """
 
 from __future__ import annotations
@@ -13,9 +19,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._compile import compile_enabled_by_env, run_fused
+from ._compile import compile_enabled_by_env, run_fused, transforms_active
 from ._loss_fused import cross_entropy_rows_fused, hinge_fused, huber_fused, mse_fused
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -35,19 +40,30 @@ class _OnePass(torch.autograd.Function):
         ctx.name = name
         ctx.grads = grads
         ctx.expand = expand
+        ctx.dtypes = tuple(t.dtype if isinstance(t, Tensor) else None for t in inputs)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode exactly when create_graph=True
+            raise RuntimeError(
+                f"kernels.{ctx.name}: double backward (create_graph=True: gradient penalties, MAML, "
+                "Hessian-vector products) is not supported: the loss computes its gradient in the forward "
+                "pass and keeps no input to differentiate it again, so the result would silently lack the "
+                f"loss's curvature. Use torch.nn.functional's loss where second derivatives are needed.")
+        out = _OnePass._scaled(ctx, grad_output)
+        return (None, None, *[g if g is None or g.dtype == d else g.to(d) for g, d in zip(out, ctx.dtypes)])
+
+    @staticmethod
+    def _scaled(ctx, grad_output):
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(f"kernels.{ctx.name}: backward ran twice through the same graph "
                                "(retain_graph=True). The one-pass loss hands its gradient buffer to the first "
                                "backward; compute the loss again for a second backward.")
         ctx.grads = None
-        if callable(grads):  # gradients recomputed from the upstream gradient (linear_cross_entropy, 'none')
-            return (None, None, *grads(grad_output))
+        if callable(grads):  # gradients recomputed from the upstream gradient (linear_cross_entropy)
+            return grads(grad_output)
         out = []
         for g in grads:
             if g is None:
@@ -58,7 +74,7 @@ class _OnePass(torch.autograd.Function):
                 out.append(g)
             else:
                 out.append(g.mul_(ctx.expand(grad_output).to(g.dtype)))
-        return (None, None, *out)
+        return out
 
 
 def _check_reduction(reduction: str) -> None:
@@ -68,6 +84,27 @@ def _check_reduction(reduction: str) -> None:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kept(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient is kept in until backward: float16's range is too small to hold an unscaled loss
+    gradient (GradScaler scales it in backward), so float32; bfloat16 has float32's range and stays."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _entry(name: str, *tensors):
+    """Checks every loss makes first; returns the tensors as the loss computes them: under torch.autocast,
+    float16/bfloat16 floating tensors become float32, as autocast does for torch's losses (its fp32 list)."""
+    if transforms_active():
+        raise NotImplementedError(
+            f"kernels.{name} does not support torch.func transforms (grad, vmap, jacrev, jvp, ...): it is a "
+            "torch.autograd.Function whose forward computes the gradient, with no vmap or jvp rule. Use "
+            "torch.nn.functional's loss inside torch.func, and kernels' outside it.")
+    return tuple(t.float() if isinstance(t, Tensor) and t.dtype in _LOW and torch.is_autocast_enabled(t.device.type)
+                 else t for t in tensors)
 
 
 def _check_float(name: str, arg: str, t: Tensor) -> None:
@@ -133,6 +170,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
         >>> loss = kernels.mse_loss(pred, y)
     """
+    input, target = _entry("mse_loss", input, target)
     _check_reduction(reduction)
     _same_shape("mse_loss", input, target)
 
@@ -167,6 +205,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
 
         >>> loss = kernels.huber_loss(pred, y, delta=0.5)
     """
+    input, target = _entry("huber_loss", input, target)
     _check_reduction(reduction)
     _same_shape("huber_loss", input, target)
     if not (isinstance(delta, (int, float)) and delta > 0):
@@ -213,8 +252,8 @@ def _pair(grad: Tensor, input: Tensor, target: Tensor) -> list[Tensor | None]:
     """d/dinput = grad, d/dtarget = -grad (each only where asked), in each one's dtype."""
     g_target = None
     if target.requires_grad:
-        g_target = grad.neg().to(target.dtype)
-    g_input = grad.to(input.dtype) if input.requires_grad else None
+        g_target = grad.neg().to(_kept(target.dtype))
+    g_input = grad.to(_kept(input.dtype)) if input.requires_grad else None
     return [g_input, g_target]
 
 
@@ -228,6 +267,7 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
 
         >>> loss = kernels.hinge_loss(scores, labels_pm1)
     """
+    input, target = _entry("hinge_loss", input, target)
     _check_reduction(reduction)
     _same_shape("hinge_loss", input, target)
     if not isinstance(margin, (int, float)):
@@ -248,7 +288,8 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
                                 [margin, -_inv(n) if reduction == "mean" else -1.0], cd)
             if ok:
                 loss = (out if reduction == "none" else _reduce(out, n, reduction)).to(input.dtype)
-                grads = [None if gx is None else gx.to(input.dtype), None if gy is None else gy.to(target.dtype)]
+                grads = [None if gx is None else gx.to(_kept(input.dtype)),
+                         None if gy is None else gy.to(_kept(target.dtype))]
                 return loss, (grads if need_grad else None), lambda go: go
         x, y = input.to(cd), target.to(cd)
         z = torch.addcmul(torch.full_like(x, margin), y, x, value=-1.0)  # m - y x
@@ -260,8 +301,8 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
             return loss, None, None
         scale = -_inv(n) if reduction == "mean" else -1.0
         mask = active.to(cd).mul_(scale)
-        g_in = (y * mask).to(input.dtype) if input.requires_grad else None
-        g_t = (x * mask).to(target.dtype) if target.requires_grad else None
+        g_in = (y * mask).to(_kept(input.dtype)) if input.requires_grad else None
+        g_t = (x * mask).to(_kept(target.dtype)) if target.requires_grad else None
         return loss, [g_in, g_t], lambda go: go
 
     return _run("hinge_loss", compute, input, target)
@@ -277,6 +318,7 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
 
         >>> loss = kernels.multi_margin_loss(logits, classes, p=2)
     """
+    input, weight = _entry("multi_margin_loss", input, weight)
     _check_reduction(reduction)
     _check_float("multi_margin_loss", "input", input)
     if p not in (1, 2) or isinstance(p, bool):
@@ -313,7 +355,7 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
         scale = row_w / n_rows if reduction == "mean" else row_w
         grad.mul_(scale.unsqueeze(1))
         grad.scatter_(1, tu, -grad.sum(1, keepdim=True))
-        grad = grad.reshape(input.shape).to(input.dtype)
+        grad = grad.reshape(input.shape).to(_kept(input.dtype))
         return loss, [grad, None], (lambda go: go if unbatched else go.reshape(n_rows, 1))
 
     return _run("multi_margin_loss", compute, input, target)
@@ -435,6 +477,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         >>> loss = kernels.cross_entropy(logits, classes, label_smoothing=0.1)
     """
     name = "cross_entropy"
+    input, target, weight = _entry(name, input, target, weight)
     _check_reduction(reduction)
     _check_float(name, "input", input)
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -489,7 +532,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
             return out, None, None
         if reduction == "mean" and probs:
             grad.div_(max(denom, 1))
-        grad = grad.to(input.dtype)
+        grad = grad.to(_kept(input.dtype))
         return out, [grad, None, None], lambda go: go.unsqueeze(cdim)
 
     return _run(name, compute, input, target if probs else None, None)
@@ -509,6 +552,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         >>> loss = kernels.linear_cross_entropy(h, lm_head.weight, tokens, chunk_size=1024)
     """
     name = "linear_cross_entropy"
+    _entry(name)  # autocast: the matmul runs as autocast has it; the loss is returned in float32
     _check_reduction(reduction)
     _check_float(name, "hidden", hidden)
     _check_float(name, "weight", weight)
@@ -564,26 +608,33 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                  None, None if gb is None else gb.to(bias.dtype)]
         return cat, wsum, grads
 
+    # under autocast the loss is float32, as torch's cross_entropy returns it there
+    out_dtype = torch.float32 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+
     def compute(need_grad=True):
-        if reduction == "none":
-            loss, _, _ = passes(None, False)
-            out = loss.reshape(target.shape).to(hidden.dtype)
+        cd = _compute_dtype(hidden.dtype)
+        # the mean's denominator (non-ignored rows) is known before any logits are computed
+        denom = float((t != ignore_index).sum()) if reduction == "mean" else 1.0
+        inv = 1.0 / denom if denom else 0.0
+        # float16: the gradients are computed in backward, scaled by the upstream gradient (a GradScaler's
+        # scale) before they are rounded to float16, where unscaled they would flush to zero
+        lazy = reduction == "none" or hidden.dtype == torch.float16
+        if lazy or not need_grad:
+            loss, wsum, _ = passes(None, False)
+            out = loss.reshape(target.shape) if reduction == "none" else loss.sum() / wsum if reduction == "mean" \
+                else loss.sum()
+            out = out.to(out_dtype)
             if not need_grad:
                 return out, None, None
 
             def recompute(go):
-                return passes(go.reshape(-1).to(_compute_dtype(hidden.dtype)), True)[2]
+                scale = go.reshape(-1).to(cd) if reduction == "none" else (go.to(cd) * inv).expand(rows)
+                return passes(scale, True)[2]
             return out, recompute, None
-        if reduction == "mean":
-            # the denominator (sum of weights of non-ignored rows) is known before any logits are computed
-            denom = float((t != ignore_index).sum())
-            scale = None if denom == 1.0 else torch.full((rows,), 1.0 / denom if denom else 0.0,
-                                                         dtype=_compute_dtype(hidden.dtype), device=h2.device)
-        else:
-            scale = None
+        scale = None if inv == 1.0 else torch.full((rows,), inv, dtype=cd, device=h2.device)
         loss, wsum, grads = passes(scale, need_grad)
-        out = (loss.sum() / wsum if reduction == "mean" else loss.sum()).to(hidden.dtype)
-        return out, grads if need_grad else None, None
+        out = (loss.sum() / wsum if reduction == "mean" else loss.sum()).to(out_dtype)
+        return out, grads, None
 
     return _run(name, compute, hidden, weight, target, bias)
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import (
@@ -423,3 +424,49 @@ def test_many_plain_sgd_optimizers_of_different_sizes_in_one_process(weight_deca
                 ours.step()
                 ref.step()
             torch.testing.assert_close(p, q, rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_dispatch_mode_falls_back_to_eager_and_matches_torch(name):
+    """Under a TorchDispatchMode (FlopCounterMode here) torch.compile cannot run: fused=None once raised
+    "found no compiled frames" there. Now the step runs eagerly under the mode, matches torch, and the
+    compiled path still serves steps made outside it; fused=True says why it cannot."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    ours_p = [torch.randn(300, 300), torch.randn(300)]
+    ref_p = [p.clone().requires_grad_() for p in ours_p]
+    ours_p = [p.requires_grad_() for p in ours_p]
+    kw = {"lr": 1e-2, "momentum": 0.9} if name in ("SGD", "RMSprop") else {"lr": 1e-2}
+    ours = getattr(kernels, name)(ours_p, **kw)
+    ref = getattr(torch.optim, name)(ref_p, foreach=False, **kw)
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in ours_p]
+        for p, q, g in zip(ours_p, ref_p, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step % 2:
+            ours.step()
+        else:
+            with FlopCounterMode(display=False):
+                ours.step()
+        ref.step()
+        for p, q in zip(ours_p, ref_p):
+            torch.testing.assert_close(p, q, rtol=1.3e-6, atol=1e-5)
+    strict = getattr(kernels, name)([torch.zeros(3, requires_grad=True)], fused=True, **kw)
+    strict.param_groups[0]["params"][0].grad = torch.ones(3)
+    with FlopCounterMode(display=False), pytest.raises(RuntimeError, match="fused=True, but a TorchDispatchMode"):
+        strict.step()
+
+
+def test_large_cross_entropy_under_a_dispatch_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1024, 128, requires_grad=True)  # 131k logits: the compiled core's size
+    t = torch.randint(0, 128, (1024,))
+    with FlopCounterMode(display=False):
+        loss = kernels.cross_entropy(x, t)
+        loss.backward()
+    xr = x.detach().clone().requires_grad_()
+    F.cross_entropy(xr, t).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(xr, t))
+    torch.testing.assert_close(x.grad, xr.grad)
