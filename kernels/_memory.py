@@ -38,3 +38,21 @@ def flat_buffer(numel: int, device: torch.device, dtype: torch.dtype, *, zero: b
     if zero:
         t.zero_()
     return t
+
+
+def alias(flat: torch.Tensor, offset: int, numel: int, shape: torch.Size) -> torch.Tensor:
+    """``flat[offset:offset + numel].view(shape)``, but on the CPU with a storage object of its own that
+    aliases that range of ``flat``'s memory.
+
+    A plain view shares ``flat``'s storage, and ``torch.save`` writes a tensor's whole storage: saving one
+    submodule's ``state_dict()`` would write every parameter of the model, and safetensors refuses tensors
+    that share a storage none of them covers. The alias is a ``torch.frombuffer`` tensor over a ctypes array
+    at the range's address; the array holds a reference to ``flat``, so the memory lives as long as any
+    alias does (the optimizer may be deleted first). Elsewhere (CUDA: no frombuffer) the view is returned.
+    """
+    if flat.device.type != "cpu" or numel == 0:
+        return flat[offset:offset + numel].view(shape)
+    size = flat.element_size()
+    window = (ctypes.c_char * (numel * size)).from_address(flat.data_ptr() + offset * size)
+    window.owner = flat  # keeps the flat buffer alive while any alias of it is
+    return torch.frombuffer(window, dtype=flat.dtype).view(shape)

@@ -2,8 +2,9 @@
 
 Layout. Each param group's parameters are split by (device, dtype) into *buckets*. A bucket owns one flat,
 contiguous buffer for the parameters, one for the gradients and one per state tensor (``exp_avg``, ...).
-At construction each parameter is *re-homed*: ``p.data`` becomes a view into the bucket's parameter buffer
-(the values are copied; the ``Parameter`` object is the same). ``optimizer.state[p]`` holds views into the
+At construction each parameter is *re-homed*: ``p.data`` becomes an alias of its range of the bucket's
+parameter buffer (the values are copied; the ``Parameter`` object is the same). On the CPU the alias has a
+storage object of its own (``_memory.alias``), so saving a submodule writes only its parameters. ``optimizer.state[p]`` holds views into the
 state buffers, under torch's own keys, so ``state_dict()`` is torch's format and torch.optim reads it.
 
 A step is then one elementwise pass over each bucket: one compiled kernel call (or a short eager sequence)
@@ -39,7 +40,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._compile import resolve_fused, run_fused
-from ._memory import flat_buffer
+from ._memory import alias, flat_buffer
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -137,10 +138,11 @@ class _Bucket:
         self.flat_param = flat_buffer(total, self.device, self.dtype, zero=False)
         for p, view in zip(params, self.views(self.flat_param)):
             view.copy_(p.detach())
-        for p, view in zip(params, self.views(self.flat_param)):
-            p.data = view
+        for p, o, n in zip(params, self.offsets, self.numels):
+            p.data = alias(self.flat_param, o, n, p.shape)
         self.param_ptrs = [p.data_ptr() for p in params]
-        self.param_storage = self.flat_param.untyped_storage().data_ptr()
+        base = self.flat_param.data_ptr()
+        self.param_memory = (base, base + total * self.flat_param.element_size())
         self.flat_grad: torch.Tensor | None = None
         # a sentinel that no p.grad can be: until the buffer exists no gradient is "already in place"
         self.grad_views: list[Any] = [_NOT_A_GRAD] * len(params)
@@ -251,6 +253,23 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__} supports only dense (strided) parameters, "
                                  f"got layout {p.layout}")
         self._buckets.extend(self._make_buckets(len(self.param_groups) - 1))
+        self._snapshot_groups()
+
+    def _snapshot_groups(self) -> None:
+        self._group_lists = [(g["params"], list(g["params"])) for g in self.param_groups]
+
+    def _layout_changed(self) -> bool:
+        """A parameter's memory moved (``p.data`` replaced, ``model.to(...)``), or ``param_groups`` was edited
+        by hand: a group added or deleted, its ``params`` list replaced, appended to or changed in place."""
+        groups = self.param_groups
+        lists = self._group_lists
+        if len(groups) != len(lists):
+            return True
+        for g, (lst, copy) in zip(groups, lists):
+            now = g["params"]
+            if now is not lst or len(now) != len(copy) or not all(map(operator.is_, now, copy)):
+                return True
+        return any(b.moved() for b in self._buckets)
 
     def _make_buckets(self, group_index: int) -> list[_Bucket]:
         by_kind: dict[tuple, list[int]] = {}
@@ -297,9 +316,36 @@ class FusedOptimizer(Optimizer):
         bucket.refresh_common_step()
 
     def _rebuild(self) -> None:
+        self._check_groups()
         self._buckets = []
         for gi in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(gi))
+        self._snapshot_groups()
+
+    def _check_groups(self) -> None:
+        """What ``add_param_group`` checks, for ``param_groups`` edited by hand since."""
+        seen: dict[int, int] = {}
+        for gi, g in enumerate(self.param_groups):
+            params = g.get("params")
+            if not isinstance(params, list):
+                raise TypeError(f"param_groups[{gi}]['params'] must be a list of tensors (got "
+                                f"{type(params).__name__})")
+            for pi, p in enumerate(params):
+                where = f"param_groups[{gi}]['params'][{pi}]"
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"{where}: optimizer can only optimize Tensors, but one of the params is "
+                                    f"{torch.typename(p)}")
+                if not p.is_leaf:
+                    raise ValueError(f"{where}: can't optimize a non-leaf Tensor")
+                if p.is_sparse or p.layout != torch.strided:
+                    raise ValueError(f"{where}: {type(self).__name__} supports only dense (strided) parameters, "
+                                     f"got layout {p.layout}")
+                if id(p) in seen:
+                    raise ValueError(f"{where}: this parameter is already in param group {seen[id(p)]}; "
+                                     "each parameter may appear once across all groups")
+                seen[id(p)] = gi
+            for key, value in self.defaults.items():
+                g.setdefault(key, value)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,6 +392,8 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("_fused_strict", False)
         if "_buckets" not in self.__dict__:  # unpickling; load_state_dict (which calls us too) rebuilds itself
             self._rebuild()
+        elif "_group_lists" not in self.__dict__:
+            self._snapshot_groups()
 
     # ---- gradients -------------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -363,7 +411,7 @@ class FusedOptimizer(Optimizer):
         if not hasattr(self, "_zero_grad_profile_name"):
             self._patch_step_function()
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
-            if any(b.moved() for b in self._buckets):
+            if self._layout_changed():
                 self._rebuild()
             for bucket in self._buckets:
                 grads = list(map(_grad_of, bucket.params))
@@ -398,7 +446,7 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(b.moved() for b in self._buckets):
+        if self._layout_changed():
             self._rebuild()
         for bucket in self._buckets:
             self._step_bucket(bucket)
@@ -417,7 +465,7 @@ class FusedOptimizer(Optimizer):
         for i in range(bucket.n_small, len(grads)):
             g = grads[i]
             if (g is not None and g is not views[i] and g.layout is torch.strided and g.is_contiguous()
-                    and g.untyped_storage().data_ptr() != bucket.param_storage):
+                    and not bucket.param_memory[0] <= g.data_ptr() < bucket.param_memory[1]):
                 if direct is None:
                     direct = {}
                 direct[i] = g.view(-1)

@@ -298,8 +298,10 @@ def test_parameters_are_rehomed_but_keep_identity_and_values():
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
-    # both now live in one buffer
-    assert params[0].untyped_storage().data_ptr() == params[1].untyped_storage().data_ptr()
+    # both now live in one buffer, next to each other, each with a storage object of its own
+    w, b = params
+    assert b.data_ptr() == w.data_ptr() + w.numel() * w.element_size()
+    assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
 
 
 def test_compile_can_be_disabled_by_environment(monkeypatch):
@@ -470,3 +472,50 @@ def test_large_cross_entropy_under_a_dispatch_mode():
     F.cross_entropy(xr, t).backward()
     torch.testing.assert_close(loss, F.cross_entropy(xr, t))
     torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_param_groups_edited_by_hand_train_as_in_torch(name):
+    """A parameter appended to ``param_groups[0]["params"]`` once never moved (torch.optim trains it), and
+    deleting a group made step() raise IndexError. The layout now follows such edits."""
+    torch.manual_seed(0)
+    base = [torch.randn(4, 3), torch.randn(3), torch.randn(2)]
+    extra = [torch.randn(5), torch.randn(2, 2)]
+    runs = {}
+    for lib in (torch.optim, kernels):
+        ps = [torch.nn.Parameter(t.clone()) for t in base]
+        es = [torch.nn.Parameter(t.clone()) for t in extra]
+        kw = {"foreach": False} if lib is torch.optim else {}
+        opt = getattr(lib, name)([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1, **kw)
+        everything = ps + es
+        for step in range(6):
+            if step == 1:
+                opt.param_groups[0]["params"].append(es[0])  # appended in place
+            if step == 2:
+                opt.param_groups[1]["params"] = [ps[2], es[1]]  # the list replaced
+            if step == 4:
+                del opt.param_groups[1]  # a group deleted
+            for i, p in enumerate(everything):
+                p.grad = torch.full_like(p, 0.1 * (i + 1) * (step + 1))
+            opt.step()
+        runs[lib.__name__] = [p.detach().clone() for p in everything]
+    for ours, ref in zip(runs["kernels"], runs["torch.optim"]):
+        torch.testing.assert_close(ours, ref, rtol=1.3e-6, atol=1e-5)
+
+
+def test_param_groups_edits_that_torch_would_refuse_are_refused_clearly():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = kernels.Adam([{"params": [a]}, {"params": [b]}])
+    opt.param_groups[1]["params"].append(a)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\]: this parameter is already in "
+                                         r"param group 0"):
+        opt.step()
+    opt.param_groups[1]["params"].pop()
+    opt.param_groups[0]["params"].append("not a tensor")
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\]: optimizer can only optimize "
+                                        "Tensors"):
+        opt.step()
+    opt.param_groups[0]["params"].pop()
+    a.grad, b.grad = torch.ones(2), torch.ones(3)
+    opt.step()  # back to a valid layout: it trains
+    assert torch.all(a < 1) and torch.all(b < 1)
