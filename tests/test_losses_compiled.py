@@ -27,40 +27,59 @@ def always_compile(monkeypatch):
     assert not _compile._broken, _compile._broken  # it really ran compiled, never fell back
 
 
-def _compiled_ran(name):
-    return any(key[0] == name for key in _compile._compiled)
+@pytest.fixture
+def ran(monkeypatch):
+    """The compiled cores called (and completed) since the last ``ran.clear()``: recorded per call, so a
+    test sees what *its* example ran, not what any earlier test compiled."""
+    calls: list[str] = []
+    real = _losses.run_fused
+
+    def recording(fn, flags, tensors, hp, *, strict):
+        ok, out = real(fn, flags, tensors, hp, strict=strict)
+        if ok:
+            calls.append(fn.__name__)
+        return ok, out
+    monkeypatch.setattr(_losses, "run_fused", recording)
+    return calls
 
 
 @SETTINGS
-@given(n=st.integers(1, 300), reduction=st.sampled_from(["mean", "none"]), target_grad=st.booleans(),
-       delta=st.sampled_from([0.1, 1.0]), scale=st.sampled_from([1.0, 50.0]))
-def test_mse_huber_compiled(n, reduction, target_grad, delta, scale):
-    x = (torch.randn(n, 3) * scale).requires_grad_()
-    y = (torch.randn(n, 3) * scale).requires_grad_(target_grad)
+@given(n=st.integers(1, 300), cols=st.integers(1, 4), reduction=st.sampled_from(["mean", "sum", "none"]),
+       target_grad=st.booleans(), delta=st.sampled_from([0.1, 1.0]), scale=st.sampled_from([1.0, 50.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_mse_huber_compiled(ran, n, cols, reduction, target_grad, delta, scale, dtype):
+    ran.clear()
+    x = (torch.randn(n, cols, dtype=dtype) * scale).requires_grad_()
+    y = (torch.randn(n, cols, dtype=dtype) * scale).requires_grad_(target_grad)
     compare(lambda a, b: kernels.mse_loss(a, b, reduction), lambda a, b: F.mse_loss(a, b, reduction=reduction),
-            [x, y], torch.float32, scale * scale)
+            [x, y], dtype, scale * scale)
     compare(lambda a, b: kernels.huber_loss(a, b, reduction, delta),
-            lambda a, b: F.huber_loss(a, b, reduction=reduction, delta=delta), [x, y], torch.float32, scale)
-    assert _compiled_ran("mse_fused") and _compiled_ran("huber_fused")
+            lambda a, b: F.huber_loss(a, b, reduction=reduction, delta=delta), [x, y], dtype, scale)
+    assert "mse_fused" in ran and "huber_fused" in ran
 
 
 @SETTINGS
-@given(n=st.integers(1, 300), margin=st.sampled_from([0.5, 1.0]), reduction=st.sampled_from(["mean", "sum"]))
-def test_hinge_compiled(n, margin, reduction):
-    x = torch.randn(n, requires_grad=True)
-    y = (torch.randint(0, 2, (n,)) * 2 - 1).float()
-    ref = torch.clamp(margin - y * x, min=0)
-    compare(lambda a: kernels.hinge_loss(a, y, margin, reduction),
-            lambda a: torch.clamp(margin - y * a, min=0).mean() if reduction == "mean"
-            else torch.clamp(margin - y * a, min=0).sum(), [x], torch.float32)
-    assert ref.numel() and _compiled_ran("hinge_fused")
+@given(shape=st.sampled_from([(1,), (7,), (300,), (5, 3), (40, 7), (3, 1, 4)]), margin=st.sampled_from([0.5, 1.0]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), target_grad=st.booleans())
+def test_hinge_compiled(ran, shape, margin, reduction, target_grad):
+    """2-D and 3-D inputs too: a gradient scaled by the number of rows instead of elements passes 1-D ones."""
+    ran.clear()
+    x = torch.randn(shape, requires_grad=True)
+    y = (torch.randint(0, 2, shape) * 2 - 1).float().requires_grad_(target_grad)
+
+    def ref(a, b):
+        per = torch.clamp(margin - b * a, min=0)
+        return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
+    compare(lambda a, b: kernels.hinge_loss(a, b, margin, reduction), ref, [x, y], torch.float32)
+    assert "hinge_fused" in ran
 
 
 @SETTINGS
 @given(n=st.integers(0, 40), n_classes=st.integers(1, 50), use_weight=st.booleans(),
        smoothing=st.sampled_from([0.0, 0.1, 1.0]), reduction=st.sampled_from(["mean", "sum", "none"]),
        ignore=st.booleans(), scale=st.sampled_from([1.0, 100.0]))
-def test_cross_entropy_compiled(n, n_classes, use_weight, smoothing, reduction, ignore, scale):
+def test_cross_entropy_compiled(ran, n, n_classes, use_weight, smoothing, reduction, ignore, scale):
+    ran.clear()
     x = (torch.randn(n, n_classes) * scale).requires_grad_()
     t = torch.randint(0, n_classes, (n,))
     if ignore and n:
@@ -70,7 +89,24 @@ def test_cross_entropy_compiled(n, n_classes, use_weight, smoothing, reduction, 
             lambda a: F.cross_entropy(a, t, w, reduction=reduction, label_smoothing=smoothing), [x],
             torch.float32, scale)
     if n:
-        assert _compiled_ran("cross_entropy_rows_fused")
+        assert "cross_entropy_rows_fused" in ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_compiled_mean_divides_by_the_valid_weights(ran, dtype, smoothing):
+    """Class weights and ignored targets under 'mean': the denominator is the sum of the weights of the
+    targets that count, far from the number of samples here (weights 0.1..10, a third ignored)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 6, generator=gen, dtype=dtype).requires_grad_()
+    t = torch.randint(0, 6, (30,), generator=gen)
+    t[:10] = -100
+    w = torch.tensor([0.1, 10.0, 3.0, 0.5, 7.0, 1.0], dtype=dtype)
+    denom = float(w[t[10:]].sum())
+    assert abs(denom - 30) > 10 and abs(denom - 20) > 10  # far from the sample and the valid-sample counts
+    compare(lambda a: kernels.cross_entropy(a, t, w, label_smoothing=smoothing),
+            lambda a: F.cross_entropy(a, t, w, label_smoothing=smoothing), [x], dtype)
+    assert "cross_entropy_rows_fused" in ran
 
 
 def test_cross_entropy_compiled_bf16_and_all_ignored():
