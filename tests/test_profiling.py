@@ -37,6 +37,21 @@ def test_planted_outliers_are_found(n, frac, dtype, as_numpy, seed):
         assert advise(prof).loss.name == "HuberLoss"
 
 
+@pytest.mark.parametrize("distance", [2.0, 2.9, 3.1, 5.0, 10.0])
+def test_the_outlier_fence_is_3_iqr(distance):
+    """Targets exactly `distance` IQRs beyond the quartiles: outliers iff distance > 3 (Tukey's far-out fence).
+    Planted outliers 100 IQR away cannot tell a fence of 3 from one of 30; these can."""
+    base = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)  # quartiles 0.25, 0.75: IQR 0.5
+    k = 50
+    y = torch.cat([base, torch.full((k,), 0.75 + distance * 0.5, dtype=torch.float64)])
+    prof = profile_data(torch.randn(len(y), 2), y, task="regression")
+    q1, q3 = (torch.quantile(y, q).item() for q in (0.25, 0.75))
+    lo, hi = q1 - 3 * (q3 - q1), q3 + 3 * (q3 - q1)
+    assert f"[{lo:.4g}, {hi:.4g}]" in prof.evidence["target_outlier_fraction"]
+    expected = k / len(y) if 0.75 + distance * 0.5 > hi else 0.0
+    assert prof.facts.target_outlier_fraction == pytest.approx(expected)
+
+
 @SETTINGS
 @given(n_classes=st.integers(2, 12), ratio=st.sampled_from([1, 5, 20]), per=st.integers(20, 60),
        int_dtype=st.sampled_from([torch.int64, torch.int32, torch.float32]))
