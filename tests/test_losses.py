@@ -85,19 +85,42 @@ def test_cross_entropy(shape, dtype, reduction, use_weight, smoothing, ignore, p
     x = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
     weight = (torch.rand(n_classes, dtype=torch.float64) + 0.1).to(dtype) if use_weight else None
     sample_shape = tuple(s for i, s in enumerate(shape) if i != cdim)
+    ref_dtype = dtype
     if probs:
-        if dtype == torch.bfloat16:
-            return  # torch has no bf16 probability-target path to compare with on CPU
         target = torch.softmax(torch.randn(shape, dtype=torch.float64), cdim).to(dtype)
         ignore_index = -100
+        if dtype == torch.bfloat16:  # torch rounds per op in bf16 here; the reference is float32 rounded once
+            ref_dtype = torch.float32
     else:
         target = torch.randint(0, n_classes, sample_shape)
         ignore_index = data.draw(st.sampled_from([-100, 0])) if ignore else -100
         if ignore and target.numel():
             target.view(-1)[0] = ignore_index if ignore_index >= 0 else -100
+    def cast(t):
+        return None if t is None else t.to(ref_dtype) if t.is_floating_point() else t
     compare(lambda a: kernels.cross_entropy(a, target, weight, ignore_index, reduction, smoothing),
-            lambda a: F.cross_entropy(a, target, weight, ignore_index=ignore_index, reduction=reduction,
-                                      label_smoothing=smoothing), [x], dtype, scale)
+            lambda a: F.cross_entropy(cast(a), cast(target), cast(weight), ignore_index=ignore_index,
+                                      reduction=reduction, label_smoothing=smoothing).to(dtype), [x], dtype, scale)
+
+
+@pytest.mark.parametrize("shape", [(30, 6), (10, 6, 3), (5, 6, 2, 3)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_mean_divides_by_the_weights_of_counted_targets(shape, smoothing, dtype):
+    """Eager path (2-D below the compile threshold and K-dim): with class weights and a third of the targets
+    ignored, the mean's denominator (the counted targets' weights) differs from every count."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+    t = torch.randint(0, 6, (shape[0], *shape[2:]), generator=gen)
+    t.view(-1)[: t.numel() // 3] = -100
+    w = torch.tensor([0.1, 10.0, 3.0, 0.5, 7.0, 1.0], dtype=dtype)
+    counted = t[t != -100]
+    denom = float(w[counted].sum())
+    assert min(abs(denom - t.numel()), abs(denom - counted.numel())) > 5
+    compare(lambda a: kernels.cross_entropy(a, t, w, label_smoothing=smoothing),
+            lambda a: F.cross_entropy(a, t, w, label_smoothing=smoothing), [x], dtype)
+    compare(lambda a: kernels.cross_entropy(a, t, label_smoothing=smoothing),  # no weights: the count of
+            lambda a: F.cross_entropy(a, t, label_smoothing=smoothing), [x], dtype)  # counted targets
 
 
 def test_cross_entropy_all_ignored_and_extreme_logits():
