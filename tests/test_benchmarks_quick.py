@@ -1,4 +1,5 @@
-"""CI runs the benchmark suite in --quick mode on every change, so it never rots (no timing assertions)."""
+"""A smoke test, not a correctness test: CI runs the benchmark suite in --quick mode on every change so that it
+never rots. It checks that every section is produced; it asserts nothing about speed (no timing assertions)."""
 
 import json
 import os
