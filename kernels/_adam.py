@@ -37,6 +37,7 @@ def _adam_eager(p, g, m, v, vmax=None, *, lr, beta1, beta2, eps, weight_decay, s
     p.addcdiv_(m, denom, value=-(lr / bias_correction1))
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
     # hp: step_size, 1-beta1, beta2, 1-beta2, weight_decay, 1-lr*weight_decay, sqrt(bias_correction2), eps
     # One pass: every buffer read once and written once. Low precision computes in float32 but rounds
@@ -57,6 +58,7 @@ def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vma
     p.copy_(pf - hp[0] * mf / denom)
     m.copy_(mf)
     v.copy_(vf)
+# pragma: no mutate end
 
 
 class Adam(FusedOptimizer):

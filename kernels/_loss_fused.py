@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def mse_fused(hp, need_grad: bool, reduce: bool, x, y, grad=None):
     # hp: [gradient scale (2/n or 2)]
     d = x.to(hp.dtype) - y.to(hp.dtype)
@@ -20,8 +21,10 @@ def mse_fused(hp, need_grad: bool, reduce: bool, x, y, grad=None):
         grad.copy_(d * hp[0])
     sq = d * d
     return sq.to(torch.float64).sum() if reduce else sq
+# pragma: no mutate end
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def huber_fused(hp, need_grad: bool, reduce: bool, x, y, grad=None):
     # hp: [delta, gradient scale (1/n or 1)]; loss = c (d - c/2) with c = clamp(d, -delta, delta) = gradient
     d = x.to(hp.dtype) - y.to(hp.dtype)
@@ -30,8 +33,10 @@ def huber_fused(hp, need_grad: bool, reduce: bool, x, y, grad=None):
         grad.copy_(c * hp[1])
     per = c * (d - 0.5 * c)
     return per.to(torch.float64).sum() if reduce else per
+# pragma: no mutate end
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def hinge_fused(hp, grad_input: bool, grad_target: bool, reduce: bool, x, y, gx=None, gy=None):
     # hp: [margin, gradient scale (-1/n or -1)]
     xf, yf = x.to(hp.dtype), y.to(hp.dtype)
@@ -43,8 +48,10 @@ def hinge_fused(hp, grad_input: bool, grad_target: bool, reduce: bool, x, y, gx=
         gy.copy_(torch.where(active, xf * hp[1], 0.0))
     per = torch.clamp(z, min=0)
     return per.to(torch.float64).sum() if reduce else per
+# pragma: no mutate end
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def cross_entropy_rows_fused(hp, weighted: bool, smoothing: bool, need_grad: bool, x, t, w=None, grad=None):
     """(N, C) logits, class-index targets. Returns the per-row loss; writes the gradient (already scaled).
 
@@ -88,3 +95,4 @@ def cross_entropy_rows_fused(hp, weighted: bool, smoothing: bool, need_grad: boo
             g = g - (eps / n_classes) * inv * validf.unsqueeze(1) * wrow
         grad.copy_(g)
     return loss
+# pragma: no mutate end

@@ -59,6 +59,7 @@ def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(_real(t) for t in tensors)
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def fused_prologue(hp: torch.Tensor, p: torch.Tensor, g: torch.Tensor, maximize: bool):
     """The start every compiled update shares: param and gradient in the compute dtype (``hp``'s), the
     gradient negated for ``maximize``, and ``r``, which rounds to the storage dtype where torch's op-by-op
@@ -70,6 +71,7 @@ def fused_prologue(hp: torch.Tensor, p: torch.Tensor, g: torch.Tensor, maximize:
 
     gf = g.to(cd)
     return r, p.to(cd), (-gf if maximize else gf)
+# pragma: no mutate end
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

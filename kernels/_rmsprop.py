@@ -36,6 +36,7 @@ def _rmsprop_eager(p, g, square_avg, *rest, lr, alpha, eps, weight_decay, moment
         p.addcdiv_(g, avg, value=-lr)
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, square_avg,
                    *rest):
     # hp: lr, alpha, 1-alpha, eps, weight_decay, momentum. r(): round where torch's op-by-op path rounds.
@@ -58,6 +59,7 @@ def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered
         p.copy_(pf - hp[0] * b)
     else:
         p.copy_(pf - hp[0] * gf / avg)
+# pragma: no mutate end
 
 
 class RMSprop(FusedOptimizer):

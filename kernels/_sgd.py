@@ -25,6 +25,7 @@ def _sgd_eager(p, g, buf=None, *, lr, momentum, dampening, weight_decay, nestero
     p.add_(g, alpha=-lr)
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf=None):
     # hp: lr, weight_decay, momentum (0 on a buffer's first step, which then equals the gradient),
     #     1-dampening (1 on the first step), momentum (for Nesterov). r(): round where torch rounds.
@@ -36,6 +37,7 @@ def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bo
         buf.copy_(b)
         gf = r(gf + hp[4] * b) if nesterov else b
     p.copy_(pf - hp[0] * gf)
+# pragma: no mutate end
 
 
 class SGD(FusedOptimizer):
