@@ -202,6 +202,9 @@ class Expression:
                             f"{', '.join(sorted(FUNCTIONS))}")
         if node.keywords:
             raise self._fail(node, "a keyword argument")
+        starred = next((a for a in node.args if isinstance(a, ast.Starred)), None)
+        if starred is not None:
+            raise self._fail(starred, "a starred argument")
         arg_types, result, impl = FUNCTIONS[node.func.id]
         if arg_types == "numbers":
             if not node.args:
@@ -211,8 +214,6 @@ class Expression:
             if len(node.args) != len(arg_types):
                 raise RuleError(f"{node.func.id}() takes {len(arg_types)} argument(s) in {self.source!r}")
             args = [self._expect(a, t, f"argument of {node.func.id}") for a, t in zip(node.args, arg_types)]
-        if any(isinstance(a, ast.Starred) for a in node.args):
-            raise self._fail(node, "a starred argument")
         return _lift(lambda *vs: impl(*vs), *args), result
 
 

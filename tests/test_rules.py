@@ -301,3 +301,58 @@ def test_cli(tmp_path, capsys):
     json.loads(capsys.readouterr().out)
     wrong = write(tmp_path, GOOD.replace("expect: {optimizer: SGD}", "expect: {optimizer: Adam}"), "wrong.yaml")
     assert main(["rules", "check", str(wrong)]) == 2
+
+
+@pytest.mark.parametrize("source,message", [
+    (123, "an expression must be a string (got int: 123)"),
+    ("1+" * 300 + "1", "expression longer than 500 characters"),
+    ("n_samples >", "cannot parse expression 'n_samples >': invalid syntax"),
+    ("'a\x00'", "cannot parse expression \"'a\\x00'\": source code string cannot contain null bytes"),
+    ("b'x' == 1", "the constant b'x' is not allowed in rule expressions (in \"b'x' == 1\", column 1)"),
+    ("__class__ == 1", "the dunder name '__class__' is not allowed in rule expressions (in '__class__ == 1', column 1)"),
+    ("foo > 1", "unknown fact 'foo' in 'foo > 1'; declared facts: batch_size, class_counts, "),
+    ("~n_samples", "Invert is not allowed in rule expressions (in '~n_samples', column 1)"),
+    ("n_samples @ 2", "the operator MatMult is not allowed in rule expressions (in 'n_samples @ 2', column 1)"),
+    ("1 + n_samples.real", "Attribute is not allowed in rule expressions (in '1 + n_samples.real', column 5)"),
+    ("n_samples is 1", "Is is not allowed in rule expressions (in 'n_samples is 1', column 1)"),
+    ("model_kind in 'cnn'", "in \"model_kind in 'cnn'\": 'in' needs a literal list on its right, e.g. "),
+    ("n_samples in ['a']", "type mismatch in \"n_samples in ['a']\": the list after 'in' must hold number constants"),
+    ("task == 1", "type mismatch in 'task == 1': cannot compare a str ('task') with a number ('1')"),
+    ("task < 'a'", "type mismatch in \"task < 'a'\": '<', '>' order numbers only, not strs"),
+    ("eval('1')", "the call eval(...) is not allowed in \"eval('1')\"; allowed functions: abs, balanced_weights, "
+                  "log10, max, min, sqrt"),
+    ("abs(x=1)", "a keyword argument is not allowed in rule expressions (in 'abs(x=1)', column 1)"),
+    ("max()", "max() needs at least one argument in 'max()'"),
+    ("abs(1, 2)", "abs() takes 1 argument(s) in 'abs(1, 2)'"),
+    ("max(1, *class_counts)", "a starred argument is not allowed in rule expressions (in 'max(1, *class_counts)', "
+                              "column 8)"),
+    ("n_samples if True else 1", "IfExp is not allowed in rule expressions (in 'n_samples if True else 1', column 1)"),
+    ("not n_samples", "type mismatch in 'not n_samples': operand of 'not' must be a bool, got a number"),
+    ("-task", "type mismatch in '-task': operand of unary minus must be a number, got a str ('task')"),
+    ("n_samples + task", "type mismatch in 'n_samples + task': arithmetic operand must be a number, got a str"),
+    ("n_samples and 1", "type mismatch in 'n_samples and 1': and/or operand must be a bool, got a number"),
+])
+def test_each_refusal_says_what_and_where(source, message):
+    """The exact messages: a rule author reads them to fix a rule, so their content is behaviour."""
+    with pytest.raises(RuleError) as info:
+        Expression(source, FACT_TYPES)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("source,facts,value", [
+    ("2 ** 64", {}, 2 ** 64),
+    ("(-2) ** -64", {}, 2.0 ** -64),
+    ("1e12 ** 2", {}, 1e24),
+    ("2 ** 65", {}, "exponent or base too large"),
+    ("2 ** -65", {}, "exponent or base too large"),
+    ("1000000000001.0 ** 2", {}, "exponent or base too large"),
+    ("1 / n_samples", {"n_samples": 0}, "failed on these facts: division by zero"),
+    ("balanced_weights(class_counts)", {"class_counts": [0, 10, 30]}, [0.0, 40 / 30, 40 / 90]),
+])
+def test_evaluation_bounds(source, facts, value):
+    expr = Expression(source, FACT_TYPES)
+    if isinstance(value, str):
+        with pytest.raises(RuleError, match=value):
+            expr.evaluate(facts)
+    else:
+        assert expr.evaluate(facts) == pytest.approx(value)
