@@ -64,6 +64,28 @@ def test_rulebook_is_shipped_as_package_data():
     assert {"optimizers.yaml", "losses.yaml", "tuning.yaml"} <= names
 
 
+def test_every_article_citation_can_be_followed():
+    """Rules cite "article §一.2 (quoted words)": the article ships beside the rules, and each cited part,
+    item and quotation is in it."""
+    import re
+
+    article = (builtin_rule_files()[0].parent / "article.md").read_text(encoding="utf-8")
+    parts = {m.group(1): m.start() for m in re.finditer(r"^([一二三])、", article, re.M)}
+    assert set(parts) == {"一", "二", "三"}
+    cited = 0
+    for rule in load_rules():
+        for part, item, quote in re.findall(r"§([一二三])(?:\.(\d+))?(?: \(([^)]*)\))?", rule.rule.source):
+            cited += 1
+            start = parts[part]
+            end = min([p for p in parts.values() if p > start], default=len(article))
+            section = article[start:end]
+            if item:
+                assert re.search(rf"^\s*{item}\. ", section, re.M), (rule.id, part, item)
+            for words in (quote.split("...") if quote else []):
+                assert words.strip() in section, (rule.id, part, words)
+    assert cited >= 10
+
+
 def test_unknown_facts_do_not_fire_and_are_reported():
     rec = advise(task="regression")
     assert rec.loss.name == "MSELoss"
