@@ -4,8 +4,9 @@ Layout. Each param group's parameters are split by (device, dtype) into *buckets
 contiguous buffer for the parameters, one for the gradients and one per state tensor (``exp_avg``, ...).
 At construction each parameter is *re-homed*: ``p.data`` becomes an alias of its range of the bucket's
 parameter buffer (the values are copied; the ``Parameter`` object is the same). On the CPU the alias has a
-storage object of its own (``_memory.alias``), so saving a submodule writes only its parameters. ``optimizer.state[p]`` holds views into the
-state buffers, under torch's own keys, so ``state_dict()`` is torch's format and torch.optim reads it.
+storage object of its own (``_memory.alias``), so saving a submodule writes only its parameters.
+``optimizer.state[p]`` holds views into the state buffers, under torch's own keys, so ``state_dict()`` is
+torch's format and torch.optim reads it.
 
 A step is then one elementwise pass over each bucket: one compiled kernel call (or a short eager sequence)
 whatever the number of tensors. Where only some parameters have gradients, or their step counts differ
