@@ -200,6 +200,17 @@ def _load_csv(path: Path, target: str | None):
     return X, y
 
 
+def _read_binary(path: Path, read):
+    """``read()``, with any failure of numpy's or torch's readers (OSError, ValueError, BadZipFile,
+    UnpicklingError, RuntimeError, EOFError, ...) turned into a ValueError naming the file: to the command
+    line, a file it cannot read is bad input, whatever the reader raises."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - the readers raise many unrelated types for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot read this file: {first}") from None
+
+
 def _load_table(path: Path, target: str | None):
     """(X, y) from a CSV (header row; the target column by name), an .npz (arrays X and y, or --target) or a
     .pt file (a dict with X and y, or a pair)."""
@@ -209,13 +220,13 @@ def _load_table(path: Path, target: str | None):
     if path.suffix == ".csv":
         return _load_csv(path, target)
     if path.suffix == ".npz":
-        data = np.load(path)
+        data = _read_binary(path, lambda: np.load(path))
         key = target or "y"
-        if "X" not in data or key not in data:
-            raise ValueError(f"{path}: expected arrays 'X' and '{key}' (found {list(data)})")
-        return data["X"], data[key]
+        if not hasattr(data, "files") or "X" not in data or key not in data:
+            raise ValueError(f"{path}: expected arrays 'X' and '{key}' (found {list(getattr(data, 'files', []))})")
+        return _read_binary(path, lambda: (data["X"], data[key]))
     if path.suffix == ".pt":
-        data = torch.load(path, weights_only=True)
+        data = _read_binary(path, lambda: torch.load(path, weights_only=True))
         if isinstance(data, dict) and "X" in data and (target or "y") in data:
             return data["X"], data[target or "y"]
         if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -287,7 +298,7 @@ def _trial_cmd(argv: list[str]) -> int:
         res = trial(model_fn, train, val, rec, top_k=args.top_k, budget_steps=args.budget_steps, metric=args.metric,
                     n_trials=args.n_trials, seeds=tuple(range(args.seeds)), storage=args.storage,
                     study_name=args.study_name)
-    except (ImportError, ValueError, RuleError) as exc:
+    except (ImportError, ValueError, OSError, RuleError) as exc:
         return _fail(str(exc))
     w = res.winner
     print(res.table())
@@ -297,7 +308,10 @@ def _trial_cmd(argv: list[str]) -> int:
     for f in res.failed:
         print(f"failed: {f}")
     if args.plot:
-        print(f"curves: {res.plot(args.plot)}")
+        try:
+            print(f"curves: {res.plot(args.plot)}")
+        except (OSError, ValueError) as exc:
+            return _fail(f"--plot {args.plot}: {exc}")
     return 0
 
 

@@ -14,6 +14,8 @@ FILE_INPUTS = [
     (["profile", "--target", "y"], ".csv"),
     (["diagnose"], ".json"),
     (["diagnose"], ".csv"),
+    (["profile"], ".npz"),
+    (["profile"], ".pt"),
 ]
 
 HOSTILE = [
@@ -34,6 +36,8 @@ HOSTILE = [
     b"[1, 2, 3]",
     b"null",
     b"",
+    b"PK\x03\x04" + b"\x00" * 40,                                # a damaged zip (npz, pt)
+    b"\x80\x02}q\x00.",                                           # a pickle
 ]
 
 
