@@ -180,8 +180,8 @@ class Expression:
                 right, right_type = None, left_type
             else:
                 op = _COMPARE.get(type(op_node))
-                if op is None:
-                    raise self._fail(op_node, type(op_node).__name__)
+                if op is None:  # operator nodes carry no position: point at the comparison
+                    raise self._fail(node, type(op_node).__name__)
                 right, right_type = self._build(right_node)
                 if right_type != left_type:
                     raise RuleError(f"type mismatch in {self.source!r}: cannot compare a {left_type} "
