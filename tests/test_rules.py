@@ -369,3 +369,9 @@ def test_evaluation_bounds(source, facts, value):
         assert str(info.value).endswith(value), str(info.value)
     else:
         assert expr.evaluate(facts) == pytest.approx(value)
+
+
+def test_unknown_is_never_a_truth_value():
+    assert repr(UNKNOWN) == "UNKNOWN"
+    with pytest.raises(TypeError, match="UNKNOWN has no truth value"):
+        bool(UNKNOWN)
