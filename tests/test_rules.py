@@ -373,5 +373,39 @@ def test_evaluation_bounds(source, facts, value):
 
 def test_unknown_is_never_a_truth_value():
     assert repr(UNKNOWN) == "UNKNOWN"
-    with pytest.raises(TypeError, match="UNKNOWN has no truth value"):
+    with pytest.raises(TypeError) as info:
         bool(UNKNOWN)
+    assert str(info.value) == "UNKNOWN has no truth value"
+
+
+@pytest.mark.parametrize("source,facts,value", [
+    ("nonstationary == true", {"nonstationary": True}, True),     # YAML-style booleans
+    ("nonstationary == false", {"nonstationary": True}, False),
+    ("+n_samples", {"n_samples": 3}, 3),
+    ("-n_samples", {"n_samples": 3}, -3),
+    ("not nonstationary", {"nonstationary": True}, False),
+    ("not nonstationary", {}, UNKNOWN),
+    ("1" * 500, {}, int("1" * 500)),                               # exactly the length limit
+])
+def test_more_expression_values(source, facts, value):
+    got = Expression(source, FACT_TYPES).evaluate(facts)
+    assert got is UNKNOWN if value is UNKNOWN else got == value
+
+
+def test_deep_nesting_and_dunders_are_refused_with_their_message():
+    with pytest.raises(RuleError) as info:
+        Expression("-" * 499 + "1", FACT_TYPES)
+    assert str(info.value) == f"expression {'-' * 499 + '1'!r} is nested too deeply"
+    with pytest.raises(RuleError) as info:
+        Expression("1 + __class__", FACT_TYPES)
+    assert str(info.value) == ("the dunder name '__class__' is not allowed in rule expressions "
+                               "(in '1 + __class__', column 5)")
+
+
+def test_not_in_a_rule_file_negates(tmp_path):
+    path = write(tmp_path, yaml_of(rule(when={"not": "task == 'regression'"},
+                                        examples=[{"facts": {"task": "classification"}, "fires": True}])))
+    (r1,) = load_rules([path])
+    assert r1.evaluate({"task": "classification"}) is True
+    assert r1.evaluate({"task": "regression"}) is False
+    assert r1.evaluate({"task": None}) is UNKNOWN
