@@ -191,8 +191,7 @@ def _load_csv(path: Path, target: str | None):
                  dtype=np.float64).reshape(len(body), len(header) - 1)
     raw = [r[t].strip() for r in body]
     present = [v for v in raw if v.lower() not in _MISSING]
-    try:
-        [float(v) for v in present]
+    try:  # one pass: the first non-numeric value makes the column class names
         y = np.array([float("nan") if v.lower() in _MISSING else float(v) for v in raw])
     except ValueError:
         labels = {v: i for i, v in enumerate(sorted(set(present)))}  # class names, encoded in sorted order
