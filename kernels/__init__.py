@@ -2,10 +2,14 @@
 
 >>> from kernels import Adam
 >>> opt = Adam(model.parameters(), lr=1e-3)   # exactly torch.optim.Adam's signature and defaults
+
+Each class registers itself in the catalog (``kernels.catalog``) as its module is imported; the import order
+below is the catalog's order, which the advisor uses to break ties (Adam, AdamW, SGD, RMSprop, ...).
 """
 
-from ._adam import Adam, AdamW
-from ._compile import ENV_VAR as COMPILE_ENV_VAR
+from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's order
+from ._sgd import SGD
+from ._rmsprop import RMSprop
 from ._losses import (
                       CrossEntropyLoss,
                       HingeLoss,
@@ -20,8 +24,8 @@ from ._losses import (
                       mse_loss,
                       multi_margin_loss,
 )
-from ._rmsprop import RMSprop
-from ._sgd import SGD
+from . import _catalog as catalog
+from ._compile import ENV_VAR as COMPILE_ENV_VAR
 
 __all__ = [
                       "COMPILE_ENV_VAR",
@@ -35,6 +39,7 @@ __all__ = [
                       "MSELoss",
                       "MultiMarginLoss",
                       "RMSprop",
+                      "catalog",
                       "cross_entropy",
                       "hinge_loss",
                       "huber_loss",

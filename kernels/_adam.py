@@ -2,65 +2,75 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 
 
-def _adam_eager(p, g, m, v, vmax=None, *, lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize,
-                decoupled):
+class AdamScalars(NamedTuple):
+    step_size: float        # lr / (1 - beta1^t)
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    weight_decay: float
+    decay_factor: float     # 1 - lr * weight_decay (decoupled)
+    bc2_sqrt: float         # sqrt(1 - beta2^t)
+    eps: float
+
+
+def _adam_eager(s: AdamScalars, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
     # torch.optim.Adam's for-loop path, op for op, so eager results are bit-identical to it
     if maximize:
         g = -g
-    if weight_decay != 0:
-        if decoupled:
-            p.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
+    if wd_mode == _WD_DECOUPLED:
+        p.mul_(s.decay_factor)
+    elif wd_mode == _WD_L2:
+        g = g.add(p, alpha=s.weight_decay)
     if p.is_complex():
         p, g, m, v = as_real(p, g, m, v)
         vmax = as_real(vmax)[0] if amsgrad else None
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    m.lerp_(g, s.one_minus_beta1)
+    v.mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
     if amsgrad:
         torch.maximum(vmax, v, out=vmax)
-        denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = (vmax.sqrt() / s.bc2_sqrt).add_(s.eps)
     else:
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(m, denom, value=-(lr / bias_correction1))
+        denom = (v.sqrt() / s.bc2_sqrt).add_(s.eps)
+    p.addcdiv_(m, denom, value=-s.step_size)
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
-    # hp: step_size, 1-beta1, beta2, 1-beta2, weight_decay, 1-lr*weight_decay, sqrt(bias_correction2), eps
     # One pass: every buffer read once and written once. Low precision computes in float32 but rounds
     # where torch's op-by-op path rounds (r), so bf16/fp16 results track torch's instead of drifting away.
     r, pf, gf = fused_prologue(hp, p, g, maximize)
+    s = AdamScalars(*hp.unbind())
     if wd_mode == _WD_L2:
-        gf = r(gf + hp[4] * pf)
+        gf = r(gf + s.weight_decay * pf)
     elif wd_mode == _WD_DECOUPLED:
-        pf = r(pf * hp[5])
-    mf = r(torch.lerp(m.to(hp.dtype), gf, hp[1]))
-    vf = r(r(v.to(hp.dtype) * hp[2]) + hp[3] * gf * gf)
+        pf = r(pf * s.decay_factor)
+    mf = r(torch.lerp(m.to(hp.dtype), gf, s.one_minus_beta1))
+    vf = r(r(v.to(hp.dtype) * s.beta2) + s.one_minus_beta2 * gf * gf)
     if amsgrad:
         vf_max = torch.maximum(vmax.to(hp.dtype), vf)
         vmax.copy_(vf_max)
-        denom = r(r(r(vf_max.sqrt()) / hp[6]) + hp[7])
+        denom = r(r(r(vf_max.sqrt()) / s.bc2_sqrt) + s.eps)
     else:
-        denom = r(r(r(vf.sqrt()) / hp[6]) + hp[7])
-    p.copy_(pf - hp[0] * mf / denom)
+        denom = r(r(r(vf.sqrt()) / s.bc2_sqrt) + s.eps)
+    p.copy_(pf - s.step_size * mf / denom)
     m.copy_(mf)
     v.copy_(vf)
 # pragma: no mutate end
 
 
+@register("optimizer", torch="torch.optim.Adam",
+          configs={"Adam": (dict(lr=1e-3), 28), "Adam-amsgrad": (dict(lr=1e-3, amsgrad=True), 36)})
 class Adam(FusedOptimizer):
     r"""Adam (Kingma & Ba, 2015), a drop-in for :class:`torch.optim.Adam` with a fused update.
 
@@ -112,27 +122,30 @@ class Adam(FusedOptimizer):
                         fused=None, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, fused)
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        if group.get("amsgrad", False):
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
+    Scalars = AdamScalars
+    _eager_update = staticmethod(_adam_eager)
+    _fused_update = staticmethod(_adam_fused)
 
-    def _update(self, group: dict[str, Any], run: dict[str, torch.Tensor], step: int) -> None:
-        lr = float(group["lr"])
-        beta1, beta2 = (float(b) for b in group["betas"])
-        eps, wd = float(group["eps"]), float(group["weight_decay"])
-        amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+    def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
+        if group.get("amsgrad", False):
+            return {"exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0}
+        return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    def _flags(self, group: dict[str, Any]) -> tuple:
+        wd = float(group["weight_decay"])
         decoupled = bool(group.get("decoupled_weight_decay", False))
         wd_mode = _WD_NONE if wd == 0 else (_WD_DECOUPLED if decoupled else _WD_L2)
-        bc1 = 1 - beta1 ** step
-        bc2_sqrt = (1 - beta2 ** step) ** 0.5
-        self._apply(_adam_eager, _adam_fused, run,
-                    [lr / bc1, 1 - beta1, beta2, 1 - beta2, wd, 1 - lr * wd, bc2_sqrt, eps],
-                    (amsgrad, maximize, wd_mode),
-                    dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step, amsgrad=amsgrad,
-                         maximize=maximize, decoupled=decoupled))
+        return bool(group["amsgrad"]), bool(group["maximize"]), wd_mode
+
+    def _scalars(self, group: dict[str, Any], step: int) -> AdamScalars:
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        return AdamScalars(lr / (1 - beta1 ** step), 1 - beta1, beta2, 1 - beta2, wd, 1 - lr * wd,
+                           (1 - beta2 ** step) ** 0.5, float(group["eps"]))
 
 
+@register("optimizer", torch="torch.optim.AdamW", configs={"AdamW": (dict(lr=1e-3), 28)})
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter, 2019): :class:`Adam` with decoupled weight decay, default 1e-2.
 

@@ -2,66 +2,81 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
 
 
-def _rmsprop_eager(p, g, square_avg, *rest, lr, alpha, eps, weight_decay, momentum, centered, maximize):
+class RMSpropScalars(NamedTuple):
+    lr: float
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+
+
+def _rmsprop_eager(s: RMSpropScalars, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g,
+                   square_avg, *rest):
     # torch.optim.RMSprop's for-loop path, op for op. rest: momentum_buffer (if momentum), grad_avg (if centered)
-    buf = rest[0] if momentum > 0 else None
+    buf = rest[0] if use_momentum else None
     grad_avg = rest[-1] if centered else None
     if maximize:
         g = -g
-    if weight_decay != 0:
-        g = g.add(p, alpha=weight_decay)
+    if decay:
+        g = g.add(p, alpha=s.weight_decay)
     if p.is_complex():
         p, g, square_avg = as_real(p, g, square_avg)
         buf = None if buf is None else as_real(buf)[0]
         grad_avg = None if grad_avg is None else as_real(grad_avg)[0]
-    square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    square_avg.mul_(s.alpha).addcmul_(g, g, value=s.one_minus_alpha)
     if centered:
-        grad_avg.lerp_(g, 1 - alpha)
+        grad_avg.lerp_(g, s.one_minus_alpha)
         avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
     else:
         avg = square_avg.sqrt()
-    avg = avg.add_(eps)
-    if momentum > 0:
-        buf.mul_(momentum).addcdiv_(g, avg)
-        p.add_(buf, alpha=-lr)
+    avg = avg.add_(s.eps)
+    if use_momentum:
+        buf.mul_(s.momentum).addcdiv_(g, avg)
+        p.add_(buf, alpha=-s.lr)
     else:
-        p.addcdiv_(g, avg, value=-lr)
+        p.addcdiv_(g, avg, value=-s.lr)
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, square_avg,
                    *rest):
-    # hp: lr, alpha, 1-alpha, eps, weight_decay, momentum. r(): round where torch's op-by-op path rounds.
+    # r(): round where torch's op-by-op path rounds
     r, pf, gf = fused_prologue(hp, p, g, maximize)
+    s = RMSpropScalars(*hp.unbind())
     if decay:
-        gf = r(gf + hp[4] * pf)
-    sq = r(r(square_avg.to(hp.dtype) * hp[1]) + hp[2] * gf * gf)
+        gf = r(gf + s.weight_decay * pf)
+    sq = r(r(square_avg.to(hp.dtype) * s.alpha) + s.one_minus_alpha * gf * gf)
     square_avg.copy_(sq)
     if centered:
         grad_avg = rest[-1]
-        ga = r(torch.lerp(grad_avg.to(hp.dtype), gf, hp[2]))
+        ga = r(torch.lerp(grad_avg.to(hp.dtype), gf, s.one_minus_alpha))
         grad_avg.copy_(ga)
-        avg = r(r(r(sq - ga * ga).sqrt()) + hp[3])
+        avg = r(r(r(sq - ga * ga).sqrt()) + s.eps)
     else:
-        avg = r(r(sq.sqrt()) + hp[3])
+        avg = r(r(sq.sqrt()) + s.eps)
     if use_momentum:
         buf = rest[0]
-        b = r(r(buf.to(hp.dtype) * hp[5]) + gf / avg)
+        b = r(r(buf.to(hp.dtype) * s.momentum) + gf / avg)
         buf.copy_(b)
-        p.copy_(pf - hp[0] * b)
+        p.copy_(pf - s.lr * b)
     else:
-        p.copy_(pf - hp[0] * gf / avg)
+        p.copy_(pf - s.lr * gf / avg)
 # pragma: no mutate end
 
 
+@register("optimizer", torch="torch.optim.RMSprop",
+          configs={"RMSprop": (dict(lr=1e-3), 20), "RMSprop-momentum": (dict(lr=1e-3, momentum=0.9), 28),
+                   "RMSprop-centered-momentum": (dict(lr=1e-3, centered=True, momentum=0.9), 36)})
 class RMSprop(FusedOptimizer):
     r"""RMSprop (Hinton, 2012; centered: Graves, 2013); a drop-in for :class:`torch.optim.RMSprop`.
 
@@ -101,19 +116,23 @@ class RMSprop(FusedOptimizer):
                         differentiable=False)
         super().__init__(params, defaults, fused)
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        keys = ("square_avg",)
-        if group["momentum"] > 0:
-            keys += ("momentum_buffer",)
-        if group["centered"]:
-            keys += ("grad_avg",)
-        return keys
+    Scalars = RMSpropScalars
+    _eager_update = staticmethod(_rmsprop_eager)
+    _fused_update = staticmethod(_rmsprop_fused)
 
-    def _update(self, group: dict[str, Any], run: dict[str, torch.Tensor], step: int) -> None:
-        lr, alpha, eps = float(group["lr"]), float(group["alpha"]), float(group["eps"])
-        wd, momentum = float(group["weight_decay"]), float(group["momentum"])
-        centered, maximize = bool(group["centered"]), bool(group["maximize"])
-        self._apply(_rmsprop_eager, _rmsprop_fused, run, [lr, alpha, 1 - alpha, eps, wd, momentum],
-                    (maximize, wd != 0, momentum > 0, centered),
-                    dict(lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=momentum, centered=centered,
-                         maximize=maximize))
+    def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
+        init = {"square_avg": 0.0}
+        if group["momentum"] > 0:
+            init["momentum_buffer"] = 0.0
+        if group["centered"]:
+            init["grad_avg"] = 0.0
+        return init
+
+    def _flags(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["maximize"]), float(group["weight_decay"]) != 0, float(group["momentum"]) > 0,
+                bool(group["centered"]))
+
+    def _scalars(self, group: dict[str, Any], step: int) -> RMSpropScalars:
+        alpha = float(group["alpha"])
+        return RMSpropScalars(float(group["lr"]), alpha, 1 - alpha, float(group["eps"]),
+                              float(group["weight_decay"]), float(group["momentum"]))

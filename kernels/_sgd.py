@@ -2,44 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ._catalog import register
 from ._optimizer import FusedOptimizer, fused_prologue
 from ._validate import check_lr, check_selectors
 
 
-def _sgd_eager(p, g, buf=None, *, lr, momentum, dampening, weight_decay, nesterov, maximize, first):
+class SGDScalars(NamedTuple):
+    lr: float
+    weight_decay: float
+    momentum_now: float     # momentum, 0 on a buffer's first step (the buffer then equals the gradient)
+    keep: float             # 1 - dampening, 1 on the first step
+    momentum: float         # for Nesterov
+    first: float            # 1.0 on a buffer's first step
+
+
+def _sgd_eager(s: SGDScalars, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf=None):
     # torch.optim.SGD's for-loop path, op for op
     if maximize:
         g = -g
-    if weight_decay != 0:
-        g = g.add(p, alpha=weight_decay)
-    if momentum != 0:
-        if first:
+    if decay:
+        g = g.add(p, alpha=s.weight_decay)
+    if use_momentum:
+        if s.first:
             buf.copy_(g)
         else:
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)
-        g = g.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(g, alpha=-lr)
+            buf.mul_(s.momentum).add_(g, alpha=s.keep)
+        g = g.add(buf, alpha=s.momentum) if nesterov else buf
+    p.add_(g, alpha=-s.lr)
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf=None):
-    # hp: lr, weight_decay, momentum (0 on a buffer's first step, which then equals the gradient),
-    #     1-dampening (1 on the first step), momentum (for Nesterov). r(): round where torch rounds.
+    # r(): round where torch rounds
     r, pf, gf = fused_prologue(hp, p, g, maximize)
+    s = SGDScalars(*hp.unbind())
     if decay:
-        gf = r(gf + hp[1] * pf)
+        gf = r(gf + s.weight_decay * pf)
     if use_momentum:
-        b = r(r(buf.to(hp.dtype) * hp[2]) + gf * hp[3])
+        b = r(r(buf.to(hp.dtype) * s.momentum_now) + gf * s.keep)
         buf.copy_(b)
-        gf = r(gf + hp[4] * b) if nesterov else b
-    p.copy_(pf - hp[0] * gf)
+        gf = r(gf + s.momentum * b) if nesterov else b
+    p.copy_(pf - s.lr * gf)
 # pragma: no mutate end
 
 
+@register("optimizer", torch="torch.optim.SGD",
+          configs={"SGD-momentum": (dict(lr=0.01, momentum=0.9), 20),
+                   "SGD-nesterov": (dict(lr=0.01, momentum=0.9, nesterov=True), 20)})
 class SGD(FusedOptimizer):
     r"""Stochastic gradient descent with optional (Nesterov) momentum; a drop-in for :class:`torch.optim.SGD`.
 
@@ -75,16 +88,18 @@ class SGD(FusedOptimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)
         super().__init__(params, defaults, fused)
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    Scalars = SGDScalars
+    _eager_update = staticmethod(_sgd_eager)
+    _fused_update = staticmethod(_sgd_fused)
 
-    def _update(self, group: dict[str, Any], run: dict[str, torch.Tensor], step: int) -> None:
-        lr, momentum = float(group["lr"]), float(group["momentum"])
-        dampening, wd = float(group["dampening"]), float(group["weight_decay"])
-        nesterov, maximize = bool(group["nesterov"]), bool(group["maximize"])
-        first = step == 1
-        self._apply(_sgd_eager, _sgd_fused, run,
-                    [lr, wd, 0.0 if first else momentum, 1.0 if first else 1 - dampening, momentum],
-                    (maximize, wd != 0, momentum != 0, nesterov),
-                    dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd, nesterov=nesterov,
-                         maximize=maximize, first=first))
+    def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
+        return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
+
+    def _flags(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["maximize"]), float(group["weight_decay"]) != 0, float(group["momentum"]) != 0,
+                bool(group["nesterov"]))
+
+    def _scalars(self, group: dict[str, Any], step: int) -> SGDScalars:
+        momentum, first = float(group["momentum"]), step == 1
+        return SGDScalars(float(group["lr"]), float(group["weight_decay"]), 0.0 if first else momentum,
+                          1.0 if first else 1 - float(group["dampening"]), momentum, float(first))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -32,29 +35,67 @@ TOLERANCES = {
     torch.complex64: dict(rtol=1.3e-6, atol=1e-5),
 }
 
-OPTIMIZERS = {
-    "SGD": (kernels.SGD, torch.optim.SGD),
-    "Adam": (kernels.Adam, torch.optim.Adam),
-    "AdamW": (kernels.AdamW, torch.optim.AdamW),
-    "RMSprop": (kernels.RMSprop, torch.optim.RMSprop),
+def _sgd_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, momentum=st.sampled_from([0.0, 0.5, 0.9]), weight_decay=wd, maximize=st.booleans(),
+        nesterov=st.booleans(), dampening=st.sampled_from([0.0, 0.0, 0.3]))).map(_legal_sgd)
+
+
+def _adam_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.0, 0.99), (0.95, 0.5)]),
+        eps=st.sampled_from([1e-8, 1e-3]), weight_decay=wd, amsgrad=st.booleans(), maximize=st.booleans()))
+
+
+def _rmsprop_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, alpha=st.sampled_from([0.99, 0.9, 0.0]), eps=st.sampled_from([1e-8, 1e-2]), weight_decay=wd,
+        momentum=st.sampled_from([0.0, 0.0, 0.5]), centered=st.booleans(), maximize=st.booleans()))
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    """One optimizer as every generic test sees it: ours and torch's class (from the catalog), the space of
+    valid hyperparameters the property tests draw from, and a configuration whose state is worth checking
+    (momentum where the optimizer has it)."""
+
+    name: str
+    ours: type
+    torch: type
+    space: Callable[[Any, Any], Any]  # (lr strategy, weight-decay strategy) -> strategy of kwargs
+    stateful: dict[str, Any] = field(default_factory=dict)
+    full: dict[str, Any] = field(default_factory=dict)  # every state tensor and option in play (checkpoints)
+
+
+# The hyperparameter space of each optimizer: the one thing a new optimizer's tests must add. Everything
+# else (the classes, torch's counterpart) comes from the catalog, and a catalog optimizer without a case
+# here fails test_every_catalog_optimizer_has_a_case.
+_SPACES = {
+    "SGD": (_sgd_space, {"momentum": 0.9}, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "Adam": (_adam_space, {}, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    "AdamW": (_adam_space, {}, dict(lr=0.01)),
+    "RMSprop": (_rmsprop_space, {"momentum": 0.9}, dict(lr=0.01, momentum=0.5, centered=True)),
 }
+
+OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, e.cls, e.torch_class(), *_SPACES[e.name])
+                   for e in kernels.catalog.optimizers() if e.name in _SPACES}
+OPTIMIZERS = {name: (c.ours, c.torch) for name, c in OPTIMIZER_CASES.items()}
+
+
+@functools.cache
+def with_threshold(cls: type, numel: int | None) -> type:
+    """``cls`` reading gradients of at least ``numel`` elements where they lie (rather than copying them into
+    the flat buffer): with a small ``numel`` the tests' small shapes take that path too. None: ``cls``."""
+    if numel is None:
+        return cls
+    return type(cls.__name__, (cls,), {"direct_grad_min_numel": numel, "__module__": cls.__module__})
 
 
 def hyperparams(name: str):
     """Random valid hyperparameters for one optimizer (torch's argument names)."""
     lr = st.sampled_from([1e-3, 1e-2, 0.1, 0.5])
     wd = st.sampled_from([0.0, 0.0, 1e-2, 0.1])
-    if name == "SGD":
-        return st.fixed_dictionaries(dict(
-            lr=lr, momentum=st.sampled_from([0.0, 0.5, 0.9]), weight_decay=wd, maximize=st.booleans(),
-            nesterov=st.booleans(), dampening=st.sampled_from([0.0, 0.0, 0.3]))).map(_legal_sgd)
-    if name in ("Adam", "AdamW"):
-        return st.fixed_dictionaries(dict(
-            lr=lr, betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.0, 0.99), (0.95, 0.5)]),
-            eps=st.sampled_from([1e-8, 1e-3]), weight_decay=wd, amsgrad=st.booleans(), maximize=st.booleans()))
-    return st.fixed_dictionaries(dict(
-        lr=lr, alpha=st.sampled_from([0.99, 0.9, 0.0]), eps=st.sampled_from([1e-8, 1e-2]), weight_decay=wd,
-        momentum=st.sampled_from([0.0, 0.0, 0.5]), centered=st.booleans(), maximize=st.booleans()))
+    return OPTIMIZER_CASES[name].space(lr, wd)
 
 
 def _legal_sgd(kw):
@@ -101,20 +142,6 @@ def make_grads(params, steps, seed, none_prob=0.2, scale=1.0):
     return out
 
 
-@contextlib.contextmanager
-def direct_grad_threshold(numel: int):
-    """Optimizers built inside read gradients of at least ``numel`` elements where they lie (rather than
-    copying them into the flat buffer): with a small ``numel`` the tests' small shapes take that path too."""
-    from kernels import _optimizer
-
-    saved = _optimizer.DIRECT_GRAD_MIN_NUMEL
-    _optimizer.DIRECT_GRAD_MIN_NUMEL = numel
-    try:
-        yield
-    finally:
-        _optimizer.DIRECT_GRAD_MIN_NUMEL = saved
-
-
 # thresholds the property tests draw from: every gradient read in place, some, or none (the default)
 DIRECT_THRESHOLDS = st.sampled_from([1, 8, 1 << 16])
 
@@ -127,9 +154,11 @@ def groups_of(params, kwargs, split):
 
 
 def run_both(name, kwargs, specs, dtype, steps, *, fused, seed=0, split=False, scheduler=False,
-             none_prob=0.2, grad_scale=1.0):
-    """Train the same params with torch.optim (for-loop path) and ours; return both optimizers/params."""
+             none_prob=0.2, grad_scale=1.0, direct=None):
+    """Train the same params with torch.optim (for-loop path) and ours; return both optimizers/params.
+    ``direct``: ours reads gradients of at least that many elements where they lie (None: the default)."""
     ours_cls, torch_cls = OPTIMIZERS[name]
+    ours_cls = with_threshold(ours_cls, direct)
     ref_params = make_params(specs, dtype, seed)
     our_params = make_params(specs, dtype, seed)
     ref = torch_cls(groups_of(ref_params, kwargs, split), foreach=False, **kwargs)
@@ -173,7 +202,7 @@ def detached_state_dict(opt):
 
 def momentum_kwargs(name, lr):
     """A configuration with state worth checking: momentum where the optimizer has it."""
-    return dict(lr=lr, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=lr)
+    return dict(lr=lr, **OPTIMIZER_CASES[name].stateful)
 
 
 def twin_models(name, model, *, fused, **kwargs):

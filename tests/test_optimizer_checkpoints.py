@@ -5,24 +5,19 @@ import io
 
 import pytest
 import torch
-from strategies import OPTIMIZERS, assert_same, make_params
+from strategies import OPTIMIZER_CASES, OPTIMIZERS, assert_same, make_params
 
 import kernels
 
 NAMES = list(OPTIMIZERS)
-CONFIGS = {
-    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
-    "AdamW": dict(lr=0.01),
-    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
-}
+CONFIGS = {name: case.full for name, case in OPTIMIZER_CASES.items()}
 SPECS = [((4, 3), False, False), ((5,), True, False), ((), False, False), ((2, 2), False, True)]
 
 
 def _train(opts_and_params, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=gen) for p in opts_and_params[0][1]]
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in opts_and_params[0][1]]
         for opt, params in opts_and_params:
             for p, g in zip(params, grads):
                 p.grad = g.clone() if p.requires_grad else None
@@ -262,3 +257,4 @@ def test_parameters_outlive_the_optimizer():
     for p, e in zip(model.parameters(), expected):
         assert torch.equal(p, e)
     del junk
+

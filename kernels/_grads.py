@@ -1,0 +1,94 @@
+"""Gradient gathering: bring each step's gradients where the update reads them.
+
+Each step checks whether ``p.grad`` is the bucket's view for ``p``; a gradient that is not (autograd's fresh
+tensors after ``zero_grad(set_to_none=True)``, torch's default, or one the user assigned) is, if large and
+contiguous, read where it lies by a call of its own (large parameters sit at the end of the buffers, so the
+small ones stay one run), and otherwise copied into the gradient buffer, all of them in one
+``_foreach_copy_``. ``p.grad`` itself is left alone: pointing it at the buffer would free autograd's tensors
+at step time, and glibc then hands that memory back to the OS and the next backward faults it in again
+(measured: +2 ms per iteration of a 40-layer MLP, a 15% slower loop). ``zero_grad(set_to_none=False)`` is
+the opt-in (:func:`adopt_grads`): it points every existing gradient at the buffer, so backward accumulates
+straight into it and steps copy nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+from itertools import repeat
+
+import torch
+
+from ._layout import Bucket
+
+_grad_of = operator.attrgetter("grad")
+
+
+def current_grads(bucket: Bucket) -> list[torch.Tensor | None]:
+    return list(map(_grad_of, bucket.params))
+
+
+def gather_grads(bucket: Bucket, owner: str) -> tuple[list[bool] | None, dict[int, torch.Tensor] | None]:
+    """Returns ``(present, direct)``: ``present`` is None when every parameter has a gradient, else a
+    per-parameter mask of who has one; ``direct`` maps the index of each large parameter whose gradient is
+    read where it lies to that gradient, flat. Every other gradient is in the buffer. ``owner``: the
+    optimizer's name, for messages."""
+    grads = current_grads(bucket)
+    if all(map(operator.is_, grads, bucket.grad_views)):
+        return None, None
+    direct = None
+    views = bucket.grad_views
+    lo, hi = bucket.param_memory
+    for i in range(bucket.n_small, len(grads)):
+        g = grads[i]
+        if (g is not None and g is not views[i] and g.layout is torch.strided and g.is_contiguous()
+                and not lo <= g.data_ptr() < hi):
+            if direct is None:
+                direct = {}
+            direct[i] = g.view(-1)
+    copied = [i for i, (g, view) in enumerate(zip(grads, views))
+              if g is not None and g is not view and (direct is None or i not in direct)]
+    if copied:
+        bucket.ensure_grad_buffer()
+        views = bucket.grad_views
+        dsts, srcs = [views[i] for i in copied], [grads[i] for i in copied]
+        try:
+            torch._foreach_copy_(dsts, srcs)  # one call; layouts are checked only if it fails
+        except RuntimeError:
+            refuse_unsupported(bucket, grads, owner)
+            raise
+    if any(map(operator.is_, grads, repeat(None))):
+        return [g is not None for g in grads], direct
+    return None, direct
+
+
+def refuse_unsupported(bucket: Bucket, grads: list[torch.Tensor | None], owner: str) -> None:
+    for i, g in enumerate(grads):
+        if g is not None and (g.is_sparse or g.layout != torch.strided):
+            raise RuntimeError(f"{owner} does not support sparse gradients (parameter "
+                               f"{bucket.positions[i]} of group {bucket.group_index} has a {g.layout} "
+                               "gradient); use torch.optim.SparseAdam or dense gradients")
+
+
+def adopt_grads(bucket: Bucket) -> None:
+    """``zero_grad(set_to_none=False)``: every existing gradient becomes the bucket's view (the tensor it
+    replaces is zeroed too, for anyone still holding it); then the buffer is zeroed."""
+    grads = current_grads(bucket)
+    if not all(map(operator.is_, grads, bucket.grad_views)):
+        bucket.ensure_grad_buffer()
+        replaced = []
+        for p, g, view in zip(bucket.params, grads, bucket.grad_views):
+            if g is None or g is view:
+                continue
+            if g.grad_fn is not None:
+                g.detach_()
+            else:
+                g.requires_grad_(False)
+            if g.is_sparse or g.layout != torch.strided:
+                g.zero_()  # a sparse gradient stays (zeroed, as torch would): step() refuses it
+                continue
+            replaced.append(g)
+            p.grad = view
+        if replaced:
+            torch._foreach_zero_(replaced)
+    if bucket.flat_grad is not None:
+        bucket.flat_grad.zero_()

@@ -1,0 +1,189 @@
+"""Buffer layout: a bucket's flat, contiguous buffers for parameters, gradients and state, and its runs.
+
+Each param group's parameters are split by (device, dtype) into *buckets*. A bucket owns one flat buffer
+for the parameters, one for the gradients and one per state tensor (``exp_avg``, ...). At construction each
+parameter is *re-homed*: ``p.data`` becomes an alias of its range of the parameter buffer (the values are
+copied; the ``Parameter`` object is the same). On the CPU the alias has a storage object of its own
+(``_memory.alias``), so saving a submodule writes only its parameters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+import torch
+
+from ._memory import alias, flat_buffer
+
+# A gradient of at least this many elements that is a tensor of its own (autograd's, after the default
+# zero_grad(set_to_none=True)) is read where it lies, by a kernel call of its own, rather than copied into the
+# gradient buffer: the copy moves 8 more bytes per element (SGD's step moves 20, Adam's 28), a call costs
+# ~20-50 us, and 2^16 was best of 2^14..2^20 on ResNet-50 shapes and the 40-layer MLP loop (benchmarks,
+# "separate grads"). Below it, one copy of many small gradients beats many calls. An optimizer class may
+# set its own (``FusedOptimizer.direct_grad_min_numel``); the tests do, to reach this path with small shapes.
+DIRECT_GRAD_MIN_NUMEL = 1 << 16
+
+# a sentinel that no p.grad can be: until the buffer exists no gradient is "already in place"
+NOT_A_GRAD = object()
+_data_ptr = torch.Tensor.data_ptr
+
+
+def scalar_dtype() -> torch.dtype:
+    """torch.optim keeps state["step"] in float32 unless the default dtype is float64."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        return torch.float64 if dtype == torch.complex128 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    """A flat buffer's real view (a complex buffer becomes its interleaved real/imaginary parts)."""
+    return torch.view_as_real(t).view(-1) if t.is_complex() else t
+
+
+_hp_slots = threading.local()
+
+
+def scalars_tensor(scalars: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """The update's scalars as a 1-D tensor in ``like``'s compute dtype, on its device.
+
+    On the CPU the values are written into a reused per-thread tensor through a ctypes view of its memory:
+    ``torch.tensor(list)`` costs ~40 us per step once a step's streaming has evicted the caches, this a few.
+    (A CPU kernel reads them before it returns, so one tensor per dtype and length serves every step.)"""
+    dtype = compute_dtype(like.dtype)
+    if like.device.type != "cpu":
+        return torch.tensor(scalars, dtype=dtype, device=like.device)
+    slots = _hp_slots.__dict__
+    key = (dtype, len(scalars))
+    slot = slots.get(key)
+    if slot is None:
+        t = torch.empty(len(scalars), dtype=dtype)
+        ctype = ctypes.c_double if dtype == torch.float64 else ctypes.c_float
+        slot = slots[key] = (t, (ctype * len(scalars)).from_address(t.data_ptr()))
+    slot[1][:] = scalars
+    return slot[0]
+
+
+class Bucket:
+    """Parameters of one group sharing a device and dtype, laid out in flat buffers.
+
+    Parameters below ``direct_min`` elements come first in the buffers, then the large ones, so that when
+    large gradients are read in place (see :data:`DIRECT_GRAD_MIN_NUMEL`) the small ones still form one run.
+    """
+
+    def __init__(self, group_index: int, group_params: list[torch.Tensor], positions: list[int],
+                 direct_min: int = DIRECT_GRAD_MIN_NUMEL):
+        """``positions``: the indices in ``group_params`` of the parameters this bucket holds."""
+        self.group_index = group_index
+        small = [i for i in positions if group_params[i].numel() < direct_min]
+        large = [i for i in positions if group_params[i].numel() >= direct_min]
+        self.n_small = len(small)
+        self.positions = small + large  # each parameter's index in its group's "params", for messages
+        self.params = params = [group_params[i] for i in self.positions]
+        self.numels = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        self.total = total
+        ref = params[0]
+        self.device, self.dtype = ref.device, ref.dtype
+        self.flat_param = flat_buffer(total, self.device, self.dtype, zero=False)
+        for p, view in zip(params, self.views(self.flat_param)):
+            view.copy_(p.detach())
+        for p, o, n in zip(params, self.offsets, self.numels):
+            p.data = alias(self.flat_param, o, n, p.shape)
+        self.param_ptrs = [p.data_ptr() for p in params]
+        base = self.flat_param.data_ptr()
+        self.param_memory = (base, base + total * self.flat_param.element_size())
+        self.flat_grad: torch.Tensor | None = None
+        self.grad_views: list[Any] = [NOT_A_GRAD] * len(params)
+        self.flat_state: dict[str, torch.Tensor] = {}
+        self.steps = torch.zeros(len(params), dtype=scalar_dtype())
+        self.host_steps = [0] * len(params)
+        # the step every parameter shares (the usual case), or None once they differ; while it is set it is
+        # authoritative and host_steps may lag (the usual step does not rewrite a list per step)
+        self.common_step: int | None = 0
+        self.run_cache: dict[tuple, dict[str, Any]] = {}
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets, self.numels)]
+
+    def ensure_grad_buffer(self) -> None:
+        if self.flat_grad is None:
+            self.flat_grad = flat_buffer(self.total, self.device, self.dtype, zero=True)
+            self.grad_views = self.views(self.flat_grad)
+
+    def ensure_state(self, init: dict[str, float]) -> None:
+        """A flat buffer per state key, filled with its initial value (the real and imaginary parts of a
+        complex one both, as torch fills ``complex(v, v)``)."""
+        for key, value in init.items():
+            if key not in self.flat_state:
+                buf = flat_buffer(self.total, self.device, self.dtype, zero=value == 0)
+                if value != 0:
+                    real(buf).fill_(value)
+                self.flat_state[key] = buf
+
+    def span(self, start: int, end: int) -> int:
+        """How many elements parameters ``start:end`` hold."""
+        return self.offsets[end - 1] + self.numels[end - 1] - self.offsets[start] if end > start else 0
+
+    def slices(self, init: dict[str, float], start: int, end: int,
+               grad: bool = True) -> dict[str, torch.Tensor | None]:
+        """The buffers' slices for parameters ``start:end`` (``grad``: with the gradient buffer's), in the
+        order an update takes them: param, grad, then the state in ``init``'s order. Cached: every step asks
+        for the same slices (the whole buffers, or the runs around large gradients read in place)."""
+        keys = tuple(init)
+        key = (keys, start, end, grad)
+        run = self.run_cache.get(key)
+        if run is None:
+            self.ensure_state(init)
+            lo = self.offsets[start]
+            hi = lo + self.span(start, end)
+            run = {"param": self.flat_param[lo:hi]}
+            if grad:
+                self.ensure_grad_buffer()
+                run["grad"] = self.flat_grad[lo:hi]
+            else:
+                run["grad"] = None  # the caller's, in this position
+            for k in keys:
+                run[k] = self.flat_state[k][lo:hi]
+            self.run_cache[key] = run
+        return run
+
+    def refresh_common_step(self) -> None:
+        steps = self.host_steps
+        self.common_step = steps[0] if not steps or steps.count(steps[0]) == len(steps) else None
+
+    def moved(self) -> bool:
+        # a new dtype or device means a new allocation, hence a new address
+        # (map over the C methods: this runs every step, for every parameter)
+        return list(map(_data_ptr, self.params)) != self.param_ptrs
+
+
+def runs(present: list[bool] | None, steps: list[int]) -> list[tuple[int, int]]:
+    """Cut a bucket into runs of neighbours that all have gradients (``present``: None = all do) and share
+    a step count; each run is one update call on a slice of the buffers."""
+    n = len(steps)
+    if present is None and steps[0] == steps[-1] and steps.count(steps[0]) == n:
+        return [(0, n)]
+    out, start = [], None
+    for i in range(n):
+        if present is not None and not present[i]:
+            if start is not None:
+                out.append((start, i))
+            start = None
+        elif start is None:
+            start = i
+        elif steps[i] != steps[start]:
+            out.append((start, i))
+            start = i
+    if start is not None:
+        out.append((start, n))
+    return out

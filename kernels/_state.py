@@ -1,0 +1,126 @@
+"""State import, export and validation: ``optimizer.state`` as views of a bucket's flat buffers, under
+torch's own keys (so ``state_dict()`` is torch's format and torch.optim reads it), and every check a loaded
+state dict or a hand-edited ``param_groups`` must pass before the optimizer changes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._layout import Bucket
+
+if TYPE_CHECKING:
+    from ._optimizer import FusedOptimizer
+
+
+def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
+    """Copy whatever ``opt.state`` holds for the bucket's params into its flat buffers, then point
+    ``opt.state[p]`` at views of them. An optimizer whose state exists from construction (Adagrad) gets
+    its initial state for every parameter that has none."""
+    group = opt.param_groups[bucket.group_index]
+    init = opt._state_init(group)
+    has_state = [bool(opt.state.get(p)) for p in bucket.params]
+    if any(has_state):
+        bucket.ensure_state(init)
+        flat_views = {k: bucket.views(bucket.flat_state[k]) for k in init}
+        for i, p in enumerate(bucket.params):
+            if not has_state[i]:
+                continue
+            old = opt.state[p]
+            new = dict(old)
+            for k in init:
+                value = old.get(k)
+                if value is None:
+                    raise ValueError(f"state for parameter {bucket.positions[i]} of group "
+                                     f"{bucket.group_index} lacks {k!r}, which {type(opt).__name__} needs "
+                                     "with these options")
+                flat_views[k][i].copy_(value.detach().reshape(p.shape))
+                new[k] = flat_views[k][i]
+            if opt._step_in_state:
+                step = float(old["step"])
+                bucket.steps[i].fill_(step)
+                new["step"] = bucket.steps[i]
+                bucket.host_steps[i] = int(step)
+            else:
+                bucket.host_steps[i] = 1
+            opt.state[p] = new
+        bucket.refresh_common_step()
+    if opt._state_at_construction and not all(has_state):
+        bucket.ensure_state(init)
+        for i in range(len(bucket.params)):
+            if not has_state[i]:
+                expose_state(opt, bucket, i, i + 1, init)
+
+
+def expose_state(opt: FusedOptimizer, bucket: Bucket, start: int, end: int, init: dict[str, float]) -> None:
+    """``opt.state[p]`` for parameters ``start:end``: views of the flat buffers, in torch's key order."""
+    bucket.ensure_state(init)  # a bucket of empty tensors has run no update that would have made them
+    for i in range(start, end):
+        p, o, n = bucket.params[i], bucket.offsets[i], bucket.numels[i]
+        entry = {}
+        if opt._step_in_state:
+            entry["step"] = bucket.steps[i]
+        for k in init:
+            entry[k] = bucket.flat_state[k][o:o + n].view(p.shape)
+        opt.state[p] = entry
+
+
+def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None:
+    """Everything torch would only find later (or never): checked before the optimizer changes."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("a state_dict needs the keys 'state' and 'param_groups' "
+                         "(as returned by optimizer.state_dict())")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer "
+                         f"has {len(opt.param_groups)}")
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"loaded state dict's parameter group {gi} has {len(saved['params'])} "
+                             f"parameters, this optimizer's has {len(group['params'])}")
+        options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        keys = tuple(opt._state_init(options))
+        for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+            st = state_dict["state"].get(pid)
+            if not st:
+                continue
+            where = f"state of parameter {pi} in group {gi}"
+            for k in keys:
+                v = st.get(k)
+                if not isinstance(v, torch.Tensor):
+                    raise ValueError(f"{where} lacks tensor {k!r} needed by {type(opt).__name__} with "
+                                     f"these options (got {type(v).__name__})")
+                if v.shape != p.shape:
+                    raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}, the parameter has "
+                                     f"{tuple(p.shape)}")
+            if opt._step_in_state:
+                s = st.get("step")
+                if s is None or (isinstance(s, torch.Tensor) and s.numel() != 1):
+                    raise ValueError(f"{where} lacks a scalar 'step'")
+
+
+def check_groups(opt: FusedOptimizer) -> None:
+    """What ``add_param_group`` checks, for ``param_groups`` edited by hand since."""
+    seen: dict[int, int] = {}
+    for gi, g in enumerate(opt.param_groups):
+        params = g.get("params")
+        if not isinstance(params, list):
+            raise TypeError(f"param_groups[{gi}]['params'] must be a list of tensors (got "
+                            f"{type(params).__name__})")
+        for pi, p in enumerate(params):
+            where = f"param_groups[{gi}]['params'][{pi}]"
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where}: optimizer can only optimize Tensors, but one of the params is "
+                                f"{torch.typename(p)}")
+            if not p.is_leaf:
+                raise ValueError(f"{where}: can't optimize a non-leaf Tensor")
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(f"{where}: {type(opt).__name__} supports only dense (strided) parameters, "
+                                 f"got layout {p.layout}")
+            if id(p) in seen:
+                raise ValueError(f"{where}: this parameter is already in param group {seen[id(p)]}; "
+                                 "each parameter may appear once across all groups")
+            seen[id(p)] = gi
+        for key, value in opt.defaults.items():
+            g.setdefault(key, value)
