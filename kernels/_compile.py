@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ._private import (
+    capturing_backend,
+    global_state_guard,
+    innermost,
+    modes_active,
+    same_values,
+    transforms_active,  # noqa: F401 - re-exported for the losses
+)
 
 ENV_VAR = "OPTADVISOR_COMPILE"
 
@@ -73,7 +81,7 @@ class _Kernel:
         self.varargs = code.co_varnames[code.co_argcount] if code.co_flags & inspect.CO_VARARGS else None
         self.direct: tuple[Callable[..., Any], tuple, int, Any, tuple] | None = None
         self._pending: tuple | None = None
-        backend = _capturing_backend(self, options)
+        backend = capturing_backend(self, options)
         if backend is None:
             self.guarded = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
         else:
@@ -92,13 +100,13 @@ class _Kernel:
                 args = (scalars, *flags, *tensors)
                 call([args[i] if kind else args[i].shape[0] for kind, i in plan])
                 return None
-        state_guard = _global_state_guard()
+        state_guard = global_state_guard()
         self._pending = None
         result = self.guarded(scalars, *flags, *tensors)
         pending, self._pending = self._pending, None
         if pending is not None and result is None and state_guard is not None and self.direct is None:
             compiled, plan = pending
-            call = _innermost(compiled, plan, scalars, flags, tensors) or (lambda a: compiled(*a))
+            call = innermost(compiled, plan, scalars, flags, tensors) or (lambda a: compiled(*a))
             if self._serves_other_sizes(call, plan, scalars, flags, tensors):
                 self.direct = (call, plan, scalars.shape[0], state_guard, tuple(t is not None for t in tensors))
         return result
@@ -124,7 +132,7 @@ class _Kernel:
                     self.guarded(scalars, *flags, *guarded)
                 finally:
                     self._pending = saved
-                if not all(a is None or _same_values(a, b) for a, b in zip(direct, guarded)):
+                if not all(a is None or same_values(a, b) for a, b in zip(direct, guarded)):
                     return False
         except Exception:  # noqa: BLE001 - a graph that cannot take another size: keep every call guarded
             return False
@@ -149,171 +157,6 @@ class _Kernel:
                 return False
         # no user dispatch/function mode either: run_fused, this kernel's only caller, has checked that
         return n is not None and n >= 2 and state_guard.check()
-
-
-def transforms_active() -> bool:
-    """A torch.func transform (grad, vmap, jvp, ...) is active (torch has no public query)."""
-    return torch._C._are_functorch_transforms_active()
-
-
-def modes_active() -> bool:
-    """A user's TorchDispatchMode or TorchFunctionMode is active (torch has no public query for either)."""
-    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
-
-
-def _innermost(compiled: Callable[..., Any], plan: tuple, scalars: torch.Tensor, flags: tuple,
-               tensors: tuple) -> Callable[[list], Any] | None:
-    """Inductor's own entry point under AOT autograd's runtime wrapper (another ~40 us per call with cold
-    caches), when it can be found and provably does the same: it is run once on scratch inputs beside the
-    wrapped graph and must give the same bits. None otherwise (the wrapped graph is then called)."""
-    found = _find_compiled_fx_graph(compiled)
-    runner = getattr(found, "current_callable", None)
-    if not callable(runner):
-        return None
-    try:
-        gen = torch.Generator(device=scalars.device).manual_seed(0)
-        inputs = [None if t is None else torch.rand(37, generator=gen, device=t.device).to(t.dtype)
-                  for t in tensors]
-        outer = [None if t is None else t.clone() for t in inputs]
-        inner = [None if t is None else t.clone() for t in inputs]
-
-        def args(ts: list) -> list:
-            a = (scalars, *flags, *ts)
-            return [a[i] if kind else a[i].shape[0] for kind, i in plan]
-        compiled(*args(outer))
-        runner(args(inner))
-        same = all(a is None or _same_values(a, b) for a, b in zip(outer, inner))
-        changed = any(a is not None and not _same_values(a, b) for a, b in zip(outer, inputs))
-    except Exception:  # pragma: no cover - an internal layout this does not know: keep the wrapper
-        return None
-    return runner if same and changed else None
-
-
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal element for element, NaN matching NaN."""
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def _find_compiled_fx_graph(fn: Any, depth: int = 0, seen: set | None = None) -> Any:
-    """Search a compiled function's wrappers (closures, ``__wrapped__``, attributes) for inductor's
-    CompiledFxGraph."""
-    seen = set() if seen is None else seen
-    if depth > 8 or id(fn) in seen:
-        return None
-    seen.add(id(fn))
-    if type(fn).__name__ == "CompiledFxGraph":
-        return fn
-    children = []
-    closure = getattr(fn, "__closure__", None)
-    if closure:
-        for cell in closure:
-            try:
-                children.append(cell.cell_contents)
-            except ValueError:
-                pass
-    for attr in ("__wrapped__", "compiled_fn", "_inner_compiled_fn", "fn"):
-        child = getattr(fn, attr, None) if not isinstance(fn, type) else None
-        if child is not None:
-            children.append(child)
-    for child in children:
-        if callable(child) or type(child).__name__ == "CompiledFxGraph":
-            hit = _find_compiled_fx_graph(child, depth + 1, seen)
-            if hit is not None:
-                return hit
-    return None
-
-
-def _global_state_guard() -> Any:
-    try:
-        return torch._C._dynamo.guards.GlobalStateGuard()
-    except Exception:  # pragma: no cover - a torch without it: every call stays guarded
-        return None
-
-
-def _capturing_backend(kernel: _Kernel, options: dict[str, Any]) -> Callable[..., Any] | None:
-    """torch.compile's own inductor backend, wrapped to record each compiled graph's calling plan."""
-    try:
-        inner = torch._TorchCompileInductorWrapper(None, options, True)
-    except Exception:  # pragma: no cover - private API moved: plain torch.compile, all calls guarded
-        return None
-
-    class Capturing:
-        compiler_name = "inductor"
-
-        def __call__(self, gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
-            try:
-                plan = _call_plan(gm, kernel.argnames, kernel.varargs)
-            except Exception:  # pragma: no cover - unexpected graph metadata: stay guarded
-                plan = None
-            compiled = inner(gm, example_inputs, **kwargs)
-            kernel.capture(compiled, plan)
-            return compiled
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(inner, name)
-
-    return Capturing()
-
-
-_SIZE_SOURCE = re.compile(r"^L\['(\w+)'\](?:\[(\d+)\])?\.size\(\)\[0\]$")
-_TENSOR_NAME = re.compile(r"^l_([a-z_0-9]+?)(?:_(\d+))?_$")
-
-
-def _call_plan(gm: Any, argnames: tuple[str, ...], varargs: str | None = None) -> tuple | None:
-    """How the dynamo graph's placeholders come from our arguments: ``(1, i)`` the i-th argument itself,
-    ``(0, i)`` its length. None unless every placeholder is one of those, every tensor but the first
-    (the scalars) has a dynamic length, no shape guard involves those lengths, and the graph returns
-    nothing (an update writes in place)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    ctx = torch._guards.TracingContext.try_get()
-    shape_env = ctx.fake_mode.shape_env if ctx is not None and ctx.fake_mode is not None else None
-    if shape_env is None:
-        return None
-    index = {name: i for i, name in enumerate(argnames)}
-
-    def position(name: str | None, item: str | None) -> int | None:
-        if item is None:
-            return index.get(name)
-        return len(argnames) + int(item) if name == varargs else None
-    sources = {str(sym): [s.name for s in srcs] for sym, srcs in shape_env.var_to_sources.items()}
-    plan, data_syms, hp_syms = [], set(), set()
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            outs = node.args[0]
-            if outs not in ((), [], None) and not (isinstance(outs, (tuple, list)) and len(outs) == 0):
-                return None
-            continue
-        if node.op != "placeholder":
-            continue
-        value = node.meta.get("example_value")
-        if isinstance(value, FakeTensor):
-            match = _TENSOR_NAME.match(node.name)
-            if match is None and varargs is None:
-                return None
-            pos = None if match is None else position(*match.groups())
-            if pos is None and match is not None and match.group(2) is not None:
-                pos = index.get(f"{match.group(1)}_{match.group(2)}")  # a name ending in _<digits>
-            if pos is None or value.dim() != 1:
-                return None
-            size = value.shape[0]
-            if not isinstance(size, torch.SymInt):
-                return None  # a specialized size: this graph is not the general one
-            (hp_syms if pos == 0 else data_syms).add(str(size.node.expr))
-            plan.append((1, pos))
-        elif isinstance(value, torch.SymInt):
-            sym = str(value.node.expr)
-            match = next((m for m in map(_SIZE_SOURCE.match, sources.get(sym, ())) if m), None)
-            pos = None if match is None else position(*match.groups())
-            if pos is None:
-                return None
-            plan.append((0, pos))
-        else:
-            return None
-    for guard in shape_env.guards:
-        if {str(s) for s in guard.expr.free_symbols} & data_syms:
-            return None
-    return tuple(plan)
 
 
 def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor | None, ...],

@@ -592,3 +592,34 @@ def test_every_catalog_optimizer_has_a_case():
     """The test table is the catalog: an optimizer registered without a hyperparameter space here would
     silently escape every property test."""
     assert list(OPTIMIZERS) == [e.name for e in kernels.catalog.optimizers()]
+
+
+def test_private_torch_apis_still_work():
+    """kernels/_private.py holds every private torch API the kernels use; each falls back to a slower public
+    path when torch moves it. This fails loudly instead, so a torch upgrade cannot make us silently slower
+    (or a mode/transform check silently blind)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels import _compile, _private
+
+    assert not _private.modes_active() and not _private.transforms_active()
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert _private.modes_active()
+    seen = []
+    torch.func.vmap(lambda x: seen.append(_private.transforms_active()) or x)(torch.zeros(2))
+    assert seen == [True]
+    assert _private.global_state_guard() is not None
+    p = torch.nn.Parameter(torch.randn(50))
+    opt = kernels.RMSprop([p], lr=0.01, centered=True, fused=True)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    kernel = next(k for key, k in _compile._compiled.items() if key[0] == "_rmsprop_fused"
+                  and key[1] == (False, False, False, True) and key[3] == torch.float32)
+    assert kernel.direct is not None, "no direct-call plan was recorded: kernels/_private.py needs updating"
+    assert getattr(kernel.direct[0], "__name__", "") != "<lambda>", "inductor's own entry point was not found"
