@@ -10,20 +10,10 @@ below is the catalog's order, which the advisor uses to break ties (Adam, AdamW,
 from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's order
 from ._sgd import SGD
 from ._rmsprop import RMSprop
-from ._losses import (
-                      CrossEntropyLoss,
-                      HingeLoss,
-                      HuberLoss,
-                      LinearCrossEntropyLoss,
-                      MSELoss,
-                      MultiMarginLoss,
-                      cross_entropy,
-                      hinge_loss,
-                      huber_loss,
-                      linear_cross_entropy,
-                      mse_loss,
-                      multi_margin_loss,
-)
+from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
+from ._cross_entropy import CrossEntropyLoss, cross_entropy
+from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+from ._margin import HingeLoss, MultiMarginLoss, hinge_loss, multi_margin_loss
 from . import _catalog as catalog
 from ._compile import ENV_VAR as COMPILE_ENV_VAR
 

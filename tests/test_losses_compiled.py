@@ -13,7 +13,7 @@ from strategies import examples
 from test_losses import compare
 
 import kernels
-from kernels import _compile, _losses
+from kernels import _compile, _loss_base
 
 SETTINGS = settings(max_examples=examples(8), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=examples(8), deadline=None,
 
 @pytest.fixture(autouse=True)
 def always_compile(monkeypatch):
-    monkeypatch.setattr(_losses, "_COMPILE_MIN_NUMEL", 1)
+    monkeypatch.setattr(_loss_base, "_COMPILE_MIN_NUMEL", 1)
     monkeypatch.setenv(_compile.ENV_VAR, "1")
     yield
     assert not _compile._broken, _compile._broken  # it really ran compiled, never fell back
@@ -32,14 +32,14 @@ def ran(monkeypatch):
     """The compiled cores called (and completed) since the last ``ran.clear()``: recorded per call, so a
     test sees what *its* example ran, not what any earlier test compiled."""
     calls: list[str] = []
-    real = _losses.run_fused
+    real = _loss_base.run_fused
 
     def recording(fn, flags, tensors, hp, *, strict):
         ok, out = real(fn, flags, tensors, hp, strict=strict)
         if ok:
             calls.append(fn.__name__)
         return ok, out
-    monkeypatch.setattr(_losses, "run_fused", recording)
+    monkeypatch.setattr(_loss_base, "run_fused", recording)
     return calls
 
 
