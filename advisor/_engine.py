@@ -3,8 +3,8 @@
 Conflict resolution (documented in the README, same everywhere):
 1. Every rule that fires adds its scores; a candidate's score is the sum.
 2. The highest score wins. A tie goes to the candidate whose strongest supporting rule has the higher
-   priority, then to the earlier candidate in the fixed order (Adam, AdamW, SGD, RMSprop; losses in their
-   task's order). The result is deterministic.
+   priority, then to the earlier candidate in kernels' catalog order (Adam, AdamW, SGD, RMSprop, Adagrad;
+   losses in their task's order). The result is deterministic.
 3. A hyperparameter set by several firing rules takes the value of the highest-priority one; two rules of
    equal priority may both set it only if one declares ``overrides`` of the other (checked at load), and
    then the overriding rule wins. Multipliers (``scale``) from every firing rule multiply the value.
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from kernels import catalog
 
 from ._expr import UNKNOWN
 from ._monitor import Diagnosis, TrainingMonitor, diagnose
@@ -77,12 +79,19 @@ class Recommendation(BaseModel):
     notes: list[Note] = Field(default_factory=list)
     unknown: list[Unknown] = Field(default_factory=list)
     diagnosis: Diagnosis | None = None
-    candidates: dict[str, Choice] = Field(
-        default_factory=dict, description="every candidate optimizer and loss with its settled hyperparameters "
-                                          "and score (what advisor.trial builds its alternatives from)")
+    optimizers: dict[str, Choice] = Field(
+        default_factory=dict, description="every candidate optimizer (kernels' catalog order) with its settled "
+                                          "hyperparameters and score (what advisor.trial builds its pairs from)")
+    losses: dict[str, Choice] = Field(
+        default_factory=dict, description="every candidate loss for the task, likewise")
     train_steps: int | None = Field(
         default=None, description="how many optimizer steps to train (early stopping), when a trial measured it: "
                                   "the step at which the winner's mean validation metric was best")
+
+    @property
+    def candidates(self) -> dict[str, Choice]:
+        """Every candidate by name, optimizers then losses (the names never clash): a lookup, not stored."""
+        return {**self.optimizers, **self.losses}
 
     def build_optimizer(self, params: Any, choice: Choice | None = None, **overrides: Any):
         """The recommended ``kernels`` optimizer over ``params`` (e.g. ``model.parameters()``); ``choice``
@@ -127,28 +136,23 @@ class Recommendation(BaseModel):
 
 
 def build_optimizer(choice: Choice, params: Any, **overrides: Any):
-    """A ``kernels`` optimizer from a Choice (name and constructor arguments)."""
-    import kernels
-
+    """A ``kernels`` optimizer from a Choice (name and constructor arguments), through kernels' catalog."""
+    entry = _entry(choice.name, "optimizer")
     kwargs = {**choice.params, **overrides}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
-    return getattr(kernels, choice.name)(params, **kwargs)
+    return entry.cls(params, **{k: entry.params[k].coerce(v) if k in entry.params else v for k, v in kwargs.items()})
 
 
 def build_loss(choice: Choice):
-    """A ``kernels`` loss module from a Choice."""
-    import torch
+    """A ``kernels`` loss module from a Choice, through kernels' catalog."""
+    entry = _entry(choice.name, "loss")
+    return entry.cls(**{k: entry.params[k].coerce(v) if k in entry.params else v for k, v in choice.params.items()})
 
-    import kernels
 
-    kwargs = dict(choice.params)
-    if "weight" in kwargs:
-        kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32)
-    for name in ("p", "ignore_index"):
-        if name in kwargs:
-            kwargs[name] = int(kwargs[name])
-    return getattr(kernels, choice.name)(**kwargs)
+def _entry(name: str, kind: str):
+    e = catalog.entry(name)
+    if e.kind != kind:
+        raise ValueError(f"{name} is a {e.kind}, not a {kind}")
+    return e
 
 
 def _fmt(v: Any) -> str:
@@ -290,12 +294,12 @@ def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
                 out[pname] = value * factor if factor is not None and not isinstance(value, (bool, list)) else value
         return out
 
-    candidates = {name: Choice(name=name, params=settle(name), score=scores[kind].get(name, 0.0))
-                  for kind, names in (("optimizer", OPTIMIZERS), ("loss", LOSSES_FOR_TASK[profile.task]))
-                  for name in names}
+    optimizers, losses = ({name: Choice(name=name, params=settle(name), score=scores[kind].get(name, 0.0))
+                           for name in names}
+                          for kind, names in (("optimizer", OPTIMIZERS), ("loss", LOSSES_FOR_TASK[profile.task])))
     return Recommendation(
-        facts=profile, optimizer=candidates[opt], loss=candidates[loss], reasons=reasons,
-        alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown, candidates=candidates)
+        facts=profile, optimizer=optimizers[opt], loss=losses[loss], reasons=reasons,
+        alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown, optimizers=optimizers, losses=losses)
 
 
 def _beats(challenger: CompiledRule, holder: CompiledRule) -> bool:

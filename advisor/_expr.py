@@ -62,6 +62,19 @@ _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, as
 _ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _MAX_LENGTH = 500
+# deeper than any rule needs, and shallow enough that building and evaluating the expression's closures stays
+# far below Python's recursion limit whatever that limit is at the moment (hypothesis and torch change it)
+_MAX_DEPTH = 100
+
+
+def _depth(tree: ast.AST) -> int:
+    """The AST's nesting depth, measured without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 class Expression:
@@ -81,6 +94,8 @@ class Expression:
         except (ValueError, MemoryError, RecursionError) as exc:
             raise RuleError(f"cannot parse expression {source!r}: {exc}") from None
         self._fact_types = fact_types
+        if _depth(tree.body) > _MAX_DEPTH:
+            raise RuleError(f"expression {source!r} is nested too deeply")
         try:
             self._fn, self.type = self._build(tree.body)
         except RecursionError:

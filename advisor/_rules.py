@@ -39,31 +39,24 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kernels import catalog
+
 from ._expr import NUMBER, NUMBERS, UNKNOWN, Expression, RuleError, combine_all, combine_any, negate
 from ._profile import FACT_TYPES, TaskProfile
 from ._yaml import InputError, load_yaml, read_text
 
-OptimizerName = Literal["SGD", "Adam", "AdamW", "RMSprop"]
-LossName = Literal["MSELoss", "HuberLoss", "CrossEntropyLoss", "MultiMarginLoss", "HingeLoss"]
+# Every name, hyperparameter and type below is read from kernels' catalog (kernels/_catalog.py), which reads
+# the constructors' signatures: a new optimizer or loss is known to the rule language once it is registered.
+OPTIMIZERS: tuple[str, ...] = tuple(e.name for e in catalog.optimizers())
+OptimizerName = Literal[OPTIMIZERS]  # type: ignore[valid-type]
+LossName = Literal[tuple(e.name for e in catalog.losses() if e.tasks)]  # type: ignore[valid-type]
 
 # hyperparameters a rule may set, per candidate, with their types (the kernels constructors' arguments)
-PARAMS: dict[str, dict[str, str]] = {
-    "SGD": {"lr": NUMBER, "momentum": NUMBER, "dampening": NUMBER, "weight_decay": NUMBER, "nesterov": "bool"},
-    "Adam": {"lr": NUMBER, "betas": NUMBERS, "eps": NUMBER, "weight_decay": NUMBER, "amsgrad": "bool"},
-    "AdamW": {"lr": NUMBER, "betas": NUMBERS, "eps": NUMBER, "weight_decay": NUMBER, "amsgrad": "bool"},
-    "RMSprop": {"lr": NUMBER, "alpha": NUMBER, "eps": NUMBER, "weight_decay": NUMBER, "momentum": NUMBER,
-                "centered": "bool"},
-    "MSELoss": {},
-    "HuberLoss": {"delta": NUMBER},
-    "CrossEntropyLoss": {"weight": NUMBERS, "label_smoothing": NUMBER, "ignore_index": NUMBER},
-    "MultiMarginLoss": {"p": NUMBER, "margin": NUMBER, "weight": NUMBERS},
-    "HingeLoss": {"margin": NUMBER},
-}
-OPTIMIZERS: tuple[str, ...] = ("Adam", "AdamW", "SGD", "RMSprop")
-LOSSES_FOR_TASK: dict[str, tuple[str, ...]] = {
-    "regression": ("MSELoss", "HuberLoss"),
-    "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss"),
-}
+PARAMS: dict[str, dict[str, str]] = {e.name: {n: p.type for n, p in e.params.items()}
+                                     for e in (*catalog.optimizers(), *catalog.losses()) if e.tasks or
+                                     e.kind == "optimizer"}
+LOSSES_FOR_TASK: dict[str, tuple[str, ...]] = {task: tuple(e.name for e in catalog.losses(task))
+                                               for task in catalog.tasks()}
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN score would silently never win
 

@@ -50,9 +50,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from kernels import catalog
+
 from ._engine import Choice, Note, Reason, Recommendation, build_loss, build_optimizer
 from ._lr import lr_range_test, pyplot, save_figure
-from ._rules import OPTIMIZERS
 from ._train import (CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, RunResult, default_metric, fused_for,
                      is_pair, train_run)
 
@@ -362,23 +363,28 @@ class _Search:
             n_trials = min(n_trials, fits)
         self.n_trials = n_trials
         self.total_slots = n_trials + (top_k + 1) * (len(seeds) - 1)  # the search, then the finalists' seeds
-        task_losses = _task_losses(rec)
-        self.losses = [c for c in task_losses if c != "HingeLoss"]
-        if "HingeLoss" in task_losses:
-            self.skipped.append("HingeLoss: it needs one score per example and +-1 targets; trial it by hand")
+        # the candidate pairs, from kernels' catalog: every optimizer the catalog searches by default plus any
+        # other a rule scored (Adagrad when features are sparse), and every loss for the task that can be
+        # trialled automatically
+        self.optimizers = [e.name for e in catalog.optimizers()
+                           if e.default_candidate or rec.optimizers[e.name].score > 0 or e.name == rec.optimizer.name]
+        task_losses = catalog.losses(rec.facts.task or "regression")
+        self.losses = [e.name for e in task_losses if e.trial_note is None]
+        self.skipped += [e.trial_note for e in task_losses if e.trial_note is not None]
         if not self.losses:
-            raise ValueError("trial: no loss candidate can be trialled (HingeLoss needs +-1 targets)")
-        self.yardstick_choice = rec.loss if rec.loss.name in self.losses else rec.candidates[self.losses[0]]
+            raise ValueError("trial: no loss candidate can be trialled ("
+                             + "; ".join(e.trial_note for e in task_losses if e.trial_note) + ")")
+        self.yardstick_choice = rec.loss if rec.loss.name in self.losses else rec.losses[self.losses[0]]
         self.yardstick = build_loss(self.yardstick_choice) if metric == "val_loss" else None
         self.tiebreak = None
         settings = {"budget_steps": budget_steps, "seeds": list(seeds), "batch_size": batch_size, "metric": metric,
                     "n_trials": n_trials, "top_k": top_k, "lr_steps": lr_steps}
         self.fingerprint, n_val = _fingerprint(model_fn, train_data, val_data, rec, settings)
-        if metric in CLASSIFICATION_METRICS and "CrossEntropyLoss" in rec.candidates:
+        if metric in CLASSIFICATION_METRICS and "CrossEntropyLoss" in rec.losses:
             # error rates tie often on small validation sets: the validation cross-entropy breaks the ties,
             # weighted so that it never reorders two different error rates (they differ by >= 1/(C n_val))
             classes = rec.facts.n_classes or len(rec.facts.class_counts or ()) or 2
-            self.tiebreak = (build_loss(rec.candidates["CrossEntropyLoss"].model_copy(update={"params": {}})),
+            self.tiebreak = (build_loss(rec.losses["CrossEntropyLoss"].model_copy(update={"params": {}})),
                              0.01 / (classes * n_val))
         self.name = study_name or f"optadvisor-{self.fingerprint[:24]}"
         self.heartbeat_interval, self.grace = heartbeat_interval, grace_period
@@ -432,8 +438,8 @@ class _Search:
     def _make_plan(self) -> list[dict[str, Any]]:
         rec = self.rec
         self.centres = {}
-        for name in OPTIMIZERS:
-            choice = rec.candidates[name]
+        for name in self.optimizers:
+            choice = rec.optimizers[name]
             torch.manual_seed(self.seeds[0])
             probe = self.model_fn()
             res = lr_range_test(probe, build_loss(self.yardstick_choice),
@@ -451,9 +457,10 @@ class _Search:
         plan = [self._config(rec.optimizer.name, self.yardstick_choice.name, float(rec.optimizer.params.get("lr", 1e-3)),
                              None, "rules", exempt=True)]
         plan[0]["lr_why"] = "the rules' learning rate"
-        pairs = sorted(((o, lo) for o in OPTIMIZERS for lo in self.losses),
-                       key=lambda p: (-(rec.candidates[p[0]].score + rec.candidates[p[1]].score),
-                                      OPTIMIZERS.index(p[0]), self.losses.index(p[1])))
+        opts = self.optimizers
+        pairs = sorted(((o, lo) for o in opts for lo in self.losses),
+                       key=lambda p: (-(rec.optimizers[p[0]].score + rec.losses[p[1]].score),
+                                      opts.index(p[0]), self.losses.index(p[1])))
         for i, (o, lo) in enumerate(pairs[:3]):
             for off in SEEDED_OFFSETS + ((LR_DECADES[0],) if i == 0 else ()):
                 if len(plan) < self.n_trials:
@@ -461,7 +468,7 @@ class _Search:
         sobol = torch.quasirandom.SobolEngine(4, scramble=True, seed=self.seeds[0])
         while len(plan) < self.n_trials:
             u = sobol.draw(1)[0].tolist()
-            o = OPTIMIZERS[min(int(u[0] * len(OPTIMIZERS)), len(OPTIMIZERS) - 1)]
+            o = opts[min(int(u[0] * len(opts)), len(opts) - 1)]
             lo = self.losses[min(int(u[1] * len(self.losses)), len(self.losses) - 1)]
             off = LR_DECADES[0] + u[2] * (LR_DECADES[1] - LR_DECADES[0])
             wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if o == "AdamW" else None
@@ -620,8 +627,8 @@ class _Search:
             return False
 
         try:
-            res: RunResult = train_run(self.model_fn, seed, self.rec.candidates[cfg["optimizer"]],
-                                       self.rec.candidates[cfg["loss"]], cfg["lr"], self.train_data, self.val_data,
+            res: RunResult = train_run(self.model_fn, seed, self.rec.optimizers[cfg["optimizer"]],
+                                       self.rec.losses[cfg["loss"]], cfg["lr"], self.train_data, self.val_data,
                                        self.budget, batch_size=self.batch_size, eval_every=self.eval_every,
                                        metric=self.metric, yardstick=self.yardstick, on_eval=on_eval,
                                        weight_decay=cfg["weight_decay"], tiebreak=self.tiebreak)
@@ -694,12 +701,12 @@ class _Search:
             best_step, best_key = min(_mean_curve(keys), key=lambda sv: (sv[1], sv[0]))
             values = [dict(c)[best_step] for c in curves]
             best_mean = statistics.fmean(values)
-            params = {**self.rec.candidates[cfg["optimizer"]].params, "lr": cfg["lr"]}
+            params = {**self.rec.optimizers[cfg["optimizer"]].params, "lr": cfg["lr"]}
             if cfg["weight_decay"] is not None:
                 params["weight_decay"] = cfg["weight_decay"]
-            opt = self.rec.candidates[cfg["optimizer"]].model_copy(update={"params": params})
+            opt = self.rec.optimizers[cfg["optimizer"]].model_copy(update={"params": params})
             rows.append((best_key, CandidateResult(
-                optimizer=opt, loss=self.rec.candidates[cfg["loss"]], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                optimizer=opt, loss=self.rec.losses[cfg["loss"]], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                 origin=cfg["origin"], lr_reasoning=cfg.get("lr_why", ""), best_step=best_step, values=values,
                 mean=best_mean, spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves)))
         if not rows:
@@ -749,12 +756,6 @@ class _Search:
 
 def _outcome(t: Any) -> dict[str, Any]:
     return t.user_attrs.get("outcome", {})
-
-
-def _task_losses(rec: Recommendation) -> list[str]:
-    from ._rules import LOSSES_FOR_TASK
-
-    return list(LOSSES_FOR_TASK[rec.facts.task or "regression"])
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:

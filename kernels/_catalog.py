@@ -22,7 +22,7 @@ import torch
 Kind = Literal["optimizer", "loss"]
 
 # the rule language's types (advisor._expr's NUMBER / NUMBERS, and "bool")
-NUMBER, NUMBERS, BOOL = "number", "numbers", "bool"
+NUMBER, NUMBERS, BOOL = "number", "list[number]", "bool"
 
 # constructor arguments that select an implementation or torch's legacy spellings, not the math: a rule or a
 # trial never sets them
@@ -38,6 +38,19 @@ class HyperParam:
     name: str
     type: str
     default: Any
+    accepts: tuple[type, ...] = ()  # the Python types the constructor's annotation names
+
+    def coerce(self, value: Any) -> Any:
+        """A rule-language value (a float, a list of floats, a bool) as the constructor takes it: a list
+        becomes a float32 tensor or a tuple of floats, a whole number an int where the argument is an int."""
+        if isinstance(value, (list, tuple)):
+            if torch.Tensor in self.accepts:
+                return torch.tensor(list(value), dtype=torch.float32)
+            return tuple(float(v) for v in value)
+        if (self.type == NUMBER and int in self.accepts and float not in self.accepts
+                and not isinstance(value, bool) and float(value).is_integer()):
+            return int(value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -84,9 +97,13 @@ class Entry:
 _ENTRIES: dict[str, Entry] = {}
 
 
-def _type_of(name: str, annotation: Any, owner: str) -> str:
+def _members(annotation: Any) -> set:
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    members = {typing.get_origin(m) or m for m in (typing.get_args(annotation) if union else (annotation,))}
+    return {typing.get_origin(m) or m for m in (typing.get_args(annotation) if union else (annotation,))}
+
+
+def _type_of(name: str, annotation: Any, owner: str) -> str:
+    members = _members(annotation)
     if bool in members:
         return BOOL
     if members & {float, int}:
@@ -105,7 +122,9 @@ def hyperparameters(cls: type) -> dict[str, HyperParam]:
         if name in _NOT_HYPERPARAMETERS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = None if p.default is inspect.Parameter.empty else p.default
-        out[name] = HyperParam(name, _type_of(name, hints.get(name, type(default)), cls.__name__), default)
+        ann = hints.get(name, type(default))
+        out[name] = HyperParam(name, _type_of(name, ann, cls.__name__), default,
+                               tuple(m for m in _members(ann) if isinstance(m, type)))
     return out
 
 

@@ -409,3 +409,19 @@ def test_not_in_a_rule_file_negates(tmp_path):
     assert r1.evaluate({"task": "classification"}) is True
     assert r1.evaluate({"task": "regression"}) is False
     assert r1.evaluate({"task": None}) is UNKNOWN
+
+
+@pytest.mark.parametrize("limit", [1000, 20000])
+def test_nesting_limit_does_not_depend_on_the_recursion_limit(limit):
+    """The same expression is refused (or accepted) whatever Python's recursion limit is at the moment:
+    hypothesis and torch both change it, and a rule file must not load in one process and fail in another."""
+    import sys
+
+    saved = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        with pytest.raises(RuleError, match="nested too deeply"):
+            Expression("-" * 150 + "1", FACT_TYPES)
+        assert Expression("-" * 90 + "1", FACT_TYPES).evaluate({}) == 1
+    finally:
+        sys.setrecursionlimit(saved)

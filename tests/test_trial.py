@@ -142,7 +142,7 @@ def test_changed_data_starts_fresh_and_an_identical_call_resumes(tmp_path):
                   val, rec, storage=db, progress=False, **SMALL)
     assert wider.study_name not in (first.study_name, other.study_name)
     tweaked = rec.model_copy(deep=True)
-    tweaked.candidates["Adam"].params["eps"] = 1e-6
+    tweaked.optimizers["Adam"].params["eps"] = 1e-6
     assert trial(model_fn, train, val, tweaked, storage=db, progress=False, **SMALL).study_name not in (
         first.study_name, other.study_name, wider.study_name)
     # a study name given by hand that holds another fingerprint is refused, not reused
@@ -255,8 +255,8 @@ def test_two_workers_on_a_postgresql_server(postgres_url, reference):
 
 def test_a_diverged_run_is_recorded_as_failed_and_the_search_goes_on(tmp_path):
     model_fn, train, val, rec = small_study()
-    wild = rec.model_copy(update={"optimizer": rec.candidates["SGD"].model_copy(
-        update={"params": {**rec.candidates["SGD"].params, "lr": 1e6}})}, deep=True)
+    wild = rec.model_copy(update={"optimizer": rec.optimizers["SGD"].model_copy(
+        update={"params": {**rec.optimizers["SGD"].params, "lr": 1e6}})}, deep=True)
     res = trial(model_fn, train, val, wild, storage=str(tmp_path / "nan.db"), progress=False, **SMALL)
     assert any(f.startswith("run 0 (SGD lr 1e+06") and "became" in f for f in res.failed), res.failed
     assert all(c.origin != "rules" for c in res.ranked) and math.isfinite(res.winner.mean)
