@@ -103,6 +103,7 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
     n = 0
     n_features = None
     nan_x = nan_y = 0
+    zeros_x = entries_x = 0
     inf_found = False
     integral = True
     distinct: set[float] = set()
@@ -120,9 +121,13 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
             n_features = feats
         elif feats != n_features:
             raise ValueError(f"profile_data: rows have {n_features} and {feats} features")
+        nan_b = 0
         if xb.is_floating_point():
-            nan_x += int(torch.isnan(xb).sum())
+            nan_b = int(torch.isnan(xb).sum())
+            nan_x += nan_b
             inf_found |= bool(torch.isinf(xb).any())
+        zeros_x += int((xb == 0).sum())
+        entries_x += xb.numel() - nan_b
         yf = yb.reshape(yb.shape[0], -1)
         if yf.shape[1] != 1:
             raise ValueError(f"profile_data: one target per example expected (got {yf.shape[1]})")
@@ -156,6 +161,10 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
                                "facts describe the rest (impute or drop them before training)")
     n_distinct = len(distinct)
     facts: dict[str, Any] = {"n_samples": n, "n_features": n_features}
+    if entries_x:
+        facts["feature_sparsity"] = zeros_x / entries_x
+        evidence["feature_sparsity"] = (f"{zeros_x / entries_x:.1%} of the {entries_x:,} known feature values "
+                                        "are exactly zero")
     if task is None:
         if n_distinct == 2:
             task, why = "classification", "the target has exactly 2 distinct values: binary classification"

@@ -27,6 +27,9 @@ class TaskProfile(BaseModel):
         description="What is predicted: a real value (regression) or a class (classification).")
     n_samples: int | None = Field(None, ge=1, description="Number of training examples.")
     n_features: int | None = Field(None, ge=1, description="Number of input features per example.")
+    feature_sparsity: float | None = Field(
+        None, ge=0.0, le=1.0, description="Fraction of the input feature values that are exactly zero (missing "
+                                          "values left out): one-hot, bag-of-words and click-log data are >0.9.")
     n_classes: int | None = Field(None, ge=2, description="Number of classes (classification).")
     class_counts: list[int] | None = Field(
         None, min_length=2, description="Training examples per class; gives n_classes and class_imbalance.")

@@ -304,3 +304,18 @@ def test_cli_profile_and_diagnose(tmp_path, capsys):
     assert "overfitting" in capsys.readouterr().out
     (tmp_path / "empty.csv").write_text("step,val_loss\n1,0.5\n")
     assert main(["diagnose", str(tmp_path / "empty.csv")]) == 2
+
+
+def test_feature_sparsity_counts_exact_zeros_among_known_values():
+    """One-hot / bag-of-words data: the share of exact zeros, NaNs left out of both counts, integer
+    features counted too; dense data is far below the rules' 0.9."""
+    X = torch.zeros(200, 40)
+    X[torch.arange(200), torch.arange(200) % 40] = 1.0     # one-hot: 39 of 40 values are zero
+    X[0, 5] = float("nan")
+    prof = profile_data(X, torch.randn(200))
+    assert prof.facts.feature_sparsity == pytest.approx((200 * 39 - 1) / (200 * 40 - 1))
+    assert "exactly zero" in prof.evidence["feature_sparsity"]
+    ints = profile_data(torch.tensor([[0, 1], [0, 0], [2, 0]]), torch.tensor([0.0, 1.0, 2.0]))
+    assert ints.facts.feature_sparsity == pytest.approx(4 / 6)
+    dense = profile_data(torch.randn(300, 5), torch.randn(300))
+    assert dense.facts.feature_sparsity == 0.0
