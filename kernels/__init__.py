@@ -10,6 +10,7 @@ below is the catalog's order, which the advisor uses to break ties (Adam, AdamW,
 from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's order
 from ._sgd import SGD
 from ._rmsprop import RMSprop
+from ._adagrad import Adagrad
 from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from ._cross_entropy import CrossEntropyLoss, cross_entropy
 from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
@@ -20,6 +21,7 @@ from ._compile import ENV_VAR as COMPILE_ENV_VAR
 __all__ = [
                       "COMPILE_ENV_VAR",
                       "SGD",
+                      "Adagrad",
                       "Adam",
                       "AdamW",
                       "CrossEntropyLoss",

@@ -53,6 +53,13 @@ def _rmsprop_space(lr, wd):
         momentum=st.sampled_from([0.0, 0.0, 0.5]), centered=st.booleans(), maximize=st.booleans()))
 
 
+def _adagrad_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, lr_decay=st.sampled_from([0.0, 0.0, 0.01, 0.5]), weight_decay=wd,
+        initial_accumulator_value=st.sampled_from([0.0, 0.0, 0.1, 1.0]), eps=st.sampled_from([1e-10, 1e-3]),
+        maximize=st.booleans()))
+
+
 @dataclass(frozen=True)
 class OptimizerCase:
     """One optimizer as every generic test sees it: ours and torch's class (from the catalog), the space of
@@ -75,6 +82,8 @@ _SPACES = {
     "Adam": (_adam_space, {}, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
     "AdamW": (_adam_space, {}, dict(lr=0.01)),
     "RMSprop": (_rmsprop_space, {"momentum": 0.9}, dict(lr=0.01, momentum=0.5, centered=True)),
+    "Adagrad": (_adagrad_space, {"initial_accumulator_value": 0.1},
+                dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
 }
 
 OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, e.cls, e.torch_class(), *_SPACES[e.name])

@@ -130,6 +130,12 @@ BAD_ARGS = [
     ("RMSprop", dict(alpha=-0.1), ValueError, "Invalid alpha value: -0.1"),
     ("RMSprop", dict(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
     ("RMSprop", dict(momentum=-1.0), ValueError, "Invalid momentum value: -1.0"),
+    ("Adagrad", dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),
+    ("Adagrad", dict(lr_decay=-0.1), ValueError, "Invalid lr_decay value: -0.1"),
+    ("Adagrad", dict(weight_decay=-1), ValueError, "Invalid weight_decay value: -1"),
+    ("Adagrad", dict(initial_accumulator_value=-1.0), ValueError,
+     "Invalid initial_accumulator_value value: -1.0"),
+    ("Adagrad", dict(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
 ]
 
 
@@ -258,3 +264,32 @@ def test_parameters_outlive_the_optimizer():
         assert torch.equal(p, e)
     del junk
 
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_adagrad_state_exists_from_construction(fused, dtype):
+    """torch.optim.Adagrad creates ``step`` 0 and ``sum`` = initial_accumulator_value (complex: v + vi) in
+    ``__init__``: the state_dict before any step is torch's, both ways, and a group added later (where torch
+    itself would fail at the first step) gets the same initial state."""
+    a = [torch.nn.Parameter(torch.randn(3, 2, dtype=dtype)), torch.nn.Parameter(torch.randn(4, dtype=dtype))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ref = torch.optim.Adagrad(a, foreach=False, initial_accumulator_value=0.3)
+    ours = kernels.Adagrad(b, fused=fused, initial_accumulator_value=0.3)
+    s_ref, s_ours = ref.state_dict()["state"], ours.state_dict()["state"]
+    assert list(s_ours) == list(s_ref) == [0, 1]
+    for pid in s_ref:
+        assert list(s_ours[pid]) == list(s_ref[pid]) == ["step", "sum"]
+        assert float(s_ours[pid]["step"]) == 0.0 and s_ours[pid]["step"].dtype == s_ref[pid]["step"].dtype
+        torch.testing.assert_close(s_ours[pid]["sum"], s_ref[pid]["sum"], rtol=0, atol=0)
+    # a checkpoint taken before any step loads into torch and back, then both train alike
+    ref2 = torch.optim.Adagrad(a, foreach=False, initial_accumulator_value=0.3)
+    ref2.load_state_dict(copy.deepcopy(ours.state_dict()))
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    _train([(ref2, a), (ours, b)], 5, 0)
+    assert_same(ref2, ours, a, b, dtype, exact=not fused)
+    extra = torch.nn.Parameter(torch.randn(5, dtype=dtype))
+    ours.add_param_group({"params": [extra], "initial_accumulator_value": 2.0})
+    st = ours.state[extra]
+    assert float(st["step"]) == 0.0
+    torch.testing.assert_close(torch.view_as_real(st["sum"]) if dtype.is_complex else st["sum"],
+                               torch.full((5, 2) if dtype.is_complex else (5,), 2.0), rtol=0, atol=0)

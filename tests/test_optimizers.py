@@ -52,6 +52,8 @@ COMPILED_CONFIGS = [
     ("RMSprop", dict()),
     ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1)),
     ("RMSprop", dict(lr=0.01, centered=True, maximize=True)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+    ("Adagrad", dict(lr=0.05, weight_decay=0.1, eps=1e-3, maximize=True)),
 ]
 
 
