@@ -40,12 +40,17 @@ from typing import Any
 import torch
 
 from advisor._examples import EXAMPLES, MLP, load_example
+from kernels import catalog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID_PATH = os.path.join(HERE, "advice_grid.json")
 STEPS, BATCH, SEEDS, EVAL_EVERY = 300, 64, (0, 1, 2), 30
-GRID_OPTIMIZERS = {"SGD": {"momentum": 0.9}, "Adam": {}, "AdamW": {}, "RMSprop": {}}
-GRID_LOSSES = {"regression": ("MSELoss", "HuberLoss"), "classification": ("CrossEntropyLoss", "MultiMarginLoss")}
+# the grid's candidates come from kernels' catalog: the optimizers searched by default (SGD with momentum 0.9,
+# the usual setting) and every loss that can be trained without special targets; a cached grid computed over
+# other candidates is recomputed (the cache records them)
+_GRID_SETTINGS = {"SGD": {"momentum": 0.9}}
+GRID_OPTIMIZERS = {e.name: dict(_GRID_SETTINGS.get(e.name, {})) for e in catalog.optimizers() if e.default_candidate}
+GRID_LOSSES = {task: tuple(e.name for e in catalog.losses(task) if e.trial_note is None) for task in catalog.tasks()}
 GRID_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DATASETS = EXAMPLES
 QUICK_DATASETS = ("iris", "diabetes_outliers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -10,23 +11,17 @@ import torch
 
 import kernels
 
-# bytes read + written per element per step (fp32)
-BYTES_PER_ELEMENT = {"SGD-momentum": 20, "SGD-nesterov": 20, "Adam": 28, "Adam-amsgrad": 36, "AdamW": 28,
-                     "RMSprop": 20, "RMSprop-momentum": 28, "RMSprop-centered-momentum": 36}
+def _torch_paths(torch_cls: type) -> tuple[str, ...]:
+    """torch's implementations of the optimizer: its for-loop and foreach paths, and fused where it has one."""
+    fused = "fused" in inspect.signature(torch_cls).parameters
+    return ("forloop", "foreach", "fused") if fused else ("forloop", "foreach")
 
-OPTIMIZER_CASES = {
-    # name: (ours, torch class, kwargs, torch paths to compare)
-    "SGD-momentum": (kernels.SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9), ("forloop", "foreach", "fused")),
-    "SGD-nesterov": (kernels.SGD, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9, "nesterov": True},
-                     ("forloop", "foreach", "fused")),
-    "Adam": (kernels.Adam, torch.optim.Adam, dict(lr=1e-3), ("forloop", "foreach", "fused")),
-    "Adam-amsgrad": (kernels.Adam, torch.optim.Adam, {"lr": 1e-3, "amsgrad": True}, ("forloop", "foreach", "fused")),
-    "AdamW": (kernels.AdamW, torch.optim.AdamW, dict(lr=1e-3), ("forloop", "foreach", "fused")),
-    "RMSprop": (kernels.RMSprop, torch.optim.RMSprop, dict(lr=1e-3), ("forloop", "foreach")),
-    "RMSprop-momentum": (kernels.RMSprop, torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.9}, ("forloop", "foreach")),
-    "RMSprop-centered-momentum": (kernels.RMSprop, torch.optim.RMSprop,
-                                  dict(lr=1e-3, centered=True, momentum=0.9), ("forloop", "foreach")),
-}
+
+# Every optimizer configuration in kernels' catalog: name -> (ours, torch class, kwargs, torch paths to
+# compare), and the bytes one fp32 step reads and writes per element (the bandwidth bound's numerator).
+OPTIMIZER_CASES = {c.name: (e.cls, e.torch_class(), c.kwargs, _torch_paths(e.torch_class()))
+                   for e in kernels.catalog.optimizers() for c in e.configs}
+BYTES_PER_ELEMENT = {c.name: c.bytes_per_element for e in kernels.catalog.optimizers() for c in e.configs}
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
