@@ -220,3 +220,41 @@ def twin_models(name, model, *, fused, **kwargs):
     ours_cls, torch_cls = OPTIMIZERS[name]
     return (model, ours_cls(model.parameters(), fused=fused, **kwargs),
             twin, torch_cls(twin.parameters(), foreach=False, **kwargs))
+
+
+def _onehot(y, c, lo=0.0):
+    return torch.nn.functional.one_hot(y, c).float() * (1 - lo) + lo * (torch.nn.functional.one_hot(y, c) == 0)
+
+
+@dataclass(frozen=True)
+class LossCase:
+    """One loss as the generic loss tests see it: its catalog entry's class and functional, and ``call`` /
+    ``reference``: the loss and its torch (or formula) reference on a model's output ``out`` (batch, 5) and
+    class labels ``y``, with ``kwargs`` for the class and the functional alike."""
+
+    name: str
+    module: type
+    functional: Callable[..., Any]
+    call: Callable[[Any, Any, Callable[..., Any]], Any]   # (out, y, fn) -> fn(inputs..., **kwargs)
+    reference: Callable[[Any, Any], Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_F = torch.nn.functional
+_LOSS_SPECS = {
+    "MSELoss": (lambda o, y, fn, **kw: fn(o, _onehot(y, 5), **kw), lambda o, y: _F.mse_loss(o, _onehot(y, 5)), {}),
+    "HuberLoss": (lambda o, y, fn, **kw: fn(o, _onehot(y, 5), **kw),
+                  lambda o, y: _F.huber_loss(o, _onehot(y, 5), delta=0.5), {"delta": 0.5}),
+    "CrossEntropyLoss": (lambda o, y, fn, **kw: fn(o, y, **kw),
+                         lambda o, y: _F.cross_entropy(o, y, label_smoothing=0.1), {"label_smoothing": 0.1}),
+    "LinearCrossEntropyLoss": (lambda o, y, fn, **kw: fn(o[:, :4], _W, y, **kw),
+                               lambda o, y: _F.cross_entropy(o[:, :4] @ _W.T, y), {}),
+    "MultiMarginLoss": (lambda o, y, fn, **kw: fn(o, y, **kw),
+                        lambda o, y: _F.multi_margin_loss(o, y, p=2), {"p": 2}),
+    "HingeLoss": (lambda o, y, fn, **kw: fn(o, _onehot(y, 5) * 2 - 1, **kw),
+                  lambda o, y: torch.clamp(1 - o * (_onehot(y, 5) * 2 - 1), min=0).mean(), {}),
+}
+_W = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
+
+LOSS_CASES = {e.name: LossCase(e.name, e.cls, e.functional, *_LOSS_SPECS[e.name])
+              for e in kernels.catalog.losses() if e.name in _LOSS_SPECS}

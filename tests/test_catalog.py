@@ -1,0 +1,107 @@
+"""kernels' catalog: one table of optimizers and losses, read by the advisor, the tests and the benchmarks."""
+
+import inspect
+
+import pytest
+import torch
+
+import kernels
+from advisor import advise
+from advisor._engine import Choice, build_loss, build_optimizer
+from advisor._rules import LOSSES_FOR_TASK, OPTIMIZERS, PARAMS
+from kernels import catalog
+
+
+def test_order_is_the_advisors_tie_break_order():
+    """The import order in kernels/__init__.py is the catalog's order; the advisor breaks ties by it (Adam
+    first): reordering those imports would change advice, so it is pinned here."""
+    assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
+    assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+    assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
+                               "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
+
+
+@pytest.mark.parametrize("entry", [*catalog.optimizers(), *catalog.losses()], ids=lambda e: e.name)
+def test_hyperparameters_are_the_signature(entry):
+    """Every constructor argument but the implementation selectors is a hyperparameter, with its default;
+    the rule language accepts exactly those for a candidate."""
+    sig = inspect.signature(entry.cls.__init__).parameters
+    skip = {"self", "params", "foreach", "capturable", "differentiable", "fused", "maximize", "size_average",
+            "reduce", "reduction", "decoupled_weight_decay"}
+    assert list(entry.params) == [n for n in sig if n not in skip]
+    for name, hp in entry.params.items():
+        default = sig[name].default
+        assert hp.default == (None if default is inspect.Parameter.empty else default)
+        assert hp.type in ("number", "list[number]", "bool")
+    if entry.tasks or entry.kind == "optimizer":
+        assert PARAMS[entry.name] == {n: p.type for n, p in entry.params.items()}
+    assert getattr(kernels, entry.name) is entry.cls
+    if entry.torch is not None:
+        assert entry.torch_class().__name__ == entry.name
+
+
+def test_types_read_off_annotations():
+    adam = catalog.entry("Adam").params
+    assert (adam["lr"].type, adam["betas"].type, adam["amsgrad"].type) == ("number", "list[number]", "bool")
+    ce = catalog.entry("CrossEntropyLoss").params
+    assert ce["weight"].type == "list[number]" and ce["ignore_index"].type == "number"
+    # rule-language values become what the constructor takes
+    assert ce["weight"].coerce([1, 2]).dtype == torch.float32
+    assert ce["ignore_index"].coerce(3.0) == 3 and isinstance(ce["ignore_index"].coerce(3.0), int)
+    assert adam["betas"].coerce([0.9, 0.99]) == (0.9, 0.99)
+    assert adam["lr"].coerce(1.0) == 1.0 and isinstance(adam["lr"].coerce(1.0), float)
+
+
+def test_bad_registrations_are_refused_by_name():
+    with pytest.raises(ValueError, match="kind must be 'optimizer' or 'loss'"):
+        catalog.register("scheduler", torch=None)
+
+    class Odd(torch.nn.Module):
+        def __init__(self, mode: str = "x") -> None:
+            super().__init__()
+    with pytest.raises(TypeError, match=r"Odd.__init__ argument 'mode' has annotation"):
+        catalog.register("loss", torch=None)(Odd)
+    assert "Odd" not in [e.name for e in catalog.losses()]
+
+    class MSELoss(torch.nn.Module):  # another class under a registered name
+        pass
+    with pytest.raises(ValueError, match="MSELoss is registered twice"):
+        catalog.register("loss", torch=None)(MSELoss)
+    assert catalog.entry("MSELoss").cls is kernels.MSELoss
+    with pytest.raises(KeyError, match="'Lion' is not in optadvisor's catalog; known: Adam, AdamW"):
+        catalog.entry("Lion")
+
+
+@pytest.mark.parametrize("entry", catalog.optimizers(), ids=lambda e: e.name)
+def test_build_optimizer_for_every_catalog_optimizer(entry):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = build_optimizer(Choice(name=entry.name, params={"lr": 0.01}, score=0.0), [p])
+    assert type(opt) is entry.cls and opt.param_groups[0]["lr"] == 0.01
+    with pytest.raises(ValueError, match=f"{entry.name} is a optimizer, not a loss"):
+        build_loss(Choice(name=entry.name, params={}, score=0.0))
+
+
+def test_build_loss_coerces_rule_values():
+    loss = build_loss(Choice(name="CrossEntropyLoss", params={"weight": [1.0, 2.0], "ignore_index": 1.0},
+                             score=0.0))
+    assert isinstance(loss, kernels.CrossEntropyLoss) and loss.ignore_index == 1
+    assert torch.equal(loss.weight, torch.tensor([1.0, 2.0]))
+    assert build_loss(Choice(name="MultiMarginLoss", params={"p": 2.0}, score=0.0)).p == 2
+
+
+def test_recommendation_keeps_optimizers_and_losses_apart():
+    rec = advise(task="classification", n_samples=500)
+    assert list(rec.optimizers) == list(OPTIMIZERS)
+    assert list(rec.losses) == list(LOSSES_FOR_TASK["classification"])
+    assert rec.optimizer is rec.optimizers[rec.optimizer.name] and rec.loss is rec.losses[rec.loss.name]
+    assert rec.candidates == {**rec.optimizers, **rec.losses}
+    dumped = rec.model_dump()
+    assert set(dumped["optimizers"]) == set(OPTIMIZERS) and "candidates" not in dumped
+
+
+def test_adagrad_is_advised_for_sparse_features_only():
+    sparse = advise(task="classification", n_samples=5000, feature_sparsity=0.97)
+    assert sparse.optimizer.name == "Adagrad"
+    assert any(r.rule_id == "adagrad-sparse-features" for r in sparse.reasons)
+    dense = advise(task="classification", n_samples=5000, feature_sparsity=0.1)
+    assert dense.optimizer.name == "Adam" and dense.optimizers["Adagrad"].score == 0
