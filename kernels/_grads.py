@@ -33,10 +33,16 @@ def gather_grads(bucket: Bucket, owner: str) -> tuple[list[bool] | None, dict[in
     read where it lies to that gradient, flat. Every other gradient is in the buffer. ``owner``: the
     optimizer's name, for messages."""
     grads = current_grads(bucket)
-    if all(map(operator.is_, grads, bucket.grad_views)):
+    views = bucket.grad_views
+    if all(map(operator.is_, grads, views)):
+        return None, None
+    if (bucket.n_small == len(grads) and not any(map(operator.is_, grads, views))
+            and not any(map(operator.is_, grads, repeat(None)))):
+        # the usual step after the default zero_grad(): every gradient small, present and a tensor of its own
+        bucket.ensure_grad_buffer()
+        _copy_checked(bucket, bucket.grad_views, grads, grads, owner)
         return None, None
     direct = None
-    views = bucket.grad_views
     lo, hi = bucket.param_memory
     for i in range(bucket.n_small, len(grads)):
         g = grads[i]
@@ -50,15 +56,19 @@ def gather_grads(bucket: Bucket, owner: str) -> tuple[list[bool] | None, dict[in
     if copied:
         bucket.ensure_grad_buffer()
         views = bucket.grad_views
-        dsts, srcs = [views[i] for i in copied], [grads[i] for i in copied]
-        try:
-            torch._foreach_copy_(dsts, srcs)  # one call; layouts are checked only if it fails
-        except RuntimeError:
-            refuse_unsupported(bucket, grads, owner)
-            raise
+        _copy_checked(bucket, [views[i] for i in copied], [grads[i] for i in copied], grads, owner)
     if any(map(operator.is_, grads, repeat(None))):
         return [g is not None for g in grads], direct
     return None, direct
+
+
+def _copy_checked(bucket: Bucket, dsts: list[torch.Tensor], srcs: list[torch.Tensor],
+                  grads: list[torch.Tensor | None], owner: str) -> None:
+    try:
+        torch._foreach_copy_(dsts, srcs)  # one call; layouts are checked only if it fails
+    except RuntimeError:
+        refuse_unsupported(bucket, grads, owner)
+        raise
 
 
 def refuse_unsupported(bucket: Bucket, grads: list[torch.Tensor | None], owner: str) -> None:
