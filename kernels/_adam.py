@@ -93,6 +93,9 @@ class Adam(FusedOptimizer):
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = kernels.Adam(model.parameters(), lr=1e-3)
         >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+
+    References: D. P. Kingma, J. Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015; S. J. Reddi,
+    S. Kale, S. Kumar, "On the Convergence of Adam and Beyond", ICLR 2018 (amsgrad).
     """
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
@@ -147,13 +150,20 @@ class Adam(FusedOptimizer):
 
 @register("optimizer", torch="torch.optim.AdamW", configs={"AdamW": (dict(lr=1e-3), 28)})
 class AdamW(Adam):
-    """AdamW (Loshchilov & Hutter, 2019): :class:`Adam` with decoupled weight decay, default 1e-2.
+    r"""AdamW (Loshchilov & Hutter, 2019): :class:`Adam` with decoupled weight decay, default 1e-2.
+
+    .. math::
+        \theta_t = \theta_{t-1}(1-\gamma\lambda)
+                   - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+        \quad (m_t, \hat v_t \text{ as in } :class:`Adam`, \text{ with } g_t = \pm\nabla f(\theta_{t-1}))
 
     A drop-in for :class:`torch.optim.AdamW`; see :class:`Adam` for the arguments and ``fused``.
 
     Example::
 
         >>> opt = kernels.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    References: I. Loshchilov, F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
     """
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,

@@ -221,7 +221,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
 
 @register("loss", torch="torch.nn.CrossEntropyLoss", functional=cross_entropy, tasks=("classification",))
 class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.CrossEntropyLoss` (weight, ignore_index, reduction, label_smoothing)."""
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` (weight, ignore_index, reduction, label_smoothing).
+
+    Example::
+
+        >>> loss = kernels.CrossEntropyLoss(label_smoothing=0.1)(logits, classes); loss.backward()
+    """
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0) -> None:

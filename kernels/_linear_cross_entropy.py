@@ -121,7 +121,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
 
 @register("loss", torch=None, functional=linear_cross_entropy)
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Holds :func:`linear_cross_entropy`'s options; called as ``loss_fn(hidden, weight, target, bias=None)``."""
+    """Holds :func:`linear_cross_entropy`'s options; called as ``loss_fn(hidden, weight, target, bias=None)``.
+
+    Example::
+
+        >>> loss = kernels.LinearCrossEntropyLoss(chunk_size=4)(h, lm_head.weight, tokens); loss.backward()
+    """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  chunk_size: int | None = None) -> None:

@@ -148,7 +148,12 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
 
 @register("loss", torch="torch.nn.MultiMarginLoss", functional=multi_margin_loss, tasks=("classification",))
 class MultiMarginLoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.MultiMarginLoss`: ``MultiMarginLoss(p=1, margin=1.0, weight=None)``."""
+    """Drop-in for :class:`torch.nn.MultiMarginLoss`: ``MultiMarginLoss(p=1, margin=1.0, weight=None)``.
+
+    Example::
+
+        >>> loss = kernels.MultiMarginLoss(p=2)(logits, classes); loss.backward()
+    """
 
     def __init__(self, p: int = 1, margin: float = 1.0, weight: Tensor | None = None, size_average=None,
                  reduce=None, reduction: str = "mean") -> None:
@@ -167,7 +172,12 @@ class MultiMarginLoss(torch.nn.Module):
 @register("loss", torch=None, functional=hinge_loss, tasks=("classification",),
           trial_note="HingeLoss: it needs one score per example and +-1 targets; trial it by hand")
 class HingeLoss(torch.nn.Module):
-    """Binary SVM hinge ``max(0, margin - y x)``, targets in {-1, +1}: ``HingeLoss(margin=1.0, reduction)``."""
+    """Binary SVM hinge ``max(0, margin - y x)``, targets in {-1, +1}: ``HingeLoss(margin=1.0, reduction)``.
+
+    Example::
+
+        >>> loss = kernels.HingeLoss()(scores, labels_pm1); loss.backward()
+    """
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()

@@ -150,7 +150,12 @@ def _pair(grad: Tensor, input: Tensor, target: Tensor) -> list[Tensor | None]:
 
 @register("loss", torch="torch.nn.MSELoss", functional=mse_loss, tasks=("regression",))
 class MSELoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.MSELoss`: ``MSELoss(reduction='mean')(input, target)``."""
+    """Drop-in for :class:`torch.nn.MSELoss`: ``MSELoss(reduction='mean')(input, target)``.
+
+    Example::
+
+        >>> loss = kernels.MSELoss()(pred, y); loss.backward()
+    """
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean") -> None:
         super().__init__()
@@ -162,7 +167,12 @@ class MSELoss(torch.nn.Module):
 
 @register("loss", torch="torch.nn.HuberLoss", functional=huber_loss, tasks=("regression",))
 class HuberLoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.HuberLoss`: ``HuberLoss(reduction='mean', delta=1.0)``."""
+    """Drop-in for :class:`torch.nn.HuberLoss`: ``HuberLoss(reduction='mean', delta=1.0)``.
+
+    Example::
+
+        >>> loss = kernels.HuberLoss(delta=0.5)(pred, y); loss.backward()
+    """
 
     def __init__(self, reduction: str = "mean", delta: float = 1.0) -> None:
         super().__init__()

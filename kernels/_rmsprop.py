@@ -95,6 +95,9 @@ class RMSprop(FusedOptimizer):
     Example::
 
         >>> opt = kernels.RMSprop(model.parameters(), lr=1e-3, momentum=0.9, centered=True)
+
+    References: G. Hinton, "Neural Networks for Machine Learning", lecture 6e (2012); A. Graves, "Generating
+    Sequences With Recurrent Neural Networks", arXiv:1308.0850 (2013) (centered).
     """
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,

@@ -68,6 +68,10 @@ class SGD(FusedOptimizer):
     Example::
 
         >>> opt = kernels.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+
+    References: B. T. Polyak, "Some methods of speeding up the convergence of iteration methods", 1964
+    (momentum); I. Sutskever, J. Martens, G. Dahl, G. Hinton, "On the importance of initialization and
+    momentum in deep learning", ICML 2013 (Nesterov momentum as torch implements it).
     """
 
     _step_in_state = False
