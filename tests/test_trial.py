@@ -325,3 +325,19 @@ def test_plots_and_table(tmp_path):
     res = trial(model_fn, train, val, rec, storage=str(tmp_path / "p.db"), progress=False, **SMALL)
     assert os.path.getsize(res.plot(str(tmp_path / "curves.png"))) > 1000
     assert "| 1 |" in res.table() and "rules" in res.table()
+
+
+def test_candidate_optimizers_are_the_catalogs_defaults_plus_what_a_rule_scored(tmp_path):
+    """The trial's optimizers come from kernels' catalog: those searched by default, and Adagrad (not a
+    default candidate) only when a rule scored it — then it is the rules' run and gets a range test."""
+    model_fn, train, val, rec = small_study()
+    small = dict(budget_steps=60, n_trials=6, seeds=(0,), top_k=1, lr_steps=20, progress=False)
+    res = trial(model_fn, train, val, rec, storage=str(tmp_path / "dense.db"), **small)
+    centres = optuna.load_study(study_name=res.study_name, storage=res.storage).user_attrs["centres"]
+    assert list(centres) == ["Adam", "AdamW", "SGD", "RMSprop"]
+    sparse = advise({**rec.facts.model_dump(exclude_none=True), "feature_sparsity": 0.97})
+    assert sparse.optimizer.name == "Adagrad"
+    res = trial(model_fn, train, val, sparse, storage=str(tmp_path / "sparse.db"), **small)
+    study = optuna.load_study(study_name=res.study_name, storage=res.storage)
+    assert list(study.user_attrs["centres"]) == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
+    assert study.user_attrs["plan"][0]["optimizer"] == "Adagrad"
