@@ -35,7 +35,7 @@ def _step_memory(case: str, path: str, workload: str, quick: bool, device: str) 
     code = textwrap.dedent(f"""
         import json, torch
         from benchmarks.cases import make_optimizer, peak_extra_mb, workloads
-        opt = make_optimizer({case!r}, {path!r}, workloads({quick!r})[{workload!r}], {device!r})
+        opt = make_optimizer({case!r}, {path!r}, workloads({quick!r}, {device!r})[{workload!r}], {device!r})
         print(json.dumps(peak_extra_mb(opt.step, {device!r})))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,21 +58,21 @@ def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict],
             continue
         if device == "cuda":
             paths = tuple(p for p in paths if p != "forloop") or paths
-        for wl_name, shapes in workloads(quick).items():
+        for wl_name, shapes in workloads(quick, device).items():
             n = sum(torch.Size(s).numel() for s in shapes)
-            fns = {"ours": synchronized(make_optimizer(case, "ours", shapes, device).step, device),
-                   "ours-copy": synchronized(make_optimizer(case, "ours-copy", shapes, device).step, device)}
-            for path in paths:
-                fns[path] = synchronized(make_optimizer(case, path, shapes, device).step, device)
+            opts = {path: make_optimizer(case, path, shapes, device) for path in ("ours", "ours-copy", *paths)}
+            fns = {path: synchronized(opt.step, device) for path, opt in opts.items()}
             fns["bound"] = probe
             t = interleaved(fns, rounds)
-            del fns
             gbps = 12 * probe_n / t.pop("bound")
             bound = BYTES_PER_ELEMENT[case] * n / gbps
             best = min(paths, key=lambda k: t[k])
-            if quick and wl_name != next(iter(workloads(quick))):
-                mem_ours = mem_best = float("nan")  # --quick: one workload per case is enough to check it runs
-            else:
+            mem_ours = mem_best = float("nan")  # --quick: one workload per case is enough to check it runs
+            measure = not quick or wl_name == next(iter(workloads(quick, device)))
+            if measure and device == "cuda":  # the CUDA allocator's own peak, in this process
+                mem_ours, mem_best = (peak_extra_mb(opts[k].step, device) for k in ("ours", best))
+            del fns, opts
+            if measure and device != "cuda":  # a fresh process per case: RSS peaks cannot be reset in-process
                 mem_ours = _step_memory(case, "ours", wl_name, quick, device)
                 mem_best = _step_memory(case, best, wl_name, quick, device)
             fused = f"{t['ours'] / t['fused']:.2f}" if "fused" in t else "-"
@@ -87,18 +87,26 @@ def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict],
 
 
 def training_rows(quick: bool, rounds: int, device: str, results: list[dict]) -> list[str]:
+    configs = [(8, 64, 64)] if quick else [(40, 256, 64)]
+    if device != "cpu" and not quick:
+        configs.append((12, 2048, 512))  # the wide loop GPU users run
+    rows = ["| case | ours | torch fused Adam | ours / torch | check |", "|---|---|---|---|---|"]
+    for depth, width, batch in configs:
+        rows.append(_training_row(depth, width, batch, rounds, device, results))
+    return rows
+
+
+def _training_row(depth: int, width: int, batch: int, rounds: int, device: str, results: list[dict]) -> str:
     import kernels
 
-    depth, width = (8, 64) if quick else (40, 256)
-    ours, m1 = training_loop(lambda p: kernels.Adam(p, lr=1e-4), depth, width, device=device)
-    ref, m2 = training_loop(lambda p: torch.optim.Adam(p, lr=1e-4, fused=True), depth, width, device=device)
+    ours, m1 = training_loop(lambda p: kernels.Adam(p, lr=1e-4), depth, width, batch, device=device)
+    ref, m2 = training_loop(lambda p: torch.optim.Adam(p, lr=1e-4, fused=True), depth, width, batch, device=device)
     t = interleaved({"ours": ours, "torch fused": ref}, rounds)
     same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(m1.parameters(), m2.parameters()))
-    results.append({"kind": "training_loop", "depth": depth, "width": width, "times_s": t,
+    results.append({"kind": "training_loop", "depth": depth, "width": width, "batch": batch, "times_s": t,
                     "ratio": t["ours"] / t["torch fused"], "params_equal": same})
-    return ["| case | ours | torch fused Adam | ours / torch | check |", "|---|---|---|---|---|",
-            (f"| training loop, {depth}-layer MLP width {width}, Adam | {t['ours'] * 1e3:.2f} ms | "
-             f"{t['torch fused'] * 1e3:.2f} ms | **{t['ours'] / t['torch fused']:.2f}** | params equal: {same} |")]
+    return (f"| training loop, {depth}-layer MLP width {width}, batch {batch}, Adam | {t['ours'] * 1e3:.2f} ms | "
+            f"{t['torch fused'] * 1e3:.2f} ms | **{t['ours'] / t['torch fused']:.2f}** | params equal: {same} |")
 
 
 COMPILE_SNIPPET = textwrap.dedent("""

@@ -38,11 +38,23 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-def workloads(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
+def gpt_shapes(blocks: int = 8, d: int = 2048, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
+    """A GPT-2-style decoder's parameter shapes (8 blocks of d=2048: 0.51B elements, 100 tensors)."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]
+    for _ in range(blocks):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def workloads(quick: bool = False, device: str = "cpu") -> dict[str, list[tuple[int, ...]]]:
     if quick:
-        return {"one 100k tensor": [(100_000,)], "50 x 1k tensors": [(1000,)] * 50}
-    return {"one 10M tensor": [(10_000_000,)], "ResNet-50 shapes": resnet50_shapes(),
-            "2000 x 1k tensors": [(1000,)] * 2000}
+        out = {"one 100k tensor": [(100_000,)], "50 x 1k tensors": [(1000,)] * 50}
+        return {**out, "GPT-like (2 blocks, d=64)": gpt_shapes(2, 64, 500, 64)} if device != "cpu" else out
+    out = {"one 10M tensor": [(10_000_000,)], "ResNet-50 shapes": resnet50_shapes(),
+           "2000 x 1k tensors": [(1000,)] * 2000}
+    if device != "cpu":  # a few hundred million parameters: a GPU's workload (2 GB of fp32 per copy)
+        out["GPT-like 0.5B (8 blocks, d=2048)"] = gpt_shapes()
+    return out
 
 
 def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: str = "cpu"):

@@ -104,6 +104,12 @@ class Adagrad(FusedOptimizer):
                         differentiable=False, fused=None)
         super().__init__(params, defaults, fused)
 
+    def share_memory(self) -> None:
+        """torch.optim.Adagrad's Hogwild helper is not supported: the state lives in flat buffers that the
+        parameters alias, and moving them to shared memory would detach the parameters from them."""
+        raise NotImplementedError("kernels.Adagrad.share_memory(): state in shared memory (Hogwild training) is "
+                                  "not supported; use torch.optim.Adagrad for that")
+
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         return {"sum": float(group["initial_accumulator_value"])}
 

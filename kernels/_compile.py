@@ -31,6 +31,7 @@ from ._private import (
 )
 
 ENV_VAR = "OPTADVISOR_COMPILE"
+_INT32_LIMIT = 1 << 31
 
 _compiled: dict[tuple, "_Kernel"] = {}
 _broken: dict[tuple, str] = {}
@@ -155,8 +156,11 @@ class _Kernel:
                 n = t.shape[0]
             elif t.shape[0] != n:
                 return False
-        # no user dispatch/function mode either: run_fused, this kernel's only caller, has checked that
-        return n is not None and n >= 2 and state_guard.check()
+        # no user dispatch/function mode either: run_fused, this kernel's only caller, has checked that.
+        # Below 2**31 elements only: inductor compiles 32-bit indexing behind a size guard of its own, which a
+        # direct call would skip (seen on CUDA: a >2**31-element bucket after a small one read out of bounds);
+        # a larger call goes through the guards, which recompile it with 64-bit indexing.
+        return n is not None and 2 <= n < _INT32_LIMIT and state_guard.check()
 
 
 def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor | None, ...],

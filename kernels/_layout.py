@@ -47,6 +47,48 @@ def real(t: torch.Tensor) -> torch.Tensor:
 
 
 _hp_slots = threading.local()
+_RING = 8  # pinned host buffers per (device, dtype, length): a step waits only if the device is 8 steps behind
+
+
+class _PinnedRing:
+    """Scalars for an accelerator without a synchronizing copy: ``torch.tensor(list, device="cuda")`` copies
+    from pageable memory and waits for the whole stream (host and device then never overlap). Each call
+    writes the next pinned host buffer (through a ctypes view), copies it asynchronously into a fresh device
+    tensor (the caching allocator makes that cheap and stream-safe) and records an event; a buffer is
+    reused only once its event shows its copy has finished."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int) -> None:
+        ctype = ctypes.c_double if dtype == torch.float64 else ctypes.c_float
+        self.device, self.dtype, self.n = device, dtype, n
+        self.host = [torch.empty(n, dtype=dtype, pin_memory=True) for _ in range(_RING)]
+        self.views = [(ctype * n).from_address(t.data_ptr()) for t in self.host]
+        self.events: list[Any] = [None] * _RING
+        self.next = 0
+
+    def __call__(self, scalars: tuple[float, ...]) -> torch.Tensor:
+        i = self.next
+        self.next = (i + 1) % _RING
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # returns at once unless the device is _RING copies behind
+        self.views[i][:] = scalars
+        out = torch.empty(self.n, dtype=self.dtype, device=self.device)
+        out.copy_(self.host[i], non_blocking=True)
+        event = self.events[i] = torch.Event(device=self.device)
+        event.record()
+        return out
+
+
+def device_scalars(scalars: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(scalars, dtype=dtype, device=device)`` for an accelerator, without synchronizing."""
+    slots = _hp_slots.__dict__
+    key = (device, dtype, len(scalars))
+    ring = slots.get(key)
+    if ring is None:
+        try:
+            ring = slots[key] = _PinnedRing(device, dtype, len(scalars))
+        except RuntimeError:  # no pinned memory for this device: the plain, blocking copy
+            ring = slots[key] = lambda values: torch.tensor(values, dtype=dtype, device=device)
+    return ring(tuple(scalars))
 
 
 def scalars_tensor(scalars: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
@@ -54,11 +96,12 @@ def scalars_tensor(scalars: tuple[float, ...], like: torch.Tensor) -> torch.Tens
 
     On the CPU the values are written into a reused per-thread tensor through a ctypes view of its memory:
     ``torch.tensor(list)`` costs ~40 us per step once a step's streaming has evicted the caches, this a few.
-    (A CPU kernel reads them before it returns, so one tensor per dtype and length serves every step.)"""
+    (A CPU kernel reads them before it returns, so one tensor per dtype and length serves every step.)
+    On an accelerator they go through a ring of pinned buffers, asynchronously (:class:`_PinnedRing`)."""
     dtype = compute_dtype(like.dtype)
-    if like.device.type != "cpu":
-        return torch.tensor(scalars, dtype=dtype, device=like.device)
     slots = _hp_slots.__dict__
+    if like.device.type != "cpu":
+        return device_scalars(scalars, like.device, dtype)
     key = (dtype, len(scalars))
     slot = slots.get(key)
     if slot is None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._compile import compile_enabled_by_env, run_fused, transforms_active
+from ._layout import device_scalars
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -138,7 +139,8 @@ def _worth_compiling(t: Tensor) -> bool:
 def _compiled(fn: Callable, flags: tuple, tensors: tuple, scalars: list[float], dtype: torch.dtype):
     """Run a compiled loss core (a family module's ``*_fused``): (True, result), or (False, None) when compiling is
     impossible here and the caller computes eagerly. Callers first check :func:`_worth_compiling`."""
-    hp = torch.tensor(scalars, dtype=dtype, device=tensors[0].device)
+    device = tensors[0].device
+    hp = torch.tensor(scalars, dtype=dtype) if device.type == "cpu" else device_scalars(scalars, device, dtype)
     return run_fused(fn, flags, tensors, hp, strict=False)
 
 

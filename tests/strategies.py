@@ -119,8 +119,9 @@ param_spec = st.tuples(shape, st.booleans(), st.booleans())
 param_specs = st.lists(param_spec, min_size=1, max_size=6)
 
 
-def make_params(specs, dtype, seed):
-    """Parameters from specs, built the same way for every call with the same seed."""
+def make_params(specs, dtype, seed, device="cpu"):
+    """Parameters from specs, built the same way for every call with the same seed (drawn on the CPU, then
+    moved: the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shp, noncontig, frozen in specs:
@@ -129,6 +130,8 @@ def make_params(specs, dtype, seed):
             data = torch.randn((*shp, 2), generator=gen, dtype=wide).to(dtype)[..., 1]
         else:
             data = torch.randn(shp, generator=gen, dtype=wide).to(dtype)
+        if device != "cpu":
+            data = data.to(device) if not noncontig else torch.stack([torch.zeros_like(data), data], -1).to(device)[..., 1]
         p = torch.nn.Parameter(data, requires_grad=not frozen)
         params.append(p)
     return params
@@ -146,7 +149,7 @@ def make_grads(params, steps, seed, none_prob=0.2, scale=1.0):
             else:
                 wide = torch.complex128 if p.dtype.is_complex else torch.float64
                 g = torch.randn(p.shape, generator=gen, dtype=wide) * scale
-                row.append(g.to(p.dtype))
+                row.append(g.to(p.dtype).to(p.device))
         out.append(row)
     return out
 
@@ -163,13 +166,13 @@ def groups_of(params, kwargs, split):
 
 
 def run_both(name, kwargs, specs, dtype, steps, *, fused, seed=0, split=False, scheduler=False,
-             none_prob=0.2, grad_scale=1.0, direct=None):
+             none_prob=0.2, grad_scale=1.0, direct=None, device="cpu"):
     """Train the same params with torch.optim (for-loop path) and ours; return both optimizers/params.
     ``direct``: ours reads gradients of at least that many elements where they lie (None: the default)."""
     ours_cls, torch_cls = OPTIMIZERS[name]
     ours_cls = with_threshold(ours_cls, direct)
-    ref_params = make_params(specs, dtype, seed)
-    our_params = make_params(specs, dtype, seed)
+    ref_params = make_params(specs, dtype, seed, device)
+    our_params = make_params(specs, dtype, seed, device)
     ref = torch_cls(groups_of(ref_params, kwargs, split), foreach=False, **kwargs)
     ours = ours_cls(groups_of(our_params, kwargs, split), fused=fused, **kwargs)
     scheds = []

@@ -293,3 +293,9 @@ def test_adagrad_state_exists_from_construction(fused, dtype):
     assert float(st["step"]) == 0.0
     torch.testing.assert_close(torch.view_as_real(st["sum"]) if dtype.is_complex else st["sum"],
                                torch.full((5, 2) if dtype.is_complex else (5,), 2.0), rtol=0, atol=0)
+
+
+def test_adagrad_share_memory_is_refused_clearly():
+    opt = kernels.Adagrad([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(NotImplementedError, match="share_memory.*Hogwild.*torch.optim.Adagrad"):
+        opt.share_memory()

@@ -405,6 +405,11 @@ def test_compiled_update_is_called_directly_after_the_first_step():
         assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(8)[::2],), 8, state, (True,))
     with torch.enable_grad():  # grad mode differs from the captured state
         assert not _compile._Kernel._direct_ok(torch.zeros(8), (torch.zeros(4),), 8, state, (True,))
+    with torch.no_grad():  # 2**31 elements or more: through the guards (inductor's 32-bit indexing guard)
+        big = torch.empty(1 << 31, device="meta")
+        assert not _compile._Kernel._direct_ok(torch.zeros(8), (big, big), 8, state, (True, True))
+        below = torch.empty((1 << 31) - 1, device="meta")
+        assert _compile._Kernel._direct_ok(torch.zeros(8), (below, below), 8, state, (True, True))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
