@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._dtensor import local_value
 from ._layout import Bucket
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
     its initial state for every parameter that has none."""
     group = opt.param_groups[bucket.group_index]
     init = opt._state_init(group)
+    sharded = getattr(bucket, "sharded", False)
     has_state = [bool(opt.state.get(p)) for p in bucket.params]
     if any(has_state):
         bucket.ensure_state(init)
@@ -35,8 +37,12 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
                     raise ValueError(f"state for parameter {bucket.positions[i]} of group "
                                      f"{bucket.group_index} lacks {k!r}, which {type(opt).__name__} needs "
                                      "with these options")
-                flat_views[k][i].copy_(value.detach().reshape(p.shape))
-                new[k] = flat_views[k][i]
+                if sharded:
+                    flat_views[k][i].copy_(local_value(value.detach(), p))
+                    new[k] = bucket.as_dtensor(flat_views[k][i], i)
+                else:
+                    flat_views[k][i].copy_(value.detach().reshape(p.shape))
+                    new[k] = flat_views[k][i]
             if opt._step_in_state:
                 step = float(old["step"])
                 bucket.steps[i].fill_(step)
@@ -56,13 +62,17 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
 def expose_state(opt: FusedOptimizer, bucket: Bucket, start: int, end: int, init: dict[str, float]) -> None:
     """``opt.state[p]`` for parameters ``start:end``: views of the flat buffers, in torch's key order."""
     bucket.ensure_state(init)  # a bucket of empty tensors has run no update that would have made them
+    sharded = getattr(bucket, "sharded", False)
     for i in range(start, end):
         p, o, n = bucket.params[i], bucket.offsets[i], bucket.numels[i]
         entry = {}
         if opt._step_in_state:
             entry["step"] = bucket.steps[i]
         for k in init:
-            entry[k] = bucket.flat_state[k][o:o + n].view(p.shape)
+            if sharded:  # a DTensor laid out as the parameter: torch's format for sharded optimizers
+                entry[k] = bucket.as_dtensor(bucket.flat_state[k][o:o + n].view(bucket.locals[i].shape), i)
+            else:
+                entry[k] = bucket.flat_state[k][o:o + n].view(p.shape)
         opt.state[p] = entry
 
 
