@@ -139,6 +139,31 @@ def _worker(rank, world, port, out_dir):
             ckpt = os.path.join(out_dir, "ckpt-" + tag.replace(">", ""))
             record(f"dcp/{tag}", lambda c=ckpt, f=first, s=second: _dcp_roundtrip(rank, c, f, s))
 
+        def tensor_parallel():
+            """Plain DTensor parameters (tensor-parallel style): Shard(1), Shard(0) and Replicate."""
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+            mesh = init_device_mesh("cpu", (world,))
+            torch.manual_seed(1)
+            full = [torch.randn(4, 6), torch.randn(6, 3), torch.randn(5)]
+            placements = [[Shard(1)], [Shard(0)], [Replicate()]]
+
+            def make():
+                return [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, pl in zip(full, placements)]
+            a, b = make(), make()
+            o_ref = torch.optim.AdamW(a, lr=1e-2, foreach=False)
+            o_ours = kernels.AdamW(b, lr=1e-2)
+            for step in range(STEPS):
+                gen = torch.Generator().manual_seed(step)
+                grads = [torch.randn(t.shape, generator=gen) for t in full]
+                for p, q, g, pl in zip(a, b, grads, placements):
+                    p.grad = distribute_tensor(g.clone(), mesh, pl)
+                    q.grad = distribute_tensor(g.clone(), mesh, pl)
+                o_ref.step()
+                o_ours.step()
+            return [p.full_tensor() for p in a], [q.full_tensor() for q in b]
+        record("tensor_parallel", tensor_parallel)
+
         def partial_refused():
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import DTensor, Partial
@@ -234,6 +259,11 @@ def test_fully_sharded_training_equals_torch_optim(recorded, name):
         assert list(a) == list(b)
         _close(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)
     assert kinds == {"DTensor"}
+
+
+def test_tensor_parallel_placements(recorded):
+    ref, ours = _get(recorded, "tensor_parallel")
+    _close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_precision_policy(recorded):
