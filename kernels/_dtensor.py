@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._layout import real, scalar_dtype
+from ._layout import real, scalar_dtype, scalars_tensor
 from ._memory import flat_buffer
 
 try:
@@ -52,19 +52,26 @@ def check_params(owner: str, group_index: int, params: list[torch.Tensor]) -> No
 
 class ShardedBucket:
     """DTensor parameters of one group sharing a device and dtype. Same interface as ``_layout.Bucket`` for
-    state and step counts; the update is per parameter, over its local shard."""
+    state and step counts. Shards of at least ``direct_min`` elements are updated where they lie, one call
+    each; the smaller ones (biases, norms) first, packed: copied into a flat buffer with their gradients by
+    two multi-tensor copies, updated by one call and copied back, so they do not cost a call apiece."""
 
     sharded = True
 
-    def __init__(self, group_index: int, group_params: list[torch.Tensor], positions: list[int]):
+    def __init__(self, group_index: int, group_params: list[torch.Tensor], positions: list[int],
+                 direct_min: int):
         self.group_index = group_index
-        self.positions = list(positions)
-        self.params = [group_params[i] for i in positions]
+        sizes = {i: group_params[i].to_local().numel() for i in positions}
+        small = [i for i in positions if sizes[i] < direct_min]
+        self.n_small = len(small)
+        self.positions = small + [i for i in positions if sizes[i] >= direct_min]
+        self.params = [group_params[i] for i in self.positions]
         self.locals = [p.to_local() for p in self.params]
         for p, t, pos in zip(self.params, self.locals, self.positions):
             if not t.is_contiguous():
                 raise ValueError(f"param_groups[{group_index}]['params'][{pos}]: its local shard is not "
                                  "contiguous, so it cannot be updated in place by the fused pass")
+        self.local_flat = [t.view(-1) for t in self.locals]
         self.numels = [t.numel() for t in self.locals]
         self.offsets, total = [], 0
         for n in self.numels:
@@ -74,6 +81,8 @@ class ShardedBucket:
         self.device, self.dtype = self.locals[0].device, self.locals[0].dtype
         self.param_ptrs = [t.data_ptr() for t in self.locals]
         self.flat_state: dict[str, torch.Tensor] = {}
+        self.small_total = sum(self.numels[:self.n_small])
+        self.packed: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
         self.steps = torch.zeros(len(self.params), dtype=scalar_dtype())
         self.host_steps = [0] * len(self.params)
         self.common_step: int | None = 0
@@ -85,6 +94,15 @@ class ShardedBucket:
                 if value != 0:
                     real(buf).fill_(value)
                 self.flat_state[key] = buf
+
+    def packed_buffers(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(param buffer, gradient buffer, their per-parameter views) for the small shards, made once."""
+        if self.packed is None:
+            p = flat_buffer(self.small_total, self.device, self.dtype, zero=False)
+            g = flat_buffer(self.small_total, self.device, self.dtype, zero=False)
+            views = [(p[o:o + n], g[o:o + n]) for o, n in zip(self.offsets, self.numels[:self.n_small])]
+            self.packed = (p, g, [v for v, _ in views], [w for _, w in views])
+        return self.packed
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o:o + n].view(t.shape) for t, o, n in zip(self.locals, self.offsets, self.numels)]
@@ -135,3 +153,49 @@ def local_grads(bucket: ShardedBucket, owner: str) -> list[torch.Tensor | None]:
                                f"DTensor but its gradient is a plain {type(g).__name__}")
         out.append(g.to_local().reshape(-1))
     return out
+
+
+def step_sharded(self: Any, bucket: ShardedBucket) -> None:
+    """``FusedOptimizer.step`` for a ShardedBucket (``self``: the optimizer): small shards packed into one call,
+    the others updated where they lie, one call each."""
+    from ._state import expose_state  # (import cycle: _state reads shards through this module)
+
+    grads = local_grads(bucket, type(self).__name__)
+    if all(g is None for g in grads):
+        return
+    group = self.param_groups[bucket.group_index]
+    init, flags = self._state_init(group), self._flags(group)
+    stateless = not init and not self._step_in_state
+    bucket.ensure_state(init)
+    if bucket.common_step is not None:
+        bucket.host_steps = [bucket.common_step] * len(bucket.params)
+    steps = bucket.host_steps
+    k = bucket.n_small
+    packed = k > 1 and all(g is not None for g in grads[:k]) and steps[:k].count(steps[0]) == k
+    if packed:  # the small shards: in, one call, out
+        flat_p, flat_g, p_views, g_views = bucket.packed_buffers()
+        torch._foreach_copy_(p_views, bucket.local_flat[:k])
+        torch._foreach_copy_(g_views, grads[:k])
+        s = self._scalars(group, steps[0] + 1)
+        hp = scalars_tensor(s, flat_p) if self._fused else None
+        self._apply(s, hp, flags, {"param": flat_p, "grad": flat_g,
+                                   **{key: bucket.flat_state[key][:bucket.small_total] for key in init}})
+        torch._foreach_copy_(bucket.local_flat[:k], p_views)
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        new_step = steps[i] + 1
+        if bucket.numels[i] and not (packed and i < k):
+            s = self._scalars(group, new_step)
+            hp = scalars_tensor(s, bucket.locals[i]) if self._fused else None
+            run = {"param": bucket.local_flat[i], "grad": g,
+                   **{k: bucket.local_state(k, i) for k in init}}
+            self._apply(s, hp, flags, run)
+        if self._step_in_state:
+            bucket.steps[i].add_(1)
+        if stateless:
+            continue
+        if steps[i] == 0:
+            expose_state(self, bucket, i, i + 1, init)
+        steps[i] = new_step
+    bucket.refresh_common_step()

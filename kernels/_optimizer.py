@@ -32,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._compile import resolve_fused, run_fused
-from ._dtensor import ShardedBucket, check_params, is_dtensor, local_grads
+from ._dtensor import ShardedBucket, check_params, is_dtensor, step_sharded
 from ._grads import adopt_grads, gather_grads
 from ._layout import DIRECT_GRAD_MIN_NUMEL, Bucket, real, runs, scalars_tensor
 from ._state import adopt_state, check_groups, expose_state, validate_state_dict
@@ -132,7 +132,7 @@ class FusedOptimizer(Optimizer):
         check_params(type(self).__name__, group_index, params)
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(i)
-        buckets = [ShardedBucket(group_index, params, positions) if sharded else
+        buckets = [ShardedBucket(group_index, params, positions, self.direct_grad_min_numel) if sharded else
                    Bucket(group_index, params, positions,
                           self.direct_grad_min_numel if device.type == "cpu" else self.direct_grad_min_numel_accelerator)
                    for (device, _, sharded), positions in by_kind.items()]
@@ -203,40 +203,9 @@ class FusedOptimizer(Optimizer):
             self._step_bucket(bucket)
         return loss
 
-    def _step_sharded(self, bucket: ShardedBucket) -> None:
-        """DTensor parameters: each local shard updated in place by a call of its own (see ``_dtensor``)."""
-        grads = local_grads(bucket, type(self).__name__)
-        if all(g is None for g in grads):
-            return
-        group = self.param_groups[bucket.group_index]
-        init, flags = self._state_init(group), self._flags(group)
-        stateless = not init and not self._step_in_state
-        bucket.ensure_state(init)
-        if bucket.common_step is not None:
-            bucket.host_steps = [bucket.common_step] * len(bucket.params)
-        steps = bucket.host_steps
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            new_step = steps[i] + 1
-            if bucket.numels[i]:
-                s = self._scalars(group, new_step)
-                hp = scalars_tensor(s, bucket.locals[i]) if self._fused else None
-                run = {"param": bucket.locals[i].view(-1), "grad": g,
-                       **{k: bucket.local_state(k, i) for k in init}}
-                self._apply(s, hp, flags, run)
-            if self._step_in_state:
-                bucket.steps[i].add_(1)
-            if stateless:
-                continue
-            if steps[i] == 0:
-                expose_state(self, bucket, i, i + 1, init)
-            steps[i] = new_step
-        bucket.refresh_common_step()
-
     def _step_bucket(self, bucket: Bucket | ShardedBucket) -> None:
         if isinstance(bucket, ShardedBucket):
-            self._step_sharded(bucket)
+            step_sharded(self, bucket)
             return
         present, direct = gather_grads(bucket, type(self).__name__)
         if present is not None and not any(present):
