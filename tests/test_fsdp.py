@@ -44,9 +44,9 @@ def _batch(step, rank):
     return x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
 
 
-def _train(model, opt, steps, rank, start=0, clip=False):
+def _train(model, opt, steps, rank, start=0, clip=False, keep_grads=False):
     for s in range(start, start + steps):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=not keep_grads)
         x, y = _batch(s, rank)
         torch.nn.functional.mse_loss(model(x).float(), y).backward()
         if clip:
@@ -100,8 +100,8 @@ def _worker(rank, world, port, out_dir):
 
     try:
         torch.set_num_threads(1)
-        for name, kw in [*CONFIGS.items(), ("Adam-in-place", CONFIGS["Adam"])]:
-            def compare(name=name, kw=kw, clip=name.startswith("Adam")):
+        for name, kw in [*CONFIGS.items(), ("Adam-in-place", CONFIGS["Adam"]), ("SGD-keep-grads", CONFIGS["SGD"])]:
+            def compare(name=name, kw=kw, clip=name.startswith("Adam"), keep=name.endswith("keep-grads")):
                 ref, ours = _model(), _model()
                 base = name.split("-")[0]
                 o_ref = getattr(torch.optim, base)(ref.parameters(), foreach=False, **kw)
@@ -109,8 +109,8 @@ def _worker(rank, world, port, out_dir):
                 if name.endswith("in-place"):  # every shard updated where it lies, none packed
                     cls = type(base, (cls,), {"direct_grad_min_numel": 1})
                 o_ours = cls(ours.parameters(), **kw)
-                _train(ref, o_ref, STEPS, rank, clip=clip)
-                _train(ours, o_ours, STEPS, rank, clip=clip)
+                _train(ref, o_ref, STEPS, rank, clip=clip, keep_grads=keep)
+                _train(ours, o_ours, STEPS, rank, clip=clip, keep_grads=keep)
                 kinds = {type(v).__name__ for st in o_ours.state.values() for k, v in st.items() if k != "step"}
                 return _full(ref, o_ref), _full(ours, o_ours), kinds
             record(f"equal/{name}", compare)
@@ -253,11 +253,12 @@ def _close(a, b, **tol):
         torch.testing.assert_close(x, y, **tol)
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, "Adam-in-place"])
+@pytest.mark.parametrize("name", [*CONFIGS, "Adam-in-place", "SGD-keep-grads"])
 def test_fully_sharded_training_equals_torch_optim(recorded, name):
     """Parameters and every state tensor (as full tensors) after 4 steps under fully_shard equal torch.optim's
     under the same sharding (Adam with gradient clipping on DTensor gradients); the state is DTensors. The
-    small shards are packed into one call; 'in-place' updates every shard where it lies instead."""
+    small shards are packed into one call; 'in-place' updates every shard where it lies instead;
+    'keep-grads' zeroes gradients in place (zero_grad(set_to_none=False)), FSDP then accumulates into them."""
     (ref_p, ref_s), (our_p, our_s), kinds = _get(recorded, f"equal/{name}")
     _close(our_p, ref_p, rtol=1e-5, atol=1e-6)
     for a, b in zip(our_s, ref_s):
