@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$OUT/versions.txt" 2>&1
 start=$(date +%s)
-timeout 270 python -m pytest -m cuda -q -p no:cacheprovider -o addopts="" tests/test_cuda.py > "$OUT/cuda-tests.txt" 2>&1
+timeout 270 python -m pytest -m cuda -q -s -p no:cacheprovider -o addopts="" tests/test_cuda.py > "$OUT/cuda-tests.txt" 2>&1
 echo "pytest exit $? after $(( $(date +%s) - start )) s" >> "$OUT/cuda-tests.txt"
 tail -3 "$OUT/cuda-tests.txt"
 start=$(date +%s)
