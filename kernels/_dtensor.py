@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._layout import real, scalar_dtype, scalars_tensor
+from ._layout import StateBuffers, scalar_dtype, scalars_tensor
 from ._memory import flat_buffer
 
 try:
@@ -50,7 +50,7 @@ def check_params(owner: str, group_index: int, params: list[torch.Tensor]) -> No
                          f"({first} and {others[0]}); put each mesh's parameters in a group of its own")
 
 
-class ShardedBucket:
+class ShardedBucket(StateBuffers):
     """DTensor parameters of one group sharing a device and dtype. Same interface as ``_layout.Bucket`` for
     state and step counts. Shards of at least ``direct_min`` elements are updated where they lie, one call
     each; the smaller ones (biases, norms) first, packed: copied into a flat buffer with their gradients by
@@ -87,14 +87,6 @@ class ShardedBucket:
         self.host_steps = [0] * len(self.params)
         self.common_step: int | None = 0
 
-    def ensure_state(self, init: dict[str, float]) -> None:
-        for key, value in init.items():
-            if key not in self.flat_state:
-                buf = flat_buffer(self.total, self.device, self.dtype, zero=value == 0)
-                if value != 0:
-                    real(buf).fill_(value)
-                self.flat_state[key] = buf
-
     def packed_buffers(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """(param buffer, gradient buffer, their per-parameter views) for the small shards, made once."""
         if self.packed is None:
@@ -116,10 +108,6 @@ class ShardedBucket:
         p = self.params[i]
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                   stride=p.stride())
-
-    def refresh_common_step(self) -> None:
-        steps = self.host_steps
-        self.common_step = steps[0] if not steps or steps.count(steps[0]) == len(steps) else None
 
     def moved(self) -> bool:
         return [p.to_local().data_ptr() for p in self.params] != self.param_ptrs

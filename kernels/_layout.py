@@ -112,7 +112,33 @@ def scalars_tensor(scalars: tuple[float, ...], like: torch.Tensor) -> torch.Tens
     return slot[0]
 
 
-class Bucket:
+class StateBuffers:
+    """What every bucket shares (this one and ``_dtensor.ShardedBucket``): flat state buffers of ``total``
+    elements with their initial values, and per-parameter step counts."""
+
+    total: int
+    device: torch.device
+    dtype: torch.dtype
+    flat_state: dict[str, torch.Tensor]
+    host_steps: list[int]
+    common_step: int | None
+
+    def ensure_state(self, init: dict[str, float]) -> None:
+        """A flat buffer per state key, filled with its initial value (the real and imaginary parts of a
+        complex one both, as torch fills ``complex(v, v)``)."""
+        for key, value in init.items():
+            if key not in self.flat_state:
+                buf = flat_buffer(self.total, self.device, self.dtype, zero=value == 0)
+                if value != 0:
+                    real(buf).fill_(value)
+                self.flat_state[key] = buf
+
+    def refresh_common_step(self) -> None:
+        steps = self.host_steps
+        self.common_step = steps[0] if not steps or steps.count(steps[0]) == len(steps) else None
+
+
+class Bucket(StateBuffers):
     """Parameters of one group sharing a device and dtype, laid out in flat buffers.
 
     Parameters below ``direct_min`` elements come first in the buffers, then the large ones, so that when
@@ -163,16 +189,6 @@ class Bucket:
             self.flat_grad = flat_buffer(self.total, self.device, self.dtype, zero=True)
             self.grad_views = self.views(self.flat_grad)
 
-    def ensure_state(self, init: dict[str, float]) -> None:
-        """A flat buffer per state key, filled with its initial value (the real and imaginary parts of a
-        complex one both, as torch fills ``complex(v, v)``)."""
-        for key, value in init.items():
-            if key not in self.flat_state:
-                buf = flat_buffer(self.total, self.device, self.dtype, zero=value == 0)
-                if value != 0:
-                    real(buf).fill_(value)
-                self.flat_state[key] = buf
-
     def span(self, start: int, end: int) -> int:
         """How many elements parameters ``start:end`` hold."""
         return self.offsets[end - 1] + self.numels[end - 1] - self.offsets[start] if end > start else 0
@@ -199,10 +215,6 @@ class Bucket:
                 run[k] = self.flat_state[k][lo:hi]
             self.run_cache[key] = run
         return run
-
-    def refresh_common_step(self) -> None:
-        steps = self.host_steps
-        self.common_step = steps[0] if not steps or steps.count(steps[0]) == len(steps) else None
 
     def moved(self) -> bool:
         # a new dtype or device means a new allocation, hence a new address

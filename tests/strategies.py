@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,13 @@ from hypothesis import strategies as st
 import kernels
 
 EXAMPLES_SCALE = int(os.environ.get("EXAMPLES_SCALE", "1"))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group (MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def examples(n: int) -> int:

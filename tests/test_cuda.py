@@ -16,6 +16,7 @@ from strategies import (
     OPTIMIZERS,
     TOLERANCES,
     assert_same,
+    free_port,
     run_both,
 )
 from test_optimizers import COMPILED_CONFIGS
@@ -206,16 +207,12 @@ def _fsdp_nccl_worker(rank, world, port, out):
 def test_fsdp2_on_nccl_equals_torch_fused_and_reports_step_time(tmp_path):
     """FSDP2 on NCCL (one process per GPU present): AdamW equals torch's fused AdamW after 20 steps; the
     median step times of both are printed (issue 16 asks for them; no target yet)."""
-    import socket
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     world = torch.cuda.device_count()
     out = str(tmp_path / "fsdp.pt")
     mp.spawn(_fsdp_nccl_worker, args=(world, port, out), nprocs=world, join=True)

@@ -1,13 +1,13 @@
 """kernels' optimizers under DistributedDataParallel: 2 CPU processes (gloo) equal single-process torch.optim."""
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from strategies import free_port
 
 import kernels
 
@@ -44,18 +44,12 @@ def _worker(rank, world, port, name, out_dir):
     os._exit(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
 def test_ddp_two_processes_match_single_process_torch(name):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required on this platform")
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), name, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), name, out), nprocs=2, join=True)
         results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
     model = _model()
     opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, foreach=False)

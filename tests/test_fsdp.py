@@ -5,7 +5,6 @@ One spawn runs every scenario (each process pays torch's import and the compiles
 check what it recorded."""
 
 import os
-import socket
 import tempfile
 import traceback
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from strategies import free_port
 
 import kernels
 
@@ -223,20 +223,14 @@ def _resharded_worker(rank, world, port, out_dir):
     os._exit(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def recorded():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required on this platform")
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
         results = torch.load(os.path.join(out, "results.pt"), weights_only=False)
-        mp.spawn(_resharded_worker, args=(1, _free_port(), out), nprocs=1, join=True)
+        mp.spawn(_resharded_worker, args=(1, free_port(), out), nprocs=1, join=True)
         results["dcp/resharded"] = torch.load(os.path.join(out, "resharded.pt"), weights_only=False)
         return results
 

@@ -630,3 +630,30 @@ def test_private_torch_apis_still_work():
                   and key[1] == (False, False, False, True) and key[3] == torch.float32)
     assert kernel.direct is not None, "no direct-call plan was recorded: kernels/_private.py needs updating"
     assert getattr(kernel.direct[0], "__name__", "") != "<lambda>", "inductor's own entry point was not found"
+
+
+def test_every_catalog_optimizer_many_instances_in_one_process():
+    """Every catalog optimizer at several sizes (a 0-step-specialized length, one over the direct-gradient
+    threshold, lengths 1 and 2) in float32 and float64, all built first and then stepped interleaved beside
+    their torch twins in one process: state shared between instances (a scalar slot, a call plan, a kernel
+    specialized to one size) would show up as a mismatch."""
+    gen = torch.Generator().manual_seed(5)
+    pairs = []
+    for name, (ours_cls, torch_cls) in OPTIMIZERS.items():
+        for dtype in (torch.float32, torch.float64):
+            for sizes in ([3], [70_001, 5], [1, 2, 300]):
+                data = [torch.randn(s, generator=gen, dtype=dtype) for s in sizes]
+                ours_p = [torch.nn.Parameter(d.clone()) for d in data]
+                ref_p = [torch.nn.Parameter(d.clone()) for d in data]
+                kw = momentum_kwargs(name, 0.01)
+                pairs.append((dtype, ours_cls(ours_p, fused=True, **kw), torch_cls(ref_p, foreach=False, **kw),
+                              ours_p, ref_p))
+    for _ in range(3):
+        for dtype, ours, ref, ours_p, ref_p in pairs:
+            for p, q in zip(ours_p, ref_p):
+                p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+                q.grad = p.grad.clone()
+            ours.step()
+            ref.step()
+    for dtype, ours, ref, ours_p, ref_p in pairs:
+        assert_same(ref, ours, ref_p, ours_p, dtype)
