@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from kernels import catalog
 
@@ -87,6 +87,23 @@ class Recommendation(BaseModel):
     train_steps: int | None = Field(
         default=None, description="how many optimizer steps to train (early stopping), when a trial measured it: "
                                   "the step at which the winner's mean validation metric was best")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_one_candidates_dict(cls, data: Any) -> Any:
+        """A recommendation saved before optimizers and losses were kept apart (one ``candidates`` dict)
+        loads: each candidate goes where kernels' catalog says it belongs; an unknown name is refused."""
+        if isinstance(data, dict) and "candidates" in data and "optimizers" not in data and "losses" not in data:
+            data = dict(data)
+            split: dict[str, dict[str, Any]] = {"optimizer": {}, "loss": {}}
+            for name, choice in data.pop("candidates").items():
+                try:
+                    kind = catalog.entry(name).kind
+                except KeyError as exc:
+                    raise ValueError(f"candidates: {exc.args[0]}") from None
+                split[kind][name] = choice
+            data["optimizers"], data["losses"] = split["optimizer"], split["loss"]
+        return data
 
     @property
     def candidates(self) -> dict[str, Choice]:

@@ -366,8 +366,12 @@ class _Search:
         # the candidate pairs, from kernels' catalog: every optimizer the catalog searches by default plus any
         # other a rule scored (Adagrad when features are sparse), and every loss for the task that can be
         # trialled automatically
-        self.optimizers = [e.name for e in catalog.optimizers()
-                           if e.default_candidate or rec.optimizers[e.name].score > 0 or e.name == rec.optimizer.name]
+        missing = [e.name for e in catalog.optimizers() if e.default_candidate and e.name not in rec.optimizers]
+        if missing or rec.optimizer.name not in rec.optimizers or rec.loss.name not in rec.losses:
+            raise ValueError(f"trial: the recommendation lacks candidates ({', '.join(missing) or 'its own choice'}); "
+                             "pass what advise() returned, or re-run advise() for it")
+        self.optimizers = [e.name for e in catalog.optimizers() if e.name in rec.optimizers and (
+            e.default_candidate or rec.optimizers[e.name].score > 0 or e.name == rec.optimizer.name)]
         task_losses = catalog.losses(rec.facts.task or "regression")
         self.losses = [e.name for e in task_losses if e.trial_note is None]
         self.skipped += [e.trial_note for e in task_losses if e.trial_note is not None]

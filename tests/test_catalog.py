@@ -105,3 +105,18 @@ def test_adagrad_is_advised_for_sparse_features_only():
     assert any(r.rule_id == "adagrad-sparse-features" for r in sparse.reasons)
     dense = advise(task="classification", n_samples=5000, feature_sparsity=0.1)
     assert dense.optimizer.name == "Adam" and dense.optimizers["Adagrad"].score == 0
+
+
+def test_a_recommendation_saved_with_one_candidates_dict_still_loads():
+    """Before optimizers and losses were kept apart, a Recommendation serialized one ``candidates`` dict:
+    such a file loads, each candidate where the catalog puts it; an unknown name is refused by name."""
+    from advisor import Recommendation
+
+    rec = advise(task="regression", n_samples=300)
+    old = rec.model_dump(mode="json")
+    old["candidates"] = {**old.pop("optimizers"), **old.pop("losses")}
+    back = Recommendation.model_validate(old)
+    assert back.optimizers == rec.optimizers and back.losses == rec.losses
+    old["candidates"]["Lion"] = {"name": "Lion", "params": {}, "score": 0.0}
+    with pytest.raises(ValueError, match="candidates: 'Lion' is not in optadvisor's catalog"):
+        Recommendation.model_validate(old)
