@@ -425,3 +425,58 @@ def test_nesting_limit_does_not_depend_on_the_recursion_limit(limit):
         assert Expression("-" * 90 + "1", FACT_TYPES).evaluate({}) == 1
     finally:
         sys.setrecursionlimit(saved)
+
+
+def test_explain_is_exactly_this_text(tmp_path):
+    """The explanation, character for character, on a small rulebook that reaches every part of it: a
+    scaled and a plain hyperparameter, a list value, a tie broken by priority, a note, an unknown fact, a
+    candidate no rule supports, and train_steps. (Every line here is what a user reads.)"""
+    rules = yaml_of(
+        rule(id="adam-fast", when="n_samples > 100", priority=3,
+             then={"optimizer": {"Adam": 2}, "params": {"Adam": {"lr": 0.002, "betas": [0.9, 0.99]}},
+                   "scale": {"Adam": {"lr": "=0.5"}}},
+             because="fast", source="paper A", examples=[{"facts": {"task": "regression", "n_samples": 500},
+                                                         "fires": True}]),
+        rule(id="sgd-too", when="n_samples > 100", priority=1, then={"optimizer": {"SGD": 2}},
+             because="also", source="paper B", examples=[{"facts": {"task": "regression", "n_samples": 500},
+                                                         "fires": True}]),
+        rule(id="huber", when="task == 'regression'", then={"loss": {"HuberLoss": 1.5},
+                                                            "params": {"HuberLoss": {"delta": 0.25}},
+                                                            "notes": ["standardize the targets"]},
+             because="robust", source="Huber 1964"),
+        rule(id="needs-noise", when="label_noise > 0.1", then={"optimizer": {"RMSprop": 4}},
+             because="noisy", source="paper C",
+             examples=[{"facts": {"task": "regression", "label_noise": 0.5}, "fires": True}]))
+    rec = advise(task="regression", n_samples=500, rules=[write(tmp_path, rules)])
+    rec.train_steps = 120
+    assert rec.explain() == "\n".join([
+        "Advice for: task=regression, n_samples=500",
+        "",
+        "  optimizer  Adam(betas=[0.9, 0.99], lr=0.001)   (score 2)",
+        "  loss       HuberLoss(delta=0.25)   (score 1.5)",
+        "  train for  120 steps (early stopping, measured by a trial)",
+        "",
+        "Why (rules that fired):",
+        "  1. [adam-fast] Adam +2; Adam.lr = 0.002; Adam.betas = [0.9, 0.99]; Adam.lr x 0.5   <- n_samples=500",
+        "     because: fast",
+        "     source:  paper A",
+        "  2. [sgd-too] SGD +2   <- n_samples=500",
+        "     because: also",
+        "     source:  paper B",
+        "  3. [huber] HuberLoss +1.5; HuberLoss.delta = 0.25   <- task=regression",
+        "     because: robust",
+        "     source:  Huber 1964",
+        "",
+        "Alternatives:",
+        "  - optimizer SGD (score 2): tied with Adam at 2; Adam has the higher-priority support (for it: sgd-too +2)",
+        "  - optimizer AdamW (score 0): 2 below Adam (for it: no rule supports it)",
+        "  - optimizer RMSprop (score 0): 2 below Adam (for it: no rule supports it)",
+        "  - optimizer Adagrad (score 0): 2 below Adam (for it: no rule supports it)",
+        "  - loss MSELoss (score 0): 1.5 below HuberLoss (for it: no rule supports it)",
+        "",
+        "Notes:",
+        "  - standardize the targets [huber]",
+        "",
+        "Unknown facts that could change this advice:",
+        "  - label_noise: rule needs-noise would conclude RMSprop +4",
+    ])
