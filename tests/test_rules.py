@@ -480,3 +480,42 @@ def test_explain_is_exactly_this_text(tmp_path):
         "Unknown facts that could change this advice:",
         "  - label_noise: rule needs-noise would conclude RMSprop +4",
     ])
+
+
+def test_evaluate_edge_cases_exactly(tmp_path):
+    """A value that cannot be computed (unknown fact) skips that hyperparameter only, the next one is still
+    set; multipliers from two rules multiply; an undecided rule lists only its unknown facts, never a known
+    one nor a fact read off training curves (those are unknown whenever no history was given)."""
+    rules = yaml_of(
+        rule(id="two-params", when="task == 'regression'",
+             then={"optimizer": {"SGD": 1}, "params": {"SGD": {"momentum": "=label_noise", "lr": 0.1}}}),
+        rule(id="halve", when="task == 'regression'", then={"scale": {"SGD": {"lr": 0.5}}}),
+        rule(id="third", when="task == 'regression'", then={"scale": {"SGD": {"lr": 0.2}}}),
+        rule(id="partly-known", when="n_samples > 10 and nonstationary and plateau",
+             then={"optimizer": {"RMSprop": 1}},
+             examples=[{"facts": {"task": "regression", "n_samples": 50, "nonstationary": True, "plateau": True},
+                        "fires": True}]))
+    rec = advise(task="regression", n_samples=50, rules=[write(tmp_path, rules)])
+    assert rec.optimizer.name == "SGD"
+    assert rec.optimizer.params == {"lr": pytest.approx(0.1 * 0.5 * 0.2)}  # momentum unknown: not set
+    (unknown,) = rec.unknown
+    assert unknown.rule_id == "partly-known" and unknown.missing == ["nonstationary"]
+    assert unknown.would == ["RMSprop +1"]
+
+
+def test_advise_bad_arguments_are_refused_with_their_message(tmp_path):
+    from advisor import TaskProfile, load_rules
+
+    with pytest.raises(TypeError) as info:
+        advise(TaskProfile(task="regression"), n_samples=3)
+    assert str(info.value) == "pass either a TaskProfile/dict or facts as keyword arguments, not both"
+    with pytest.raises(TypeError) as info:
+        advise(42)
+    assert str(info.value) == "advise: expected a TaskProfile, a dict of facts or a DataProfile (got int)"
+    with pytest.raises(TypeError) as info:
+        advise(task="regression", rules=load_rules(), extra_rules=[write(tmp_path, yaml_of(rule()))])
+    assert str(info.value) == "extra_rules needs rule files, not a loaded RuleSet, in 'rules'"
+    # a single path (str or Path) is accepted where a list is
+    path = write(tmp_path, yaml_of(rule(then={"optimizer": {"SGD": 9}})), name="one.yaml")
+    assert advise(task="regression", rules=str(path)).optimizer.name == "SGD"
+    assert advise(task="regression", extra_rules=path).optimizer.name == "SGD"
