@@ -519,3 +519,21 @@ def test_advise_bad_arguments_are_refused_with_their_message(tmp_path):
     path = write(tmp_path, yaml_of(rule(then={"optimizer": {"SGD": 9}})), name="one.yaml")
     assert advise(task="regression", rules=str(path)).optimizer.name == "SGD"
     assert advise(task="regression", extra_rules=path).optimizer.name == "SGD"
+
+
+def test_conclusions_show_values_when_fired_and_expressions_when_undecided(tmp_path):
+    """A fired rule's concluded values are computed (and formatted); an undecided rule's 'would conclude'
+    shows each expression as written, without its leading '=' (its facts are unknown)."""
+    rules = yaml_of(
+        rule(id="fired", when="task == 'regression'",
+             then={"optimizer": {"SGD": 1}, "params": {"SGD": {"lr": "=n_samples / 1000"}},
+                   "scale": {"SGD": {"momentum": "=n_samples / 2000"}}}),
+        rule(id="undecided", when="label_noise > 0.1",
+             then={"params": {"SGD": {"weight_decay": "=label_noise / 10"}},
+                   "scale": {"SGD": {"lr": "=label_noise * 2"}}},
+             examples=[{"facts": {"task": "regression", "label_noise": 0.5}, "fires": True}]))
+    rec = advise(task="regression", n_samples=500, rules=[write(tmp_path, rules)])
+    (fired,) = rec.reasons
+    assert fired.concluded == ["SGD +1", "SGD.lr = 0.5", "SGD.momentum x 0.25"]
+    (undecided,) = rec.unknown
+    assert undecided.would == ["SGD.weight_decay = label_noise / 10", "SGD.lr x label_noise * 2"]
