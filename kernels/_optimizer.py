@@ -90,9 +90,6 @@ class FusedOptimizer(Optimizer):
     def _scalars(self, group: dict[str, Any], step: int) -> NamedTuple:
         raise NotImplementedError
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return tuple(self._state_init(group))
-
     # ---- layout --------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
