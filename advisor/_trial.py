@@ -229,15 +229,24 @@ def _sqlite_wal(path: str) -> None:
     the writer, which is what several workers on one machine need, and each commit costs less."""
     import sqlite3
 
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(path, timeout=60)
+    # Changing the journal mode needs the file to itself, and SQLite answers "database is locked" at once
+    # (without its busy timeout) while another worker starting beside this one holds it: retry for ~30 s.
+    for attempt in range(60):
         try:
-            con.execute("PRAGMA journal_mode=WAL")
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise ValueError(f"trial: cannot open the SQLite study file {path!r}: {exc}") from None
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(path, timeout=60)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+            finally:
+                con.close()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) and attempt < 59:
+                time.sleep(min(0.05 * (attempt + 1), 1.0))
+                continue
+            raise ValueError(f"trial: cannot open the SQLite study file {path!r}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise ValueError(f"trial: cannot open the SQLite study file {path!r}: {exc}") from None
 
 
 _SCHEMA_RACE = ("already exists", "duplicate key", "UniqueViolation", "UNIQUE constraint", "database is locked")
