@@ -11,6 +11,7 @@ from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's
 from ._sgd import SGD
 from ._rmsprop import RMSprop
 from ._adagrad import Adagrad
+from ._quantized import Adam8bit, AdamW8bit, dequantize_state_dict
 from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from ._cross_entropy import CrossEntropyLoss, cross_entropy
 from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
@@ -23,7 +24,9 @@ __all__ = [
                       "SGD",
                       "Adagrad",
                       "Adam",
+                      "Adam8bit",
                       "AdamW",
+                      "AdamW8bit",
                       "CrossEntropyLoss",
                       "HingeLoss",
                       "HuberLoss",
@@ -33,6 +36,7 @@ __all__ = [
                       "RMSprop",
                       "catalog",
                       "cross_entropy",
+                      "dequantize_state_dict",
                       "hinge_loss",
                       "huber_loss",
                       "linear_cross_entropy",

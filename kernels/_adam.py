@@ -126,6 +126,8 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     Scalars = AdamScalars
+    # an 8-bit optimizer's checkpoint (kernels.Adam8bit) loads here dequantized
+    _code_dtypes = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
     _eager_update = staticmethod(_adam_eager)
     _fused_update = staticmethod(_adam_fused)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -112,6 +112,25 @@ def scalars_tensor(scalars: tuple[float, ...], like: torch.Tensor) -> torch.Tens
     return slot[0]
 
 
+class Blockwise(NamedTuple):
+    """A state buffer that is not one element of the parameters' dtype per parameter element: ``dtype`` (an
+    8-bit code, a float32 scale), one element per parameter element (``block`` None: codes, shaped as the
+    parameter) or one per block of ``block`` elements (scales, 1-D), filled with ``fill``. ``_state_init``
+    values are floats (the parameter's dtype, one per element) or this."""
+
+    fill: float
+    dtype: torch.dtype
+    block: int | None = None
+
+    @property
+    def per(self) -> int:
+        return self.block or 1
+
+
+def spec(value: float | Blockwise, dtype: torch.dtype) -> Blockwise:
+    return value if isinstance(value, Blockwise) else Blockwise(value, dtype)
+
+
 class StateBuffers:
     """What every bucket shares (this one and ``_dtensor.ShardedBucket``): flat state buffers of ``total``
     elements with their initial values, and per-parameter step counts."""
@@ -128,9 +147,10 @@ class StateBuffers:
         complex one both, as torch fills ``complex(v, v)``)."""
         for key, value in init.items():
             if key not in self.flat_state:
-                buf = flat_buffer(self.total, self.device, self.dtype, zero=value == 0)
-                if value != 0:
-                    real(buf).fill_(value)
+                fill, dtype, _ = sp = spec(value, self.dtype)
+                buf = flat_buffer(self.total // sp.per, self.device, dtype, zero=fill == 0)
+                if fill != 0:
+                    real(buf).fill_(fill)
                 self.flat_state[key] = buf
 
     def refresh_common_step(self) -> None:
@@ -143,27 +163,31 @@ class Bucket(StateBuffers):
 
     Parameters below ``direct_min`` elements come first in the buffers, then the large ones, so that when
     large gradients are read in place (see :data:`DIRECT_GRAD_MIN_NUMEL`) the small ones still form one run.
+    With ``align`` > 1 (block-wise quantized state) each parameter starts at a multiple of ``align`` and the
+    gap after it is zero in every buffer, so a block never holds two parameters.
     """
 
     def __init__(self, group_index: int, group_params: list[torch.Tensor], positions: list[int],
-                 direct_min: int = DIRECT_GRAD_MIN_NUMEL):
+                 direct_min: int = DIRECT_GRAD_MIN_NUMEL, align: int = 1):
         """``positions``: the indices in ``group_params`` of the parameters this bucket holds."""
         self.group_index = group_index
+        self.align = align
         small = [i for i in positions if group_params[i].numel() < direct_min]
         large = [i for i in positions if group_params[i].numel() >= direct_min]
         self.n_small = len(small)
         self.positions = small + large  # each parameter's index in its group's "params", for messages
         self.params = params = [group_params[i] for i in self.positions]
         self.numels = [p.numel() for p in params]
+        self.padded = [-(-n // align) * align for n in self.numels]
         self.offsets = []
         total = 0
-        for n in self.numels:
+        for n in self.padded:
             self.offsets.append(total)
             total += n
         self.total = total
         ref = params[0]
         self.device, self.dtype = ref.device, ref.dtype
-        self.flat_param = flat_buffer(total, self.device, self.dtype, zero=False)
+        self.flat_param = flat_buffer(total, self.device, self.dtype, zero=align > 1)
         for p, view in zip(params, self.views(self.flat_param)):
             view.copy_(p.detach())
         for p, o, n in zip(params, self.offsets, self.numels):
@@ -184,14 +208,23 @@ class Bucket(StateBuffers):
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o:o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets, self.numels)]
 
+    def state_view(self, key: str, value: float | Blockwise, i: int) -> torch.Tensor:
+        """Parameter ``i``'s part of state buffer ``key``: shaped as the parameter (one element per
+        element), or 1-D (one per block: ``per`` > 1)."""
+        block = spec(value, self.dtype).block
+        o = self.offsets[i]
+        if block is None:
+            return self.flat_state[key][o:o + self.numels[i]].view(self.params[i].shape)
+        return self.flat_state[key][o // block:(o + self.padded[i]) // block]
+
     def ensure_grad_buffer(self) -> None:
         if self.flat_grad is None:
             self.flat_grad = flat_buffer(self.total, self.device, self.dtype, zero=True)
             self.grad_views = self.views(self.flat_grad)
 
     def span(self, start: int, end: int) -> int:
-        """How many elements parameters ``start:end`` hold."""
-        return self.offsets[end - 1] + self.numels[end - 1] - self.offsets[start] if end > start else 0
+        """How many buffer elements parameters ``start:end`` span (with their alignment gaps)."""
+        return self.offsets[end - 1] + self.padded[end - 1] - self.offsets[start] if end > start else 0
 
     def slices(self, init: dict[str, float], start: int, end: int,
                grad: bool = True) -> dict[str, torch.Tensor | None]:
@@ -212,7 +245,8 @@ class Bucket(StateBuffers):
             else:
                 run["grad"] = None  # the caller's, in this position
             for k in keys:
-                run[k] = self.flat_state[k][lo:hi]
+                per = spec(init[k], self.dtype).per
+                run[k] = self.flat_state[k][lo // per:hi // per]
             self.run_cache[key] = run
         return run
 

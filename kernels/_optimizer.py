@@ -35,7 +35,8 @@ from ._compile import resolve_fused, run_fused
 from ._dtensor import ShardedBucket, check_params, is_dtensor, step_sharded
 from ._grads import adopt_grads, gather_grads
 from ._layout import DIRECT_GRAD_MIN_NUMEL, Bucket, real, runs, scalars_tensor
-from ._state import adopt_state, check_groups, expose_state, validate_state_dict
+from ._q8math import CODE_DTYPES
+from ._state import adopt_state, check_groups, expose_state, import_float_state, validate_state_dict
 
 
 def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -74,7 +75,13 @@ class FusedOptimizer(Optimizer):
     #: (issue 11: Adam with the default zero_grad() was 4.01 ms there against 0.38 with gradients in place)
     direct_grad_min_numel_accelerator: ClassVar[int] = 1 << 62
 
+    #: state keys that have an 8-bit form (codes of this dtype with per-block scales; see ``_q8math``)
+    _code_dtypes: ClassVar[dict[str, torch.dtype]] = {}
+    #: options a subclass adds to its base class's ``defaults`` (set before ``__init__`` runs)
+    _more_defaults: dict[str, Any] = {}
+
     def __init__(self, params: Any, defaults: dict[str, Any], fused: bool | None) -> None:
+        defaults = {**defaults, **self._more_defaults}
         self._fused = resolve_fused(fused)
         self._fused_strict = fused is True
         self._buckets: list[Bucket] = []
@@ -90,6 +97,26 @@ class FusedOptimizer(Optimizer):
     def _scalars(self, group: dict[str, Any], step: int) -> NamedTuple:
         raise NotImplementedError
 
+    # ---- what a subclass may refine (the 8-bit optimizers do) ----------------------------------------------
+    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
+        """Parameters of a group are bucketed by device, dtype, DTensor-ness and this (None: nothing more).
+        ``where`` names the parameter, for a refusal's message."""
+        return None
+
+    def _new_bucket(self, group_index: int, params: list[torch.Tensor], positions: list[int], device: torch.device,
+                    kind: Any) -> Bucket:
+        direct = self.direct_grad_min_numel if device.type == "cpu" else self.direct_grad_min_numel_accelerator
+        return Bucket(group_index, params, positions, direct)
+
+    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
+        """The state a bucket keeps: ``_state_init``'s, unless a subclass stores some buckets differently."""
+        return self._state_init(group)
+
+    def _import_state(self, bucket: Bucket, i: int, old: dict[str, Any], init: dict[str, Any],
+                      group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Parameter ``i``'s loaded state, converted to what ``init`` stores."""
+        return import_float_state(self, bucket, i, old, init, group)
+
     # ---- layout --------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -104,7 +131,12 @@ class FusedOptimizer(Optimizer):
                 del self.param_groups[-1]
                 raise ValueError(f"{type(self).__name__} supports only dense (strided) parameters, "
                                  f"got layout {p.layout}")
-        self._buckets.extend(self._make_buckets(len(self.param_groups) - 1))
+        try:
+            buckets = self._make_buckets(len(self.param_groups) - 1)
+        except Exception:
+            del self.param_groups[-1]  # refused: the optimizer stays as it was
+            raise
+        self._buckets.extend(buckets)
         self._snapshot_groups()
 
     def _snapshot_groups(self) -> None:
@@ -125,14 +157,15 @@ class FusedOptimizer(Optimizer):
 
     def _make_buckets(self, group_index: int) -> list[Bucket | ShardedBucket]:
         by_kind: dict[tuple, list[int]] = {}
-        params = self.param_groups[group_index]["params"]
+        group = self.param_groups[group_index]
+        params = group["params"]
         check_params(type(self).__name__, group_index, params)
         for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(i)
+            kind = self._bucket_kind(p, group, f"param_groups[{group_index}]['params'][{i}]")
+            by_kind.setdefault((p.device, p.dtype, is_dtensor(p), kind), []).append(i)
         buckets = [ShardedBucket(group_index, params, positions, self.direct_grad_min_numel) if sharded else
-                   Bucket(group_index, params, positions,
-                          self.direct_grad_min_numel if device.type == "cpu" else self.direct_grad_min_numel_accelerator)
-                   for (device, _, sharded), positions in by_kind.items()]
+                   self._new_bucket(group_index, params, positions, device, kind)
+                   for (device, _, sharded, kind), positions in by_kind.items()]
         for bucket in buckets:
             adopt_state(self, bucket)
         return buckets
@@ -148,6 +181,15 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         validate_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
+        # torch casts every loaded state tensor but "step" to its parameter's dtype: 8-bit codes and their
+        # float32 scales are put back as saved (import_float_state/_import_state convert them as needed)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid) or {}
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and (value.dtype in CODE_DTYPES or key.endswith("_absmax")):
+                    self.state[p][key] = value.to(p.device)
         self._rebuild()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -208,7 +250,7 @@ class FusedOptimizer(Optimizer):
         if present is not None and not any(present):
             return
         group = self.param_groups[bucket.group_index]
-        init = self._state_init(group)
+        init = self._bucket_init(bucket, group)
         flags = self._flags(group)
         stateless = not init and not self._step_in_state  # SGD without momentum: torch keeps no state
         common = bucket.common_step
@@ -251,13 +293,14 @@ class FusedOptimizer(Optimizer):
             if i < start or i >= end:
                 continue
             if bucket.span(i0, i):
-                self._apply(s, hp, flags, bucket.slices(init, i0, i))
-            self._apply(s, hp, flags, {**bucket.slices(init, i, i + 1, grad=False), "grad": direct[i]})
+                self._apply(s, hp, flags, bucket.slices(init, i0, i), bucket)
+            self._apply(s, hp, flags, {**bucket.slices(init, i, i + 1, grad=False), "grad": direct[i]}, bucket)
             i0 = i + 1
         if bucket.span(i0, end):
-            self._apply(s, hp, flags, bucket.slices(init, i0, end))
+            self._apply(s, hp, flags, bucket.slices(init, i0, end), bucket)
 
-    def _apply(self, s: NamedTuple, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor]) -> None:
+    def _apply(self, s: NamedTuple, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
+               bucket: Bucket) -> None:
         """One update over a run's slices (param, grad, then the state in ``_state_init`` order): compiled
         when enabled and possible (complex buffers as their real views), else eager."""
         if hp is not None and run_fused(type(self)._fused_update, flags, as_real(*run.values()), hp,

@@ -10,6 +10,7 @@ import torch
 
 from ._dtensor import local_value
 from ._layout import Bucket
+from ._q8math import CODE_DTYPES, check_codes, dequantize
 
 if TYPE_CHECKING:
     from ._optimizer import FusedOptimizer
@@ -20,29 +21,27 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
     ``opt.state[p]`` at views of them. An optimizer whose state exists from construction (Adagrad) gets
     its initial state for every parameter that has none."""
     group = opt.param_groups[bucket.group_index]
-    init = opt._state_init(group)
+    init = opt._bucket_init(bucket, group)
     sharded = getattr(bucket, "sharded", False)
     has_state = [bool(opt.state.get(p)) for p in bucket.params]
     if any(has_state):
         bucket.ensure_state(init)
-        flat_views = {k: bucket.views(bucket.flat_state[k]) for k in init}
+        flat_views = {k: bucket.views(bucket.flat_state[k]) for k in init} if sharded else {}
         for i, p in enumerate(bucket.params):
             if not has_state[i]:
                 continue
             old = opt.state[p]
-            new = dict(old)
+            new = {k: v for k, v in old.items() if not k.endswith("_absmax")}
+            values = opt._import_state(bucket, i, old, init, group)
             for k in init:
-                value = old.get(k)
-                if value is None:
-                    raise ValueError(f"state for parameter {bucket.positions[i]} of group "
-                                     f"{bucket.group_index} lacks {k!r}, which {type(opt).__name__} needs "
-                                     "with these options")
+                value = values[k]
                 if sharded:
                     flat_views[k][i].copy_(local_value(value.detach(), p))
                     new[k] = bucket.as_dtensor(flat_views[k][i], i)
                 else:
-                    flat_views[k][i].copy_(value.detach().reshape(p.shape))
-                    new[k] = flat_views[k][i]
+                    view = bucket.state_view(k, init[k], i)
+                    view.copy_(value.detach().reshape(view.shape))
+                    new[k] = view
             if opt._step_in_state:
                 step = float(old["step"])
                 bucket.steps[i].fill_(step)
@@ -72,8 +71,24 @@ def expose_state(opt: FusedOptimizer, bucket: Bucket, start: int, end: int, init
             if sharded:  # a DTensor laid out as the parameter: torch's format for sharded optimizers
                 entry[k] = bucket.as_dtensor(bucket.flat_state[k][o:o + n].view(bucket.locals[i].shape), i)
             else:
-                entry[k] = bucket.flat_state[k][o:o + n].view(p.shape)
+                entry[k] = bucket.state_view(k, init[k], i)
         opt.state[p] = entry
+
+
+def import_float_state(opt: FusedOptimizer, bucket: Bucket, i: int, old: dict[str, Any],
+                       init: dict[str, Any], group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Parameter ``i``'s loaded state as the float tensors ``init`` names; 8-bit state (codes with per-block
+    scales, as the 8-bit optimizers save it) is dequantized."""
+    out = {}
+    for k in init:
+        value = old.get(k)
+        if value is None:
+            raise ValueError(f"state for parameter {bucket.positions[i]} of group {bucket.group_index} "
+                             f"lacks {k!r}, which {type(opt).__name__} needs with these options")
+        if isinstance(value, torch.Tensor) and value.dtype in CODE_DTYPES:
+            value = dequantize(value, old[k + "_absmax"], group["block_size"])
+        out[k] = value
+    return out
 
 
 def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None:
@@ -104,6 +119,10 @@ def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None
                 if v.shape != p.shape:
                     raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}, the parameter has "
                                      f"{tuple(p.shape)}")
+                if not (v.is_floating_point() or v.is_complex()):
+                    # the block size the codes were made with: the saved group's own, never assumed
+                    check_codes(where, k, v, st.get(k + "_absmax"), saved.get("block_size"), p.numel(),
+                                opt._code_dtypes.get(k))
             if opt._step_in_state:
                 s = st.get("step")
                 if s is None or (isinstance(s, torch.Tensor) and s.numel() != 1):

@@ -15,8 +15,9 @@ from kernels import catalog
 def test_order_is_the_advisors_tie_break_order():
     """The import order in kernels/__init__.py is the catalog's order; the advisor breaks ties by it (Adam
     first): reordering those imports would change advice, so it is pinned here."""
-    assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
-    assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+    assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad",
+                                                         "Adam8bit", "AdamW8bit"]
+    assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adam8bit", "AdamW8bit")
     assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
                                "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
 
@@ -36,8 +37,8 @@ def test_hyperparameters_are_the_signature(entry):
     if entry.tasks or entry.kind == "optimizer":
         assert PARAMS[entry.name] == {n: p.type for n, p in entry.params.items()}
     assert getattr(kernels, entry.name) is entry.cls
-    if entry.torch is not None:
-        assert entry.torch_class().__name__ == entry.name
+    if entry.torch is not None:  # the 8-bit optimizers' counterpart: the same update with float state
+        assert entry.torch_class().__name__ == entry.name.removesuffix("8bit")
 
 
 def test_types_read_off_annotations():

@@ -1,0 +1,123 @@
+/* The CPU kernel of optadvisor's 8-bit Adam/AdamW (kernels/_quantized.py has the math in torch ops, the
+ * tests a plain reference of it; this file must compute the same bits). One pass over the buffers: each
+ * block of B elements is dequantized, updated, written back to the parameters, and requantized with the
+ * block's new scale while it is still in L1, so parameters, gradients and codes are each read once and
+ * written once (16 bytes per fp32 parameter against fp32 Adam's 28).
+ *
+ * Built with -ffp-contract=off and without -ffast-math: every operation rounds as torch's op-by-op
+ * float32 arithmetic does, in the same order, so the result is bit-identical to the torch-op path.
+ *
+ * Codes: first moment int8 c in [-127, 127], m = sign(c) (c/127)^2 absmax_m; second moment uint8 c in
+ * [0, 255], v = ((c+1)/256)^2 absmax_v (square-root companding: more levels near zero, where most moments
+ * are; the second moment's levels exclude 0 so no denominator collapses to eps). absmax is the block's
+ * largest finite magnitude; a non-finite moment is stored as code 0 (the parameter itself has become
+ * NaN/inf in that step, as with torch's Adam), so it never spreads to its block or to other blocks. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_BLOCK 4096
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf16_load(const uint16_t *x, int64_t i) {
+    uint32_t u = (uint32_t)x[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint16_t bf16_round(float f) { /* round to nearest even, as torch's cast; NaN stays a quiet NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x0040u;
+    return (uint16_t)(f != f ? nan : rounded);
+}
+
+/* One block: branch-free so that the compiler vectorizes both loops; the flags are constants in each
+ * specialization below. */
+INLINE void block(void *param, const void *grad, const int bf16, const int maximize, const int wd_mode,
+                  int8_t *cm, uint8_t *cv, float *sm, float *sv, int64_t b, int64_t lo, int64_t len,
+                  const float *hp, float *restrict mb, float *restrict vb) {
+    const float step = hp[0], omb1 = hp[1], b2 = hp[2], omb2 = hp[3], wd = hp[4], decay = hp[5],
+                inv_bc2 = hp[6], eps = hp[7], inv_m = hp[8];
+    const float s_m = sm[b] * inv_m, s_v = sv[b] * (1.0f / 65536.0f); /* 2^-16: exact */
+    int32_t am_bits = 0, av_bits = 0; /* maxima as bit patterns: non-negative floats order as integers */
+    for (int64_t i = 0; i < len; i++) {
+        float gi = bf16 ? bf16_load((const uint16_t *)grad, lo + i) : ((const float *)grad)[lo + i];
+        float pi = bf16 ? bf16_load((const uint16_t *)param, lo + i) : ((float *)param)[lo + i];
+        if (maximize) gi = -gi;
+        if (wd_mode == 1) gi = gi + wd * pi;
+        if (wd_mode == 2) pi = pi * decay;
+        const float q = (float)cm[lo + i];
+        const float mo = (q * fabsf(q)) * s_m;
+        const float t = (float)cv[lo + i] + 1.0f;
+        const float vo = (t * t) * s_v;
+        const float mn = mo + omb1 * (gi - mo);
+        const float vn = vo * b2 + omb2 * (gi * gi);
+        const float root = sqrtf(vn);
+        const float denom = root * inv_bc2 + eps;
+        const float pn = pi - (step * mn) / denom;
+        if (bf16) ((uint16_t *)param)[lo + i] = bf16_round(pn);
+        else ((float *)param)[lo + i] = pn;
+        mb[i] = mn;
+        vb[i] = root; /* reused by the second moment's code */
+        const float a = fabsf(mn) < INFINITY ? fabsf(mn) : 0.0f; /* NaN and inf are left out */
+        const float w = vn < INFINITY ? vn : 0.0f;             /* (w >= 0: vn is a sum of squares) */
+        int32_t ab, wb;
+        memcpy(&ab, &a, 4);
+        memcpy(&wb, &w, 4);
+        am_bits = ab > am_bits ? ab : am_bits;
+        av_bits = wb > av_bits ? wb : av_bits;
+    }
+    float am, av;
+    memcpy(&am, &am_bits, 4);
+    memcpy(&av, &av_bits, 4);
+    sm[b] = am;
+    sv[b] = av;
+    /* per block: the codes' factors 127/sqrt(absmax_m) and 256/sqrt(absmax_v) (0 for an all-zero block) */
+    const float km = am > 0.0f ? 127.0f / sqrtf(am) : 0.0f, kv = av > 0.0f ? 256.0f / sqrtf(av) : 0.0f;
+    for (int64_t i = 0; i < len; i++) {
+        const float mn = mb[i], root = vb[i];
+        float c = rintf(sqrtf(fabsf(mn)) * km);
+        c = c < 127.0f ? c : 127.0f;            /* an ulp above 127 at the block's maximum; NaN/inf: 127 */
+        c = fabsf(mn) < INFINITY ? c : 0.0f;
+        c = mn < 0.0f ? -c : c;
+        cm[lo + i] = (int8_t)(int32_t)c;
+        float d = rintf(root * kv) - 1.0f;
+        d = d < 0.0f ? 0.0f : (d < 255.0f ? d : 255.0f);
+        d = root < INFINITY ? d : 0.0f;
+        cv[lo + i] = (uint8_t)(int32_t)d;
+    }
+}
+
+#define SPECIALIZE(NAME, BF16, MAX, WD)                                                                     \
+    static void NAME(void *param, const void *grad, int8_t *cm, uint8_t *cv, float *sm, float *sv,        \
+                     int64_t n, int64_t B, const float *hp, int nthreads) {                                \
+        const int64_t nblocks = (n + B - 1) / B;                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)")               \
+        for (int64_t b = 0; b < nblocks; b++) {                                                            \
+            float mb[MAX_BLOCK], vb[MAX_BLOCK];                                                            \
+            const int64_t lo = b * B;                                                                      \
+            block(param, grad, BF16, MAX, WD, cm, cv, sm, sv, b, lo, n - lo < B ? n - lo : B, hp, mb, vb);  \
+        }                                                                                                  \
+    }
+
+SPECIALIZE(k_f0, 0, 0, 0) SPECIALIZE(k_f1, 0, 0, 1) SPECIALIZE(k_f2, 0, 0, 2)
+SPECIALIZE(k_fm0, 0, 1, 0) SPECIALIZE(k_fm1, 0, 1, 1) SPECIALIZE(k_fm2, 0, 1, 2)
+SPECIALIZE(k_b0, 1, 0, 0) SPECIALIZE(k_b1, 1, 0, 1) SPECIALIZE(k_b2, 1, 0, 2)
+SPECIALIZE(k_bm0, 1, 1, 0) SPECIALIZE(k_bm1, 1, 1, 1) SPECIALIZE(k_bm2, 1, 1, 2)
+
+typedef void (*kernel_t)(void *, const void *, int8_t *, uint8_t *, float *, float *, int64_t, int64_t,
+                         const float *, int);
+static const kernel_t KERNELS[2][2][3] = {{{k_f0, k_f1, k_f2}, {k_fm0, k_fm1, k_fm2}},
+                                          {{k_b0, k_b1, k_b2}, {k_bm0, k_bm1, k_bm2}}};
+
+/* hp: step_size, one_minus_beta1, beta2, one_minus_beta2, weight_decay, decay_factor, 1/bc2_sqrt, eps,
+ *     1/127^2 (in float32); products by reciprocals, as torch's CPU division by a scalar computes.
+ * wd_mode: 0 none, 1 L2 (added to the gradient), 2 decoupled. */
+void adam8bit(void *param, const void *grad, int bf16, int8_t *cm, uint8_t *cv, float *sm, float *sv,
+              int64_t n, int64_t B, const float *hp, int maximize, int wd_mode, int nthreads) {
+    KERNELS[bf16 != 0][maximize != 0][wd_mode](param, grad, cm, cv, sm, sv, n, B, hp, nthreads);
+}

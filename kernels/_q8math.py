@@ -1,0 +1,166 @@
+"""Block-wise 8-bit optimizer state: the codes, their scales, and the 8-bit Adam update, in torch ops.
+
+A moment tensor is cut into blocks of ``block`` elements (each parameter starts a new block; see
+``_layout.Bucket``'s ``align``). Each block keeps one float32 scale, the largest finite magnitude in it
+(``absmax``), and one 8-bit code per element:
+
+- the first moment (signed), int8 ``c`` in [-127, 127]: ``m = sign(c) (c/127)^2 absmax``;
+- the second moment (non-negative), uint8 ``c`` in [0, 255]: ``v = ((c+1)/256)^2 absmax``.
+
+Both maps are square-root companding (a code is the rounded square root of the normalized value), which
+puts more levels near zero, where most moments of a block are (Dettmers et al. 2022 use a non-linear
+"dynamic" map for the same reason). The second moment's levels exclude zero: its smallest level is
+``absmax/65536``, so a small ``v`` is over-estimated rather than rounded to 0, and the Adam denominator
+never collapses to ``eps`` (Li et al. 2023 make the same choice for 4-bit state). A non-finite moment is
+stored as code 0 and left out of its block's scale: the parameter element itself has already become
+NaN/inf in that step (as it does with torch's Adam), and nothing spreads to its block or other blocks.
+
+Arithmetic is float32 and ordered exactly as ``_q8.c`` does it; square roots go through float64 (torch's
+float32 ``sqrt`` on the CPU is not correctly rounded, C's ``sqrtf`` is) and scalars are multiplied, never
+divided (torch divides a tensor by a Python scalar as a product by its reciprocal). So the CPU kernel and
+this code give the same bits, and the tests hold both to a plain reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+INV_127_SQ = 1.0 / 16129.0
+CODE_DTYPES = {torch.int8: "first moment (signed)", torch.uint8: "second moment (non-negative)"}
+
+
+class Q8Scalars(NamedTuple):
+    step_size: float        # lr / (1 - beta1^t)
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    weight_decay: float
+    decay_factor: float     # 1 - lr * weight_decay (decoupled)
+    inv_bc2_sqrt: float     # 1 / sqrt(1 - beta2^t)
+    eps: float
+    inv_127_sq: float
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (as C's sqrtf): through float64, exact after rounding."""
+    return x.double().sqrt().to(x.dtype)
+
+
+def encode_first(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8) and scales of float32 first moments laid out as (blocks, block)."""
+    a = m.abs()
+    finite = a < float("inf")
+    am = torch.where(finite, a, 0.0).amax(1, keepdim=True)
+    km = torch.where(am > 0, torch.full_like(am, 127.0) / _sqrt(am), 0.0)
+    c = torch.round(_sqrt(a) * km).clamp(max=127.0)
+    c = torch.where(finite, c, 0.0)
+    c = torch.where(m < 0, -c, c)
+    return c.to(torch.int8), am.view(-1)
+
+
+def encode_second(v: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8) and scales of float32 second moments ``v`` (with ``root`` = their square roots), laid
+    out as (blocks, block)."""
+    finite = v < float("inf")
+    av = torch.where(finite, v, 0.0).amax(1, keepdim=True)
+    kv = torch.where(av > 0, torch.full_like(av, 256.0) / _sqrt(av), 0.0)
+    d = (torch.round(root * kv) - 1.0).clamp(0.0, 255.0)
+    d = torch.where(finite, d, 0.0)
+    return d.to(torch.uint8), av.view(-1)
+
+
+def decode_first(codes: torch.Tensor, absmax: torch.Tensor, inv_127_sq) -> torch.Tensor:
+    q = codes.float()
+    return (q * q.abs()) * (absmax * inv_127_sq).view(-1, 1)
+
+
+def decode_second(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    t = codes.float() + 1.0
+    return (t * t) * (absmax * (1.0 / 65536.0)).view(-1, 1)
+
+
+def blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """A 1-D tensor as (blocks, block), zero-padded at the end (a copy only when padding is needed)."""
+    n = flat.numel()
+    pad = -n % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block)
+
+
+def quantize(x: torch.Tensor, block: int, code_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float moment tensor (any shape) as 8-bit codes shaped like it and one float32 scale per block."""
+    xb = blocks(x.detach().reshape(-1).float(), block)
+    if code_dtype == torch.int8:
+        codes, scale = encode_first(xb)
+    else:
+        xb = xb.clamp_min(0.0)
+        codes, scale = encode_second(xb, _sqrt(xb))
+    return codes.view(-1)[:x.numel()].view(x.shape), scale
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """The float32 moments that codes and scales stand for, shaped like ``codes``."""
+    cb = blocks(codes.reshape(-1), block)
+    absmax = absmax.reshape(-1).float()
+    out = decode_first(cb, absmax, INV_127_SQ) if codes.dtype == torch.int8 else decode_second(cb, absmax)
+    return out.view(-1)[:codes.numel()].view(codes.shape)
+
+
+def check_codes(where: str, key: str, codes: torch.Tensor, absmax: object, block: object, numel: int,
+                expected: torch.dtype | None) -> None:
+    """What a state dict's 8-bit state must satisfy before anything is loaded. ``expected``: the code dtype
+    the loading optimizer reads ``key`` as (None: it has no 8-bit form of ``key``)."""
+    if codes.dtype not in CODE_DTYPES:
+        raise ValueError(f"{where}: {key!r} has dtype {codes.dtype}; state is floating point, or 8-bit codes "
+                         "(int8 for a first moment, uint8 for a second moment) with a float32 scale per block")
+    if codes.dtype != expected:
+        raise ValueError(f"{where}: {key!r} holds {codes.dtype} codes, but this optimizer stores {key!r} "
+                         + (f"as {expected}" if expected is not None else "only as floating point"))
+    if not isinstance(absmax, torch.Tensor):
+        raise ValueError(f"{where}: {key!r} holds 8-bit codes but {key + '_absmax'!r}, the per-block scales "
+                         "needed to read them, is missing")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"{where}: {key!r} holds 8-bit codes but the saved parameter group has no valid "
+                         f"'block_size' (got {block!r}); it is needed to read them")
+    blocks_needed = -(-numel // block)
+    if absmax.numel() != blocks_needed or not absmax.is_floating_point():
+        raise ValueError(f"{where}: {key + '_absmax'!r} must hold {blocks_needed} float scales (one per block "
+                         f"of {block} elements), got {absmax.numel()} of dtype {absmax.dtype}")
+
+
+# pragma: no mutate start (also compiled by torch.compile, which cannot trace mutmut's trampolines)
+def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, p, g, cm, sm, cv, sv):
+    """One 8-bit Adam step over 1-D slices whose length is a multiple of ``block`` (``g`` may be shorter:
+    the gradient of one parameter read where it lies; the rest of its last block is zero). ``hp``: the
+    :class:`Q8Scalars` as a float32 tensor. The update uses this step's moments in float32; only what is
+    stored is quantized (as bitsandbytes does)."""
+    s = Q8Scalars(*hp.unbind())
+    n = p.shape[0]
+    gf = g.float()
+    if gf.shape[0] != n:
+        gf = torch.cat([gf, gf.new_zeros(n - gf.shape[0])])
+    pf = p.float().view(-1, block)
+    gf = gf.view(-1, block)
+    if maximize:
+        gf = -gf
+    if wd_mode == 1:
+        gf = gf + s.weight_decay * pf
+    elif wd_mode == 2:
+        pf = pf * s.decay_factor
+    mo = decode_first(cm.view(-1, block), sm, s.inv_127_sq)
+    vo = decode_second(cv.view(-1, block), sv)
+    mn = mo + s.one_minus_beta1 * (gf - mo)
+    vn = vo * s.beta2 + s.one_minus_beta2 * (gf * gf)
+    root = _sqrt(vn)
+    denom = root * s.inv_bc2_sqrt + s.eps
+    p.copy_((pf - (s.step_size * mn) / denom).view(-1))
+    codes_m, scale_m = encode_first(mn)
+    codes_v, scale_v = encode_second(vn, root)
+    cm.copy_(codes_m.view(-1))
+    cv.copy_(codes_v.view(-1))
+    sm.copy_(scale_m)
+    sv.copy_(scale_v)
+# pragma: no mutate end

@@ -1,0 +1,247 @@
+"""Adam and AdamW with 8-bit block-wise quantized state: ``kernels.Adam8bit`` and ``kernels.AdamW8bit``.
+
+The names are bitsandbytes' and torchao's (``bnb.optim.Adam8bit``, ``torchao.optim.AdamW8bit``), and so are
+the two arguments beyond torch's signature: ``block_size`` (elements per quantization block, 256) and
+``min_8bit_size`` (bitsandbytes': parameters with fewer elements keep float state, 4096). The codes and
+their maps are in ``_q8math``; the CPU kernel is ``_q8.c`` (loaded by ``_native``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from . import _native
+from ._adam import Adam, AdamScalars
+from ._catalog import register
+from ._compile import run_fused
+from ._layout import DIRECT_GRAD_MIN_NUMEL, Blockwise, Bucket, scalars_tensor
+from ._q8math import INV_127_SQ, Q8Scalars, adam8bit_update, quantize
+from ._state import import_float_state
+
+MAX_BLOCK = 4096  # _q8.c keeps a block in two stack arrays of this many floats
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_SERIAL_BELOW = 1 << 16  # elements: below this the kernel runs on one thread (waking a team costs more)
+
+
+_LIMITS = {"block_size": (1, MAX_BLOCK), "min_8bit_size": (0, None)}
+
+
+def _check_int(what: str, value: Any, low: int, high: int | None) -> None:
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+            or (high is not None and value > high)):
+        raise ValueError(f"{what} must be an int in [{low}, {high if high is not None else 'inf'}] "
+                         f"(got {value!r})")
+
+
+# torch's counterpart is the same update with float state (what the benchmarks compare against)
+@register("optimizer", torch="torch.optim.Adam", default_candidate=False,
+          configs={"Adam8bit": (dict(lr=1e-3), 16)})
+class Adam8bit(Adam):
+    r"""Adam with 8-bit state: the two moments stored as 8-bit codes with a float32 scale per block.
+
+    The update is Adam's (:class:`Adam`), in float32, on this step's moments; only what is kept between
+    steps is quantized: 2 bytes per parameter plus 8 per block of ``block_size`` (fp32 Adam: 8 bytes), so
+    a step reads and writes 16 bytes per float32 parameter instead of 28. See ``kernels._q8math`` for the
+    maps (square-root companding: the first moment signed, the second's levels exclude zero).
+
+    Args: as :class:`torch.optim.Adam`, plus keyword-only ``block_size=256`` (1..4096; each parameter
+    starts a new block, so it need not divide anything) and ``min_8bit_size=4096`` (parameters with fewer
+    elements keep float state, as bitsandbytes does: biases and norms are a small share of the memory and
+    the most sensitive to rounding). ``amsgrad=True`` is refused. Parameters must be float32, bfloat16 or
+    float16 (float64 and complex parameters are refused: use :class:`Adam`); DTensor (FSDP2) parameters
+    are refused.
+
+    ``state_dict()`` saves, per quantized parameter, ``exp_avg`` (int8 codes shaped as the parameter),
+    ``exp_avg_absmax`` (float32, one per block), ``exp_avg_sq`` (uint8) and ``exp_avg_sq_absmax``, and
+    ``block_size`` in its groups. ``load_state_dict`` takes these back exactly, and takes a float state
+    dict (``torch.optim.Adam``'s, or :class:`Adam`'s) by quantizing it; :class:`Adam` loads an 8-bit one by
+    dequantizing it, and :func:`dequantize_state_dict` makes one that ``torch.optim.Adam`` loads.
+
+    A NaN or inf gradient element makes its parameter element NaN/inf in that step, as with torch's Adam;
+    its moments are stored as 0 (no code holds NaN) and are left out of the block's scale, so the other
+    elements of its block, and other blocks, are unaffected.
+
+    On the CPU (float32 and bfloat16 parameters) the step is one pass of a C kernel built on first use
+    (``kernels._native``; ``OPTADVISOR_NATIVE=0`` or no C compiler: the same math in torch ops, slower);
+    elsewhere, and with ``fused=False``, the torch-op path (compiled where ``fused`` allows).
+
+    Example::
+
+        >>> import torch, kernels
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = kernels.Adam8bit(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 128)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+        >>> opt.state[model.weight]["exp_avg"].dtype
+        torch.int8
+
+    References: T. Dettmers, M. Lewis, S. Shleifer, L. Zettlemoyer, "8-bit Optimizers via Block-wise
+    Quantization", ICLR 2022; B. Li, J. Chen, J. Zhu, "Memory Efficient Optimizers with 4-bit States",
+    NeurIPS 2023 (zero excluded from the second moment's map).
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False, block_size: int = 256, min_8bit_size: int = 4096) -> None:
+        name = type(self).__name__
+        if amsgrad:
+            raise ValueError(f"{name}: amsgrad=True is not supported with 8-bit state (a third quantized "
+                             "moment); use kernels.Adam(amsgrad=True)")
+        _check_int(f"{name}: block_size", block_size, *_LIMITS["block_size"])
+        _check_int(f"{name}: min_8bit_size", min_8bit_size, *_LIMITS["min_8bit_size"])
+        self._more_defaults = dict(block_size=block_size, min_8bit_size=min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            for key in ("block_size", "min_8bit_size"):
+                if key in param_group:
+                    _check_int(f"{type(self).__name__}: parameter group {len(self.param_groups)}: {key}",
+                               param_group[key], *_LIMITS[key])
+        super().add_param_group(param_group)
+
+    # ---- layout: which parameters are quantized, in buckets aligned to the block size ---------------------
+    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
+        name = type(self).__name__
+        if p.is_complex() or p.dtype == torch.float64:
+            raise ValueError(f"{name}: {where} is {p.dtype}; 8-bit state serves float32, bfloat16 and float16 "
+                             "parameters (use kernels.Adam for float64 and complex ones)")
+        if hasattr(p, "device_mesh"):
+            raise ValueError(f"{name}: {where} is a DTensor; 8-bit state does not support FSDP2/DTensor "
+                             "parameters yet (use kernels.Adam)")
+        return p.numel() >= int(group["min_8bit_size"])
+
+    def _new_bucket(self, group_index: int, params: list[torch.Tensor], positions: list[int],
+                    device: torch.device, kind: Any) -> Bucket:
+        if not kind:
+            return super()._new_bucket(group_index, params, positions, device, kind)
+        block = int(self.param_groups[group_index]["block_size"])
+        direct = DIRECT_GRAD_MIN_NUMEL if device.type == "cpu" else self.direct_grad_min_numel_accelerator
+        bucket = Bucket(group_index, params, positions, direct, align=block)
+        bucket.quantized = True
+        return bucket
+
+    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
+        if not getattr(bucket, "quantized", False):
+            return self._state_init(group)
+        block = bucket.align
+        if group["block_size"] != block:
+            raise ValueError(f"{type(self).__name__}: param_groups[{bucket.group_index}]['block_size'] was "
+                             f"changed from {block} to {group['block_size']!r} after construction; the state "
+                             "is laid out in blocks of the first, so build a new optimizer to change it")
+        return {"exp_avg": Blockwise(0.0, torch.int8), "exp_avg_absmax": Blockwise(0.0, torch.float32, block),
+                "exp_avg_sq": Blockwise(0.0, torch.uint8),
+                "exp_avg_sq_absmax": Blockwise(0.0, torch.float32, block)}
+
+    def _import_state(self, bucket: Bucket, i: int, old: dict[str, Any], init: dict[str, Any],
+                      group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not getattr(bucket, "quantized", False):
+            return import_float_state(self, bucket, i, old, init, group)
+        out = {}
+        where = f"state for parameter {bucket.positions[i]} of group {bucket.group_index}"
+        for key, code_dtype in (("exp_avg", torch.int8), ("exp_avg_sq", torch.uint8)):
+            value = old.get(key)
+            if value is None:
+                raise ValueError(f"{where} lacks {key!r}, which {type(self).__name__} needs")
+            if value.dtype in (torch.int8, torch.uint8):
+                if value.dtype != code_dtype:
+                    raise ValueError(f"{where}: {key!r} holds {value.dtype} codes; this optimizer stores "
+                                     f"{key!r} as {code_dtype}")
+                scale = old.get(key + "_absmax")
+                if scale is None:
+                    raise ValueError(f"{where}: {key!r} holds 8-bit codes but {key + '_absmax'!r} is missing")
+                out[key], out[key + "_absmax"] = value, scale
+            else:  # float state (torch's, or a float bucket's): quantized as a step would store it
+                out[key], out[key + "_absmax"] = quantize(value, bucket.align, code_dtype)
+        return out
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def _apply(self, s: AdamScalars, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
+               bucket: Bucket) -> None:
+        if not getattr(bucket, "quantized", False):
+            super()._apply(s, hp, flags, run, bucket)
+            return
+        _, maximize, wd_mode = flags
+        q = Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay,
+                      s.decay_factor, 1.0 / s.bc2_sqrt, s.eps, INV_127_SQ)
+        p, g = run["param"], run["grad"]
+        state = (run["exp_avg"], run["exp_avg_absmax"], run["exp_avg_sq"], run["exp_avg_sq_absmax"])
+        block = bucket.align
+        if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
+            lib = _native.library()
+            if lib is not None:
+                cm, sm, cv, sv = state
+                n = g.numel()
+                hp32 = (ctypes.c_float * len(q))(*q)
+                threads = 1 if n < _SERIAL_BELOW else torch.get_num_threads()
+                lib.adam8bit(p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], cm.data_ptr(), cv.data_ptr(),
+                             sm.data_ptr(), sv.data_ptr(), n, block, ctypes.addressof(hp32), int(maximize),
+                             wd_mode, threads)
+                return
+        hp = scalars_tensor(q, p)
+        if self._fused and p.device.type != "cpu":
+            done, _ = run_fused(adam8bit_update, (maximize, wd_mode, block), (p, g, *state), hp,
+                                strict=self._fused_strict)
+            if done:
+                return
+        adam8bit_update(hp, maximize, wd_mode, block, p, g, *state)
+
+
+@register("optimizer", torch="torch.optim.AdamW", default_candidate=False,
+          configs={"AdamW8bit": (dict(lr=1e-3), 16)})
+class AdamW8bit(Adam8bit):
+    r""":class:`Adam8bit` with decoupled weight decay, default 1e-2: AdamW's update (:class:`AdamW`) with
+    8-bit state. Arguments as :class:`torch.optim.AdamW`, plus ``block_size`` and ``min_8bit_size``.
+
+    Example::
+
+        >>> opt = kernels.AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 block_size: int = 256, min_8bit_size: int = 4096) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, block_size=block_size, min_8bit_size=min_8bit_size)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an 8-bit optimizer's ``state_dict()`` with every quantized moment as float32 (its
+    ``*_absmax`` scales dropped), which ``torch.optim.Adam``/``AdamW`` load. Float state is kept as is."""
+    from ._q8math import CODE_DTYPES, dequantize
+
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')")
+    block_of = {pid: g.get("block_size") for g in state_dict["param_groups"] for pid in g["params"]}
+    state = {}
+    for pid, entry in state_dict["state"].items():
+        new = {}
+        for key, value in entry.items():
+            if key.endswith("_absmax"):
+                continue
+            if isinstance(value, torch.Tensor) and value.dtype in CODE_DTYPES:
+                scale = entry.get(key + "_absmax")
+                if scale is None or block_of.get(pid) is None:
+                    raise ValueError(f"state of parameter {pid}: {key!r} holds 8-bit codes but "
+                                     f"{'its scales ' + repr(key + '_absmax') if scale is None else 'block_size'} "
+                                     "is missing")
+                value = dequantize(value, scale, block_of[pid])
+            new[key] = value
+        state[pid] = new
+    groups = [{k: v for k, v in g.items() if k not in ("block_size", "min_8bit_size")}
+              for g in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}

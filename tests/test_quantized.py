@@ -1,0 +1,458 @@
+"""8-bit optimizer state (kernels.Adam8bit / AdamW8bit): the quantization's error bounds, the updates against
+a plain reference of the same algorithm written here in simple torch ops (bit for bit, for the C kernel and
+the torch-op path alike), checkpoints both ways, memory, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import examples, make_grads, make_params, with_threshold
+
+import kernels
+from kernels import _native
+from kernels._q8math import dequantize, quantize
+
+NATIVE = _native.library() is not None
+
+
+# ---- the plain reference: one parameter at a time, padded to whole blocks ----------------------------------
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _sqrt32(x: torch.Tensor) -> torch.Tensor:  # correctly rounded float32 square root
+    return x.double().sqrt().float()
+
+
+def _padded(t: torch.Tensor, block: int) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return torch.cat([flat, flat.new_zeros(-flat.numel() % block)]).view(-1, block)
+
+
+class Reference:
+    """Adam(W) with 8-bit moments, per parameter: m = sign(c)(c/127)^2 absmax, v = ((c+1)/256)^2 absmax,
+    codes rounded in the square-root domain, non-finite moments stored as 0 and left out of the scale."""
+
+    def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
+                 decoupled=False, block_size=256):
+        self.params = [p.detach().clone() for p in params]
+        self.kw = dict(lr=lr, betas=betas, eps=eps, wd=weight_decay, maximize=maximize, decoupled=decoupled)
+        self.block = block_size
+        self.state = [None] * len(params)
+
+    def step(self, grads):
+        for i, g in enumerate(grads):
+            if g is not None:
+                self._step(i, g)
+
+    def _step(self, i, g):
+        kw, block, p = self.kw, self.block, self.params[i]
+        n = p.numel()
+        nb = -(-n // block)
+        if self.state[i] is None:
+            self.state[i] = dict(step=0, cm=torch.zeros(n, dtype=torch.int8), sm=torch.zeros(nb),
+                                 cv=torch.zeros(n, dtype=torch.uint8), sv=torch.zeros(nb))
+        s = self.state[i]
+        s["step"] += 1
+        t = s["step"]
+        b1, b2 = kw["betas"]
+        lr, wd = kw["lr"], kw["wd"]
+        step_size, omb1, beta2, omb2 = _f32(lr / (1 - b1 ** t)), _f32(1 - b1), _f32(b2), _f32(1 - b2)
+        inv_bc2, eps, decay, wd32 = _f32(1 / (1 - b2 ** t) ** 0.5), _f32(kw["eps"]), _f32(1 - lr * wd), _f32(wd)
+        P, G = _padded(p.float(), block), _padded(g.float(), block)
+        if kw["maximize"]:
+            G = -G
+        if wd and not kw["decoupled"]:
+            G = G + wd32 * P
+        elif wd:
+            P = P * decay
+        q = _padded(s["cm"], block).float()
+        m = (q * q.abs()) * (s["sm"] * _f32(1 / 16129)).view(-1, 1)
+        c1 = _padded(s["cv"], block).float() + 1.0
+        v = (c1 * c1) * (s["sv"] * _f32(1 / 65536)).view(-1, 1)
+        m = m + omb1 * (G - m)
+        v = v * beta2 + omb2 * (G * G)
+        root = _sqrt32(v)
+        P = P - (step_size * m) / (root * inv_bc2 + eps)
+        p.copy_(P.reshape(-1)[:n].view(p.shape))
+        fm, fv = m.abs() < math.inf, v < math.inf
+        am = torch.where(fm, m.abs(), 0.0).amax(1, keepdim=True)
+        av = torch.where(fv, v, 0.0).amax(1, keepdim=True)
+        km = torch.where(am > 0, torch.full_like(am, 127.0) / _sqrt32(am), 0.0)
+        kv = torch.where(av > 0, torch.full_like(av, 256.0) / _sqrt32(av), 0.0)
+        cm = torch.where(fm, torch.round(_sqrt32(m.abs()) * km).clamp(max=127.0), 0.0)
+        cm = torch.where(m < 0, -cm, cm)
+        cv = torch.where(fv, (torch.round(root * kv) - 1.0).clamp(0.0, 255.0), 0.0)
+        s["cm"] = cm.to(torch.int8).reshape(-1)[:n]
+        s["cv"] = cv.to(torch.uint8).reshape(-1)[:n]
+        s["sm"], s["sv"] = am.view(-1), av.view(-1)
+
+
+def _assert_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_matches(opt, params, ref, exact=True):
+    for i, p in enumerate(params):
+        _assert_bits(p.detach(), ref.params[i], f"param {i}")
+        s = ref.state[i]
+        if s is None:
+            assert not opt.state.get(p)
+            continue
+        st_ = opt.state[p]
+        assert float(st_["step"]) == s["step"]
+        _assert_bits(st_["exp_avg"].reshape(-1), s["cm"], f"exp_avg codes of param {i}")
+        _assert_bits(st_["exp_avg_sq"].reshape(-1), s["cv"], f"exp_avg_sq codes of param {i}")
+        _assert_bits(st_["exp_avg_absmax"], s["sm"], f"exp_avg_absmax of param {i}")
+        _assert_bits(st_["exp_avg_sq_absmax"], s["sv"], f"exp_avg_sq_absmax of param {i}")
+
+
+PATHS = ["native", "torch-ops"] if NATIVE else ["torch-ops"]
+
+
+def _configure(path, monkeypatch):
+    """``fused`` for the path: the C kernel (the default on the CPU), or the torch ops (fused=False)."""
+    return None if path == "native" else False
+
+
+# ---- the quantization itself ---------------------------------------------------------------------------------
+magnitudes = st.lists(st.floats(-12, 3), min_size=1, max_size=600)
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(exps=magnitudes, seed=st.integers(0, 2**16), block=st.sampled_from([1, 7, 64, 256]))
+def test_first_moment_error_is_bounded_per_block(exps, seed, block):
+    """|m - m'| <= 2 sqrt(|m| a) d + a d^2 with d = 1/254 (half a level in the square-root domain), a the
+    block's absmax: relative to the block's largest value, never to a neighbour block's."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (len(exps),), generator=gen).float() * 2 - 1
+    x = signs * torch.tensor([10.0 ** e for e in exps])
+    codes, scale = quantize(x, block, torch.int8)
+    back = dequantize(codes, scale, block)
+    a = _padded(x.abs(), block).amax(1).repeat_interleave(block)[:x.numel()]
+    d = 1 / 254 * (1 + 1e-5)
+    bound = 2 * (x.abs() * a).sqrt() * d + a * d * d + 1e-6 * a
+    assert ((back - x).abs() <= bound).all()
+    assert torch.equal(scale, _padded(x.abs(), block).amax(1))
+    assert (back.sign() * x.sign() >= 0).all()  # never the wrong sign
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(exps=magnitudes, block=st.sampled_from([1, 7, 64, 256]))
+def test_second_moment_error_is_bounded_and_never_zero(exps, block):
+    """sqrt(v') is within half a level (sqrt(a)/512) of sqrt(v) where v is above the lowest level; below it v'
+    is that level (a/65536): small second moments are over-estimated, never rounded to 0."""
+    v = torch.tensor([10.0 ** e for e in exps])
+    codes, scale = quantize(v, block, torch.uint8)
+    back = dequantize(codes, scale, block)
+    a = _padded(v, block).amax(1).repeat_interleave(block)[:v.numel()]
+    low = a / 65536
+    above = v >= low
+    err = (back.sqrt() - v.sqrt()).abs()
+    assert (err[above] <= a[above].sqrt() / 512 * (1 + 1e-5) + 1e-7 * a[above].sqrt()).all()
+    assert torch.allclose(back[~above], low[~above], rtol=1e-6)
+    assert (back > 0).all()
+
+
+def test_non_finite_moments_do_not_reach_other_elements():
+    x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5, 0.25, 3.0, -1.0])
+    codes, scale = quantize(x, 4, torch.int8)
+    assert codes[1] == 0 and codes[3] == 0
+    assert scale.tolist() == [2.0, 3.0]
+    clean = x.clone()
+    clean[1] = clean[3] = 0
+    assert torch.equal(codes, quantize(clean, 4, torch.int8)[0])
+
+
+# ---- updates: bit for bit against the reference ------------------------------------------------------------
+shapes = st.lists(st.tuples(st.lists(st.integers(0, 40), max_size=3).map(tuple), st.booleans(), st.just(False)),
+                  min_size=1, max_size=5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=shapes, seed=st.integers(0, 2**16), block=st.sampled_from([1, 3, 8, 64, 256]),
+       lr=st.sampled_from([1e-3, 1e-2, 0.1]), betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.0, 0.99)]),
+       eps=st.sampled_from([1e-8, 1e-3]), wd=st.sampled_from([0.0, 1e-2]), maximize=st.booleans(),
+       decoupled=st.booleans(), direct=st.sampled_from([1, 1 << 16]), steps=st.integers(1, 8))
+def test_updates_equal_the_reference(path, dtype, monkeypatch, specs, seed, block, lr, betas, eps, wd, maximize,
+                                     decoupled, direct, steps):
+    """Random shapes (0-dim, empty, sizes no block divides, non-contiguous), hyperparameters, block sizes,
+    steps with some gradients missing, gradients copied or read where they lie: parameters, codes and scales
+    equal the reference's bit for bit, on the C kernel and on the torch-op path."""
+    params = make_params(specs, dtype, seed)
+    grads = make_grads(params, steps, seed, none_prob=0.2, scale=0.1)
+    cls = with_threshold(kernels.Adam8bit, direct)
+    opt = cls(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, maximize=maximize,
+              decoupled_weight_decay=decoupled, block_size=block, min_8bit_size=0,
+              fused=_configure(path, monkeypatch))
+    ref = Reference(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, maximize=maximize,
+                    decoupled=decoupled, block_size=block)
+    for row in grads:
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+        ref.step(row)
+    _assert_matches(opt, params, ref)
+
+
+def test_float16_parameters_follow_the_reference_closely():
+    """float16 parameters take the torch-op path (compiled): within an fp16 ulp of the reference."""
+    params = make_params([((300,), False, False), ((17, 5), False, False)], torch.float16, 3)
+    opt = kernels.AdamW8bit(params, lr=1e-2, min_8bit_size=0, block_size=64)
+    ref = Reference(params, lr=1e-2, weight_decay=1e-2, decoupled=True, block_size=64)
+    for row in make_grads(params, 5, 3, none_prob=0.0, scale=0.1):
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+        ref.step(row)
+    for p, r in zip(params, ref.params):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-3, atol=2 ** -8)
+
+
+def test_the_torch_op_path_serves_when_no_kernel_can_be_built(monkeypatch):
+    """OPTADVISOR_NATIVE=0 (or no C compiler): the same bits from the torch ops."""
+    monkeypatch.setenv(_native.ENV_VAR, "0")
+    assert _native.library() is None
+    params = make_params([((3000,), False, False)], torch.float32, 5)
+    opt = kernels.Adam8bit(params, min_8bit_size=0)
+    ref = Reference(params)
+    for row in make_grads(params, 3, 5, none_prob=0.0):
+        params[0].grad = row[0]
+        opt.step()
+        ref.step(row)
+    _assert_matches(opt, params, ref)
+
+
+def test_small_parameters_keep_float_state_and_match_adam():
+    """Below min_8bit_size a parameter keeps float state and steps exactly as kernels.Adam; above it, the
+    8-bit reference. One group holds both kinds."""
+    torch.manual_seed(0)
+    small, large = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(5000))
+    twin = torch.nn.Parameter(small.detach().clone())
+    opt = kernels.AdamW8bit([small, large], lr=1e-2)
+    adam = kernels.AdamW([twin], lr=1e-2)
+    ref = Reference([large], lr=1e-2, weight_decay=1e-2, decoupled=True)
+    for _ in range(4):
+        gs, gl = torch.randn(100), torch.randn(5000)
+        small.grad, large.grad, twin.grad = gs, gl, gs.clone()
+        opt.step()
+        adam.step()
+        ref.step([gl])
+    assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[small]
+    assert torch.equal(small.detach(), twin.detach())
+    assert torch.equal(opt.state[small]["exp_avg_sq"], adam.state[twin]["exp_avg_sq"])
+    _assert_bits(large.detach(), ref.params[0], "large parameter")
+
+
+def test_many_optimizers_in_one_process_keep_their_own_state():
+    """Optimizers of different sizes, block sizes and options, stepped interleaved: each equals its own
+    reference (nothing cached per process leaks between them)."""
+    configs = [dict(block_size=256), dict(block_size=3, lr=0.1), dict(block_size=64, maximize=True),
+               dict(block_size=256, weight_decay=0.1, decoupled_weight_decay=True), dict(block_size=17)]
+    runs = []
+    for k, cfg in enumerate(configs):
+        params = make_params([((7 + 50 * k,), False, False), ((3, 11 * (k + 1)), False, False)], torch.float32, k)
+        opt = kernels.Adam8bit(params, min_8bit_size=0, **cfg)
+        ref = Reference(params, lr=cfg.get("lr", 1e-3), maximize=cfg.get("maximize", False),
+                        weight_decay=cfg.get("weight_decay", 0.0), decoupled=cfg.get("decoupled_weight_decay", False),
+                        block_size=cfg["block_size"])
+        runs.append((params, opt, ref, make_grads(params, 4, k, none_prob=0.0)))
+    for step in range(4):
+        for params, opt, ref, grads in runs:
+            for p, g in zip(params, grads[step]):
+                p.grad = g
+            opt.step()
+            ref.step(grads[step])
+    for params, opt, ref, _ in runs:
+        _assert_matches(opt, params, ref)
+
+
+def test_a_nan_gradient_stays_in_its_element():
+    """A NaN gradient element: that parameter element becomes NaN (as with torch's Adam), its codes are 0
+    (later steps start its moments afresh; the parameter stays NaN), the rest of its block stays finite and
+    equals the reference, and other blocks are bit-identical to a run without the NaN."""
+    torch.manual_seed(1)
+    base = torch.randn(1024)
+    p, clean = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    opt, opt_clean = kernels.Adam8bit([p], min_8bit_size=0), kernels.Adam8bit([clean], min_8bit_size=0)
+    ref = Reference([p])
+    for step in range(3):
+        g = torch.randn(1024)
+        g_nan = g.clone()
+        if step == 2:
+            g_nan[300] = float("nan")
+        p.grad, clean.grad = g_nan, g
+        opt.step()
+        opt_clean.step()
+        ref.step([g_nan])
+    _assert_matches(opt, [p], ref)
+    assert math.isnan(p[300].item())
+    assert opt.state[p]["exp_avg"][300] == 0
+    in_block = torch.arange(256, 512) != 300
+    assert torch.isfinite(p.detach()[256:512][in_block]).all()
+    outside = torch.ones(1024, dtype=torch.bool)
+    outside[256:512] = False
+    assert torch.equal(p.detach()[outside], clean.detach()[outside])
+    assert torch.isfinite(opt.state[p]["exp_avg_absmax"]).all()
+
+
+# ---- memory ------------------------------------------------------------------------------------------------
+def _state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+
+
+def test_state_memory_is_a_quarter_of_fp32_adams():
+    """ResNet-50's parameter shapes: 8-bit state (codes, scales and the float state of small parameters)
+    <= 0.27x fp32 Adam's."""
+    from benchmarks.cases import resnet50_shapes
+
+    def build(cls):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in resnet50_shapes()]
+        opt = cls(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        return opt
+
+    ratio = _state_bytes(build(kernels.Adam8bit)) / _state_bytes(build(kernels.Adam))
+    assert ratio <= 0.27, ratio
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+def _trained(cls, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
+    opt = cls(model.parameters(), lr=1e-2, **kw)
+    for _ in range(3):
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _continue(model, opt, steps=3, seed=5):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_state_dict_round_trip_is_exact(tmp_path):
+    model, opt = _trained(kernels.AdamW8bit, block_size=64)
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    sd = opt.state_dict()
+    keys = list(sd["state"][0])
+    assert keys == ["step", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"]
+    assert sd["param_groups"][0]["block_size"] == 64
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
+    twin.load_state_dict(model.state_dict())
+    opt2 = kernels.AdamW8bit(twin.parameters(), lr=1e-2)  # block_size comes back from the checkpoint
+    opt2.load_state_dict(torch.load(path))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        for k, v in opt.state[a].items():
+            assert torch.equal(v, opt2.state[b][k]), k
+    for a, b in zip(_continue(model, opt), _continue(twin, opt2)):
+        assert torch.equal(a, b)
+
+
+def test_a_torch_fp32_checkpoint_is_quantized_on_load():
+    model, topt = _trained(torch.optim.Adam, foreach=False)
+    saved = topt.state_dict()
+    opt = kernels.Adam8bit(model.parameters(), lr=1e-2)
+    opt.load_state_dict(saved)
+    w = model[0].weight
+    codes, scale = quantize(saved["state"][0]["exp_avg"], 256, torch.int8)
+    assert torch.equal(opt.state[w]["exp_avg"], codes) and torch.equal(opt.state[w]["exp_avg_absmax"], scale)
+    codes, scale = quantize(saved["state"][0]["exp_avg_sq"], 256, torch.uint8)
+    assert torch.equal(opt.state[w]["exp_avg_sq"], codes)
+    assert opt.state[model[0].bias]["exp_avg"].dtype == torch.float32  # small: float state, as saved
+    assert float(opt.state[w]["step"]) == 3
+    _continue(model, opt)
+
+
+def test_an_8bit_checkpoint_is_dequantized_for_float_optimizers():
+    model, opt = _trained(kernels.Adam8bit)
+    sd = opt.state_dict()
+    w = model[0].weight
+    expect = dequantize(opt.state[w]["exp_avg"], opt.state[w]["exp_avg_absmax"], 256)
+    fopt = kernels.Adam(model.parameters(), lr=1e-2)
+    fopt.load_state_dict(sd)
+    assert torch.equal(fopt.state[w]["exp_avg"], expect) and "exp_avg_absmax" not in fopt.state[w]
+    topt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    topt.load_state_dict(kernels.dequantize_state_dict(sd))
+    assert torch.equal(topt.state[w]["exp_avg"], expect)
+    _continue(model, topt)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd["state"][0].pop("exp_avg_absmax"), "'exp_avg_absmax', the per-block scales"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg_sq_absmax", torch.zeros(3)), "must hold 20 float scales"),
+    (lambda sd: sd["param_groups"][0].pop("block_size"), "no valid 'block_size'"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg"].to(torch.int16)),
+     "has dtype torch.int16"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg_sq"]), "holds torch.uint8 codes"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg"].to(torch.uint8)),
+     "holds torch.uint8 codes, but this optimizer stores 'exp_avg' as torch.int8"),
+])
+def test_bad_checkpoints_are_refused_before_anything_changes(edit, message):
+    model, opt = _trained(kernels.Adam8bit)
+    before = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    sd = opt.state_dict()
+    sd = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": [dict(g) for g in sd["param_groups"]]}
+    edit(sd)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    for k, v in opt.state[model[0].weight].items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---- bad arguments -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_size=0), r"block_size must be an int in \[1, 4096\] \(got 0\)"),
+    (dict(block_size=5000), r"block_size must be an int in \[1, 4096\]"),
+    (dict(block_size=2.5), r"block_size must be an int"),
+    (dict(block_size=True), r"block_size must be an int"),
+    (dict(min_8bit_size=-1), r"min_8bit_size must be an int in \[0, inf\]"),
+    (dict(amsgrad=True), r"amsgrad=True is not supported with 8-bit state"),
+    (dict(lr=-1.0), r"Invalid learning rate"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.Adam8bit([torch.nn.Parameter(torch.zeros(10))], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
+def test_float64_and_complex_parameters_are_refused(dtype):
+    ok = torch.nn.Parameter(torch.zeros(10))
+    bad = torch.nn.Parameter(torch.zeros(10, dtype=dtype))
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[1\] is {dtype}"):
+        kernels.Adam8bit([ok, bad])
+    opt = kernels.Adam8bit([ok])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1  # the refused group left nothing behind
+
+
+def test_a_group_with_a_bad_block_size_is_refused():
+    opt = kernels.Adam8bit([torch.nn.Parameter(torch.zeros(10))])
+    with pytest.raises(ValueError, match=r"parameter group 1: block_size must be an int"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))], "block_size": 0})
+    assert len(opt.param_groups) == 1
+
+
+def test_changing_block_size_after_construction_is_refused():
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = kernels.Adam8bit([p], min_8bit_size=0)
+    opt.param_groups[0]["block_size"] = 128
+    p.grad = torch.ones(10)
+    with pytest.raises(ValueError, match="was changed from 256 to 128 after construction"):
+        opt.step()
