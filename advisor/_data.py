@@ -82,8 +82,31 @@ def _model_facts(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, str]
         kind, why = "mlp", f"it stacks {kinds['Linear']} Linear layers"
     else:
         kind, why = "other", "no attention, recurrent, convolution or Linear layers recognized"
-    return ({"n_params": n_params, "model_kind": kind},
-            {"n_params": f"{n_params:,} trainable parameters", "model_kind": f"{kind}: {why}"})
+    facts = {"n_params": n_params, "model_kind": kind}
+    evidence = {"n_params": f"{n_params:,} trainable parameters", "model_kind": f"{kind}: {why}"}
+    memory = _free_memory(params[0].device)
+    if memory is not None:
+        facts["memory_gb"] = memory[0]
+        evidence["memory_gb"] = memory[1]
+    return facts, evidence
+
+
+def _free_memory(device: torch.device) -> tuple[float, str] | None:
+    """Memory free for training where the model lives, in GiB (CUDA: the device's free memory; CPU: the
+    host's MemAvailable), with how it was read; None where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free / 2**30, f"{free / 2**30:.1f} GiB free on {device} (torch.cuda.mem_get_info)"
+        if device.type == "cpu":
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        gb = int(line.split()[1]) / 2**20
+                        return gb, f"{gb:.1f} GiB available on the host (/proc/meminfo MemAvailable)"
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
 
 
 def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,

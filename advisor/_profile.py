@@ -46,6 +46,9 @@ class TaskProfile(BaseModel):
     model_kind: Literal["linear", "mlp", "cnn", "rnn", "transformer", "other"] | None = Field(
         None, description="The model family.")
     n_params: int | None = Field(None, ge=1, description="Number of trainable parameters.")
+    memory_gb: float | None = Field(
+        None, gt=0.0, description="Memory free for training where the model lives, in GiB (profile_data reads "
+                                  "it: a CUDA device's free memory, or the host's available memory).")
     batch_size: int | None = Field(None, ge=1, description="Training batch size.")
     nonstationary: bool | None = Field(
         None, description="The data distribution shifts during training (online learning, RL, drift).")

@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in and args_in[0] == "advice":  # the advice benchmark: python -m benchmarks advice [--quick]
         from .advice import main as advice_main
         return advice_main(args_in[1:])
+    if args_in and args_in[0] == "quality":  # 8-bit state: memory, step time, training quality
+        from .quality import main as quality_main
+        return quality_main(args_in[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (checks it runs, not speed)")

@@ -167,7 +167,7 @@ def step_sharded(self: Any, bucket: ShardedBucket) -> None:
         s = self._scalars(group, steps[0] + 1)
         hp = scalars_tensor(s, flat_p) if self._fused else None
         self._apply(s, hp, flags, {"param": flat_p, "grad": flat_g,
-                                   **{key: bucket.flat_state[key][:bucket.small_total] for key in init}})
+                                   **{key: bucket.flat_state[key][:bucket.small_total] for key in init}}, bucket)
         torch._foreach_copy_(bucket.local_flat[:k], p_views)
     for i, g in enumerate(grads):
         if g is None:
@@ -178,7 +178,7 @@ def step_sharded(self: Any, bucket: ShardedBucket) -> None:
             hp = scalars_tensor(s, bucket.locals[i]) if self._fused else None
             run = {"param": bucket.local_flat[i], "grad": g,
                    **{k: bucket.local_state(k, i) for k in init}}
-            self._apply(s, hp, flags, run)
+            self._apply(s, hp, flags, run, bucket)
         if self._step_in_state:
             bucket.steps[i].add_(1)
         if stateless:

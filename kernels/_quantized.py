@@ -42,6 +42,16 @@ def _check_int(what: str, value: Any, low: int, high: int | None) -> None:
 class Adam8bit(Adam):
     r"""Adam with 8-bit state: the two moments stored as 8-bit codes with a float32 scale per block.
 
+    .. math::
+        m_t &= \beta_1 \hat m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 \hat v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \theta_t = \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon} \\
+        \hat m_t &= \operatorname{sign}(c)\,(c/127)^2 a_m,\quad c = \operatorname{round}\big(127\sqrt{|m_t|/a_m}\big),
+        \quad \hat v_t = \big((d+1)/256\big)^2 a_v,\quad d = \operatorname{round}\big(256\sqrt{v_t/a_v}\big) - 1
+        \in [0, 255]
+
+    with :math:`a_m, a_v` the largest finite :math:`|m_t|, v_t` of the block (weight decay and ``maximize``
+    as in :class:`Adam`).
+
     The update is Adam's (:class:`Adam`), in float32, on this step's moments; only what is kept between
     steps is quantized: 2 bytes per parameter plus 8 per block of ``block_size`` (fp32 Adam: 8 bytes), so
     a step reads and writes 16 bytes per float32 parameter instead of 28. See ``kernels._q8math`` for the
@@ -199,9 +209,17 @@ class AdamW8bit(Adam8bit):
     r""":class:`Adam8bit` with decoupled weight decay, default 1e-2: AdamW's update (:class:`AdamW`) with
     8-bit state. Arguments as :class:`torch.optim.AdamW`, plus ``block_size`` and ``min_8bit_size``.
 
+    .. math::
+        \theta_t = \theta_{t-1}(1-\gamma\lambda)
+                   - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+        \quad (m_t, v_t \text{ and their 8-bit codes as in } :class:`Adam8bit`)
+
     Example::
 
         >>> opt = kernels.AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    References: T. Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022;
+    I. Loshchilov, F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
     """
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
