@@ -195,7 +195,7 @@ class Adam8bit(Adam):
                              wd_mode, threads)
                 return
         hp = scalars_tensor(q, p)
-        if self._fused and p.device.type != "cpu":
+        if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
             done, _ = run_fused(adam8bit_update, (maximize, wd_mode, block), (p, g, *state), hp,
                                 strict=self._fused_strict)
             if done:
