@@ -57,7 +57,7 @@ def workloads(quick: bool = False, device: str = "cpu") -> dict[str, list[tuple[
     return out
 
 
-def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: str = "cpu"):
+def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: str = "cpu", **extra):
     """An optimizer whose gradients persist between steps, as in a ``zero_grad(set_to_none=False)`` loop.
 
     path: forloop/foreach/fused (torch's), ours (gradients in our buffer, where
@@ -70,7 +70,7 @@ def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: 
     for p, g in zip(params, grads):
         p.grad = g
     if path in ("ours", "ours-copy"):
-        opt = ours_cls(params, fused=True, **kw)
+        opt = ours_cls(params, fused=True, **kw, **extra)
         if path == "ours":
             opt.zero_grad(set_to_none=False)  # gradients become views of the optimizer's buffer, zeroed
             for p in params:

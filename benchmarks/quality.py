@@ -1,10 +1,12 @@
 """``python -m benchmarks quality``: what 8-bit optimizer state costs and saves.
 
-- State memory: the bytes ``kernels.Adam8bit`` keeps per parameter against fp32 Adam's (torch's fused
-  Adam keeps the same 8 bytes as ``kernels.Adam``), on the benchmark workloads' shapes, and one step's time
-  against torch's fused Adam, measured interleaved in this run.
+- State memory: the bytes ``kernels.Adam8bit`` and ``kernels.Adam(state_dtype=torch.bfloat16)`` keep per
+  parameter against fp32 Adam's (torch's fused Adam keeps the same 8 bytes as ``kernels.Adam``), on the
+  benchmark workloads' shapes, and one step's time against torch's fused Adam, measured interleaved in this
+  run.
 - Quality: real training runs with the same hyperparameters, fp32 ``kernels.AdamW`` against
-  ``kernels.AdamW8bit`` (defaults: blocks of 256, parameters under 4096 elements in float):
+  ``kernels.AdamW8bit`` (defaults: blocks of 256, parameters under 4096 elements in float) and
+  ``kernels.AdamW(state_dtype=torch.bfloat16)``:
   an MLP 64-256-256-10 on scikit-learn's bundled digits (75/25 split, 600 steps of batch 64, lr 1e-3), and
   a character-level transformer language model (2 blocks, d=128, 4 heads, context 64) on the text of
   Python's own standard-library sources (shipped with every Python), 1500 steps of batch 32, lr 3e-3;
@@ -17,6 +19,7 @@ Writes DIR/quality.md, DIR/quality.json and DIR/quality.png (the curves side by 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -44,20 +47,21 @@ def memory_rows(quick: bool, rounds: int) -> tuple[list[str], list[dict]]:
               "GPT-like 60M (2 blocks, d=1024)": gpt_shapes(2, 1024, 32000, 512)}
     if quick:
         shapes = {"one 100k tensor": [(100_000,)], "50 x 1k tensors": [(1000,)] * 50}
-    rows = ["| workload | params | fp32 Adam state MB | 8-bit state MB | ratio | bytes/param (state) "
-            "| step ms: Adam8bit / torch fused Adam | ratio |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| workload | state | state MB (fp32 Adam's) | ratio | bytes/param | step ms (torch fused Adam's) "
+            "| ratio |", "|---|---|---|---|---|---|---|"]
     out = []
     for name, shp in shapes.items():
         n = sum(torch.Size(s).numel() for s in shp)
-        opts = {"8bit": make_optimizer("Adam8bit", "ours", shp), "fused": make_optimizer("Adam", "fused", shp)}
-        fp32 = _state_bytes(opts["fused"])
-        q8 = _state_bytes(opts["8bit"])
+        opts = {"8-bit": make_optimizer("Adam8bit", "ours", shp), "fused": make_optimizer("Adam", "fused", shp),
+                "bf16": make_optimizer("Adam", "ours", shp, state_dtype=torch.bfloat16)}
+        size = {k: _state_bytes(o) for k, o in opts.items()}
         t = interleaved({k: o.step for k, o in opts.items()}, rounds)
-        rows.append(f"| {name} | {n / 1e6:.1f}M | {fp32 / 2**20:.1f} | {q8 / 2**20:.1f} | **{q8 / fp32:.3f}** | "
-                    f"{q8 / n:.2f} | {t['8bit'] * 1e3:.2f} / {t['fused'] * 1e3:.2f} | **{t['8bit'] / t['fused']:.2f}** |")
-        out.append({"workload": name, "params": n, "state_bytes": {"fp32": fp32, "8bit": q8},
-                    "step_s": t})
-        print(rows[-1], flush=True)
+        for k in ("8-bit", "bf16"):
+            rows.append(f"| {name} ({n / 1e6:.1f}M) | {k} | {size[k] / 2**20:.1f} ({size['fused'] / 2**20:.1f}) | "
+                        f"**{size[k] / size['fused']:.3f}** | {size[k] / n:.2f} | {t[k] * 1e3:.2f} "
+                        f"({t['fused'] * 1e3:.2f}) | **{t[k] / t['fused']:.2f}** |")
+            print(rows[-1], flush=True)
+        out.append({"workload": name, "params": n, "state_bytes": size, "step_s": t})
         del opts
     return rows, out
 
@@ -148,9 +152,10 @@ def _charlm(seed: int, opt_cls, steps: int, context: int = 64, batch: int = 32) 
 def quality_rows(quick: bool) -> tuple[list[str], dict]:
     runs = {"digits MLP": (_digits, (0, 1, 2), 100 if quick else 600),
             "char transformer LM": (_charlm, (0,) if quick else (0, 1), 100 if quick else 1500)}
-    opts = {"AdamW (fp32 state)": kernels.AdamW, "AdamW8bit": kernels.AdamW8bit}
-    rows = ["| task | steps | seeds | final val loss, fp32 AdamW | final val loss, AdamW8bit | relative difference "
-            "| time s fp32 / 8-bit |", "|---|---|---|---|---|---|---|"]
+    opts = {"AdamW (fp32 state)": kernels.AdamW, "AdamW8bit": kernels.AdamW8bit,
+            "AdamW (bf16 state)": functools.partial(kernels.AdamW, state_dtype=torch.bfloat16)}
+    rows = ["| task | steps | seeds | final val loss: fp32 AdamW | AdamW8bit (vs fp32) | bf16 state (vs fp32) "
+            "| time s: fp32 / 8-bit / bf16 |", "|---|---|---|---|---|---|---|"]
     curves: dict = {}
     for task, (fn, seeds, steps) in runs.items():
         finals, times = {}, {}
@@ -161,9 +166,9 @@ def quality_rows(quick: bool) -> tuple[list[str], dict]:
             curves.setdefault(task, {})[label] = [sum(c[i] for c in per_seed) / len(per_seed)
                                                   for i in range(len(per_seed[0]))]
             finals[label] = sum(c[-1] for c in per_seed) / len(per_seed)
-        a, b = finals.values()
-        rows.append(f"| {task} | {steps} | {len(seeds)} | {a:.4f} | {b:.4f} | **{(b - a) / a:+.2%}** | "
-                    f"{' / '.join(f'{t:.0f}' for t in times.values())} |")
+        a, b, c = finals.values()
+        rows.append(f"| {task} | {steps} | {len(seeds)} | {a:.4f} | {b:.4f} (**{(b - a) / a:+.2%}**) | "
+                    f"{c:.4f} (**{(c - a) / a:+.2%}**) | {' / '.join(f'{t:.0f}' for t in times.values())} |")
         print(rows[-1], flush=True)
     return rows, curves
 

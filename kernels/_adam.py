@@ -6,7 +6,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._bf16state import BF16_STATE, bf16_state_kind, check_state_dtype, step_bf16_state
 from ._catalog import register
+from ._layout import Blockwise, Bucket
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
 
@@ -87,6 +89,11 @@ class Adam(FusedOptimizer):
     False = eager (bit-identical to torch's for-loop path), True = compiled or raise. ``foreach`` is
     accepted and ignored; ``capturable=True`` and ``differentiable=True`` are refused.
 
+    ``state_dtype=torch.bfloat16`` (keyword-only, ours; None: the parameters' dtype, as torch) keeps
+    ``exp_avg``/``exp_avg_sq`` of float32 parameters in bfloat16 — half the state memory — computing in
+    float32 and storing with stochastic rounding (``kernels._bf16state``: unbiased, reproducible). For 8-bit
+    state see :class:`Adam8bit`.
+
     Example::
 
         >>> import torch, kernels
@@ -102,7 +109,7 @@ class Adam(FusedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, state_dtype: torch.dtype | None = None) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -119,10 +126,13 @@ class Adam(FusedOptimizer):
             if isinstance(beta, torch.Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        check_state_dtype(type(self).__name__, state_dtype, amsgrad)
         betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
                         fused=None, decoupled_weight_decay=decoupled_weight_decay)
+        if state_dtype is not None:  # only then in the groups: torch.optim.Adam loads our checkpoints as its own
+            defaults["state_dtype"] = state_dtype
         super().__init__(params, defaults, fused)
 
     Scalars = AdamScalars
@@ -135,6 +145,28 @@ class Adam(FusedOptimizer):
         if group.get("amsgrad", False):
             return {"exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0}
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    # ---- bfloat16 state for float32 parameters (state_dtype=torch.bfloat16; see _bf16state) ---------------
+    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
+        return bf16_state_kind(type(self).__name__, p, group, where)
+
+    def _new_bucket(self, group_index: int, params: list[torch.Tensor], positions: list[int],
+                    device: torch.device, kind: Any) -> Bucket:
+        bucket = super()._new_bucket(group_index, params, positions, device, kind)
+        bucket.bf16_state = kind == BF16_STATE
+        return bucket
+
+    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
+        if getattr(bucket, "bf16_state", False):
+            return {"exp_avg": Blockwise(0.0, torch.bfloat16), "exp_avg_sq": Blockwise(0.0, torch.bfloat16)}
+        return self._state_init(group)
+
+    def _apply(self, s: AdamScalars, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
+               bucket: Bucket) -> None:
+        if getattr(bucket, "bf16_state", False):
+            step_bf16_state(self, s, flags, run, bucket)
+        else:
+            super()._apply(s, hp, flags, run, bucket)
 
     def _flags(self, group: dict[str, Any]) -> tuple:
         wd = float(group["weight_decay"])
@@ -171,10 +203,11 @@ class AdamW(Adam):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
-                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None) -> None:
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, state_dtype=state_dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -27,7 +27,8 @@ NUMBER, NUMBERS, BOOL = "number", "list[number]", "bool"
 # constructor arguments that select an implementation or torch's legacy spellings, not the math: a rule or a
 # trial never sets them
 _NOT_HYPERPARAMETERS = frozenset({"self", "params", "foreach", "capturable", "differentiable", "fused",
-                                  "maximize", "size_average", "reduce", "reduction", "decoupled_weight_decay"})
+                                  "maximize", "size_average", "reduce", "reduction", "decoupled_weight_decay",
+                                  "state_dtype"})
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,7 @@ class FusedOptimizer(Optimizer):
         its gradient where it lies."""
         s = self._scalars(group, step)
         hp = scalars_tensor(s, bucket.flat_param) if self._fused else None
+        bucket.current_step = step  # for an update that needs the count itself (bfloat16 state's rounding)
         i0 = start
         for i in (direct or ()):  # ascending: gather_grads fills it in index order
             if i < start or i >= end:

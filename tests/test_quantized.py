@@ -456,3 +456,142 @@ def test_changing_block_size_after_construction_is_refused():
     p.grad = torch.ones(10)
     with pytest.raises(ValueError, match="was changed from 256 to 128 after construction"):
         opt.step()
+
+
+# ---- bfloat16 state (kernels.Adam/AdamW(state_dtype=torch.bfloat16)) ------------------------------------------
+def _hash16(index: torch.Tensor, step: int) -> torch.Tensor:
+    """The documented 32-bit hash, written out in plain int64 torch ops."""
+    m = 0xFFFFFFFF
+    x = (index + step * 0x9E3779B) & m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & m
+    x ^= x >> 16
+    return x & 0xFFFF
+
+
+def _sr(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    raw = x.view(torch.int32).long() + bits  # add in int64, then keep the high half of the 32 bits
+    kept = (raw & 0xFFFF0000).to(torch.int32)  # back to int32: the cast wraps as two's complement
+    out = kept.view(torch.float32)
+    return torch.where(x.isfinite(), out, x).to(torch.bfloat16)
+
+
+class BF16Reference:
+    """Adam(W) with float32 arithmetic and bfloat16 moments stored by stochastic rounding (one parameter per
+    bucket here: positions are 0..n-1 within it)."""
+
+    def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False,
+                 maximize=False):
+        self.params = [p.detach().clone() for p in params]
+        self.kw = dict(lr=lr, betas=betas, eps=eps, wd=weight_decay, decoupled=decoupled, maximize=maximize)
+        self.state = [None] * len(params)
+
+    def step(self, grads, offsets):
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            p, kw = self.params[i], self.kw
+            if self.state[i] is None:
+                self.state[i] = dict(step=0, m=torch.zeros(p.numel(), dtype=torch.bfloat16),
+                                     v=torch.zeros(p.numel(), dtype=torch.bfloat16))
+            s = self.state[i]
+            s["step"] += 1
+            t = s["step"]
+            b1, b2 = kw["betas"]
+            P, G = p.reshape(-1).clone(), g.reshape(-1).float()
+            if kw["maximize"]:
+                G = -G
+            if kw["wd"] and not kw["decoupled"]:
+                G = G + _f32(kw["wd"]) * P
+            elif kw["wd"]:
+                P = P * _f32(1 - kw["lr"] * kw["wd"])
+            m, v = s["m"].float(), s["v"].float()
+            m = m + _f32(1 - b1) * (G - m)
+            v = v * _f32(b2) + _f32(1 - b2) * (G * G)
+            denom = _sqrt32(v) * _f32(1 / (1 - b2 ** t) ** 0.5) + _f32(kw["eps"])
+            p.copy_((P - (_f32(kw["lr"] / (1 - b1 ** t)) * m) / denom).view(p.shape))
+            index = torch.arange(p.numel(), dtype=torch.int64) + offsets[i]
+            s["m"], s["v"] = _sr(m, _hash16(2 * index, t)), _sr(v, _hash16(2 * index + 1, t))
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@settings(max_examples=examples(20), deadline=None)
+@given(specs=shapes, seed=st.integers(0, 2**16), lr=st.sampled_from([1e-3, 0.1]), wd=st.sampled_from([0.0, 0.1]),
+       decoupled=st.booleans(), maximize=st.booleans(), steps=st.integers(1, 6))
+def test_bf16_state_equals_the_reference(fused, specs, seed, lr, wd, decoupled, maximize, steps):
+    """float32 parameters, bfloat16 moments: parameters and state bit for bit as the reference, compiled
+    and eager, with gradients missing in some steps."""
+    params = make_params(specs, torch.float32, seed)
+    grads = make_grads(params, steps, seed, none_prob=0.2)
+    opt = kernels.Adam(params, lr=lr, weight_decay=wd, decoupled_weight_decay=decoupled, maximize=maximize,
+                       state_dtype=torch.bfloat16, fused=fused)
+    ref = BF16Reference(params, lr=lr, weight_decay=wd, decoupled=decoupled, maximize=maximize)
+    bucket = opt._buckets[0]
+    offsets = [bucket.offsets[bucket.positions.index(i)] for i in range(len(params))]
+    for row in grads:
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+        ref.step(row, offsets)
+    for i, p in enumerate(params):
+        _assert_bits(p.detach(), ref.params[i], f"param {i}")
+        if ref.state[i] is not None:
+            _assert_bits(opt.state[p]["exp_avg"].reshape(-1), ref.state[i]["m"], f"exp_avg {i}")
+            _assert_bits(opt.state[p]["exp_avg_sq"].reshape(-1), ref.state[i]["v"], f"exp_avg_sq {i}")
+
+
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
+    from kernels._bf16state import random_bits, stochastic_round
+
+    x = torch.full((200_000,), 1.0 + 2 ** -10, dtype=torch.float32)  # a quarter of a bf16 ulp above 1
+    out = stochastic_round(x, random_bits(torch.arange(200_000), torch.tensor(7))).float()
+    assert set(out.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert abs(out.mean().item() - x[0].item()) < 2 ** -7 * 0.01  # mean within 1% of an ulp
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    back = stochastic_round(special, random_bits(torch.arange(5), torch.tensor(1))).float()
+    assert back[0].isnan() and back[1] == float("inf") and back[2] == -float("inf") and (back[3:] == 0).all()
+
+
+def test_bf16_second_moment_decays_where_round_to_nearest_would_stall():
+    """With zero gradients v <- 0.999 v: in bfloat16, rounding to nearest leaves v unchanged forever; the
+    stored moments follow 0.999^t on average."""
+    p = torch.nn.Parameter(torch.zeros(50_000))
+    opt = kernels.Adam([p], state_dtype=torch.bfloat16)
+    p.grad = torch.ones(50_000)
+    opt.step()
+    v0 = opt.state[p]["exp_avg_sq"].float().mean().item()
+    p.grad = torch.zeros(50_000)
+    for _ in range(300):
+        opt.step()
+    v = opt.state[p]["exp_avg_sq"].float().mean().item()
+    assert v == pytest.approx(v0 * 0.999 ** 300, rel=0.02)
+    assert torch.tensor(v0, dtype=torch.bfloat16) * 0.999 == torch.tensor(v0, dtype=torch.bfloat16)  # RNE stalls
+
+
+def test_bf16_state_memory_and_checkpoints():
+    model, opt = _trained(kernels.AdamW, state_dtype=torch.bfloat16)
+    fp32 = _trained(kernels.AdamW)[1]
+    assert _state_bytes(opt) / _state_bytes(fp32) == 0.5
+    sd = opt.state_dict()
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
+    twin.load_state_dict(model.state_dict())
+    opt2 = kernels.AdamW(twin.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    opt2.load_state_dict(sd)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(opt.state[a]["exp_avg"], opt2.state[b]["exp_avg"])
+    for a, b in zip(_continue(model, opt), _continue(twin, opt2)):
+        assert torch.equal(a, b)
+    torch.optim.AdamW(model.parameters(), lr=1e-2).load_state_dict(opt.state_dict())  # torch reads it
+
+
+@pytest.mark.parametrize("kwargs, params, message", [
+    (dict(state_dtype=torch.float16), [torch.zeros(3)], "state_dtype must be None .* or torch.bfloat16"),
+    (dict(state_dtype=torch.bfloat16, amsgrad=True), [torch.zeros(3)], "amsgrad=True with state_dtype"),
+    (dict(state_dtype=torch.bfloat16), [torch.zeros(3, dtype=torch.float64)],
+     r"param_groups\[0\]\['params'\]\[0\] is torch.float64; state_dtype=torch.bfloat16 serves float32"),
+])
+def test_bf16_state_bad_arguments(kwargs, params, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.Adam([torch.nn.Parameter(t) for t in params], **kwargs)

@@ -1,0 +1,105 @@
+"""bfloat16 optimizer state for float32 parameters, stored with stochastic rounding.
+
+``kernels.Adam(..., state_dtype=torch.bfloat16)`` keeps ``exp_avg`` and ``exp_avg_sq`` in bfloat16 (4 bytes
+per parameter instead of 8). The update computes in float32; storing rounds each moment to one of its two
+bfloat16 neighbours with probability proportional to the distance (stochastic rounding: unbiased). Round to
+nearest would not do: bfloat16 has 8 significant bits, so ``v * 0.999`` rounds back to ``v`` and a second
+moment never decays (Zamirai et al. 2020; torchao's ``bf16_stochastic_round``).
+
+The random bits are a hash of the element's position in its buffer and the step count, not a random
+generator's draw: a run is reproducible, and the tests reproduce it bit for bit in plain torch ops. The
+hash (32-bit, on int64 tensors so no operation overflows): ``x = (i + step * 0x9E3779B) mod 2^32``, then
+``x ^= x >> 16; x = x * 0x7FEB352D mod 2^32; x ^= x >> 15; x = x * 0x2C1B3C6D mod 2^32; x ^= x >> 16``; its
+low 16 bits are added to the float32 bits and the low half is cut off. NaN and inf are rounded to nearest.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._compile import run_fused
+from ._layout import scalars_tensor
+from ._q8math import Q8Scalars, _sqrt
+
+if TYPE_CHECKING:
+    from ._layout import Bucket
+
+_MASK32 = 0xFFFFFFFF
+BF16_STATE = "bf16-state"
+
+
+def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool) -> None:
+    if state_dtype is not None and state_dtype is not torch.bfloat16:
+        raise ValueError(f"{owner}: state_dtype must be None (the parameters' dtype, as torch.optim) or "
+                         f"torch.bfloat16, got {state_dtype!r}; for 8-bit state use kernels.Adam8bit/AdamW8bit")
+    if state_dtype is torch.bfloat16 and amsgrad:
+        raise ValueError(f"{owner}: amsgrad=True with state_dtype=torch.bfloat16 is not supported")
+
+
+def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: str) -> str | None:
+    """The bucket kind of a parameter whose group asks for bfloat16 state (None: its own dtype's state)."""
+    if group.get("state_dtype") is not torch.bfloat16 or p.dtype == torch.bfloat16:
+        return None  # bfloat16 parameters keep bfloat16 state anyway, exactly as torch.optim does
+    if p.dtype != torch.float32 or hasattr(p, "device_mesh"):
+        what = "a DTensor" if hasattr(p, "device_mesh") else str(p.dtype)
+        raise ValueError(f"{owner}: {where} is {what}; state_dtype=torch.bfloat16 serves float32 (and "
+                         "bfloat16) parameters that are not DTensors")
+    return BF16_STATE
+
+
+def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
+    """One run's update: the torch ops, compiled when the optimizer's ``fused`` allows."""
+    _, maximize, wd_mode = flags
+    p = run["param"]
+    q = Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay, s.decay_factor,
+                  1.0 / s.bc2_sqrt, s.eps, 0.0)
+    hp = scalars_tensor(q, p)
+    start = p.storage_offset() - bucket.flat_param.storage_offset()
+    salt = torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device)
+    tensors = (p, run["grad"], run["exp_avg"], run["exp_avg_sq"], salt)
+    if opt._fused and run_fused(adam_bf16_state_update, (maximize, wd_mode), tensors, hp,
+                                strict=opt._fused_strict)[0]:
+        return
+    adam_bf16_state_update(hp, maximize, wd_mode, *tensors)
+
+
+def random_bits(index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """16 pseudo-random bits per element (int32 in [0, 65535]) from int64 positions and the step count."""
+    x = (index + step * 0x9E3779B) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    x = x ^ (x >> 16)
+    return (x & 0xFFFF).to(torch.int32)
+
+
+def stochastic_round(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` to bfloat16, rounded up in magnitude with probability (dropped part) / ulp."""
+    kept = (x.view(torch.int32) + bits) & -65536  # -65536 = 0xFFFF0000 as int32
+    return torch.where(x.abs() < float("inf"), kept.view(torch.float32), x).to(torch.bfloat16)
+
+
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
+def adam_bf16_state_update(hp: torch.Tensor, maximize: bool, wd_mode: int, p, g, m, v, salt):
+    """One Adam step of float32 ``p`` with bfloat16 moments ``m``, ``v`` (1-D slices); ``salt``: int64
+    ``[step, position of the slice's first element in its buffer]``. ``hp``: :class:`Q8Scalars` (float32)."""
+    s = Q8Scalars(*hp.unbind())
+    gf, pf = g.float(), p.float()
+    if maximize:
+        gf = -gf
+    if wd_mode == 1:
+        gf = gf + s.weight_decay * pf
+    elif wd_mode == 2:
+        pf = pf * s.decay_factor
+    mf = m.float()
+    mn = mf + s.one_minus_beta1 * (gf - mf)
+    vn = v.float() * s.beta2 + s.one_minus_beta2 * (gf * gf)
+    denom = _sqrt(vn) * s.inv_bc2_sqrt + s.eps
+    p.copy_(pf - (s.step_size * mn) / denom)
+    index = torch.arange(p.shape[0], device=p.device, dtype=torch.int64) + salt[1]
+    m.copy_(stochastic_round(mn, random_bits(2 * index, salt[0])))
+    v.copy_(stochastic_round(vn, random_bits(2 * index + 1, salt[0])))
+# pragma: no mutate end
