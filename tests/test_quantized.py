@@ -595,3 +595,36 @@ def test_bf16_state_memory_and_checkpoints():
 def test_bf16_state_bad_arguments(kwargs, params, message):
     with pytest.raises(ValueError, match=message):
         kernels.Adam([torch.nn.Parameter(t) for t in params], **kwargs)
+
+
+def test_gradients_in_the_buffer_and_mixed_checkpoint_state():
+    """zero_grad(set_to_none=False) puts gradients in the (block-aligned) buffer: the same bits as gradients
+    of their own. A checkpoint whose group mixes 8-bit and float state for quantized parameters loads each."""
+    params = make_params([((1000,), False, False), ((37, 9), False, False)], torch.float32, 11)
+    opt = kernels.Adam8bit(params, min_8bit_size=0, block_size=64)
+    ref = Reference(params, block_size=64)
+    for step, row in enumerate(make_grads(params, 4, 11, none_prob=0.0)):
+        if step == 0:
+            for p, g in zip(params, row):
+                p.grad = g
+        else:
+            opt.zero_grad(set_to_none=False)
+            for p, g in zip(params, row):
+                p.grad.copy_(g)
+        opt.step()
+        ref.step(row)
+    _assert_matches(opt, params, ref)
+    assert params[0].grad.data_ptr() == opt._buckets[0].flat_grad.data_ptr()
+    sd = opt.state_dict()
+    mixed = {"state": {0: dict(sd["state"][0]), 1: dict(sd["state"][1])}, "param_groups": sd["param_groups"]}
+    for key in ("exp_avg", "exp_avg_sq"):  # parameter 1 as a float optimizer would have saved it
+        mixed["state"][1][key] = dequantize(sd["state"][1][key], sd["state"][1][key + "_absmax"], 64)
+        del mixed["state"][1][key + "_absmax"]
+    opt2 = kernels.Adam8bit([torch.nn.Parameter(p.detach().clone()) for p in params], min_8bit_size=0,
+                            block_size=64)
+    opt2.load_state_dict(mixed)
+    p0, p1 = opt2.param_groups[0]["params"]
+    assert torch.equal(opt2.state[p0]["exp_avg"], opt.state[params[0]]["exp_avg"])
+    back = dequantize(opt2.state[p1]["exp_avg"], opt2.state[p1]["exp_avg_absmax"], 64)
+    want = dequantize(opt.state[params[1]]["exp_avg"], opt.state[params[1]]["exp_avg_absmax"], 64)
+    torch.testing.assert_close(back, want, rtol=0.02, atol=1e-3 * want.abs().max().item())
