@@ -15,10 +15,12 @@ low 16 bits are added to the float32 bits and the low half is cut off. NaN and i
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _native
 from ._compile import run_fused
 from ._layout import scalars_tensor
 from ._q8math import Q8Scalars, _sqrt
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 _MASK32 = 0xFFFFFFFF
 BF16_STATE = "bf16-state"
+SERIAL_BELOW = 1 << 16  # elements: below this the C kernel runs on one thread
 
 
 def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool) -> None:
@@ -50,15 +53,26 @@ def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: s
 
 
 def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
-    """One run's update: the torch ops, compiled when the optimizer's ``fused`` allows."""
+    """One run's update: on the CPU the C kernel (``_native.c``, the same bits), else the torch ops,
+    compiled when the optimizer's ``fused`` allows."""
     _, maximize, wd_mode = flags
     p = run["param"]
     q = Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay, s.decay_factor,
                   1.0 / s.bc2_sqrt, s.eps, 0.0)
-    hp = scalars_tensor(q, p)
     start = p.storage_offset() - bucket.flat_param.storage_offset()
+    g, m, v = run["grad"], run["exp_avg"], run["exp_avg_sq"]
+    if opt._fused and p.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous():
+        lib = _native.library()
+        if lib is not None:
+            n = g.numel()
+            hp32 = (ctypes.c_float * len(q))(*q)
+            lib.adam_bf16state(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), n, start,
+                               bucket.current_step, ctypes.addressof(hp32), int(maximize), wd_mode,
+                               1 if n < SERIAL_BELOW else torch.get_num_threads())
+            return
+    hp = scalars_tensor(q, p)
     salt = torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device)
-    tensors = (p, run["grad"], run["exp_avg"], run["exp_avg_sq"], salt)
+    tensors = (p, g, m, v, salt)
     if opt._fused and run_fused(adam_bf16_state_update, (maximize, wd_mode), tensors, hp,
                                 strict=opt._fused_strict)[0]:
         return

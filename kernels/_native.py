@@ -1,4 +1,5 @@
-"""The CPU kernel of the 8-bit optimizers (``_q8.c``), compiled once per machine and loaded with ctypes.
+"""The CPU kernels of the 8-bit optimizers and of bfloat16 state (``_native.c``), compiled once per machine
+and loaded with ctypes.
 
 Why C and not ``torch.compile`` here: the update needs, per block, a reduction (the new absmax) followed by
 an elementwise pass that uses it. Inductor (torch 2.13, CPU) schedules these as separate loops over the
@@ -27,7 +28,7 @@ import threading
 from pathlib import Path
 
 ENV_VAR = "OPTADVISOR_NATIVE"
-_SOURCE = Path(__file__).with_name("_q8.c")
+_SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -91,7 +92,7 @@ def library() -> ctypes.CDLL | None:
             for openmp in (True, False):
                 key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(openmp).encode(),
                                                  version.encode(), _cpu_identity().encode()])).hexdigest()
-                path = _cache_dir() / f"q8-{key[:24]}.so"
+                path = _cache_dir() / f"kernels-{key[:24]}.so"
                 if path.exists() or _build(compiler, path, openmp):
                     lib = ctypes.CDLL(str(path))
                     break
@@ -103,5 +104,9 @@ def library() -> ctypes.CDLL | None:
             f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                           ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            f = lib.adam_bf16state
+            f.restype = None
+            f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         _loaded[compiler] = lib
         return lib

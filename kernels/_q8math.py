@@ -15,7 +15,7 @@ never collapses to ``eps`` (Li et al. 2023 make the same choice for 4-bit state)
 stored as code 0 and left out of its block's scale: the parameter element itself has already become
 NaN/inf in that step (as it does with torch's Adam), and nothing spreads to its block or other blocks.
 
-Arithmetic is float32 and ordered exactly as ``_q8.c`` does it; square roots go through float64 (torch's
+Arithmetic is float32 and ordered exactly as ``_native.c`` does it; square roots go through float64 (torch's
 float32 ``sqrt`` on the CPU is not correctly rounded, C's ``sqrtf`` is) and scalars are multiplied, never
 divided (torch divides a tensor by a Python scalar as a product by its reciprocal). So the CPU kernel and
 this code give the same bits, and the tests hold both to a plain reference.

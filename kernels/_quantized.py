@@ -3,7 +3,7 @@
 The names are bitsandbytes' and torchao's (``bnb.optim.Adam8bit``, ``torchao.optim.AdamW8bit``), and so are
 the two arguments beyond torch's signature: ``block_size`` (elements per quantization block, 256) and
 ``min_8bit_size`` (bitsandbytes': parameters with fewer elements keep float state, 4096). The codes and
-their maps are in ``_q8math``; the CPU kernel is ``_q8.c`` (loaded by ``_native``).
+their maps are in ``_q8math``; the CPU kernel is ``_native.c`` (loaded by ``_native``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ._layout import DIRECT_GRAD_MIN_NUMEL, Blockwise, Bucket, scalars_tensor
 from ._q8math import INV_127_SQ, Q8Scalars, adam8bit_update, quantize
 from ._state import import_float_state
 
-MAX_BLOCK = 4096  # _q8.c keeps a block in two stack arrays of this many floats
+MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SERIAL_BELOW = 1 << 16  # elements: below this the kernel runs on one thread (waking a team costs more)
 

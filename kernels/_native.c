@@ -1,5 +1,8 @@
-/* The CPU kernel of optadvisor's 8-bit Adam/AdamW (kernels/_quantized.py has the math in torch ops, the
- * tests a plain reference of it; this file must compute the same bits). One pass over the buffers: each
+/* The CPU kernels of optadvisor's smaller optimizer state, loaded by kernels/_native.py: 8-bit Adam/AdamW
+ * (adam8bit; the math in torch ops is kernels/_q8math.py) and Adam/AdamW with bfloat16 state (adam_bf16state;
+ * kernels/_bf16state.py). The tests hold both to plain references; this file must compute the same bits.
+ *
+ * adam8bit: One pass over the buffers: each
  * block of B elements is dequantized, updated, written back to the parameters, and requantized with the
  * block's new scale while it is still in L1, so parameters, gradients and codes are each read once and
  * written once (16 bytes per fp32 parameter against fp32 Adam's 28).
@@ -196,4 +199,69 @@ static const kernel_t KERNELS[2][2][3] = {{{k_f0, k_f1, k_f2}, {k_fm0, k_fm1, k_
 void adam8bit(void *param, const void *grad, int bf16, int8_t *cm, uint8_t *cv, float *sm, float *sv,
               int64_t n, int64_t B, const float *hp, int maximize, int wd_mode, int nthreads) {
     KERNELS[bf16 != 0][maximize != 0][wd_mode](param, grad, cm, cv, sm, sv, n, B, hp, nthreads);
+}
+
+/* ---- bfloat16 state for float32 parameters, stored with stochastic rounding ------------------------------- */
+INLINE uint32_t hash16(uint64_t index, uint64_t step) { /* kernels/_bf16state.py's random_bits */
+    uint32_t x = (uint32_t)(index + step * 0x9E3779BULL);
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x2C1B3C6Du;
+    x ^= x >> 16;
+    return x & 0xFFFFu;
+}
+
+INLINE uint16_t bf16_stochastic(float f, uint32_t r) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t kept = (u + r) >> 16;
+    return fabsf(f) < INFINITY ? (uint16_t)kept : bf16_round(f); /* NaN/inf: to nearest */
+}
+
+INLINE void bf16state(float *restrict p, const float *restrict g, uint16_t *restrict m, uint16_t *restrict v,
+                      const int maximize, const int wd_mode, int64_t lo, int64_t len, int64_t start,
+                      int64_t step, const float *hp) {
+    const float step_size = hp[0], omb1 = hp[1], b2 = hp[2], omb2 = hp[3], wd = hp[4], decay = hp[5],
+                inv_bc2 = hp[6], eps = hp[7];
+    for (int64_t i = lo; i < lo + len; i++) {
+        float gi = g[i], pi = p[i];
+        if (maximize) gi = -gi;
+        if (wd_mode == 1) gi = gi + wd * pi;
+        if (wd_mode == 2) pi = pi * decay;
+        const float mf = bf16_load(m, i);
+        const float mn = mf + omb1 * (gi - mf);
+        const float vn = bf16_load(v, i) * b2 + omb2 * (gi * gi);
+        const float denom = sqrtf(vn) * inv_bc2 + eps;
+        p[i] = pi - (step_size * mn) / denom;
+        const uint64_t index = 2 * (uint64_t)(start + i);
+        m[i] = bf16_stochastic(mn, hash16(index, (uint64_t)step));
+        v[i] = bf16_stochastic(vn, hash16(index + 1, (uint64_t)step));
+    }
+}
+
+#define CHUNK 16384
+#define SPECIALIZE_BF16(NAME, MAX, WD)                                                                      \
+    static void NAME(float *p, const float *g, uint16_t *m, uint16_t *v, int64_t n, int64_t start,          \
+                     int64_t step, const float *hp, int nthreads) {                                        \
+        const int64_t chunks = (n + CHUNK - 1) / CHUNK;                                                    \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)")               \
+        for (int64_t c = 0; c < chunks; c++) {                                                             \
+            const int64_t lo = c * CHUNK;                                                                  \
+            bf16state(p, g, m, v, MAX, WD, lo, n - lo < CHUNK ? n - lo : CHUNK, start, step, hp);          \
+        }                                                                                                  \
+    }
+
+SPECIALIZE_BF16(s_0, 0, 0) SPECIALIZE_BF16(s_1, 0, 1) SPECIALIZE_BF16(s_2, 0, 2)
+SPECIALIZE_BF16(s_m0, 1, 0) SPECIALIZE_BF16(s_m1, 1, 1) SPECIALIZE_BF16(s_m2, 1, 2)
+
+typedef void (*bf16_kernel_t)(float *, const float *, uint16_t *, uint16_t *, int64_t, int64_t, int64_t,
+                              const float *, int);
+static const bf16_kernel_t BF16_KERNELS[2][3] = {{s_0, s_1, s_2}, {s_m0, s_m1, s_m2}};
+
+/* hp as adam8bit's (its last entry unused); start: the position of p[0] in its buffer (the random bits'
+ * index), step: the step count. */
+void adam_bf16state(float *p, const float *g, uint16_t *m, uint16_t *v, int64_t n, int64_t start, int64_t step,
+                    const float *hp, int maximize, int wd_mode, int nthreads) {
+    BF16_KERNELS[maximize != 0][wd_mode](p, g, m, v, n, start, step, hp, nthreads);
 }
