@@ -10,7 +10,8 @@ The random bits are a hash of the element's position in its buffer and the step 
 generator's draw: a run is reproducible, and the tests reproduce it bit for bit in plain torch ops. The
 hash (32-bit, on int64 tensors so no operation overflows): ``x = (i + step * 0x9E3779B) mod 2^32``, then
 ``x ^= x >> 16; x = x * 0x7FEB352D mod 2^32; x ^= x >> 15; x = x * 0x2C1B3C6D mod 2^32; x ^= x >> 16``; its
-low 16 bits are added to the float32 bits and the low half is cut off. NaN and inf are rounded to nearest.
+low 16 bits (for ``exp_avg``; the high 16 for ``exp_avg_sq``) are added to the float32 bits and the low half
+is cut off. NaN and inf are rounded to nearest.
 """
 
 from __future__ import annotations
@@ -79,15 +80,16 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
     adam_bf16_state_update(hp, maximize, wd_mode, *tensors)
 
 
-def random_bits(index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """16 pseudo-random bits per element (int32 in [0, 65535]) from int64 positions and the step count."""
+def random_bits(index: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sets of 16 pseudo-random bits per element (int32 in [0, 65535]: the hash's low and high halves)
+    from int64 positions and the step count."""
     x = (index + step * 0x9E3779B) & _MASK32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
     x = (x * 0x2C1B3C6D) & _MASK32
     x = x ^ (x >> 16)
-    return (x & 0xFFFF).to(torch.int32)
+    return (x & 0xFFFF).to(torch.int32), (x >> 16).to(torch.int32)
 
 
 def stochastic_round(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ def adam_bf16_state_update(hp: torch.Tensor, maximize: bool, wd_mode: int, p, g,
     vn = v.float() * s.beta2 + s.one_minus_beta2 * (gf * gf)
     denom = _sqrt(vn) * s.inv_bc2_sqrt + s.eps
     p.copy_(pf - (s.step_size * mn) / denom)
-    index = torch.arange(p.shape[0], device=p.device, dtype=torch.int64) + salt[1]
-    m.copy_(stochastic_round(mn, random_bits(2 * index, salt[0])))
-    v.copy_(stochastic_round(vn, random_bits(2 * index + 1, salt[0])))
+    low, high = random_bits(torch.arange(p.shape[0], device=p.device, dtype=torch.int64) + salt[1], salt[0])
+    m.copy_(stochastic_round(mn, low))
+    v.copy_(stochastic_round(vn, high))
 # pragma: no mutate end

@@ -202,14 +202,14 @@ void adam8bit(void *param, const void *grad, int bf16, int8_t *cm, uint8_t *cv, 
 }
 
 /* ---- bfloat16 state for float32 parameters, stored with stochastic rounding ------------------------------- */
-INLINE uint32_t hash16(uint64_t index, uint64_t step) { /* kernels/_bf16state.py's random_bits */
+INLINE uint32_t hash32(uint64_t index, uint64_t step) { /* kernels/_bf16state.py's random_bits */
     uint32_t x = (uint32_t)(index + step * 0x9E3779BULL);
     x ^= x >> 16;
     x *= 0x7FEB352Du;
     x ^= x >> 15;
     x *= 0x2C1B3C6Du;
     x ^= x >> 16;
-    return x & 0xFFFFu;
+    return x;
 }
 
 INLINE uint16_t bf16_stochastic(float f, uint32_t r) {
@@ -234,9 +234,9 @@ INLINE void bf16state(float *restrict p, const float *restrict g, uint16_t *rest
         const float vn = bf16_load(v, i) * b2 + omb2 * (gi * gi);
         const float denom = sqrtf(vn) * inv_bc2 + eps;
         p[i] = pi - (step_size * mn) / denom;
-        const uint64_t index = 2 * (uint64_t)(start + i);
-        m[i] = bf16_stochastic(mn, hash16(index, (uint64_t)step));
-        v[i] = bf16_stochastic(vn, hash16(index + 1, (uint64_t)step));
+        const uint32_t bits = hash32((uint64_t)(start + i), (uint64_t)step); /* low half for m, high for v */
+        m[i] = bf16_stochastic(mn, bits & 0xFFFFu);
+        v[i] = bf16_stochastic(vn, bits >> 16);
     }
 }
 
