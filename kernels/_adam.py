@@ -6,9 +6,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16_STATE, bf16_state_kind, check_state_dtype, step_bf16_state
+from ._bf16state import BF16State, check_state_dtype
 from ._catalog import register
-from ._layout import Blockwise, Bucket
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
 
@@ -73,7 +72,7 @@ def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vma
 
 @register("optimizer", torch="torch.optim.Adam",
           configs={"Adam": (dict(lr=1e-3), 28), "Adam-amsgrad": (dict(lr=1e-3, amsgrad=True), 36)})
-class Adam(FusedOptimizer):
+class Adam(BF16State, FusedOptimizer):
     r"""Adam (Kingma & Ba, 2015), a drop-in for :class:`torch.optim.Adam` with a fused update.
 
     .. math::
@@ -145,28 +144,6 @@ class Adam(FusedOptimizer):
         if group.get("amsgrad", False):
             return {"exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0}
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
-
-    # ---- bfloat16 state for float32 parameters (state_dtype=torch.bfloat16; see _bf16state) ---------------
-    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
-        return bf16_state_kind(type(self).__name__, p, group, where)
-
-    def _new_bucket(self, group_index: int, params: list[torch.Tensor], positions: list[int],
-                    device: torch.device, kind: Any) -> Bucket:
-        bucket = super()._new_bucket(group_index, params, positions, device, kind)
-        bucket.bf16_state = kind == BF16_STATE
-        return bucket
-
-    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
-        if getattr(bucket, "bf16_state", False):
-            return {"exp_avg": Blockwise(0.0, torch.bfloat16), "exp_avg_sq": Blockwise(0.0, torch.bfloat16)}
-        return self._state_init(group)
-
-    def _apply(self, s: AdamScalars, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
-               bucket: Bucket) -> None:
-        if getattr(bucket, "bf16_state", False):
-            step_bf16_state(self, s, flags, run, bucket)
-        else:
-            super()._apply(s, hp, flags, run, bucket)
 
     def _flags(self, group: dict[str, Any]) -> tuple:
         wd = float(group["weight_decay"])

@@ -23,7 +23,7 @@ import torch
 
 from . import _native
 from ._compile import run_fused
-from ._layout import scalars_tensor
+from ._layout import Blockwise, scalars_tensor
 from ._q8math import Q8Scalars, _sqrt
 
 if TYPE_CHECKING:
@@ -53,11 +53,56 @@ def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: s
     return BF16_STATE
 
 
+class BF16State:
+    """Mixin: ``state_dtype=torch.bfloat16`` for an optimizer's float32 parameters. A subclass sets
+    ``_bf16_update`` (a compiled-able function of ``(hp, *flags, p, g, *states, salt)``) and calls
+    :func:`check_state_dtype` in ``__init__`` (``defaults["state_dtype"]`` only when set)."""
+
+    _bf16_update: Any = None
+
+    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
+        if not self._state_init(group):  # SGD without momentum keeps no state at all
+            return None
+        return bf16_state_kind(type(self).__name__, p, group, where)
+
+    def _new_bucket(self, group_index: int, params: list, positions: list, device: torch.device, kind: Any):
+        bucket = super()._new_bucket(group_index, params, positions, device, kind)
+        bucket.bf16_state = kind == BF16_STATE
+        return bucket
+
+    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
+        init = self._state_init(group)
+        if getattr(bucket, "bf16_state", False):
+            return {k: Blockwise(v, torch.bfloat16) for k, v in init.items()}
+        return init
+
+    def _apply(self, s: Any, hp: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
+        if getattr(bucket, "bf16_state", False):
+            step_bf16_state(self, s, flags, run, bucket)
+        else:
+            super()._apply(s, hp, flags, run, bucket)
+
+
+def _generic_step(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, bucket: Bucket) -> None:
+    p = run["param"]
+    hp = scalars_tensor(s, p)
+    salt = torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device)
+    states = tuple(v for k, v in run.items() if k not in ("param", "grad"))
+    tensors = (p, run["grad"], *states, salt)
+    fn = type(opt)._bf16_update
+    if opt._fused and run_fused(fn, flags, tensors, hp, strict=opt._fused_strict)[0]:
+        return
+    fn(hp, *flags, *tensors)
+
+
 def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
     """One run's update: on the CPU the C kernel (``_native.c``, the same bits), else the torch ops,
     compiled when the optimizer's ``fused`` allows."""
-    _, maximize, wd_mode = flags
     p = run["param"]
+    if type(opt)._bf16_update is not None:  # SGD, RMSprop: their own update on float32 copies
+        _generic_step(opt, s, flags, run, p.storage_offset() - bucket.flat_param.storage_offset(), bucket)
+        return
+    _, maximize, wd_mode = flags
     q = Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay, s.decay_factor,
                   1.0 / s.bc2_sqrt, s.eps, 0.0)
     start = p.storage_offset() - bucket.flat_param.storage_offset()
@@ -99,6 +144,20 @@ def stochastic_round(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
+def bf16_state_update(fused_update: Any, hp: torch.Tensor, flags: tuple, p, g, states: tuple, salt):
+    """Any optimizer's float32 update (its ``_fused_update``) on float32 copies of bfloat16 state, stored
+    back with stochastic rounding: state ``j`` takes the low (even ``j``) or high (odd ``j``) half of the
+    hash at step ``step + (j // 2) * 2^30``. Compiled, the copies stay in registers."""
+    f32 = [None if t is None else t.float() for t in states]
+    fused_update(hp, *flags, p, g, *f32)
+    index = torch.arange(p.shape[0], device=p.device, dtype=torch.int64) + salt[1]
+    present = [(t, f) for t, f in zip(states, f32) if t is not None]
+    for j in range(0, len(present), 2):
+        halves = random_bits(index, salt[0] + (j // 2) * (1 << 30))
+        for (t, f), bits in zip(present[j:j + 2], halves):
+            t.copy_(stochastic_round(f, bits))
+
+
 def adam_bf16_state_update(hp: torch.Tensor, maximize: bool, wd_mode: int, p, g, m, v, salt):
     """One Adam step of float32 ``p`` with bfloat16 moments ``m``, ``v`` (1-D slices); ``salt``: int64
     ``[step, position of the slice's first element in its buffer]``. ``hp``: :class:`Q8Scalars` (float32)."""

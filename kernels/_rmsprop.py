@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._bf16state import BF16State, bf16_state_update, check_state_dtype
 from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
@@ -71,13 +72,18 @@ def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered
         p.copy_(pf - s.lr * b)
     else:
         p.copy_(pf - s.lr * gf / avg)
+
+
+def _rmsprop_bf16_state(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, *rest):
+    # rest: square_avg[, momentum_buffer][, grad_avg], salt
+    bf16_state_update(_rmsprop_fused, hp, (maximize, decay, use_momentum, centered), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
 @register("optimizer", torch="torch.optim.RMSprop",
           configs={"RMSprop": (dict(lr=1e-3), 20), "RMSprop-momentum": (dict(lr=1e-3, momentum=0.9), 28),
                    "RMSprop-centered-momentum": (dict(lr=1e-3, centered=True, momentum=0.9), 36)})
-class RMSprop(FusedOptimizer):
+class RMSprop(BF16State, FusedOptimizer):
     r"""RMSprop (Hinton, 2012; centered: Graves, 2013); a drop-in for :class:`torch.optim.RMSprop`.
 
     .. math::
@@ -103,7 +109,8 @@ class RMSprop(FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, *, fused: bool | None = None) -> None:
+                 differentiable: bool = False, *, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -114,14 +121,18 @@ class RMSprop(FusedOptimizer):
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        check_state_dtype(type(self).__name__, state_dtype, False)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=False, foreach=foreach, maximize=maximize,
                         differentiable=False)
+        if state_dtype is not None:
+            defaults["state_dtype"] = state_dtype
         super().__init__(params, defaults, fused)
 
     Scalars = RMSpropScalars
     _eager_update = staticmethod(_rmsprop_eager)
     _fused_update = staticmethod(_rmsprop_fused)
+    _bf16_update = staticmethod(_rmsprop_bf16_state)
 
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         init = {"square_avg": 0.0}

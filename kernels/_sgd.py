@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._bf16state import BF16State, bf16_state_update, check_state_dtype
 from ._catalog import register
 from ._optimizer import FusedOptimizer, fused_prologue
 from ._validate import check_lr, check_selectors
@@ -47,13 +48,17 @@ def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bo
         buf.copy_(b)
         gf = r(gf + s.momentum * b) if nesterov else b
     p.copy_(pf - s.lr * gf)
+
+
+def _sgd_bf16_state(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf, salt):
+    bf16_state_update(_sgd_fused, hp, (maximize, decay, use_momentum, nesterov), p, g, (buf,), salt)
 # pragma: no mutate end
 
 
 @register("optimizer", torch="torch.optim.SGD",
           configs={"SGD-momentum": (dict(lr=0.01, momentum=0.9), 20),
                    "SGD-nesterov": (dict(lr=0.01, momentum=0.9, nesterov=True), 20)})
-class SGD(FusedOptimizer):
+class SGD(BF16State, FusedOptimizer):
     r"""Stochastic gradient descent with optional (Nesterov) momentum; a drop-in for :class:`torch.optim.SGD`.
 
     .. math::
@@ -64,6 +69,8 @@ class SGD(FusedOptimizer):
     Args: as torch.optim.SGD — ``params``, ``lr=1e-3``, ``momentum=0``, ``dampening=0``,
     ``weight_decay=0``, ``nesterov=False``, keyword-only ``maximize=False``. ``fused``: see
     :class:`kernels.Adam`. ``foreach`` is accepted and ignored; ``differentiable=True`` is refused.
+    ``state_dtype=torch.bfloat16`` (ours) keeps a float32 parameter's momentum buffer in bfloat16, stored
+    with stochastic rounding (see :class:`kernels.Adam`).
 
     Example::
 
@@ -79,7 +86,7 @@ class SGD(FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None) -> None:
         check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -88,11 +95,15 @@ class SGD(FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_selectors(type(self).__name__, differentiable=differentiable)
+        check_state_dtype(type(self).__name__, state_dtype, False)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)
+        if state_dtype is not None:
+            defaults["state_dtype"] = state_dtype
         super().__init__(params, defaults, fused)
 
     Scalars = SGDScalars
+    _bf16_update = staticmethod(_sgd_bf16_state)
     _eager_update = staticmethod(_sgd_eager)
     _fused_update = staticmethod(_sgd_fused)
 

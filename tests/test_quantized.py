@@ -628,3 +628,41 @@ def test_gradients_in_the_buffer_and_mixed_checkpoint_state():
     back = dequantize(opt2.state[p1]["exp_avg"], opt2.state[p1]["exp_avg_absmax"], 64)
     want = dequantize(opt.state[params[1]]["exp_avg"], opt.state[params[1]]["exp_avg_absmax"], 64)
     torch.testing.assert_close(back, want, rtol=0.02, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", dict(lr=0.1, momentum=0.9)), ("SGD", dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.01)),
+    ("RMSprop", dict(lr=0.01)), ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True, maximize=True)),
+    ("AdamW", dict(lr=0.01)),
+])
+@pytest.mark.parametrize("fused", [None, False])
+def test_bf16_state_is_torchs_step_then_stochastic_rounding(name, kwargs, fused):
+    """Each step, from the same (bfloat16) state: the parameters equal torch.optim's for-loop step within
+    float32 tolerance, and each new state is torch's float32 state stochastically rounded with the
+    documented bits (equal, or one bfloat16 ulp away where the float32 values straddle a rounding point)."""
+    from kernels._bf16state import random_bits, stochastic_round
+
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(3000))
+    opt = getattr(kernels, name)([p], state_dtype=torch.bfloat16, fused=fused, **kwargs)
+    keys = None
+    for t in range(1, 6):
+        g = torch.randn(3000)
+        q = torch.nn.Parameter(p.detach().clone())
+        ref = getattr(torch.optim, name)([q], foreach=False, **kwargs)
+        if keys:
+            ref.state[q] = {k: (v.float().clone() if k != "step" else v.clone()) for k, v in opt.state[p].items()}
+        p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1.3e-6, atol=1e-5)
+        keys = [k for k in ref.state[q] if k != "step"]
+        halves = random_bits(torch.arange(3000), torch.tensor(t)) + random_bits(torch.arange(3000),
+                                                                                 torch.tensor(t + (1 << 30)))
+        for k, bits in zip(keys, halves):
+            want = stochastic_round(ref.state[q][k], bits).float()
+            got = opt.state[p][k].float()
+            assert opt.state[p][k].dtype == torch.bfloat16
+            ulp = want.abs().clamp_min(1e-30) * 2 ** -7
+            assert ((got - want).abs() <= ulp).all(), k
+            assert (got == want).float().mean() > 0.99, k
