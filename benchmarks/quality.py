@@ -155,7 +155,7 @@ def quality_rows(quick: bool) -> tuple[list[str], dict]:
     opts = {"AdamW (fp32 state)": kernels.AdamW, "AdamW8bit": kernels.AdamW8bit,
             "AdamW (bf16 state)": functools.partial(kernels.AdamW, state_dtype=torch.bfloat16)}
     rows = ["| task | steps | seeds | final val loss: fp32 AdamW | AdamW8bit (vs fp32) | bf16 state (vs fp32) "
-            "| time s: fp32 / 8-bit / bf16 |", "|---|---|---|---|---|---|---|"]
+            "| wall s: fp32 / 8-bit / bf16 (not a speed comparison) |", "|---|---|---|---|---|---|---|"]
     curves: dict = {}
     for task, (fn, seeds, steps) in runs.items():
         finals, times = {}, {}
