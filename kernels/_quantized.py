@@ -17,7 +17,7 @@ from . import _native
 from ._adam import Adam, AdamScalars
 from ._catalog import register
 from ._compile import run_fused
-from ._layout import DIRECT_GRAD_MIN_NUMEL, Blockwise, Bucket, scalars_tensor
+from ._layout import Blockwise, Bucket, scalars_tensor
 from ._q8math import INV_127_SQ, Q8Scalars, adam8bit_update, quantize
 from ._state import import_float_state
 
@@ -132,7 +132,7 @@ class Adam8bit(Adam):
         if not kind:
             return super()._new_bucket(group_index, params, positions, device, kind)
         block = int(self.param_groups[group_index]["block_size"])
-        direct = DIRECT_GRAD_MIN_NUMEL if device.type == "cpu" else self.direct_grad_min_numel_accelerator
+        direct = self.direct_grad_min_numel if device.type == "cpu" else self.direct_grad_min_numel_accelerator
         bucket = Bucket(group_index, params, positions, direct, align=block)
         bucket.quantized = True
         return bucket
