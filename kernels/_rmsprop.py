@@ -96,7 +96,8 @@ class RMSprop(BF16State, FusedOptimizer):
     Args: as torch.optim.RMSprop — ``params``, ``lr=1e-2``, ``alpha=0.99``, ``eps=1e-8``,
     ``weight_decay=0``, ``momentum=0``, ``centered=False``, ``maximize=False``. torch has no fused RMSprop;
     ``fused`` here selects our compiled update (see :class:`kernels.Adam`). ``foreach`` is accepted and
-    ignored; ``capturable=True`` and ``differentiable=True`` are refused.
+    ignored; ``capturable=True`` and ``differentiable=True`` are refused. ``state_dtype=torch.bfloat16``
+    (ours) keeps a float32 parameter's averages in bfloat16 with stochastic rounding (see :class:`kernels.Adam`).
 
     Example::
 
