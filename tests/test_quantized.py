@@ -158,6 +158,14 @@ def test_second_moment_error_is_bounded_and_never_zero(exps, block):
     assert (back > 0).all()
 
 
+def test_non_finite_second_moments_are_left_out_of_the_scale():
+    v = torch.tensor([0.25, float("inf"), 0.5, float("nan"), 0.0, 0.01, 0.04, 0.09])
+    codes, scale = quantize(v, 4, torch.uint8)
+    assert codes[1] == 0 and codes[3] == 0
+    assert torch.equal(scale, torch.tensor([0.5, 0.09]))  # the finite maxima, not inf nor a stand-in value
+    assert codes[0].item() == round(256 * (0.25 / 0.5) ** 0.5) - 1
+
+
 def test_non_finite_moments_do_not_reach_other_elements():
     x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5, 0.25, 3.0, -1.0])
     codes, scale = quantize(x, 4, torch.int8)
@@ -394,16 +402,22 @@ def test_an_8bit_checkpoint_is_dequantized_for_float_optimizers():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd["state"][0].pop("exp_avg_absmax"), "'exp_avg_absmax', the per-block scales"),
-    (lambda sd: sd["state"][0].__setitem__("exp_avg_sq_absmax", torch.zeros(3)), "must hold 20 float scales"),
-    (lambda sd: sd["param_groups"][0].pop("block_size"), "no valid 'block_size'"),
+    (lambda sd: sd["state"][0].pop("exp_avg_absmax"),
+     r"state of parameter 0 in group 0: 'exp_avg' holds 8-bit codes but 'exp_avg_absmax', the per-block "
+     r"scales needed to read them, is missing"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg_sq_absmax", torch.zeros(3)),
+     r"'exp_avg_sq_absmax' must hold 20 float scales \(one per block of 256 elements\), got 3"),
+    (lambda sd: sd["param_groups"][0].pop("block_size"), "no valid 'block_size' \\(got None\\)"),
+    (lambda sd: sd["param_groups"][0].__setitem__("block_size", 0), "no valid 'block_size' \\(got 0\\)"),
     (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg"].to(torch.int16)),
-     "has dtype torch.int16"),
+     r"has dtype torch.int16; state is floating point, or 8-bit codes \(int8 for a first moment, uint8 for a "
+     r"second moment\) with a float32 scale per block"),
     (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg_sq"]), "holds torch.uint8 codes"),
     (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg"].to(torch.uint8)),
      "holds torch.uint8 codes, but this optimizer stores 'exp_avg' as torch.int8"),
 ])
 def test_bad_checkpoints_are_refused_before_anything_changes(edit, message):
+    """Each refusal names the parameter, the key and what is wrong, and leaves the state as it was."""
     model, opt = _trained(kernels.Adam8bit)
     before = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
     sd = opt.state_dict()
@@ -666,3 +680,28 @@ def test_bf16_state_is_torchs_step_then_stochastic_rounding(name, kwargs, fused)
             ulp = want.abs().clamp_min(1e-30) * 2 ** -7
             assert ((got - want).abs() <= ulp).all(), k
             assert (got == want).float().mean() > 0.99, k
+
+
+def test_codes_for_a_key_with_no_8bit_form_are_refused():
+    """A float-only optimizer given 8-bit codes for a key it has no 8-bit form of says so."""
+    p = torch.nn.Parameter(torch.zeros(300))
+    sgd = kernels.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(300)
+    sgd.step()
+    sd = sgd.state_dict()
+    sd["state"][0]["momentum_buffer"] = torch.zeros(300, dtype=torch.int8)
+    sd["state"][0]["momentum_buffer_absmax"] = torch.zeros(2)
+    sd["param_groups"][0]["block_size"] = 256
+    with pytest.raises(ValueError, match=r"'momentum_buffer' holds torch.int8 codes, but this optimizer stores "
+                                         r"'momentum_buffer' only as floating point"):
+        sgd.load_state_dict(sd)
+
+
+def test_block_size_one_round_trips():
+    model, opt = _trained(kernels.Adam8bit, block_size=1, min_8bit_size=0)
+    sd = opt.state_dict()
+    opt2 = kernels.Adam8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+    opt2.load_state_dict(sd)
+    w = model[0].weight
+    assert opt2.param_groups[0]["block_size"] == 1
+    assert torch.equal(opt2.state[w]["exp_avg_absmax"], opt.state[w]["exp_avg_absmax"])
