@@ -132,6 +132,7 @@ def test_first_moment_error_is_bounded_per_block(exps, seed, block):
     signs = torch.randint(0, 2, (len(exps),), generator=gen).float() * 2 - 1
     x = signs * torch.tensor([10.0 ** e for e in exps])
     codes, scale = quantize(x, block, torch.int8)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scale.dtype == torch.float32
     back = dequantize(codes, scale, block)
     a = _padded(x.abs(), block).amax(1).repeat_interleave(block)[:x.numel()]
     d = 1 / 254 * (1 + 1e-5)
@@ -148,6 +149,7 @@ def test_second_moment_error_is_bounded_and_never_zero(exps, block):
     is that level (a/65536): small second moments are over-estimated, never rounded to 0."""
     v = torch.tensor([10.0 ** e for e in exps])
     codes, scale = quantize(v, block, torch.uint8)
+    assert codes.dtype == torch.uint8 and codes.shape == v.shape and scale.dtype == torch.float32
     back = dequantize(codes, scale, block)
     a = _padded(v, block).amax(1).repeat_interleave(block)[:v.numel()]
     low = a / 65536
