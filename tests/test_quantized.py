@@ -169,10 +169,10 @@ def test_non_finite_second_moments_are_left_out_of_the_scale():
 
 
 def test_non_finite_moments_do_not_reach_other_elements():
-    x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5, 0.25, 3.0, -1.0])
+    x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5, 0.25, 3.0, -1.0, 0.5, float("nan"), -0.25, 0.1])
     codes, scale = quantize(x, 4, torch.int8)
-    assert codes[1] == 0 and codes[3] == 0
-    assert scale.tolist() == [2.0, 3.0]
+    assert codes[1] == 0 and codes[3] == 0 and codes[9] == 0
+    assert scale.tolist() == [2.0, 3.0, 0.5]  # the finite maxima, not inf nor a stand-in value
     clean = x.clone()
     clean[1] = clean[3] = 0
     assert torch.equal(codes, quantize(clean, 4, torch.int8)[0])
