@@ -24,7 +24,7 @@ import torch
 from . import _native
 from ._compile import run_fused
 from ._layout import Blockwise, scalars_tensor
-from ._q8math import Q8Scalars, _sqrt
+from ._q8math import Q8Scalars, _sqrt, decayed
 
 if TYPE_CHECKING:
     from ._layout import Bucket
@@ -162,13 +162,7 @@ def adam_bf16_state_update(hp: torch.Tensor, maximize: bool, wd_mode: int, p, g,
     """One Adam step of float32 ``p`` with bfloat16 moments ``m``, ``v`` (1-D slices); ``salt``: int64
     ``[step, position of the slice's first element in its buffer]``. ``hp``: :class:`Q8Scalars` (float32)."""
     s = Q8Scalars(*hp.unbind())
-    gf, pf = g.float(), p.float()
-    if maximize:
-        gf = -gf
-    if wd_mode == 1:
-        gf = gf + s.weight_decay * pf
-    elif wd_mode == 2:
-        pf = pf * s.decay_factor
+    pf, gf = decayed(s, maximize, wd_mode, p.float(), g.float())
     mf = m.float()
     mn = mf + s.one_minus_beta1 * (gf - mf)
     vn = v.float() * s.beta2 + s.one_minus_beta2 * (gf * gf)

@@ -132,6 +132,18 @@ def check_codes(where: str, key: str, codes: torch.Tensor, absmax: object, block
 
 
 # pragma: no mutate start (also compiled by torch.compile, which cannot trace mutmut's trampolines)
+def decayed(s: Q8Scalars, maximize: bool, wd_mode: int, pf: torch.Tensor, gf: torch.Tensor):
+    """Parameter and gradient in float32 after ``maximize`` and weight decay (1: L2 added to the gradient,
+    2: decoupled, applied to the parameter), as the C kernels order them."""
+    if maximize:
+        gf = -gf
+    if wd_mode == 1:
+        gf = gf + s.weight_decay * pf
+    elif wd_mode == 2:
+        pf = pf * s.decay_factor
+    return pf, gf
+
+
 def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, p, g, cm, sm, cv, sv):
     """One 8-bit Adam step over 1-D slices whose length is a multiple of ``block`` (``g`` may be shorter:
     the gradient of one parameter read where it lies; the rest of its last block is zero). ``hp``: the
@@ -142,14 +154,7 @@ def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, 
     gf = g.float()
     if gf.shape[0] != n:
         gf = torch.cat([gf, gf.new_zeros(n - gf.shape[0])])
-    pf = p.float().view(-1, block)
-    gf = gf.view(-1, block)
-    if maximize:
-        gf = -gf
-    if wd_mode == 1:
-        gf = gf + s.weight_decay * pf
-    elif wd_mode == 2:
-        pf = pf * s.decay_factor
+    pf, gf = decayed(s, maximize, wd_mode, p.float().view(-1, block), gf.view(-1, block))
     mo = decode_first(cm.view(-1, block), sm, s.inv_127_sq)
     vo = decode_second(cv.view(-1, block), sv)
     mn = mo + s.one_minus_beta1 * (gf - mo)
