@@ -23,6 +23,7 @@ import torch
 
 from . import _native
 from ._compile import run_fused
+from ._dtensor import is_dtensor
 from ._layout import Blockwise, scalars_tensor
 from ._q8math import Q8Scalars, _sqrt, decayed
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 _MASK32 = 0xFFFFFFFF
 BF16_STATE = "bf16-state"
-SERIAL_BELOW = 1 << 16  # elements: below this the C kernel runs on one thread
 
 
 def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool) -> None:
@@ -46,8 +46,8 @@ def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: s
     """The bucket kind of a parameter whose group asks for bfloat16 state (None: its own dtype's state)."""
     if group.get("state_dtype") is not torch.bfloat16 or p.dtype == torch.bfloat16:
         return None  # bfloat16 parameters keep bfloat16 state anyway, exactly as torch.optim does
-    if p.dtype != torch.float32 or hasattr(p, "device_mesh"):
-        what = "a DTensor" if hasattr(p, "device_mesh") else str(p.dtype)
+    if p.dtype != torch.float32 or is_dtensor(p):
+        what = "a DTensor" if is_dtensor(p) else str(p.dtype)
         raise ValueError(f"{owner}: {where} is {what}; state_dtype=torch.bfloat16 serves float32 (and "
                          "bfloat16) parameters that are not DTensors")
     return BF16_STATE
@@ -111,10 +111,10 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
         lib = _native.library()
         if lib is not None:
             n = g.numel()
-            hp32 = (ctypes.c_float * len(q))(*q)
+            hp32 = _native.floats(q)
             lib.adam_bf16state(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), n, start,
                                bucket.current_step, ctypes.addressof(hp32), int(maximize), wd_mode,
-                               1 if n < SERIAL_BELOW else torch.get_num_threads())
+                               _native.threads(n))
             return
     hp = scalars_tensor(q, p)
     salt = torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device)

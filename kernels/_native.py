@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 
 ENV_VAR = "OPTADVISOR_NATIVE"
+SERIAL_BELOW = 1 << 16  # elements: below this a kernel runs on one thread (waking a team costs more)
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 _lock = threading.Lock()
@@ -110,3 +111,15 @@ def library() -> ctypes.CDLL | None:
                           ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         _loaded[compiler] = lib
         return lib
+
+
+def floats(values: tuple[float, ...]) -> ctypes.Array:
+    """A step's scalars as the float32 array the kernels take (keep it alive for the call)."""
+    return (ctypes.c_float * len(values))(*values)
+
+
+def threads(n: int) -> int:
+    """Threads for a call over ``n`` elements: torch's count, or one for small calls."""
+    import torch
+
+    return 1 if n < SERIAL_BELOW else torch.get_num_threads()

@@ -18,12 +18,12 @@ from ._adam import Adam, AdamScalars
 from ._catalog import register
 from ._compile import run_fused
 from ._layout import Blockwise, Bucket, scalars_tensor
-from ._q8math import INV_127_SQ, Q8Scalars, adam8bit_update, quantize
+from ._dtensor import is_dtensor
+from ._q8math import CODE_DTYPES, INV_127_SQ, Q8Scalars, adam8bit_update, dequantize, quantize
 from ._state import import_float_state
 
 MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_SERIAL_BELOW = 1 << 16  # elements: below this the kernel runs on one thread (waking a team costs more)
 
 
 _LIMITS = {"block_size": (1, MAX_BLOCK), "min_8bit_size": (0, None)}
@@ -122,7 +122,7 @@ class Adam8bit(Adam):
         if p.is_complex() or p.dtype == torch.float64:
             raise ValueError(f"{name}: {where} is {p.dtype}; 8-bit state serves float32, bfloat16 and float16 "
                              "parameters (use kernels.Adam for float64 and complex ones)")
-        if hasattr(p, "device_mesh"):
+        if is_dtensor(p):
             raise ValueError(f"{name}: {where} is a DTensor; 8-bit state does not support FSDP2/DTensor "
                              "parameters yet (use kernels.Adam)")
         return p.numel() >= int(group["min_8bit_size"])
@@ -188,11 +188,10 @@ class Adam8bit(Adam):
             if lib is not None:
                 cm, sm, cv, sv = state
                 n = g.numel()
-                hp32 = (ctypes.c_float * len(q))(*q)
-                threads = 1 if n < _SERIAL_BELOW else torch.get_num_threads()
+                hp32 = _native.floats(q)
                 lib.adam8bit(p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], cm.data_ptr(), cv.data_ptr(),
                              sm.data_ptr(), sv.data_ptr(), n, block, ctypes.addressof(hp32), int(maximize),
-                             wd_mode, threads)
+                             wd_mode, _native.threads(n))
                 return
         hp = scalars_tensor(q, p)
         if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
@@ -240,8 +239,6 @@ class AdamW8bit(Adam8bit):
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A copy of an 8-bit optimizer's ``state_dict()`` with every quantized moment as float32 (its
     ``*_absmax`` scales dropped), which ``torch.optim.Adam``/``AdamW`` load. Float state is kept as is."""
-    from ._q8math import CODE_DTYPES, dequantize
-
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')")
     block_of = {pid: g.get("block_size") for g in state_dict["param_groups"] for pid in g["params"]}
