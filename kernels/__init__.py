@@ -11,7 +11,7 @@ from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's
 from ._sgd import SGD
 from ._rmsprop import RMSprop
 from ._adagrad import Adagrad
-from ._quantized import Adam8bit, AdamW8bit, dequantize_state_dict
+from ._quantized import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit, dequantize_state_dict
 from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from ._cross_entropy import CrossEntropyLoss, cross_entropy
 from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
@@ -22,6 +22,7 @@ from ._compile import ENV_VAR as COMPILE_ENV_VAR
 __all__ = [
                       "COMPILE_ENV_VAR",
                       "SGD",
+                      "SGD8bit",
                       "Adagrad",
                       "Adam",
                       "Adam8bit",
@@ -34,6 +35,7 @@ __all__ = [
                       "MSELoss",
                       "MultiMarginLoss",
                       "RMSprop",
+                      "RMSprop8bit",
                       "catalog",
                       "cross_entropy",
                       "dequantize_state_dict",

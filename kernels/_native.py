@@ -1,4 +1,4 @@
-"""The CPU kernels of the 8-bit optimizers and of bfloat16 state (``_native.c``), compiled once per machine
+"""The CPU kernels of the 8-bit optimizers (Adam/AdamW, SGD, RMSprop) and of bfloat16 state (``_native.c``), compiled once per machine
 and loaded with ctypes.
 
 Why C and not ``torch.compile`` here: the update needs, per block, a reduction (the new absmax) followed by
@@ -100,11 +100,11 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError):
             lib = None
         if lib is not None:
-            f = lib.adam8bit
+            f = lib.q8_step
             f.restype = None
-            f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                          ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                          ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             f = lib.adam_bf16state
             f.restype = None
             f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

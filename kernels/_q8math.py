@@ -1,4 +1,5 @@
-"""Block-wise 8-bit optimizer state: the codes, their scales, and the 8-bit Adam update, in torch ops.
+"""Block-wise 8-bit optimizer state: the codes, their scales, and the 8-bit Adam, SGD and RMSprop updates, in
+torch ops.
 
 A moment tensor is cut into blocks of ``block`` elements (each parameter starts a new block; see
 ``_layout.Bucket``'s ``align``). Each block keeps one float32 scale, the largest finite magnitude in it
@@ -29,6 +30,26 @@ import torch
 
 INV_127_SQ = 1.0 / 16129.0
 CODE_DTYPES = {torch.int8: "first moment (signed)", torch.uint8: "second moment (non-negative)"}
+
+
+class SGD8Scalars(NamedTuple):  # _sgd.SGDScalars, then 1/127^2
+    lr: float
+    weight_decay: float
+    momentum_now: float     # 0 on the buffer's first step (its codes then decode to 0 anyway)
+    keep: float             # 1 - dampening, 1 on the first step
+    momentum: float         # Nesterov's
+    first: float
+    inv_127_sq: float
+
+
+class RMSprop8Scalars(NamedTuple):  # _rmsprop.RMSpropScalars, then 1/127^2
+    lr: float
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    inv_127_sq: float
 
 
 class Q8Scalars(NamedTuple):
@@ -144,17 +165,35 @@ def decayed(s: Q8Scalars, maximize: bool, wd_mode: int, pf: torch.Tensor, gf: to
     return pf, gf
 
 
-def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, p, g, cm, sm, cv, sv):
-    """One 8-bit Adam step over 1-D slices whose length is a multiple of ``block`` (``g`` may be shorter:
-    the gradient of one parameter read where it lies; the rest of its last block is zero). ``hp``: the
-    :class:`Q8Scalars` as a float32 tensor. The update uses this step's moments in float32; only what is
-    stored is quantized (as bitsandbytes does)."""
-    s = Q8Scalars(*hp.unbind())
+def _blocks_in(block: int, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameter and gradient slices in float32 as (blocks, block); ``g`` may be shorter than ``p`` (the
+    gradient of one parameter read where it lies; the rest of its last block is zero)."""
     n = p.shape[0]
     gf = g.float()
     if gf.shape[0] != n:
         gf = torch.cat([gf, gf.new_zeros(n - gf.shape[0])])
-    pf, gf = decayed(s, maximize, wd_mode, p.float().view(-1, block), gf.view(-1, block))
+    return p.float().view(-1, block), gf.view(-1, block)
+
+
+def _store_first(m: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    c, a = encode_first(m)
+    codes.copy_(c.view(-1))
+    scales.copy_(a)
+
+
+def _store_second(v: torch.Tensor, root: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    c, a = encode_second(v, root)
+    codes.copy_(c.view(-1))
+    scales.copy_(a)
+
+
+# The updates below work on 1-D slices whose length is a multiple of ``block``; ``hp`` holds their scalars
+# (a NamedTuple above) as a float32 tensor. Each uses this step's moments in float32; only what is stored is
+# quantized (as bitsandbytes does).
+def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, p, g, cm, sm, cv, sv):
+    """One 8-bit Adam step: ``cm, sm`` the first moment's codes and scales, ``cv, sv`` the second's."""
+    s = Q8Scalars(*hp.unbind())
+    pf, gf = decayed(s, maximize, wd_mode, *_blocks_in(block, p, g))
     mo = decode_first(cm.view(-1, block), sm, s.inv_127_sq)
     vo = decode_second(cv.view(-1, block), sv)
     mn = mo + s.one_minus_beta1 * (gf - mo)
@@ -162,10 +201,37 @@ def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, 
     root = _sqrt(vn)
     denom = root * s.inv_bc2_sqrt + s.eps
     p.copy_((pf - (s.step_size * mn) / denom).view(-1))
-    codes_m, scale_m = encode_first(mn)
-    codes_v, scale_v = encode_second(vn, root)
-    cm.copy_(codes_m.view(-1))
-    cv.copy_(codes_v.view(-1))
-    sm.copy_(scale_m)
-    sv.copy_(scale_v)
+    _store_first(mn, cm, sm)
+    _store_second(vn, root, cv, sv)
+
+
+def sgd8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, nesterov: bool, block: int, p, g, cb, sb):
+    """One SGD-with-momentum step, the momentum buffer's codes and scales ``cb, sb`` (signed):
+    ``b = momentum_now * b + keep * g`` (on the first step ``b`` decodes to 0 and ``keep`` is 1: ``b = g``, as
+    torch starts it), then the step ``lr * (g + momentum * b)`` with Nesterov, else ``lr * b``."""
+    s = SGD8Scalars(*hp.unbind())
+    pf, gf = decayed(s, maximize, wd_mode, *_blocks_in(block, p, g))
+    bn = s.momentum_now * decode_first(cb.view(-1, block), sb, s.inv_127_sq) + s.keep * gf
+    u = gf + s.momentum * bn if nesterov else bn
+    p.copy_((pf - s.lr * u).view(-1))
+    _store_first(bn, cb, sb)
+
+
+def rmsprop8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, use_momentum: bool, block: int, p, g,
+                       cv, sv, cb=None, sb=None):
+    """One RMSprop step (not centered): ``cv, sv`` the square average's codes and scales (unsigned), ``cb,
+    sb`` the momentum buffer's (signed, with momentum). ``v = alpha v + (1-alpha) g^2``, ``q = g /
+    (sqrt(v) + eps)``; with momentum ``b = momentum b + q`` and the step ``lr * b``, else ``lr * q``."""
+    s = RMSprop8Scalars(*hp.unbind())
+    pf, gf = decayed(s, maximize, wd_mode, *_blocks_in(block, p, g))
+    vn = decode_second(cv.view(-1, block), sv) * s.alpha + s.one_minus_alpha * (gf * gf)
+    root = _sqrt(vn)
+    q = gf / (root + s.eps)
+    if use_momentum:
+        bn = decode_first(cb.view(-1, block), sb, s.inv_127_sq) * s.momentum + q
+        p.copy_((pf - s.lr * bn).view(-1))
+        _store_first(bn, cb, sb)
+    else:
+        p.copy_((pf - s.lr * q).view(-1))
+    _store_second(vn, root, cv, sv)
 # pragma: no mutate end

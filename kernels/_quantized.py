@@ -1,31 +1,35 @@
-"""Adam and AdamW with 8-bit block-wise quantized state: ``kernels.Adam8bit`` and ``kernels.AdamW8bit``.
+"""8-bit block-wise quantized optimizer state: ``kernels.Adam8bit``, ``AdamW8bit``, ``SGD8bit`` and
+``RMSprop8bit``.
 
-The names are bitsandbytes' and torchao's (``bnb.optim.Adam8bit``, ``torchao.optim.AdamW8bit``), and so are
-the two arguments beyond torch's signature: ``block_size`` (elements per quantization block, 256) and
-``min_8bit_size`` (bitsandbytes': parameters with fewer elements keep float state, 4096). The codes and
-their maps are in ``_q8math``; the CPU kernel is ``_native.c`` (loaded by ``_native``).
+The names are bitsandbytes' (``bnb.optim.Adam8bit``, ``SGD8bit``, ``RMSprop8bit``; torchao's
+``AdamW8bit``), and so are the two arguments beyond torch's signatures: ``block_size`` (elements per
+quantization block, 256) and ``min_8bit_size`` (bitsandbytes': parameters with fewer elements keep float
+state, 4096). The codes and their maps are in ``_q8math``; the CPU kernel is ``_native.c`` (loaded by
+``_native``). :class:`Blockwise8bit` holds what the four share: which parameters are quantized, the
+block-aligned layout, checkpoints in both directions, and the choice of path for a step.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from . import _native
-from ._adam import Adam, AdamScalars
+from ._adam import Adam
 from ._catalog import register
 from ._compile import run_fused
-from ._layout import Blockwise, Bucket, scalars_tensor
 from ._dtensor import is_dtensor
-from ._q8math import CODE_DTYPES, INV_127_SQ, Q8Scalars, adam8bit_update, dequantize, quantize
+from ._layout import Blockwise, Bucket, scalars_tensor
+from ._q8math import (CODE_DTYPES, INV_127_SQ, Q8Scalars, adam8bit_update, dequantize, quantize,
+                      rmsprop8bit_update, sgd8bit_update)
+from ._rmsprop import RMSprop
+from ._sgd import SGD
 from ._state import import_float_state
 
 MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
 _LIMITS = {"block_size": (1, MAX_BLOCK), "min_8bit_size": (0, None)}
 
 
@@ -36,10 +40,138 @@ def _check_int(what: str, value: Any, low: int, high: int | None) -> None:
                          f"(got {value!r})")
 
 
+class Blockwise8bit:
+    """Mixin (first base, before the float optimizer whose update it quantizes): the state keys in the
+    class's ``_code_dtypes`` are kept as 8-bit codes (int8 signed, uint8 non-negative) with a float32 absmax
+    per block, for every parameter of at least ``min_8bit_size`` elements; smaller ones keep the float
+    optimizer's state and update. A subclass declares ``_kind`` (``_native.c``'s ``q8_step`` kind),
+    ``_q8_update`` (the same update in torch ops, ``_q8math``), ``_q8_scalars`` and ``_q8_flags``, and calls
+    :meth:`_q8_setup` first thing in ``__init__``."""
+
+    _kind: ClassVar[int]
+    _q8_update: ClassVar[Callable[..., None]]
+    _code_dtypes: ClassVar[dict[str, torch.dtype]]
+
+    def _q8_setup(self, block_size: Any, min_8bit_size: Any) -> None:
+        name = type(self).__name__
+        _check_int(f"{name}: block_size", block_size, *_LIMITS["block_size"])
+        _check_int(f"{name}: min_8bit_size", min_8bit_size, *_LIMITS["min_8bit_size"])
+        self._more_defaults = dict(block_size=block_size, min_8bit_size=min_8bit_size)
+
+    def _q8_scalars(self, s: Any) -> tuple[float, ...]:
+        """The float optimizer's step scalars ``s`` as the 8-bit update's (``_q8math``'s NamedTuples)."""
+        raise NotImplementedError
+
+    def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
+        """The float optimizer's flags as ``(maximize, weight-decay mode, the kind's own flag)``."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            for key in ("block_size", "min_8bit_size"):
+                if key in param_group:
+                    _check_int(f"{type(self).__name__}: parameter group {len(self.param_groups)}: {key}",
+                               param_group[key], *_LIMITS[key])
+        super().add_param_group(param_group)
+
+    # ---- layout: which parameters are quantized, in buckets aligned to the block size ---------------------
+    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
+        if not self._state_init(group):  # SGD without momentum keeps no state: nothing to quantize
+            return None
+        name = type(self).__name__
+        if p.is_complex() or p.dtype == torch.float64:
+            raise ValueError(f"{name}: {where} is {p.dtype}; 8-bit state serves float32, bfloat16 and float16 "
+                             f"parameters (use kernels.{name.removesuffix('8bit')} for float64 and complex ones)")
+        if is_dtensor(p):
+            raise ValueError(f"{name}: {where} is a DTensor; 8-bit state does not support FSDP2/DTensor "
+                             f"parameters yet (use kernels.{name.removesuffix('8bit')})")
+        return p.numel() >= int(group["min_8bit_size"])
+
+    def _new_bucket(self, group_index: int, params: list[torch.Tensor], positions: list[int],
+                    device: torch.device, kind: Any) -> Bucket:
+        if not kind:
+            return super()._new_bucket(group_index, params, positions, device, kind)
+        block = int(self.param_groups[group_index]["block_size"])
+        direct = self.direct_grad_min_numel if device.type == "cpu" else self.direct_grad_min_numel_accelerator
+        bucket = Bucket(group_index, params, positions, direct, align=block)
+        bucket.quantized = True
+        return bucket
+
+    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
+        if not getattr(bucket, "quantized", False):
+            return super()._bucket_init(bucket, group)
+        block = bucket.align
+        if group["block_size"] != block:
+            raise ValueError(f"{type(self).__name__}: param_groups[{bucket.group_index}]['block_size'] was "
+                             f"changed from {block} to {group['block_size']!r} after construction; the state "
+                             "is laid out in blocks of the first, so build a new optimizer to change it")
+        init = {}
+        for key in self._state_init(group):  # torch's order, each key followed by its scales
+            init[key] = Blockwise(0.0, self._code_dtypes[key])
+            init[key + "_absmax"] = Blockwise(0.0, torch.float32, block)
+        return init
+
+    def _import_state(self, bucket: Bucket, i: int, old: dict[str, Any], init: dict[str, Any],
+                      group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not getattr(bucket, "quantized", False):
+            return import_float_state(self, bucket, i, old, init, group)
+        out = {}
+        where = f"state for parameter {bucket.positions[i]} of group {bucket.group_index}"
+        for key in self._state_init(group):
+            code_dtype = self._code_dtypes[key]
+            value = old.get(key)
+            if value is None:
+                raise ValueError(f"{where} lacks {key!r}, which {type(self).__name__} needs")
+            if value.dtype in CODE_DTYPES:
+                if value.dtype != code_dtype:
+                    raise ValueError(f"{where}: {key!r} holds {value.dtype} codes; this optimizer stores "
+                                     f"{key!r} as {code_dtype}")
+                scale = old.get(key + "_absmax")
+                if scale is None:
+                    raise ValueError(f"{where}: {key!r} holds 8-bit codes but {key + '_absmax'!r} is missing")
+                out[key], out[key + "_absmax"] = value, scale
+            else:  # float state (torch's, or a float bucket's): quantized as a step would store it
+                out[key], out[key + "_absmax"] = quantize(value, bucket.align, code_dtype)
+        return out
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def _apply(self, s: Any, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
+               bucket: Bucket) -> None:
+        if not getattr(bucket, "quantized", False):
+            super()._apply(s, hp, flags, run, bucket)
+            return
+        q = self._q8_scalars(s)
+        maximize, wd_mode, extra = self._q8_flags(flags)
+        p, g = run["param"], run["grad"]
+        state = tuple(v for k, v in run.items() if k not in ("param", "grad"))
+        block = bucket.align
+        if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
+            lib = _native.library()
+            if lib is not None:
+                ptrs = [t.data_ptr() for t in state] + [None] * (4 - len(state))
+                n = g.numel()
+                hp32 = _native.floats(q)
+                lib.q8_step(self._kind, p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], *ptrs, n, block,
+                            ctypes.addressof(hp32), int(maximize), wd_mode, int(extra), _native.threads(n))
+                return
+        hp = scalars_tensor(q, p)
+        fn = type(self)._q8_update
+        if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
+            done, _ = run_fused(fn, (maximize, wd_mode, extra, block), (p, g, *state), hp,
+                                strict=self._fused_strict)
+            if done:
+                return
+        fn(hp, maximize, wd_mode, extra, block, p, g, *state)
+
+
+def _adam8bit_update(hp, maximize, wd_mode, _unused, block, p, g, cm, sm, cv, sv):
+    adam8bit_update(hp, maximize, wd_mode, block, p, g, cm, sm, cv, sv)
+
+
 # torch's counterpart is the same update with float state (what the benchmarks compare against)
 @register("optimizer", torch="torch.optim.Adam", default_candidate=False,
           configs={"Adam8bit": (dict(lr=1e-3), 16)})
-class Adam8bit(Adam):
+class Adam8bit(Blockwise8bit, Adam):
     r"""Adam with 8-bit state: the two moments stored as 8-bit codes with a float32 scale per block.
 
     .. math::
@@ -97,109 +229,24 @@ class Adam8bit(Adam):
                  amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  decoupled_weight_decay: bool = False, block_size: int = 256, min_8bit_size: int = 4096) -> None:
-        name = type(self).__name__
         if amsgrad:
-            raise ValueError(f"{name}: amsgrad=True is not supported with 8-bit state (a third quantized "
-                             "moment); use kernels.Adam(amsgrad=True)")
-        _check_int(f"{name}: block_size", block_size, *_LIMITS["block_size"])
-        _check_int(f"{name}: min_8bit_size", min_8bit_size, *_LIMITS["min_8bit_size"])
-        self._more_defaults = dict(block_size=block_size, min_8bit_size=min_8bit_size)
+            raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported with 8-bit state (a third "
+                             "quantized moment); use kernels.Adam(amsgrad=True)")
+        self._q8_setup(block_size, min_8bit_size)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if isinstance(param_group, dict):
-            for key in ("block_size", "min_8bit_size"):
-                if key in param_group:
-                    _check_int(f"{type(self).__name__}: parameter group {len(self.param_groups)}: {key}",
-                               param_group[key], *_LIMITS[key])
-        super().add_param_group(param_group)
+    _kind = 0
+    _q8_update = staticmethod(_adam8bit_update)
 
-    # ---- layout: which parameters are quantized, in buckets aligned to the block size ---------------------
-    def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
-        name = type(self).__name__
-        if p.is_complex() or p.dtype == torch.float64:
-            raise ValueError(f"{name}: {where} is {p.dtype}; 8-bit state serves float32, bfloat16 and float16 "
-                             "parameters (use kernels.Adam for float64 and complex ones)")
-        if is_dtensor(p):
-            raise ValueError(f"{name}: {where} is a DTensor; 8-bit state does not support FSDP2/DTensor "
-                             "parameters yet (use kernels.Adam)")
-        return p.numel() >= int(group["min_8bit_size"])
+    def _q8_scalars(self, s: Any) -> tuple[float, ...]:
+        return Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay,
+                         s.decay_factor, 1.0 / s.bc2_sqrt, s.eps, INV_127_SQ)
 
-    def _new_bucket(self, group_index: int, params: list[torch.Tensor], positions: list[int],
-                    device: torch.device, kind: Any) -> Bucket:
-        if not kind:
-            return super()._new_bucket(group_index, params, positions, device, kind)
-        block = int(self.param_groups[group_index]["block_size"])
-        direct = self.direct_grad_min_numel if device.type == "cpu" else self.direct_grad_min_numel_accelerator
-        bucket = Bucket(group_index, params, positions, direct, align=block)
-        bucket.quantized = True
-        return bucket
-
-    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
-        if not getattr(bucket, "quantized", False):
-            return self._state_init(group)
-        block = bucket.align
-        if group["block_size"] != block:
-            raise ValueError(f"{type(self).__name__}: param_groups[{bucket.group_index}]['block_size'] was "
-                             f"changed from {block} to {group['block_size']!r} after construction; the state "
-                             "is laid out in blocks of the first, so build a new optimizer to change it")
-        return {"exp_avg": Blockwise(0.0, torch.int8), "exp_avg_absmax": Blockwise(0.0, torch.float32, block),
-                "exp_avg_sq": Blockwise(0.0, torch.uint8),
-                "exp_avg_sq_absmax": Blockwise(0.0, torch.float32, block)}
-
-    def _import_state(self, bucket: Bucket, i: int, old: dict[str, Any], init: dict[str, Any],
-                      group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if not getattr(bucket, "quantized", False):
-            return import_float_state(self, bucket, i, old, init, group)
-        out = {}
-        where = f"state for parameter {bucket.positions[i]} of group {bucket.group_index}"
-        for key, code_dtype in (("exp_avg", torch.int8), ("exp_avg_sq", torch.uint8)):
-            value = old.get(key)
-            if value is None:
-                raise ValueError(f"{where} lacks {key!r}, which {type(self).__name__} needs")
-            if value.dtype in (torch.int8, torch.uint8):
-                if value.dtype != code_dtype:
-                    raise ValueError(f"{where}: {key!r} holds {value.dtype} codes; this optimizer stores "
-                                     f"{key!r} as {code_dtype}")
-                scale = old.get(key + "_absmax")
-                if scale is None:
-                    raise ValueError(f"{where}: {key!r} holds 8-bit codes but {key + '_absmax'!r} is missing")
-                out[key], out[key + "_absmax"] = value, scale
-            else:  # float state (torch's, or a float bucket's): quantized as a step would store it
-                out[key], out[key + "_absmax"] = quantize(value, bucket.align, code_dtype)
-        return out
-
-    # ---- the step -----------------------------------------------------------------------------------------
-    def _apply(self, s: AdamScalars, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
-               bucket: Bucket) -> None:
-        if not getattr(bucket, "quantized", False):
-            super()._apply(s, hp, flags, run, bucket)
-            return
+    def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
         _, maximize, wd_mode = flags
-        q = Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay,
-                      s.decay_factor, 1.0 / s.bc2_sqrt, s.eps, INV_127_SQ)
-        p, g = run["param"], run["grad"]
-        state = (run["exp_avg"], run["exp_avg_absmax"], run["exp_avg_sq"], run["exp_avg_sq_absmax"])
-        block = bucket.align
-        if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
-            lib = _native.library()
-            if lib is not None:
-                cm, sm, cv, sv = state
-                n = g.numel()
-                hp32 = _native.floats(q)
-                lib.adam8bit(p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], cm.data_ptr(), cv.data_ptr(),
-                             sm.data_ptr(), sv.data_ptr(), n, block, ctypes.addressof(hp32), int(maximize),
-                             wd_mode, _native.threads(n))
-                return
-        hp = scalars_tensor(q, p)
-        if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
-            done, _ = run_fused(adam8bit_update, (maximize, wd_mode, block), (p, g, *state), hp,
-                                strict=self._fused_strict)
-            if done:
-                return
-        adam8bit_update(hp, maximize, wd_mode, block, p, g, *state)
+        return maximize, wd_mode, False
 
 
 @register("optimizer", torch="torch.optim.AdamW", default_candidate=False,
@@ -234,6 +281,120 @@ class AdamW8bit(Adam8bit):
         super().__setstate__(state)
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
+
+
+@register("optimizer", torch="torch.optim.SGD", default_candidate=False,
+          configs={"SGD8bit-momentum": (dict(lr=0.01, momentum=0.9), 14)})
+class SGD8bit(Blockwise8bit, SGD):
+    r"""SGD with momentum, the momentum buffer stored as 8-bit codes with a float32 scale per block.
+
+    .. math::
+        b_t = \mu \hat b_{t-1} + (1-\tau) g_t \;(b_1 = g_1),\quad
+        \theta_t = \theta_{t-1} - \gamma\,(g_t + \mu b_t \text{ if nesterov else } b_t),\quad
+        \hat b_t = \operatorname{sign}(c)\,(c/127)^2 a_b
+
+    with :math:`c` and :math:`a_b` as :class:`Adam8bit`'s first moment (weight decay and ``maximize`` as in
+    :class:`SGD`). The buffer takes 1 byte per parameter plus 4 per block instead of 4: a step reads and
+    writes 14 bytes per float32 parameter instead of 20.
+
+    Args: as :class:`torch.optim.SGD`, plus keyword-only ``block_size=256`` and ``min_8bit_size=4096`` (see
+    :class:`Adam8bit`). With ``momentum=0`` there is no state, and this is :class:`SGD`. Parameters must be
+    float32, bfloat16 or float16; DTensor parameters are refused.
+
+    ``state_dict()`` saves ``momentum_buffer`` as int8 codes with ``momentum_buffer_absmax``; a float
+    checkpoint (``torch.optim.SGD``'s) is quantized on load, :class:`SGD` loads this one dequantized, and
+    :func:`dequantize_state_dict` makes one that ``torch.optim.SGD`` loads.
+
+    Example::
+
+        >>> opt = kernels.SGD8bit(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+
+    References: T. Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022 (bitsandbytes'
+    ``SGD8bit``).
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, block_size: int = 256, min_8bit_size: int = 4096) -> None:
+        self._q8_setup(block_size, min_8bit_size)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
+
+    _kind = 1
+    _q8_update = staticmethod(sgd8bit_update)
+
+    def _q8_scalars(self, s: Any) -> tuple[float, ...]:
+        return (*s, INV_127_SQ)
+
+    def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
+        maximize, decay, _, nesterov = flags
+        return maximize, int(decay), nesterov
+
+
+@register("optimizer", torch="torch.optim.RMSprop", default_candidate=False,
+          configs={"RMSprop8bit": (dict(lr=1e-3), 14), "RMSprop8bit-momentum": (dict(lr=1e-3, momentum=0.9), 16)})
+class RMSprop8bit(Blockwise8bit, RMSprop):
+    r"""RMSprop with its square average (and momentum buffer) stored as 8-bit codes with a float32 scale
+    per block.
+
+    .. math::
+        v_t = \alpha \hat v_{t-1} + (1-\alpha) g_t^2,\quad q_t = g_t / (\sqrt{v_t} + \epsilon),\quad
+        b_t = \mu \hat b_{t-1} + q_t,\quad \theta_t = \theta_{t-1} - \gamma b_t
+        \quad(\text{without momentum: } \theta_t = \theta_{t-1} - \gamma q_t)
+
+    with :math:`\hat v` coded as :class:`Adam8bit`'s second moment (levels exclude zero) and :math:`\hat b`
+    as its first. ``centered=True`` is refused: it divides by :math:`\sqrt{v - \bar g^2}`, a difference of
+    two averages that 8-bit codes cannot resolve where the variance is small next to :math:`\bar g^2`
+    (bitsandbytes refuses it too).
+
+    Args: as :class:`torch.optim.RMSprop`, plus keyword-only ``block_size=256`` and ``min_8bit_size=4096``
+    (see :class:`Adam8bit`). Parameters must be float32, bfloat16 or float16; DTensor parameters are refused.
+
+    ``state_dict()`` saves ``square_avg`` (uint8) and ``momentum_buffer`` (int8) with their ``*_absmax``
+    scales; float checkpoints are quantized on load, :class:`RMSprop` loads these dequantized, and
+    :func:`dequantize_state_dict` makes one that ``torch.optim.RMSprop`` loads.
+
+    Example::
+
+        >>> opt = kernels.RMSprop8bit(model.parameters(), lr=1e-3, momentum=0.9)
+
+    References: T. Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022 (bitsandbytes'
+    ``RMSprop8bit``); G. Hinton, "Neural Networks for Machine Learning", lecture 6e (2012).
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False,
+                 capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *, fused: bool | None = None, block_size: int = 256,
+                 min_8bit_size: int = 4096) -> None:
+        if centered:
+            raise ValueError(f"{type(self).__name__}: centered=True is not supported with 8-bit state (it "
+                             "divides by sqrt(square_avg - grad_avg^2), a difference 8-bit codes cannot "
+                             "resolve); use kernels.RMSprop(centered=True), or state_dtype=torch.bfloat16 there")
+        self._q8_setup(block_size, min_8bit_size)
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
+                         differentiable, fused=fused)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and param_group.get("centered"):
+            raise ValueError(f"{type(self).__name__}: parameter group {len(self.param_groups)}: centered=True "
+                             "is not supported with 8-bit state; use kernels.RMSprop(centered=True)")
+        super().add_param_group(param_group)
+
+    _kind = 2
+    _q8_update = staticmethod(rmsprop8bit_update)
+
+    def _q8_scalars(self, s: Any) -> tuple[float, ...]:
+        return (*s, INV_127_SQ)
+
+    def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
+        maximize, decay, use_momentum, centered = flags
+        if centered:  # set by hand after construction
+            raise ValueError(f"{type(self).__name__}: centered=True is not supported with 8-bit state; use "
+                             "kernels.RMSprop(centered=True)")
+        return maximize, int(decay), use_momentum
+
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -131,6 +131,8 @@ class RMSprop(BF16State, FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     Scalars = RMSpropScalars
+    # an 8-bit optimizer's checkpoint (kernels.RMSprop8bit) loads here dequantized
+    _code_dtypes = {"square_avg": torch.uint8, "momentum_buffer": torch.int8}
     _eager_update = staticmethod(_rmsprop_eager)
     _fused_update = staticmethod(_rmsprop_fused)
     _bf16_update = staticmethod(_rmsprop_bf16_state)

@@ -82,6 +82,8 @@ class SGD(BF16State, FusedOptimizer):
     """
 
     _step_in_state = False
+    # an 8-bit optimizer's checkpoint (kernels.SGD8bit) loads here dequantized
+    _code_dtypes = {"momentum_buffer": torch.int8}
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,

@@ -687,16 +687,16 @@ def test_bf16_state_is_torchs_step_then_stochastic_rounding(name, kwargs, fused)
 def test_codes_for_a_key_with_no_8bit_form_are_refused():
     """A float-only optimizer given 8-bit codes for a key it has no 8-bit form of says so."""
     p = torch.nn.Parameter(torch.zeros(300))
-    sgd = kernels.SGD([p], lr=0.1, momentum=0.9)
+    adagrad = kernels.Adagrad([p], lr=0.1)
     p.grad = torch.ones(300)
-    sgd.step()
-    sd = sgd.state_dict()
-    sd["state"][0]["momentum_buffer"] = torch.zeros(300, dtype=torch.int8)
-    sd["state"][0]["momentum_buffer_absmax"] = torch.zeros(2)
+    adagrad.step()
+    sd = adagrad.state_dict()
+    sd["state"][0]["sum"] = torch.zeros(300, dtype=torch.uint8)
+    sd["state"][0]["sum_absmax"] = torch.zeros(2)
     sd["param_groups"][0]["block_size"] = 256
-    with pytest.raises(ValueError, match=r"'momentum_buffer' holds torch.int8 codes, but this optimizer stores "
-                                         r"'momentum_buffer' only as floating point"):
-        sgd.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"'sum' holds torch.uint8 codes, but this optimizer stores "
+                                         r"'sum' only as floating point"):
+        adagrad.load_state_dict(sd)
 
 
 def test_block_size_one_round_trips():
