@@ -12,7 +12,8 @@ block-aligned layout, checkpoints in both directions, and the choice of path for
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,8 +23,16 @@ from ._catalog import register
 from ._compile import run_fused
 from ._dtensor import is_dtensor
 from ._layout import Blockwise, Bucket, scalars_tensor
-from ._q8math import (CODE_DTYPES, INV_127_SQ, Q8Scalars, adam8bit_update, dequantize, quantize,
-                      rmsprop8bit_update, sgd8bit_update)
+from ._q8math import (
+    CODE_DTYPES,
+    INV_127_SQ,
+    Q8Scalars,
+    adam8bit_update,
+    dequantize,
+    quantize,
+    rmsprop8bit_update,
+    sgd8bit_update,
+)
 from ._rmsprop import RMSprop
 from ._sgd import SGD
 from ._state import import_float_state
@@ -388,11 +397,14 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
     def _q8_scalars(self, s: Any) -> tuple[float, ...]:
         return (*s, INV_127_SQ)
 
+    def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
+        if group["centered"]:  # set by hand after construction
+            raise ValueError(f"{type(self).__name__}: param_groups[{bucket.group_index}]['centered'] is True; "
+                             "centered=True is not supported with 8-bit state; use kernels.RMSprop(centered=True)")
+        return super()._bucket_init(bucket, group)
+
     def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
-        maximize, decay, use_momentum, centered = flags
-        if centered:  # set by hand after construction
-            raise ValueError(f"{type(self).__name__}: centered=True is not supported with 8-bit state; use "
-                             "kernels.RMSprop(centered=True)")
+        maximize, decay, use_momentum, _ = flags
         return maximize, int(decay), use_momentum
 
 

@@ -598,8 +598,8 @@ def test_many_optimizers_alive_together_share_nothing():
 def test_every_catalog_optimizer_has_a_case():
     """The test table is the catalog: an optimizer registered without a hyperparameter space here would
     silently escape every property test. The 8-bit optimizers are not torch's numbers: tests/test_quantized.py
-    holds them to a reference of their own algorithm."""
-    quantized = ["Adam8bit", "AdamW8bit"]
+    and test_quantized_sgd_rmsprop.py hold them to references of their own algorithms."""
+    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit"]
     assert list(OPTIMIZERS) + quantized == [e.name for e in kernels.catalog.optimizers()]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from q8reference import Reference, _f32, _padded, _sqrt32, shapes
 from strategies import examples, make_grads, make_params, with_threshold
 
 import kernels
@@ -17,79 +18,6 @@ from kernels import _native
 from kernels._q8math import dequantize, quantize
 
 NATIVE = _native.library() is not None
-
-
-# ---- the plain reference: one parameter at a time, padded to whole blocks ----------------------------------
-def _f32(x: float) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def _sqrt32(x: torch.Tensor) -> torch.Tensor:  # correctly rounded float32 square root
-    return x.double().sqrt().float()
-
-
-def _padded(t: torch.Tensor, block: int) -> torch.Tensor:
-    flat = t.reshape(-1)
-    return torch.cat([flat, flat.new_zeros(-flat.numel() % block)]).view(-1, block)
-
-
-class Reference:
-    """Adam(W) with 8-bit moments, per parameter: m = sign(c)(c/127)^2 absmax, v = ((c+1)/256)^2 absmax,
-    codes rounded in the square-root domain, non-finite moments stored as 0 and left out of the scale."""
-
-    def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
-                 decoupled=False, block_size=256):
-        self.params = [p.detach().clone() for p in params]
-        self.kw = dict(lr=lr, betas=betas, eps=eps, wd=weight_decay, maximize=maximize, decoupled=decoupled)
-        self.block = block_size
-        self.state = [None] * len(params)
-
-    def step(self, grads):
-        for i, g in enumerate(grads):
-            if g is not None:
-                self._step(i, g)
-
-    def _step(self, i, g):
-        kw, block, p = self.kw, self.block, self.params[i]
-        n = p.numel()
-        nb = -(-n // block)
-        if self.state[i] is None:
-            self.state[i] = dict(step=0, cm=torch.zeros(n, dtype=torch.int8), sm=torch.zeros(nb),
-                                 cv=torch.zeros(n, dtype=torch.uint8), sv=torch.zeros(nb))
-        s = self.state[i]
-        s["step"] += 1
-        t = s["step"]
-        b1, b2 = kw["betas"]
-        lr, wd = kw["lr"], kw["wd"]
-        step_size, omb1, beta2, omb2 = _f32(lr / (1 - b1 ** t)), _f32(1 - b1), _f32(b2), _f32(1 - b2)
-        inv_bc2, eps, decay, wd32 = _f32(1 / (1 - b2 ** t) ** 0.5), _f32(kw["eps"]), _f32(1 - lr * wd), _f32(wd)
-        P, G = _padded(p.float(), block), _padded(g.float(), block)
-        if kw["maximize"]:
-            G = -G
-        if wd and not kw["decoupled"]:
-            G = G + wd32 * P
-        elif wd:
-            P = P * decay
-        q = _padded(s["cm"], block).float()
-        m = (q * q.abs()) * (s["sm"] * _f32(1 / 16129)).view(-1, 1)
-        c1 = _padded(s["cv"], block).float() + 1.0
-        v = (c1 * c1) * (s["sv"] * _f32(1 / 65536)).view(-1, 1)
-        m = m + omb1 * (G - m)
-        v = v * beta2 + omb2 * (G * G)
-        root = _sqrt32(v)
-        P = P - (step_size * m) / (root * inv_bc2 + eps)
-        p.copy_(P.reshape(-1)[:n].view(p.shape))
-        fm, fv = m.abs() < math.inf, v < math.inf
-        am = torch.where(fm, m.abs(), 0.0).amax(1, keepdim=True)
-        av = torch.where(fv, v, 0.0).amax(1, keepdim=True)
-        km = torch.where(am > 0, torch.full_like(am, 127.0) / _sqrt32(am), 0.0)
-        kv = torch.where(av > 0, torch.full_like(av, 256.0) / _sqrt32(av), 0.0)
-        cm = torch.where(fm, torch.round(_sqrt32(m.abs()) * km).clamp(max=127.0), 0.0)
-        cm = torch.where(m < 0, -cm, cm)
-        cv = torch.where(fv, (torch.round(root * kv) - 1.0).clamp(0.0, 255.0), 0.0)
-        s["cm"] = cm.to(torch.int8).reshape(-1)[:n]
-        s["cv"] = cv.to(torch.uint8).reshape(-1)[:n]
-        s["sm"], s["sv"] = am.view(-1), av.view(-1)
 
 
 def _assert_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -179,8 +107,6 @@ def test_non_finite_moments_do_not_reach_other_elements():
 
 
 # ---- updates: bit for bit against the reference ------------------------------------------------------------
-shapes = st.lists(st.tuples(st.lists(st.integers(0, 40), max_size=3).map(tuple), st.booleans(), st.just(False)),
-                  min_size=1, max_size=5)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -474,6 +474,8 @@ def test_explain_is_exactly_this_text(tmp_path):
         "  - optimizer Adagrad (score 0): 2 below Adam (for it: no rule supports it)",
         "  - optimizer Adam8bit (score 0): 2 below Adam (for it: no rule supports it)",
         "  - optimizer AdamW8bit (score 0): 2 below Adam (for it: no rule supports it)",
+        "  - optimizer SGD8bit (score 0): 2 below Adam (for it: no rule supports it)",
+        "  - optimizer RMSprop8bit (score 0): 2 below Adam (for it: no rule supports it)",
         "  - loss MSELoss (score 0): 1.5 below HuberLoss (for it: no rule supports it)",
         "",
         "Notes:",
