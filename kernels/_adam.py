@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, check_state_dtype
+from ._bf16state import BF16State, check_kahan_sum, check_state_dtype, kahan_update
 from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
@@ -67,6 +67,11 @@ def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vma
     p.copy_(pf - s.step_size * mf / denom)
     m.copy_(mf)
     v.copy_(vf)
+
+
+def _adam_kahan(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, *rest):
+    # rest: the state, then kahan_comp
+    kahan_update(_adam_fused, hp, (amsgrad, maximize, wd_mode), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
@@ -93,6 +98,12 @@ class Adam(BF16State, FusedOptimizer):
     float32 and storing with stochastic rounding (``kernels._bf16state``: unbiased, reproducible). For 8-bit
     state see :class:`Adam8bit`.
 
+    ``kahan_sum=True`` (keyword-only, ours) keeps a compensation buffer ``kahan_comp`` beside each bfloat16
+    or float16 parameter: the update runs in float32 on ``param + kahan_comp``, the parameter stores its
+    rounding and the buffer what rounding lost, so updates smaller than half a bfloat16 ulp accumulate
+    instead of vanishing (pure-bfloat16 training). It costs 2 bytes per parameter; float32 parameters are
+    unaffected.
+
     Example::
 
         >>> import torch, kernels
@@ -108,7 +119,8 @@ class Adam(BF16State, FusedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                 decoupled_weight_decay: bool = False, state_dtype: torch.dtype | None = None,
+                 kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -126,12 +138,15 @@ class Adam(BF16State, FusedOptimizer):
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_state_dtype(type(self).__name__, state_dtype, amsgrad)
+        check_kahan_sum(type(self).__name__, kahan_sum)
         betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
                         fused=None, decoupled_weight_decay=decoupled_weight_decay)
         if state_dtype is not None:  # only then in the groups: torch.optim.Adam loads our checkpoints as its own
             defaults["state_dtype"] = state_dtype
+        if kahan_sum:
+            defaults["kahan_sum"] = True
         super().__init__(params, defaults, fused)
 
     Scalars = AdamScalars
@@ -139,6 +154,7 @@ class Adam(BF16State, FusedOptimizer):
     _code_dtypes = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
     _eager_update = staticmethod(_adam_eager)
     _fused_update = staticmethod(_adam_fused)
+    _kahan_update = staticmethod(_adam_kahan)
 
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         if group.get("amsgrad", False):
@@ -181,10 +197,10 @@ class AdamW(Adam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, kahan_sum: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, state_dtype=state_dtype)
+                         decoupled_weight_decay=True, state_dtype=state_dtype, kahan_sum=kahan_sum)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -1,4 +1,5 @@
-"""bfloat16 optimizer state for float32 parameters, stored with stochastic rounding.
+"""bfloat16 optimizer state for float32 parameters, stored with stochastic rounding; and Kahan-compensated
+bfloat16/float16 parameters (``kahan_sum=True``, :func:`kahan_update`).
 
 ``kernels.Adam(..., state_dtype=torch.bfloat16)`` keeps ``exp_avg`` and ``exp_avg_sq`` in bfloat16 (4 bytes
 per parameter instead of 8). The update computes in float32; storing rounds each moment to one of its two
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 _MASK32 = 0xFFFFFFFF
 BF16_STATE = "bf16-state"
+KAHAN = "kahan"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool) -> None:
@@ -40,6 +43,21 @@ def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool) -> None:
                          f"torch.bfloat16, got {state_dtype!r}; for 8-bit state use kernels.Adam8bit/AdamW8bit")
     if state_dtype is torch.bfloat16 and amsgrad:
         raise ValueError(f"{owner}: amsgrad=True with state_dtype=torch.bfloat16 is not supported")
+
+
+def check_kahan_sum(owner: str, kahan_sum: Any) -> None:
+    if not isinstance(kahan_sum, bool):
+        raise ValueError(f"{owner}: kahan_sum must be True or False (got {kahan_sum!r})")
+
+
+def kahan_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: str) -> str | None:
+    """The bucket kind of a parameter whose group asks for Kahan-compensated updates (None: not one)."""
+    if not group.get("kahan_sum") or p.dtype not in LOW_PRECISION:
+        return None  # float32/float64 parameters: nothing is lost to rounding worth compensating
+    if is_dtensor(p):
+        raise ValueError(f"{owner}: {where} is a DTensor; kahan_sum=True serves bfloat16 and float16 "
+                         "parameters that are not DTensors")
+    return KAHAN
 
 
 def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: str) -> str | None:
@@ -54,13 +72,19 @@ def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: s
 
 
 class BF16State:
-    """Mixin: ``state_dtype=torch.bfloat16`` for an optimizer's float32 parameters. A subclass sets
-    ``_bf16_update`` (a compiled-able function of ``(hp, *flags, p, g, *states, salt)``) and calls
-    :func:`check_state_dtype` in ``__init__`` (``defaults["state_dtype"]`` only when set)."""
+    """Mixin: ``state_dtype=torch.bfloat16`` for an optimizer's float32 parameters, and ``kahan_sum=True``
+    for its bfloat16/float16 ones. A subclass sets ``_bf16_update`` (a compiled-able function of ``(hp,
+    *flags, p, g, *states, salt)``) and ``_kahan_update`` (of ``(hp, *flags, p, g, *states, kahan_comp)``,
+    calling :func:`kahan_update`), and calls :func:`check_state_dtype` and :func:`check_kahan_sum` in
+    ``__init__`` (``defaults["state_dtype"]``/``defaults["kahan_sum"]`` only when set)."""
 
     _bf16_update: Any = None
+    _kahan_update: Any = None
 
     def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
+        kind = kahan_kind(type(self).__name__, p, group, where)
+        if kind is not None:
+            return kind
         if not self._state_init(group):  # SGD without momentum keeps no state at all
             return None
         return bf16_state_kind(type(self).__name__, p, group, where)
@@ -68,17 +92,34 @@ class BF16State:
     def _new_bucket(self, group_index: int, params: list, positions: list, device: torch.device, kind: Any):
         bucket = super()._new_bucket(group_index, params, positions, device, kind)
         bucket.bf16_state = kind == BF16_STATE
+        bucket.kahan = kind == KAHAN
         return bucket
 
     def _bucket_init(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, Any]:
         init = self._state_init(group)
         if getattr(bucket, "bf16_state", False):
             return {k: Blockwise(v, torch.bfloat16) for k, v in init.items()}
+        if getattr(bucket, "kahan", False):
+            return {**init, "kahan_comp": 0.0}
         return init
+
+    def _import_state(self, bucket: Bucket, i: int, old: dict[str, Any], init: dict[str, Any],
+                      group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if getattr(bucket, "kahan", False) and old.get("kahan_comp") is None:
+            # a checkpoint without compensation (torch's, or ours without kahan_sum): it starts at 0, exactly
+            old = {**old, "kahan_comp": torch.zeros_like(bucket.params[i])}
+        return super()._import_state(bucket, i, old, init, group)
 
     def _apply(self, s: Any, hp: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
         if getattr(bucket, "bf16_state", False):
             step_bf16_state(self, s, flags, run, bucket)
+        elif getattr(bucket, "kahan", False):
+            p, g, comp = run["param"], run["grad"], run["kahan_comp"]
+            states = tuple(v for k, v in run.items() if k not in ("param", "grad", "kahan_comp"))
+            if hp is not None and run_fused(type(self)._kahan_update, flags, (p, g, *states, comp), hp,
+                                            strict=self._fused_strict)[0]:
+                return
+            kahan_update(type(self)._eager_update, s, flags, p, g, states, comp)
         else:
             super()._apply(s, hp, flags, run, bucket)
 
@@ -156,6 +197,22 @@ def bf16_state_update(fused_update: Any, hp: torch.Tensor, flags: tuple, p, g, s
         halves = random_bits(index, salt[0] + (j // 2) * (1 << 30))
         for (t, f), bits in zip(present[j:j + 2], halves):
             t.copy_(stochastic_round(f, bits))
+
+
+def kahan_update(update: Any, hp: Any, flags: tuple, p, g, states: tuple, comp) -> None:
+    """Any optimizer's update (``update(hp, *flags, p, g, *states)``, its compiled or eager one) of a
+    bfloat16/float16 parameter ``p`` with Kahan compensation ``comp`` (same dtype): the float32 update runs
+    on the sum ``p + comp`` and float32 copies of the gradient and state; ``p`` stores the new parameter
+    rounded to nearest, ``comp`` what that rounding lost, and the state is rounded to nearest. ``p + comp`` thus
+    carries about twice ``p``'s significant bits, so updates smaller than half an ulp of ``p`` accumulate
+    instead of vanishing (Kahan 1965; Zamirai et al. 2020 for bfloat16 training)."""
+    pf = p.float() + comp.float()
+    f32 = [t.float() for t in states]
+    update(hp, *flags, pf, g.float(), *f32)
+    p.copy_(pf)
+    comp.copy_(pf - p.float())
+    for t, f in zip(states, f32):
+        t.copy_(f)
 
 
 def adam_bf16_state_update(hp: torch.Tensor, maximize: bool, wd_mode: int, p, g, m, v, salt):

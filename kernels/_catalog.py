@@ -28,7 +28,7 @@ NUMBER, NUMBERS, BOOL = "number", "list[number]", "bool"
 # trial never sets them
 _NOT_HYPERPARAMETERS = frozenset({"self", "params", "foreach", "capturable", "differentiable", "fused",
                                   "maximize", "size_average", "reduce", "reduction", "decoupled_weight_decay",
-                                  "state_dtype"})
+                                  "state_dtype", "kahan_sum"})
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, bf16_state_update, check_state_dtype
+from ._bf16state import BF16State, bf16_state_update, check_kahan_sum, check_state_dtype, kahan_update
 from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
@@ -77,6 +77,11 @@ def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered
 def _rmsprop_bf16_state(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, *rest):
     # rest: square_avg[, momentum_buffer][, grad_avg], salt
     bf16_state_update(_rmsprop_fused, hp, (maximize, decay, use_momentum, centered), p, g, rest[:-1], rest[-1])
+
+
+def _rmsprop_kahan(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, *rest):
+    # rest: square_avg[, momentum_buffer][, grad_avg], kahan_comp
+    kahan_update(_rmsprop_fused, hp, (maximize, decay, use_momentum, centered), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
@@ -97,7 +102,8 @@ class RMSprop(BF16State, FusedOptimizer):
     ``weight_decay=0``, ``momentum=0``, ``centered=False``, ``maximize=False``. torch has no fused RMSprop;
     ``fused`` here selects our compiled update (see :class:`kernels.Adam`). ``foreach`` is accepted and
     ignored; ``capturable=True`` and ``differentiable=True`` are refused. ``state_dtype=torch.bfloat16``
-    (ours) keeps a float32 parameter's averages in bfloat16 with stochastic rounding (see :class:`kernels.Adam`).
+    (ours) keeps a float32 parameter's averages in bfloat16 with stochastic rounding; ``kahan_sum=True``
+    (ours) compensates the rounding of bfloat16/float16 parameters (see :class:`kernels.Adam` for both).
 
     Example::
 
@@ -111,7 +117,7 @@ class RMSprop(BF16State, FusedOptimizer):
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -123,11 +129,14 @@ class RMSprop(BF16State, FusedOptimizer):
             raise ValueError(f"Invalid alpha value: {alpha}")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_state_dtype(type(self).__name__, state_dtype, False)
+        check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=False, foreach=foreach, maximize=maximize,
                         differentiable=False)
         if state_dtype is not None:
             defaults["state_dtype"] = state_dtype
+        if kahan_sum:
+            defaults["kahan_sum"] = True
         super().__init__(params, defaults, fused)
 
     Scalars = RMSpropScalars
@@ -136,6 +145,7 @@ class RMSprop(BF16State, FusedOptimizer):
     _eager_update = staticmethod(_rmsprop_eager)
     _fused_update = staticmethod(_rmsprop_fused)
     _bf16_update = staticmethod(_rmsprop_bf16_state)
+    _kahan_update = staticmethod(_rmsprop_kahan)
 
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         init = {"square_avg": 0.0}

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, bf16_state_update, check_state_dtype
+from ._bf16state import BF16State, bf16_state_update, check_kahan_sum, check_state_dtype, kahan_update
 from ._catalog import register
 from ._optimizer import FusedOptimizer, fused_prologue
 from ._validate import check_lr, check_selectors
@@ -52,6 +52,11 @@ def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bo
 
 def _sgd_bf16_state(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf, salt):
     bf16_state_update(_sgd_fused, hp, (maximize, decay, use_momentum, nesterov), p, g, (buf,), salt)
+
+
+def _sgd_kahan(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, *rest):
+    # rest: momentum_buffer (if momentum), then kahan_comp
+    kahan_update(_sgd_fused, hp, (maximize, decay, use_momentum, nesterov), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
@@ -70,7 +75,8 @@ class SGD(BF16State, FusedOptimizer):
     ``weight_decay=0``, ``nesterov=False``, keyword-only ``maximize=False``. ``fused``: see
     :class:`kernels.Adam`. ``foreach`` is accepted and ignored; ``differentiable=True`` is refused.
     ``state_dtype=torch.bfloat16`` (ours) keeps a float32 parameter's momentum buffer in bfloat16, stored
-    with stochastic rounding (see :class:`kernels.Adam`).
+    with stochastic rounding; ``kahan_sum=True`` (ours) compensates the rounding of bfloat16/float16
+    parameters (see :class:`kernels.Adam` for both).
 
     Example::
 
@@ -88,7 +94,8 @@ class SGD(BF16State, FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, state_dtype: torch.dtype | None = None) -> None:
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 kahan_sum: bool = False) -> None:
         check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -98,14 +105,18 @@ class SGD(BF16State, FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_selectors(type(self).__name__, differentiable=differentiable)
         check_state_dtype(type(self).__name__, state_dtype, False)
+        check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)
         if state_dtype is not None:
             defaults["state_dtype"] = state_dtype
+        if kahan_sum:
+            defaults["kahan_sum"] = True
         super().__init__(params, defaults, fused)
 
     Scalars = SGDScalars
     _bf16_update = staticmethod(_sgd_bf16_state)
+    _kahan_update = staticmethod(_sgd_kahan)
     _eager_update = staticmethod(_sgd_eager)
     _fused_update = staticmethod(_sgd_fused)
 

@@ -123,6 +123,11 @@ def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None
                     # the block size the codes were made with: the saved group's own, never assumed
                     check_codes(where, k, v, st.get(k + "_absmax"), saved.get("block_size"), p.numel(),
                                 opt._code_dtypes.get(k))
+            comp = st.get("kahan_comp")
+            if comp is not None and (not isinstance(comp, torch.Tensor) or comp.shape != p.shape
+                                     or not comp.is_floating_point()):
+                raise ValueError(f"{where}: 'kahan_comp' must be a floating-point tensor of the parameter's "
+                                 f"shape {tuple(p.shape)} (got {getattr(comp, 'shape', type(comp).__name__)})")
             if opt._step_in_state:
                 s = st.get("step")
                 if s is None or (isinstance(s, torch.Tensor) and s.numel() != 1):
