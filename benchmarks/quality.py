@@ -1,17 +1,23 @@
-"""``python -m benchmarks quality``: what 8-bit optimizer state costs and saves.
+"""``python -m benchmarks quality``: what 8-bit and bfloat16 optimizer state, and bfloat16 weights with Kahan
+compensation, cost and save.
 
-- State memory: the bytes ``kernels.Adam8bit`` and ``kernels.Adam(state_dtype=torch.bfloat16)`` keep per
-  parameter against fp32 Adam's (torch's fused Adam keeps the same 8 bytes as ``kernels.Adam``), on the
-  benchmark workloads' shapes, and one step's time against torch's fused Adam, measured interleaved in this
-  run.
-- Quality: real training runs with the same hyperparameters, fp32 ``kernels.AdamW`` against
-  ``kernels.AdamW8bit`` (defaults: blocks of 256, parameters under 4096 elements in float) and
-  ``kernels.AdamW(state_dtype=torch.bfloat16)``:
-  an MLP 64-256-256-10 on scikit-learn's bundled digits (75/25 split, 600 steps of batch 64, lr 1e-3), and
-  a character-level transformer language model (2 blocks, d=128, 4 heads, context 64) on the text of
-  Python's own standard-library sources (shipped with every Python), 1500 steps of batch 32, lr 3e-3;
-  validation loss every 50 steps, seeds 0 and 1 (digits: 0, 1, 2), the final validation loss averaged
-  over the seeds.
+- State memory and step time, per optimizer family (AdamW, SGD with momentum, RMSprop): the bytes
+  ``kernels.<X>8bit`` and ``kernels.<X>(state_dtype=torch.bfloat16)`` keep per parameter against fp32 state
+  (torch's keeps the same bytes as ours), and one step's time against ours in fp32 and torch's best path
+  (fused where torch has one), measured interleaved in this run, on the benchmark workloads' shapes.
+- Quality: real training runs with the same hyperparameters, each family's fp32 state against its 8-bit
+  (defaults: blocks of 256, parameters under 4096 elements in float) and bfloat16 state: an MLP
+  64-256-256-10 on scikit-learn's bundled digits (75/25 split, 600 steps of batch 64), and a
+  character-level transformer language model (2 blocks, d=128, 4 heads, context 64) on the text of Python's
+  own standard-library sources (shipped with every Python), 1500 steps of batch 32; validation loss every
+  50 steps, seeds 0 and 1 (digits: 0, 1, 2), the final validation loss averaged over the seeds. Learning
+  rates: AdamW 1e-3 / 3e-3 (digits / LM), SGD (momentum 0.9) 0.01 / 0.1, RMSprop 3e-4 / 1e-3 (each the
+  better of two or three tried with fp32 state).
+- bfloat16 weights (family ``bf16-weights``): the digits run with the model in bfloat16 (AdamW, lr 1e-3),
+  torch's behaviour (``torch.optim.AdamW``: every update rounded to the bfloat16 weight) against
+  ``kernels.AdamW(kahan_sum=True)``, with fp32 weights as the reference. Not the language model: a
+  bfloat16 transformer runs ~15x slower than a float32 one on a CPU without bfloat16 units (134 s per 100
+  steps here).
 
 Writes DIR/quality.md, DIR/quality.json and DIR/quality.png (the curves side by side, with matplotlib).
 """
@@ -42,32 +48,45 @@ def _state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
 
 
-def memory_rows(quick: bool, rounds: int) -> tuple[list[str], list[dict]]:
+# family -> (fp32 case, 8-bit case, torch's best path) in benchmarks.cases
+MEMORY_CASES = {"AdamW": ("Adam", "Adam8bit", "fused"), "SGD": ("SGD-momentum", "SGD8bit-momentum", "fused"),
+                "RMSprop": ("RMSprop", "RMSprop8bit", "foreach")}
+
+
+def memory_rows(quick: bool, rounds: int, families: list[str]) -> tuple[list[str], list[dict]]:
     shapes = {"one 10M tensor": [(10_000_000,)], "ResNet-50 shapes": resnet50_shapes(),
               "GPT-like 60M (2 blocks, d=1024)": gpt_shapes(2, 1024, 32000, 512)}
     if quick:
         shapes = {"one 100k tensor": [(100_000,)], "50 x 1k tensors": [(1000,)] * 50}
-    rows = ["| workload | state | state MB (fp32 Adam's) | ratio | bytes/param | step ms (torch fused Adam's) "
-            "| ratio |", "|---|---|---|---|---|---|---|"]
+    rows = ["| workload | optimizer | state | state MB (fp32's) | ratio | bytes/param | step ms | "
+            "ours fp32 ms | torch best ms (path) | step / torch best |", "|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for name, shp in shapes.items():
         n = sum(torch.Size(s).numel() for s in shp)
-        opts = {"8-bit": make_optimizer("Adam8bit", "ours", shp), "fused": make_optimizer("Adam", "fused", shp),
-                "bf16": make_optimizer("Adam", "ours", shp, state_dtype=torch.bfloat16)}
-        size = {k: _state_bytes(o) for k, o in opts.items()}
-        t = interleaved({k: o.step for k, o in opts.items()}, rounds)
-        for k in ("8-bit", "bf16"):
-            rows.append(f"| {name} ({n / 1e6:.1f}M) | {k} | {size[k] / 2**20:.1f} ({size['fused'] / 2**20:.1f}) | "
-                        f"**{size[k] / size['fused']:.3f}** | {size[k] / n:.2f} | {t[k] * 1e3:.2f} "
-                        f"({t['fused'] * 1e3:.2f}) | **{t[k] / t['fused']:.2f}** |")
-            print(rows[-1], flush=True)
-        out.append({"workload": name, "params": n, "state_bytes": size, "step_s": t})
-        del opts
+        for family in families:
+            if family not in MEMORY_CASES:
+                continue
+            fp32, q8, path = MEMORY_CASES[family]
+            opts = {"8-bit": make_optimizer(q8, "ours", shp), "fp32": make_optimizer(fp32, "ours", shp),
+                    "bf16": make_optimizer(fp32, "ours", shp, state_dtype=torch.bfloat16),
+                    "torch": make_optimizer(fp32, path, shp)}
+            size = {k: _state_bytes(o) for k, o in opts.items()}
+            t = interleaved({k: o.step for k, o in opts.items()}, rounds)
+            for k in ("8-bit", "bf16"):
+                rows.append(f"| {name} ({n / 1e6:.1f}M) | {fp32} | {k} | {size[k] / 2**20:.1f} "
+                            f"({size['fp32'] / 2**20:.1f}) | **{size[k] / size['fp32']:.3f}** | {size[k] / n:.2f} | "
+                            f"{t[k] * 1e3:.2f} | {t['fp32'] * 1e3:.2f} | {t['torch'] * 1e3:.2f} ({path}) | "
+                            f"**{t[k] / t['torch']:.2f}** |")
+                out.append({"workload": name, "optimizer": fp32, "state": k, "bytes": size[k],
+                            "fp32_bytes": size["fp32"], "ms": t[k] * 1e3, "fp32_ms": t["fp32"] * 1e3,
+                            "torch_ms": t["torch"] * 1e3, "torch_path": path})
+                print(rows[-1], flush=True)
+            del opts
     return rows, out
 
 
 # ---- quality runs ------------------------------------------------------------------------------------------
-def _digits(seed: int, opt_cls, steps: int) -> list[float]:
+def _digits(seed: int, opt_cls, steps: int, lr: float, dtype: torch.dtype = torch.float32) -> list[float]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -80,19 +99,20 @@ def _digits(seed: int, opt_cls, steps: int) -> list[float]:
     x = (x - mean) / std
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                              torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    opt = opt_cls(net.parameters(), lr=1e-3)
+                              torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(dtype)
+    x = x.to(dtype)
+    opt = opt_cls(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curve = []
     for step in range(1, steps + 1):
         idx = torch.randint(0, cut, (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        loss = torch.nn.functional.cross_entropy(net(x[idx]).float(), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % EVAL_EVERY == 0:
             with torch.no_grad():
-                curve.append(torch.nn.functional.cross_entropy(net(x[cut:]), y[cut:]).item())
+                curve.append(torch.nn.functional.cross_entropy(net(x[cut:]).float(), y[cut:]).item())
     return curve
 
 
@@ -120,14 +140,15 @@ class _CharLM(torch.nn.Module):
         return self.head(self.blocks(h, mask=self.mask, is_causal=True))
 
 
-def _charlm(seed: int, opt_cls, steps: int, context: int = 64, batch: int = 32) -> list[float]:
+def _charlm(seed: int, opt_cls, steps: int, lr: float, dtype: torch.dtype = torch.float32, context: int = 64,
+            batch: int = 32) -> list[float]:
     text = _corpus()
     chars = sorted(set(text))
     data = torch.tensor([chars.index(ch) for ch in text])
     cut = int(0.9 * len(data))
     torch.manual_seed(seed)
-    model = _CharLM(len(chars), context=context)
-    opt = opt_cls(model.parameters(), lr=3e-3)
+    model = _CharLM(len(chars), context=context).to(dtype)
+    opt = opt_cls(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     val_starts = torch.arange(cut, len(data) - context - 1, (len(data) - cut) // 64)[:64]
 
@@ -138,38 +159,65 @@ def _charlm(seed: int, opt_cls, steps: int, context: int = 64, batch: int = 32) 
     curve = []
     for step in range(1, steps + 1):
         x, y = xy(torch.randint(0, cut - context - 1, (batch,), generator=gen))
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % EVAL_EVERY == 0:
             with torch.no_grad():
                 vx, vy = xy(val_starts)
-                curve.append(torch.nn.functional.cross_entropy(model(vx).flatten(0, 1), vy.flatten()).item())
+                curve.append(torch.nn.functional.cross_entropy(model(vx).flatten(0, 1).float(),
+                                                               vy.flatten()).item())
     return curve
 
 
-def quality_rows(quick: bool) -> tuple[list[str], dict]:
+TASKS = ("digits MLP", "char transformer LM")
+# family -> (variants: label -> (optimizer factory, weights dtype), learning rate per task)
+FAMILIES = {
+    "AdamW": ({"fp32 state": (kernels.AdamW, torch.float32), "8-bit": (kernels.AdamW8bit, torch.float32),
+               "bf16 state": (functools.partial(kernels.AdamW, state_dtype=torch.bfloat16), torch.float32)},
+              (1e-3, 3e-3)),
+    "SGD": ({"fp32 state": (functools.partial(kernels.SGD, momentum=0.9), torch.float32),
+             "8-bit": (functools.partial(kernels.SGD8bit, momentum=0.9), torch.float32),
+             "bf16 state": (functools.partial(kernels.SGD, momentum=0.9, state_dtype=torch.bfloat16), torch.float32)},
+            (0.01, 0.1)),
+    "RMSprop": ({"fp32 state": (kernels.RMSprop, torch.float32), "8-bit": (kernels.RMSprop8bit, torch.float32),
+                 "bf16 state": (functools.partial(kernels.RMSprop, state_dtype=torch.bfloat16), torch.float32)},
+                (3e-4, 1e-3)),
+    "bf16-weights": ({"fp32 weights": (kernels.AdamW, torch.float32),
+                      "bf16 weights (torch.optim.AdamW)": (torch.optim.AdamW, torch.bfloat16),
+                      "bf16 weights + kahan_sum": (functools.partial(kernels.AdamW, kahan_sum=True), torch.bfloat16)},
+                     (1e-3, None)),  # a bfloat16 transformer runs ~15x slower than float32 on a CPU without bf16 units
+
+}
+
+
+def quality_rows(quick: bool, families: list[str]) -> tuple[list[str], dict]:
     runs = {"digits MLP": (_digits, (0, 1, 2), 100 if quick else 600),
             "char transformer LM": (_charlm, (0,) if quick else (0, 1), 100 if quick else 1500)}
-    opts = {"AdamW (fp32 state)": kernels.AdamW, "AdamW8bit": kernels.AdamW8bit,
-            "AdamW (bf16 state)": functools.partial(kernels.AdamW, state_dtype=torch.bfloat16)}
-    rows = ["| task | steps | seeds | final val loss: fp32 AdamW | AdamW8bit (vs fp32) | bf16 state (vs fp32) "
-            "| wall s: fp32 / 8-bit / bf16 (not a speed comparison) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| family | task | steps | seeds | lr | final val loss: reference | variant 2 (vs reference) "
+            "| variant 3 (vs reference) | wall s per variant (not a speed comparison) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     curves: dict = {}
-    for task, (fn, seeds, steps) in runs.items():
-        finals, times = {}, {}
-        for label, cls in opts.items():
-            t0 = time.perf_counter()
-            per_seed = [fn(seed, cls, steps) for seed in seeds]
-            times[label] = time.perf_counter() - t0
-            curves.setdefault(task, {})[label] = [sum(c[i] for c in per_seed) / len(per_seed)
-                                                  for i in range(len(per_seed[0]))]
-            finals[label] = sum(c[-1] for c in per_seed) / len(per_seed)
-        a, b, c = finals.values()
-        rows.append(f"| {task} | {steps} | {len(seeds)} | {a:.4f} | {b:.4f} (**{(b - a) / a:+.2%}**) | "
-                    f"{c:.4f} (**{(c - a) / a:+.2%}**) | {' / '.join(f'{t:.0f}' for t in times.values())} |")
-        print(rows[-1], flush=True)
+    for family in families:
+        variants, lrs = FAMILIES[family]
+        for task, lr in zip(TASKS, lrs):
+            if lr is None:
+                continue
+            fn, seeds, steps = runs[task]
+            finals, times = {}, {}
+            for label, (cls, dtype) in variants.items():
+                t0 = time.perf_counter()
+                per_seed = [fn(seed, cls, steps, lr, dtype) for seed in seeds]
+                times[label] = time.perf_counter() - t0
+                curves.setdefault(f"{family}: {task}", {})[label] = [
+                    sum(c[i] for c in per_seed) / len(per_seed) for i in range(len(per_seed[0]))]
+                finals[label] = sum(c[-1] for c in per_seed) / len(per_seed)
+            (la, a), (lb, b), (lc, c) = finals.items()
+            rows.append(f"| {family} | {task} | {steps} | {len(seeds)} | {lr:g} | {la}: {a:.4f} | "
+                        f"{lb}: {b:.4f} (**{(b - a) / a:+.2%}**) | {lc}: {c:.4f} (**{(c - a) / a:+.2%}**) | "
+                        f"{' / '.join(f'{t:.0f}' for t in times.values())} |")
+            print(rows[-1], flush=True)
     return rows, curves
 
 
@@ -180,8 +228,12 @@ def _plot(curves: dict, path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no quality.png"
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6))
-    for ax, (task, by_opt) in zip(axes, curves.items()):
+    cols = 2
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (task, by_opt) in zip(axes.flat, curves.items()):
         for label, curve in by_opt.items():
             ax.plot([EVAL_EVERY * (i + 1) for i in range(len(curve))], curve, label=label)
         ax.set_title(task)
@@ -199,14 +251,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and runs (checks it runs)")
     ap.add_argument("--out", default="benchmark-report", help="directory for the report (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                    help="optimizer families to run (default: all)")
+    ap.add_argument("--skip-memory", action="store_true", help="no state-memory and step-time table")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     rounds = args.rounds or (3 if args.quick else 15)
     where = f"{platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}"
     header = [f"Machine: {where}. Command: python -m benchmarks quality {' '.join(argv)}".rstrip(), ""]
     print("\n".join(header), flush=True)
-    mem, mem_json = memory_rows(args.quick, rounds)
-    qual, curves = quality_rows(args.quick)
+    mem, mem_json = ([], []) if args.skip_memory else memory_rows(args.quick, rounds, args.families)
+    qual, curves = quality_rows(args.quick, args.families)
     os.makedirs(args.out, exist_ok=True)
     note = _plot(curves, os.path.join(args.out, "quality.png"))
     with open(os.path.join(args.out, "quality.json"), "w") as fh:
