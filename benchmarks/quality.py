@@ -254,6 +254,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
                     help="optimizer families to run (default: all)")
     ap.add_argument("--skip-memory", action="store_true", help="no state-memory and step-time table")
+    ap.add_argument("--skip-training", action="store_true", help="only the state-memory and step-time table")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     rounds = args.rounds or (3 if args.quick else 15)
@@ -261,9 +262,9 @@ def main(argv: list[str]) -> int:
     header = [f"Machine: {where}. Command: python -m benchmarks quality {' '.join(argv)}".rstrip(), ""]
     print("\n".join(header), flush=True)
     mem, mem_json = ([], []) if args.skip_memory else memory_rows(args.quick, rounds, args.families)
-    qual, curves = quality_rows(args.quick, args.families)
+    qual, curves = ([], {}) if args.skip_training else quality_rows(args.quick, args.families)
     os.makedirs(args.out, exist_ok=True)
-    note = _plot(curves, os.path.join(args.out, "quality.png"))
+    note = _plot(curves, os.path.join(args.out, "quality.png")) if curves else "no training runs: no quality.png"
     with open(os.path.join(args.out, "quality.json"), "w") as fh:
         json.dump({"machine": where, "memory": mem_json, "curves": curves}, fh, indent=2, default=float)
     with open(os.path.join(args.out, "quality.md"), "w") as fh:

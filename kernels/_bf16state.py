@@ -136,12 +136,38 @@ def _generic_step(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], 
     fn(hp, *flags, *tensors)
 
 
+def _native_sgd_rmsprop(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, step: int) -> bool:
+    """SGD's or RMSprop's bfloat16-state step by the C kernel (False where it cannot serve: not the CPU, a
+    gradient read where it lies that is not contiguous, no compiler)."""
+    p, g = run["param"], run["grad"]
+    if p.device.type != "cpu" or g.dtype != torch.float32 or not g.is_contiguous():
+        return False
+    lib = _native.library()
+    if lib is None:
+        return False
+    n = g.numel()
+    hp32 = _native.floats(tuple(s))
+    ptr = {k: v.data_ptr() for k, v in run.items()}
+    if "square_avg" in run:  # RMSprop
+        maximize, decay, use_momentum, centered = flags
+        lib.rmsprop_bf16state(ptr["param"], ptr["grad"], ptr["square_avg"], ptr.get("momentum_buffer"),
+                              ptr.get("grad_avg"), n, start, step, ctypes.addressof(hp32), int(maximize),
+                              int(decay), int(use_momentum), int(centered), _native.threads(n))
+    else:  # SGD with momentum (without, there is no state and no bfloat16 bucket)
+        maximize, decay, _, nesterov = flags
+        lib.sgd_bf16state(ptr["param"], ptr["grad"], ptr["momentum_buffer"], n, start, step,
+                          ctypes.addressof(hp32), int(maximize), int(decay), int(nesterov), _native.threads(n))
+    return True
+
+
 def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
     """One run's update: on the CPU the C kernel (``_native.c``, the same bits), else the torch ops,
     compiled when the optimizer's ``fused`` allows."""
     p = run["param"]
     if type(opt)._bf16_update is not None:  # SGD, RMSprop: their own update on float32 copies
-        _generic_step(opt, s, flags, run, p.storage_offset() - bucket.flat_param.storage_offset(), bucket)
+        start = p.storage_offset() - bucket.flat_param.storage_offset()
+        if not (opt._fused and _native_sgd_rmsprop(opt, s, flags, run, start, bucket.current_step)):
+            _generic_step(opt, s, flags, run, start, bucket)
         return
     _, maximize, wd_mode = flags
     q = Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay, s.decay_factor,

@@ -475,3 +475,110 @@ void adam_bf16state(float *p, const float *g, uint16_t *m, uint16_t *v, int64_t 
                     const float *hp, int maximize, int wd_mode, int nthreads) {
     BF16_KERNELS[maximize != 0][wd_mode](p, g, m, v, n, start, step, hp, nthreads);
 }
+
+/* ---- SGD and RMSprop with bfloat16 state: kernels/_sgd.py's and _rmsprop.py's float32 fused updates on the
+ * state read as float32, each new state stored with stochastic rounding. The random bits of state j (in the
+ * order square_avg, momentum_buffer, grad_avg of those present) are the low (even j) or high (odd j) half
+ * of hash32(position, step + (j / 2) 2^30), as kernels/_bf16state.py's bf16_state_update. */
+INLINE float lerp32(float a, float b, float w) { /* torch.lerp's formula */
+    return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
+/* hp: lr, weight_decay, momentum_now (0 on the first step), keep (1 - dampening; 1 on the first step),
+ * momentum, first */
+INLINE void sgd_bf16(float *restrict p, const float *restrict g, uint16_t *restrict buf, const int maximize,
+                     const int decay, const int nesterov, int64_t lo, int64_t len, int64_t start, int64_t step,
+                     const float *hp) {
+    const float lr = hp[0], wd = hp[1], now = hp[2], keep = hp[3], mom = hp[4];
+    for (int64_t i = lo; i < lo + len; i++) {
+        float gi = g[i];
+        const float pi = p[i];
+        if (maximize) gi = -gi;
+        if (decay) gi = gi + wd * pi;
+        const float b = bf16_load(buf, i) * now + gi * keep;
+        const float u = nesterov ? gi + mom * b : b;
+        p[i] = pi - lr * u;
+        buf[i] = bf16_stochastic(b, hash32((uint64_t)(start + i), (uint64_t)step) & 0xFFFFu);
+    }
+}
+
+/* hp: lr, alpha, one_minus_alpha, eps, weight_decay, momentum */
+INLINE void rmsprop_bf16(float *restrict p, const float *restrict g, uint16_t *restrict sa, uint16_t *restrict mb,
+                         uint16_t *restrict ga, const int maximize, const int decay, const int use_mom,
+                         const int centered, int64_t lo, int64_t len, int64_t start, int64_t step, const float *hp) {
+    const float lr = hp[0], alpha = hp[1], oma = hp[2], eps = hp[3], wd = hp[4], mom = hp[5];
+    for (int64_t i = lo; i < lo + len; i++) {
+        float gi = g[i];
+        const float pi = p[i];
+        if (maximize) gi = -gi;
+        if (decay) gi = gi + wd * pi;
+        const float sq = bf16_load(sa, i) * alpha + (oma * gi) * gi;
+        const uint32_t h = hash32((uint64_t)(start + i), (uint64_t)step);
+        float avg;
+        if (centered) {
+            const float a = lerp32(bf16_load(ga, i), gi, oma);
+            avg = sqrtf(sq - a * a) + eps;
+            const uint32_t bits = use_mom ? hash32((uint64_t)(start + i), (uint64_t)step + (1ULL << 30)) & 0xFFFFu
+                                          : h >> 16;
+            ga[i] = bf16_stochastic(a, bits);
+        } else {
+            avg = sqrtf(sq) + eps;
+        }
+        if (use_mom) {
+            const float b = bf16_load(mb, i) * mom + gi / avg;
+            p[i] = pi - lr * b;
+            mb[i] = bf16_stochastic(b, h >> 16);
+        } else {
+            p[i] = pi - (lr * gi) / avg;
+        }
+        sa[i] = bf16_stochastic(sq, h & 0xFFFFu);
+    }
+}
+
+#define CHUNKED(BODY)                                                                                       \
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)")                   \
+    for (int64_t c = 0; c < chunks; c++) {                                                                 \
+        const int64_t lo = c * CHUNK, len = n - lo < CHUNK ? n - lo : CHUNK;                               \
+        BODY;                                                                                              \
+    }
+#define SGD_BF16(NAME, MAX, DECAY, NESTEROV)                                                                \
+    static void NAME(float *p, const float *g, uint16_t *buf, int64_t n, int64_t start, int64_t step,       \
+                     const float *hp, int nthreads) {                                                      \
+        CHUNKED(sgd_bf16(p, g, buf, MAX, DECAY, NESTEROV, lo, len, start, step, hp))                       \
+    }
+SGD_BF16(sb_000, 0, 0, 0) SGD_BF16(sb_001, 0, 0, 1) SGD_BF16(sb_010, 0, 1, 0) SGD_BF16(sb_011, 0, 1, 1)
+SGD_BF16(sb_100, 1, 0, 0) SGD_BF16(sb_101, 1, 0, 1) SGD_BF16(sb_110, 1, 1, 0) SGD_BF16(sb_111, 1, 1, 1)
+typedef void (*sgd_bf16_t)(float *, const float *, uint16_t *, int64_t, int64_t, int64_t, const float *, int);
+static const sgd_bf16_t SGD_BF16_KERNELS[2][2][2] = {{{sb_000, sb_001}, {sb_010, sb_011}},
+                                                     {{sb_100, sb_101}, {sb_110, sb_111}}};
+
+void sgd_bf16state(float *p, const float *g, uint16_t *buf, int64_t n, int64_t start, int64_t step,
+                   const float *hp, int maximize, int decay, int nesterov, int nthreads) {
+    SGD_BF16_KERNELS[maximize != 0][decay != 0][nesterov != 0](p, g, buf, n, start, step, hp, nthreads);
+}
+
+#define RMSPROP_BF16(NAME, MAX, DECAY, MOM, CENTERED)                                                       \
+    static void NAME(float *p, const float *g, uint16_t *sa, uint16_t *mb, uint16_t *ga, int64_t n,         \
+                     int64_t start, int64_t step, const float *hp, int nthreads) {                         \
+        CHUNKED(rmsprop_bf16(p, g, sa, mb, ga, MAX, DECAY, MOM, CENTERED, lo, len, start, step, hp))       \
+    }
+RMSPROP_BF16(rb_0000, 0, 0, 0, 0) RMSPROP_BF16(rb_0001, 0, 0, 0, 1) RMSPROP_BF16(rb_0010, 0, 0, 1, 0)
+RMSPROP_BF16(rb_0011, 0, 0, 1, 1) RMSPROP_BF16(rb_0100, 0, 1, 0, 0) RMSPROP_BF16(rb_0101, 0, 1, 0, 1)
+RMSPROP_BF16(rb_0110, 0, 1, 1, 0) RMSPROP_BF16(rb_0111, 0, 1, 1, 1) RMSPROP_BF16(rb_1000, 1, 0, 0, 0)
+RMSPROP_BF16(rb_1001, 1, 0, 0, 1) RMSPROP_BF16(rb_1010, 1, 0, 1, 0) RMSPROP_BF16(rb_1011, 1, 0, 1, 1)
+RMSPROP_BF16(rb_1100, 1, 1, 0, 0) RMSPROP_BF16(rb_1101, 1, 1, 0, 1) RMSPROP_BF16(rb_1110, 1, 1, 1, 0)
+RMSPROP_BF16(rb_1111, 1, 1, 1, 1)
+typedef void (*rmsprop_bf16_t)(float *, const float *, uint16_t *, uint16_t *, uint16_t *, int64_t, int64_t,
+                               int64_t, const float *, int);
+static const rmsprop_bf16_t RMSPROP_BF16_KERNELS[2][2][2][2] = {
+    {{{rb_0000, rb_0001}, {rb_0010, rb_0011}}, {{rb_0100, rb_0101}, {rb_0110, rb_0111}}},
+    {{{rb_1000, rb_1001}, {rb_1010, rb_1011}}, {{rb_1100, rb_1101}, {rb_1110, rb_1111}}}};
+
+/* sa: square_avg; mb: momentum_buffer (unused without momentum); ga: grad_avg (unused unless centered) */
+void rmsprop_bf16state(float *p, const float *g, uint16_t *sa, uint16_t *mb, uint16_t *ga, int64_t n,
+                       int64_t start, int64_t step, const float *hp, int maximize, int decay, int momentum,
+                       int centered, int nthreads) {
+    RMSPROP_BF16_KERNELS[maximize != 0][decay != 0][momentum != 0][centered != 0](p, g, sa, mb, ga, n, start, step,
+                                                                                   hp, nthreads);
+}

@@ -633,3 +633,33 @@ def test_block_size_one_round_trips():
     w = model[0].weight
     assert opt2.param_groups[0]["block_size"] == 1
     assert torch.equal(opt2.state[w]["exp_avg_absmax"], opt.state[w]["exp_avg_absmax"])
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler: the torch-op path is the only one")
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", dict(lr=0.1, momentum=0.9)), ("SGD", dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.01,
+                                                      maximize=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3)), ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True, maximize=True)),
+    ("RMSprop", dict(lr=0.01, centered=True, weight_decay=0.1)), ("RMSprop", dict(lr=0.01, momentum=0.9, alpha=0.3)),
+])
+def test_bf16_state_c_kernels_give_the_torch_op_paths_bits(name, kwargs, monkeypatch):
+    """SGD's and RMSprop's bfloat16-state C kernels (the CPU default) compute the same bits as their float32
+    fused update in torch ops with the documented stochastic rounding (OPTADVISOR_NATIVE=0), over gradients
+    read in the buffer and where they lie, at an offset into the buffer (the random bits' positions)."""
+    runs = []
+    for native in (True, False):
+        monkeypatch.setenv(_native.ENV_VAR, "1" if native else "0")
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (301, 70_001)]
+        opt = with_threshold(getattr(kernels, name), 1 << 16)(params, state_dtype=torch.bfloat16, **kwargs)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        _assert_bits(a.detach(), b.detach(), "param")
+        for key, value in oa.state[a].items():
+            _assert_bits(value, ob.state[b][key], key)
