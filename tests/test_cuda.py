@@ -228,7 +228,7 @@ def test_fsdp2_on_nccl_equals_torch_fused_and_reports_step_time(tmp_path):
 def test_adam8bit_on_cuda_follows_the_reference(dtype):
     """kernels.AdamW8bit on CUDA (the torch-op path, compiled): parameters within an ulp-level tolerance of the
     CPU reference of the same algorithm, and codes equal except where a rounding tie moved one level."""
-    from test_quantized import Reference
+    from q8reference import Reference
 
     torch.manual_seed(0)
     cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((5000,), (70, 130), (3,))]
@@ -246,3 +246,49 @@ def test_adam8bit_on_cuda_follows_the_reference(dtype):
         codes = opt.state[p]["exp_avg"].cpu().reshape(-1).int()
         assert (codes - ref.state[i]["cm"].int()).abs().max() <= 1
         assert (codes != ref.state[i]["cm"].int()).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["SGD8bit", "RMSprop8bit"])
+def test_sgd_rmsprop_8bit_on_cuda_follow_the_reference(name, dtype):
+    """kernels.SGD8bit / RMSprop8bit on CUDA (the torch-op path, compiled): within an ulp-level tolerance of
+    the CPU reference of the same algorithm, codes within one level."""
+    from q8reference import RMSpropReference, SGDReference
+
+    ref_cls, kw, key = {"SGD8bit": (SGDReference, dict(lr=0.05, momentum=0.9, nesterov=True), "cb"),
+                        "RMSprop8bit": (RMSpropReference, dict(lr=1e-3, momentum=0.9), "cb")}[name]
+    torch.manual_seed(0)
+    cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((5000,), (70, 130), (3,))]
+    gpu = [torch.nn.Parameter(p.detach().to(DEVICE)) for p in cpu]
+    opt = getattr(kernels, name)(gpu, min_8bit_size=0, block_size=256, **kw)
+    ref = ref_cls(cpu, block_size=256, **kw)
+    for _ in range(5):
+        grads = [torch.randn(p.shape).to(dtype) for p in cpu]
+        for p, g in zip(gpu, grads):
+            p.grad = g.to(DEVICE)
+        opt.step()
+        ref.step(grads)
+    for i, p in enumerate(gpu):
+        torch.testing.assert_close(p.detach().cpu(), ref.params[i], **TOLERANCES[dtype])
+        codes = opt.state[p]["momentum_buffer"].cpu().reshape(-1).int()
+        assert (codes - ref.state[i][key].int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "RMSprop"])
+def test_kahan_sum_on_cuda_matches_the_cpu(name):
+    """kahan_sum=True with bfloat16 parameters on CUDA: param + kahan_comp within the compensation's rounding
+    of the same steps on the CPU."""
+    kw = {"AdamW": dict(lr=1e-3), "SGD": dict(lr=1e-2, momentum=0.9), "RMSprop": dict(lr=1e-3)}[name]
+    torch.manual_seed(0)
+    cpu = torch.nn.Parameter(torch.randn(70_001).bfloat16())
+    gpu = torch.nn.Parameter(cpu.detach().to(DEVICE))
+    a = getattr(kernels, name)([cpu], kahan_sum=True, **kw)
+    b = getattr(kernels, name)([gpu], kahan_sum=True, **kw)
+    for _ in range(5):
+        g = (torch.randn(70_001) * 0.1).bfloat16()
+        cpu.grad, gpu.grad = g, g.to(DEVICE)
+        a.step()
+        b.step()
+    total_cpu = cpu.detach().float() + a.state[cpu]["kahan_comp"].float()
+    total_gpu = (gpu.detach().float() + b.state[gpu]["kahan_comp"].float()).cpu()
+    torch.testing.assert_close(total_gpu, total_cpu, rtol=2.0 ** -15, atol=1e-6)
