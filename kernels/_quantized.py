@@ -410,8 +410,9 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of an 8-bit optimizer's ``state_dict()`` with every quantized moment as float32 (its
-    ``*_absmax`` scales dropped), which ``torch.optim.Adam``/``AdamW`` load. Float state is kept as is."""
+    """A copy of an 8-bit optimizer's ``state_dict()`` with every quantized state tensor as float32 (its
+    ``*_absmax`` scales dropped), which ``torch.optim.Adam``/``AdamW``/``SGD``/``RMSprop`` load. Float state
+    is kept as is."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')")
     block_of = {pid: g.get("block_size") for g in state_dict["param_groups"] for pid in g["params"]}
