@@ -192,6 +192,8 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
     adam_bf16_state_update(hp, maximize, wd_mode, *tensors)
 
 
+# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines: the hash
+# and the rounding too, or every compiled bfloat16-state update falls back to eager under mutmut)
 def random_bits(index: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two sets of 16 pseudo-random bits per element (int32 in [0, 65535]: the hash's low and high halves)
     from int64 positions and the step count."""
@@ -210,7 +212,6 @@ def stochastic_round(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() < float("inf"), kept.view(torch.float32), x).to(torch.bfloat16)
 
 
-# pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def bf16_state_update(fused_update: Any, hp: torch.Tensor, flags: tuple, p, g, states: tuple, salt):
     """Any optimizer's float32 update (its ``_fused_update``) on float32 copies of bfloat16 state, stored
     back with stochastic rounding: state ``j`` takes the low (even ``j``) or high (odd ``j``) half of the
