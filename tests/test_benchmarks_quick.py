@@ -23,3 +23,19 @@ def test_benchmark_report_quick(tmp_path):
     assert all(r["ratio"] > 0 for r in results)
     bench = json.loads((out / "pytest-benchmark.json").read_text())
     assert len(bench["benchmarks"]) > 20
+
+
+def test_quality_report_quick(tmp_path):
+    """``python -m benchmarks quality --quick`` for two families: the memory table, the training rows and the
+    curves are written (a smoke test: the numbers are the report's, nothing is asserted about them)."""
+    out = tmp_path / "quality"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "quality", "--quick", "--rounds", "1", "--families",
+                           "RMSprop", "bf16-weights", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "quality.md").read_text()
+    for needle in ("| RMSprop | 8-bit |", "| RMSprop | bf16 |", "| RMSprop | digits MLP |",
+                   "| RMSprop | char transformer LM |", "bf16 weights + kahan_sum"):
+        assert needle in report, needle
+    curves = json.loads((out / "quality.json").read_text())["curves"]
+    assert set(curves) == {"RMSprop: digits MLP", "RMSprop: char transformer LM", "bf16-weights: digits MLP"}
