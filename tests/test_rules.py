@@ -541,3 +541,21 @@ def test_conclusions_show_values_when_fired_and_expressions_when_undecided(tmp_p
     assert fired.concluded == ["SGD +1", "SGD.lr = 0.5", "SGD.momentum x 0.25"]
     (undecided,) = rec.unknown
     assert undecided.would == ["SGD.weight_decay = label_noise / 10", "SGD.lr x label_noise * 2"]
+
+
+def test_fact_types_are_read_off_the_profile_fields():
+    """Each TaskProfile field's rule-language type, derived at call time (FACT_TYPES is this, computed at
+    import): Literal -> str, bool -> bool, int/float (optional or not) -> number, list -> list[number]."""
+    from advisor._profile import fact_types
+
+    expect = {"task": "str", "n_samples": "number", "n_features": "number", "feature_sparsity": "number",
+              "n_classes": "number", "class_counts": "list[number]", "class_imbalance": "number",
+              "target_outlier_fraction": "number", "target_scale": "number", "label_noise": "number",
+              "model_kind": "str", "n_params": "number", "memory_gb": "number", "batch_size": "number",
+              "nonstationary": "bool", "needs_probabilities": "bool", "tuning_budget": "number", "goal": "str",
+              "teacher_for_distillation": "bool", "diverged": "bool", "exploding_gradients": "bool",
+              "plateau": "bool", "noisy_loss": "bool", "overfitting": "bool", "loss_rising": "bool",
+              "lr_too_low": "bool", "grad_norm_p90": "number", "last_lr": "number"}
+    assert fact_types() == expect
+    assert list(fact_types()) == list(expect)  # the fields' order
+    assert FACT_TYPES == expect
