@@ -43,9 +43,9 @@ class DataProfile(BaseModel):
 
 
 def _batches(X: Any, y: Any, batch: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if y is None:  # a Dataset or DataLoader of (x, y) pairs
+    if y is None:  # a Dataset of (x, y) samples, or a DataLoader of (x, y) batches
         loader = X
-        if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.utils.data.IterableDataset):
+        if isinstance(X, torch.utils.data.Dataset):  # map-style or iterable: batched here
             loader = torch.utils.data.DataLoader(X, batch_size=1024)
         for item in loader:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
@@ -195,9 +195,9 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
             task, why = "classification", (f"the target takes {n_distinct} distinct integer values "
                                            f"(<= max(20, sqrt(n)) = {max(20, int(math.sqrt(n)))}): classes")
         else:
-            task, why = "regression", (f"the target has {'over ' if n_distinct > _DISTINCT_CAP else ''}"
-                                       f"{n_distinct} distinct {'integer' if integral else 'real'} values: "
-                                       "a quantity to predict")
+            many = f"more than {_DISTINCT_CAP:,}" if n_distinct > _DISTINCT_CAP else str(n_distinct)
+            task, why = "regression", (f"the target has {many} distinct {'integer' if integral else 'real'} "
+                                       "values: a quantity to predict")
     else:
         why = "given by the caller"
     facts["task"] = task

@@ -1,0 +1,266 @@
+"""profile_data's facts and evidence exactly: each model kind and why, the free-memory reading (CPU and CUDA,
+and where it cannot be read), quantiles, batching of tensors, Datasets (map-style and iterable) and
+DataLoaders, the task inference's edges, and the evidence strings character for character."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import advisor._data as data
+from advisor import profile_data
+
+
+# ---- the model: its kind, trainable size and free memory ------------------------------------------------------
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(8, 2)
+        self.conv = torch.nn.Conv1d(1, 1, 3)
+
+
+class _RecurrentConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.GRU(4, 4)
+        self.conv = torch.nn.Conv2d(1, 1, 3)
+
+
+MODELS = [
+    (lambda: torch.nn.TransformerEncoderLayer(8, 2, 16), "transformer", "it has attention layers"),
+    (lambda: torch.nn.TransformerDecoderLayer(8, 2, 16), "transformer", "it has attention layers"),
+    (_Attention, "transformer", "it has attention layers"),
+    (lambda: torch.nn.LSTM(6, 4), "rnn", "it has recurrent layers (RNN/LSTM/GRU)"),
+    (lambda: torch.nn.RNN(6, 4), "rnn", "it has recurrent layers (RNN/LSTM/GRU)"),
+    (_RecurrentConv, "rnn", "it has recurrent layers (RNN/LSTM/GRU)"),
+    (lambda: torch.nn.Conv1d(1, 2, 3), "cnn", "it has convolution layers"),
+    (lambda: torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)), "cnn",
+     "it has convolution layers"),
+    (lambda: torch.nn.Linear(6, 4), "linear", "it is a single Linear layer"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Sigmoid()), "linear", "it is a single Linear layer"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Dropout()), "other",
+     "no attention, recurrent, convolution or Linear layers recognized"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), "mlp",
+     "it stacks 2 Linear layers"),
+    (lambda: torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(5)]), "mlp", "it stacks 5 Linear layers"),
+    (lambda: torch.nn.Embedding(10, 4), "other", "no attention, recurrent, convolution or Linear layers recognized"),
+]
+
+
+@pytest.mark.parametrize("make, kind, why", MODELS, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(MODELS)])
+def test_each_model_kind_and_its_evidence(make, kind, why, monkeypatch):
+    monkeypatch.setattr(data, "_free_memory", lambda device: (1.5, "1.5 GiB free somewhere"))
+    model = make()
+    n = sum(p.numel() for p in model.parameters())
+    facts, evidence = data._model_facts(model)
+    assert facts == {"n_params": n, "model_kind": kind, "memory_gb": 1.5}
+    assert evidence == {"n_params": f"{n:,} trainable parameters", "model_kind": f"{kind}: {why}",
+                        "memory_gb": "1.5 GiB free somewhere"}
+
+
+def test_only_trainable_parameters_count_and_unreadable_memory_is_left_out(monkeypatch):
+    monkeypatch.setattr(data, "_free_memory", lambda device: None)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 3))
+    model[0].weight.requires_grad_(False)
+    facts, evidence = data._model_facts(model)
+    assert facts == {"n_params": 1000 + 3003, "model_kind": "mlp"}
+    assert evidence["n_params"] == "4,003 trainable parameters" and "memory_gb" not in evidence
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^profile_data: the model has no trainable parameters$"):
+        data._model_facts(model)
+
+
+def _meminfo(text):
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/meminfo"
+        if isinstance(text, Exception):
+            raise text
+        return io.StringIO(text)
+    return fake_open
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("MemTotal:       8388608 kB\nMemFree:     1 kB\nMemAvailable:    3145728 kB\nBuffers: 5 kB\n",
+     (3.0, "3.0 GiB available on the host (/proc/meminfo MemAvailable)")),
+    ("MemAvailable: 1572864 kB\n", (1.5, "1.5 GiB available on the host (/proc/meminfo MemAvailable)")),
+    ("MemTotal: 8388608 kB\nMemFree: 4194304 kB\n", None),   # an old kernel: no MemAvailable
+    ("MemAvailable: lots kB\n", None),
+    (OSError("no /proc here"), None),
+])
+def test_free_memory_on_the_cpu_reads_memavailable(text, expect, monkeypatch):
+    monkeypatch.setattr(data, "open", _meminfo(text), raising=False)
+    assert data._free_memory(torch.device("cpu")) == expect
+
+
+def test_free_memory_on_cuda_and_elsewhere(monkeypatch):
+    seen = []
+
+    def mem_get_info(device):
+        seen.append(device)
+        return 3 * 2**30 + 2**29, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert data._free_memory(torch.device("cuda", 1)) == (3.5, "3.5 GiB free on cuda:1 (torch.cuda.mem_get_info)")
+    assert seen == [torch.device("cuda", 1)]
+
+    def broken(device):
+        raise RuntimeError("CUDA driver version is insufficient")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert data._free_memory(torch.device("cuda")) is None
+    assert data._free_memory(torch.device("meta")) is None
+
+
+# ---- quantiles and batches ------------------------------------------------------------------------------------
+def test_quantiles_interpolate_linearly():
+    assert math.isnan(data._quantile([], 0.5))
+    assert data._quantile([5.0], 0.0) == data._quantile([5.0], 0.9) == 5.0
+    v = [1.0, 2.0, 3.0, 4.0]
+    assert [data._quantile(v, q) for q in (0.0, 0.25, 0.5, 0.75, 1.0)] == [1.0, 1.75, 2.5, 3.25, 4.0]
+    assert data._quantile([0.0, 10.0, 30.0], 0.75) == 20.0
+
+
+def test_tensors_come_in_batches_of_the_given_size():
+    X, y = torch.arange(14.0).view(7, 2), torch.arange(7)
+    got = list(data._batches(X, y, batch=3))
+    assert [tuple(xb.shape) for xb, _ in got] == [(3, 2), (3, 2), (1, 2)]
+    assert torch.equal(torch.cat([yb for _, yb in got]), y) and torch.equal(torch.cat([xb for xb, _ in got]), X)
+    assert [tuple(xb.shape) for xb, _ in data._batches(X, y)] == [(7, 2)]  # 65,536 by default
+
+
+class _Samples(torch.utils.data.IterableDataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(0)
+        for i in range(self.n):
+            yield torch.randn(6, generator=gen), torch.tensor(i % 3)
+
+
+def test_datasets_are_batched_and_loaders_are_read_as_they_batch():
+    """A map-style or iterable Dataset yields samples and is batched by 1,024; a DataLoader's batches are
+    read as they come; a loader that does not yield (features, target) pairs is refused."""
+    X, y = torch.randn(2500, 6), torch.randint(0, 3, (2500,))
+    ds = torch.utils.data.TensorDataset(X, y)
+    assert [xb.shape[0] for xb, _ in data._batches(ds, None)] == [1024, 1024, 452]
+    loader = torch.utils.data.DataLoader(ds, batch_size=700)
+    assert [xb.shape[0] for xb, _ in data._batches(loader, None)] == [700, 700, 700, 400]
+    assert [xb.shape[0] for xb, _ in data._batches(_Samples(1500), None)] == [1024, 476]
+    prof = profile_data(_Samples(300))
+    assert (prof.facts.n_samples, prof.facts.n_features, prof.facts.class_counts) == (300, 6, [100, 100, 100])
+    with pytest.raises(ValueError, match=r"^profile_data: a Dataset/DataLoader must yield \(features, target\) "
+                                         r"pairs$"):
+        list(data._batches([torch.zeros(3)], None))
+    with pytest.raises(ValueError, match=r"must yield \(features, target\) pairs"):
+        list(data._batches([(torch.zeros(3),)], None))
+
+
+# ---- facts and evidence, exactly ------------------------------------------------------------------------------
+def test_regression_evidence_exactly():
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0, 2.5, 3.5, 1.5])
+    X = torch.tensor([[0.0, 1.0]] * 8)
+    prof = profile_data(X, y)
+    # quartiles 1.875 / 3.625 (IQR 1.75): the fence is [-3.375, 8.875]; 100 is beyond it; MAD 1.0
+    assert prof.facts.model_dump(exclude_none=True) == {
+        "task": "regression", "n_samples": 8, "n_features": 2, "feature_sparsity": 0.5,
+        "target_outlier_fraction": 0.125, "target_scale": 1.4826 * 1.0}
+    assert prof.evidence == {
+        "n_samples": "8 examples", "n_features": "2 features per example",
+        "feature_sparsity": "50.0% of the 16 known feature values are exactly zero",
+        "task": "regression: the target has 8 distinct real values: a quantity to predict",
+        "target_outlier_fraction": "12.50% of all targets lie beyond 3 IQR of the quartiles [-3.375, 8.875]",
+        "target_scale": "1.4826 x MAD = 1.483 (median 2.75)"}
+    assert prof.explain() == "Data profile:\n" + "\n".join(f"  {k}: {v}" for k, v in prof.evidence.items())
+    assert (prof.nan_in_features, prof.nan_in_target, prof.class_labels) == (0, 0, None)
+
+
+def test_classification_evidence_exactly():
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 2 + [3] * 1 + [4] * 1 + [5] * 1 + [6] * 1 + [7] * 1 + [8] * 1
+                     + [9] * 1 + [10] * 1 + [11] * 1)
+    prof = profile_data(torch.ones(len(y), 3), y)
+    counts = [6, 3, 2] + [1] * 9
+    assert prof.facts.class_counts == counts and prof.facts.task == "classification"
+    assert prof.evidence["task"] == ("classification: the target takes 12 distinct integer values "
+                                     "(<= max(20, sqrt(n)) = 20): classes")
+    assert prof.evidence["class_counts"] == "12 classes, counts [6, 3, 2, 1, 1, 1, 1, 1, 1, 1] ...; largest/smallest = 6"
+    assert prof.evidence["feature_sparsity"] == "0.0% of the 60 known feature values are exactly zero"
+    binary = profile_data(torch.zeros(10, 1), torch.tensor([3.0, 5.0] * 5))
+    assert binary.evidence["task"] == "classification: the target has exactly 2 distinct values: binary classification"
+    assert binary.evidence["class_labels"] == (
+        "the labels are not 0..1: class index i is the i-th smallest label (3->0, 5->1); counts, class weights "
+        "and the model's outputs follow that order, so train on the indices "
+        "(torch.searchsorted(torch.tensor(profile.class_labels), y))")
+    seven = profile_data(torch.zeros(70, 1), torch.arange(70) % 7 + 10)
+    assert seven.evidence["class_labels"].endswith(
+        "smallest label (10->0, 11->1, 12->2, 13->3, 14->4, 15->5 ...); counts, class weights and the model's "
+        "outputs follow that order, so train on the indices (torch.searchsorted(torch.tensor(profile.class_labels), y))")
+
+
+@pytest.mark.parametrize("n, distinct, task", [
+    (400, 20, "classification"),    # 20 <= max(20, sqrt(400) = 20)
+    (400, 21, "regression"),
+    (900, 30, "classification"),    # sqrt(900) = 30
+    (900, 31, "regression"),
+    (21, 21, "regression"),         # as many values as examples: a quantity, not classes
+])
+def test_integer_targets_are_classes_up_to_max_20_sqrt_n(n, distinct, task):
+    y = torch.arange(n) % distinct
+    prof = profile_data(torch.randn(n, 2), y)
+    assert prof.facts.task == task
+    if task == "regression":
+        assert prof.evidence["task"] == (f"regression: the target has {distinct} distinct integer values: "
+                                         "a quantity to predict")
+
+
+def test_many_distinct_values_and_given_task():
+    y = torch.arange(1500, dtype=torch.float32) / 7
+    prof = profile_data(torch.randn(1500, 2), y)
+    assert prof.evidence["task"] == "regression: the target has more than 1,000 distinct real values: a quantity to predict"
+    given = profile_data(torch.randn(40, 2), torch.arange(40) % 2, task="regression")
+    assert given.facts.task == "regression" and given.evidence["task"] == "regression: given by the caller"
+    assert given.facts.class_counts is None
+
+
+def test_missing_values_evidence_exactly():
+    X, y = torch.ones(20, 2), torch.arange(20.0)
+    X[0, 0] = X[3, 1] = float("nan")
+    y[5] = float("nan")
+    prof = profile_data(X, y)
+    assert prof.evidence["missing"] == ("2 missing (NaN) feature values and 1 missing targets; the facts describe "
+                                        "the rest (impute or drop them before training)")
+    assert prof.evidence["feature_sparsity"] == "0.0% of the 38 known feature values are exactly zero"
+    assert prof.facts.n_samples == 20 and (prof.nan_in_features, prof.nan_in_target) == (2, 1)
+
+
+@pytest.mark.parametrize("X, y, exc, message", [
+    (torch.zeros(4, 2, dtype=torch.complex64), torch.zeros(4), TypeError,
+     r"^profile_data: features must be numeric \(got torch.complex64\)$"),
+    (torch.zeros(4, 2), torch.zeros(4, dtype=torch.complex64), TypeError,
+     r"^profile_data: the target must be real \(got torch.complex64\)$"),
+    (torch.zeros(4, 2), torch.zeros(4, 2), ValueError, r"^profile_data: one target per example expected \(got 2\)$"),
+    (torch.zeros(4, 2), torch.tensor([0.0, 1.0, 2.0, float("inf")]), ValueError,
+     r"^profile_data: the target has infinite values; fix or drop them first$"),
+    (torch.tensor([[0.0], [float("-inf")]]), torch.zeros(2), ValueError,
+     r"^profile_data: the features have infinite values; fix or drop them first$"),
+])
+def test_bad_data_messages_exactly(X, y, exc, message):
+    with pytest.raises(exc, match=message):
+        profile_data(X, y)
+
+
+def test_rows_with_different_feature_counts_are_refused():
+    loader = [(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(3, 5), torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"^profile_data: rows have 2 and 5 features$"):
+        profile_data(loader)
+
+
+def test_integer_and_bool_features_are_read():
+    X = torch.tensor([[0, 1], [2, 0], [0, 0], [1, 1]], dtype=torch.int8)
+    prof = profile_data(X, torch.tensor([0.5, 1.5, 2.5, 3.75]))
+    assert prof.facts.feature_sparsity == 0.5 and prof.facts.n_features == 2
+    assert profile_data(X.bool(), torch.tensor([0.5, 1.5, 2.5, 3.75])).facts.feature_sparsity == 0.5
