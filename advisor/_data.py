@@ -132,6 +132,7 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
     distinct: set[float] = set()
     counts: Counter = Counter()
     reservoir: list[float] = []
+    seen = 0
     rng = random.Random(0)
     for xb, yb in _batches(X, y):
         if not (xb.is_floating_point() or xb.dtype in (torch.int64, torch.int32, torch.int16, torch.int8,
@@ -168,10 +169,11 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
         if integral and len(distinct) <= _DISTINCT_CAP:
             counts.update(yv.long().tolist())
         for v in yv.tolist():  # reservoir sample (Vitter's algorithm R), deterministic seed
+            seen += 1  # known targets so far, this one included: it replaces a kept one with p = size / seen
             if len(reservoir) < _RESERVOIR:
                 reservoir.append(v)
             else:
-                j = rng.randrange(n)
+                j = rng.randrange(seen)
                 if j < _RESERVOIR:
                     reservoir[j] = v
     if n == 0:

@@ -264,3 +264,130 @@ def test_integer_and_bool_features_are_read():
     prof = profile_data(X, torch.tensor([0.5, 1.5, 2.5, 3.75]))
     assert prof.facts.feature_sparsity == 0.5 and prof.facts.n_features == 2
     assert profile_data(X.bool(), torch.tensor([0.5, 1.5, 2.5, 3.75])).facts.feature_sparsity == 0.5
+
+
+# ---- across batches, at the boundaries ------------------------------------------------------------------------
+def _loader(X, y, batch):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch)
+
+
+def test_counts_accumulate_across_batches():
+    """NaNs, zeros, known entries and integrality are summed over every batch, not kept from the last one;
+    a last batch of one row is read as one row."""
+    X = torch.ones(5, 2)
+    X[0, 0] = float("nan")   # batch 1
+    X[3, 1] = float("nan")   # batch 2
+    X[1, :] = 0.0            # batch 1: two zeros
+    X[4, 0] = 0.0            # batch 3 (one row): one zero
+    y = torch.tensor([0.5, float("nan"), 1.0, float("nan"), 2.0])
+    prof = profile_data(_loader(X, y, 2))
+    assert (prof.nan_in_features, prof.nan_in_target, prof.facts.n_samples, prof.facts.n_features) == (2, 2, 5, 2)
+    assert prof.facts.feature_sparsity == 3 / 8
+    assert prof.evidence["feature_sparsity"] == "37.5% of the 8 known feature values are exactly zero"
+    assert prof.facts.task == "regression"  # 0.5 in the first batch: not integral, whatever later batches hold
+    later_inf = torch.ones(5, 2)
+    later_inf[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="features have infinite values"):
+        profile_data(_loader(later_inf, torch.arange(5.0), 2))  # found in batch 1, remembered after it
+
+
+def test_one_dimensional_features_are_one_feature_and_missing_targets_alone_are_reported():
+    prof = profile_data(torch.randn(30), torch.randn(30))
+    assert prof.facts.n_features == 1 and prof.evidence["n_features"] == "1 features per example"
+    y = torch.randn(30)
+    y[2] = float("nan")
+    only_y = profile_data(torch.randn(30, 2), y)
+    assert only_y.evidence["missing"].startswith("0 missing (NaN) feature values and 1 missing targets")
+
+
+def test_the_fence_itself_is_not_beyond_it():
+    """Values exactly at q1 - 3 IQR and q3 + 3 IQR are not outliers: the fence is [-8.75, 15.75] here."""
+    y = torch.tensor([-8.75, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 15.75], dtype=torch.float64)
+    prof = profile_data(torch.randn(8, 1), y)
+    assert prof.facts.target_outlier_fraction == 0.0
+    assert prof.evidence["target_outlier_fraction"] == ("0.00% of all targets lie beyond 3 IQR of the quartiles "
+                                                        "[-8.75, 15.75]")
+    beyond = profile_data(torch.randn(8, 1), torch.cat([y[:-1], torch.tensor([15.76], dtype=torch.float64)]))
+    assert beyond.facts.target_outlier_fraction == 1 / 8
+
+
+@pytest.mark.parametrize("y, scale", [
+    ([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 5.0], None),      # MAD 0: no robust scale to report
+    ([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5], 1.4826),    # MAD 1.0
+    ([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75], 0.7413),  # MAD 0.5: a scale under 1 is still a scale
+])
+def test_the_robust_scale_is_reported_when_positive(y, scale):
+    prof = profile_data(torch.randn(8, 1), torch.tensor(y))
+    if scale is None:
+        assert prof.facts.target_scale is None and "target_scale" not in prof.evidence
+    else:
+        assert prof.facts.target_scale == pytest.approx(scale)
+
+
+def _reservoir_reference(values, size):
+    """Vitter's algorithm R with random.Random(0), as profile_data documents it."""
+    import random
+
+    rng, out = random.Random(0), []
+    for n, v in enumerate(values, start=1):
+        if len(out) < size:
+            out.append(v)
+        else:
+            j = rng.randrange(n)
+            if j < size:
+                out[j] = v
+    return sorted(out)
+
+
+def test_large_targets_are_summarized_from_a_documented_reservoir_sample():
+    """Over 100,000 targets the robust statistics come from a uniform reservoir sample of 100,000 (algorithm
+    R, seed 0): the facts equal those of that sample, exactly; at exactly 100,000 every target is used."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(130_000, generator=gen, dtype=torch.float64) ** 3
+    prof = profile_data(torch.zeros(130_000, 1), y)
+    sample = _reservoir_reference(y.tolist(), 100_000)
+    q1, med, q3 = (data._quantile(sample, q) for q in (0.25, 0.5, 0.75))
+    lo, hi = q1 - 3 * (q3 - q1), q3 + 3 * (q3 - q1)
+    assert prof.facts.target_outlier_fraction == sum(1 for v in sample if v < lo or v > hi) / 100_000
+    assert prof.facts.target_scale == 1.4826 * data._quantile(sorted(abs(v - med) for v in sample), 0.5)
+    assert "of a uniform sample of 100,000 targets lie beyond" in prof.evidence["target_outlier_fraction"]
+    exact = profile_data(torch.zeros(100_000, 1), y[:100_000])
+    assert "of all targets lie beyond" in exact.evidence["target_outlier_fraction"]
+
+
+def test_distinct_value_and_label_caps_are_1000():
+    """Up to 1,000 distinct integer labels are classes (task given); 1,001 are refused as classes; the task
+    inference counts 1,000 exactly and says 'more than 1,000' past it."""
+    y = torch.arange(2000) % 1000
+    prof = profile_data(torch.zeros(2000, 1), y, task="classification")
+    assert len(prof.facts.class_counts) == 1000
+    with pytest.raises(ValueError, match=r"^profile_data: task='classification' needs integer class labels in the "
+                                         r"target$"):
+        profile_data(torch.zeros(2002, 1), torch.arange(2002) % 1001, task="classification")
+    thousand = profile_data(torch.zeros(2000, 1), y.double() + 0.5)
+    assert thousand.evidence["task"] == "regression: the target has 1000 distinct real values: a quantity to predict"
+    with pytest.raises(ValueError, match=r"^profile_data: the data is empty$"):
+        profile_data(_loader(torch.zeros(0, 2), torch.zeros(0), 4))
+
+
+def test_as_many_distinct_integers_as_examples_is_a_quantity():
+    prof = profile_data(torch.zeros(20, 1), torch.arange(20))
+    assert prof.facts.task == "regression"
+    assert profile_data(torch.zeros(21, 1), torch.arange(21) % 20).facts.task == "classification"
+
+
+@pytest.mark.parametrize("n_classes, shown", [(6, "(5->0, 6->1, 7->2, 8->3, 9->4, 10->5)"),
+                                              (7, "(5->0, 6->1, 7->2, 8->3, 9->4, 10->5 ...)")])
+def test_label_mappings_show_six(n_classes, shown):
+    prof = profile_data(torch.zeros(10 * n_classes, 1), torch.arange(10 * n_classes) % n_classes + 5)
+    assert f"smallest label {shown}; counts" in prof.evidence["class_labels"]
+
+
+@pytest.mark.parametrize("counts, text", [
+    ([8, 4, 2], "3 classes, counts [8, 4, 2]; largest/smallest = 4"),
+    ([2] * 10, "10 classes, counts [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]; largest/smallest = 1"),
+    ([3] + [2] * 10, "11 classes, counts [3, 2, 2, 2, 2, 2, 2, 2, 2, 2] ...; largest/smallest = 1.5"),
+])
+def test_class_count_evidence_shows_ten(counts, text):
+    y = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    assert profile_data(torch.zeros(len(y), 1), y).evidence["class_counts"] == text
