@@ -253,6 +253,22 @@ def test_bad_data_messages_exactly(X, y, exc, message):
         profile_data(X, y)
 
 
+def test_non_numeric_arrays_are_refused_with_what_to_do():
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"^profile_data: X and y must be numeric tensors or arrays \(encode string "
+                                        r"labels as integers first\): "):
+        profile_data(np.zeros((3, 2)), np.array(["a", "b", "c"]))
+
+
+def test_the_distinct_count_keeps_growing_up_to_the_cap_across_batches():
+    """A first batch with exactly 1,000 distinct values does not stop the count: the next batch's new values
+    make it 'more than 1,000'."""
+    y = torch.cat([torch.arange(1000, dtype=torch.float64) + 0.5, torch.tensor([5000.5, 6000.5], dtype=torch.float64)])
+    prof = profile_data(_loader(torch.zeros(1002, 1), y, 1000))
+    assert prof.evidence["task"] == "regression: the target has more than 1,000 distinct real values: a quantity to predict"
+
+
 def test_rows_with_different_feature_counts_are_refused():
     loader = [(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(3, 5), torch.zeros(3))]
     with pytest.raises(ValueError, match=r"^profile_data: rows have 2 and 5 features$"):
@@ -312,12 +328,13 @@ def test_the_fence_itself_is_not_beyond_it():
 
 
 @pytest.mark.parametrize("y, scale", [
-    ([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 5.0], None),      # MAD 0: no robust scale to report
+    ([1.5, 1.5, 1.5, 1.5, 1.5, 2.5, 3.5, 5.5], None),      # MAD 0: no robust scale to report
     ([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5], 1.4826),    # MAD 1.0
     ([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75], 0.7413),  # MAD 0.5: a scale under 1 is still a scale
 ])
 def test_the_robust_scale_is_reported_when_positive(y, scale):
     prof = profile_data(torch.randn(8, 1), torch.tensor(y))
+    assert prof.facts.task == "regression" and prof.facts.target_outlier_fraction is not None
     if scale is None:
         assert prof.facts.target_scale is None and "target_scale" not in prof.evidence
     else:
