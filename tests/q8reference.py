@@ -181,3 +181,30 @@ class RMSpropReference(_PerParameter):
             P = P - _f32(kw["lr"]) * q
         p.copy_(P.reshape(-1)[:n].view(p.shape))
         s["cv"], s["sv"] = encode_unsigned(v, root, n)
+
+
+# reference state name -> the optimizer's state keys it may stand for (the scales: key + "_absmax")
+KEYS = {"cb": ("momentum_buffer",), "cv": ("square_avg", "exp_avg_sq"), "cm": ("exp_avg",)}
+
+
+def assert_bits(a, b, what):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_matches(opt, params, ref):
+    """Parameters, codes and scales equal the reference's bit for bit; parameters it never stepped have no
+    state."""
+    for i, p in enumerate(params):
+        assert_bits(p.detach(), ref.params[i], f"param {i}")
+        s = ref.state[i]
+        if s is None:
+            assert not opt.state.get(p)
+            continue
+        st_ = opt.state[p]
+        for short, keys in KEYS.items():
+            for key in keys:
+                if short in s and key in st_:
+                    assert_bits(st_[key].reshape(-1), s[short], f"{key} codes of param {i}")
+                    assert_bits(st_[key + "_absmax"], s["s" + short[1]], f"{key}_absmax of param {i}")
+        if "step" in st_:
+            assert float(st_["step"]) == s["step"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from q8reference import Reference, _f32, _padded, _sqrt32, shapes
+from q8reference import Reference, _f32, _padded, _sqrt32, assert_bits, assert_matches, shapes
 from strategies import examples, make_grads, make_params, with_threshold
 
 import kernels
@@ -17,25 +17,6 @@ from kernels import _native
 from kernels._q8math import dequantize, quantize
 
 NATIVE = _native.library() is not None
-
-
-def _assert_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def _assert_matches(opt, params, ref, exact=True):
-    for i, p in enumerate(params):
-        _assert_bits(p.detach(), ref.params[i], f"param {i}")
-        s = ref.state[i]
-        if s is None:
-            assert not opt.state.get(p)
-            continue
-        st_ = opt.state[p]
-        assert float(st_["step"]) == s["step"]
-        _assert_bits(st_["exp_avg"].reshape(-1), s["cm"], f"exp_avg codes of param {i}")
-        _assert_bits(st_["exp_avg_sq"].reshape(-1), s["cv"], f"exp_avg_sq codes of param {i}")
-        _assert_bits(st_["exp_avg_absmax"], s["sm"], f"exp_avg_absmax of param {i}")
-        _assert_bits(st_["exp_avg_sq_absmax"], s["sv"], f"exp_avg_sq_absmax of param {i}")
 
 
 PATHS = ["native", "torch-ops"] if NATIVE else ["torch-ops"]
@@ -133,7 +114,7 @@ def test_updates_equal_the_reference(path, dtype, monkeypatch, specs, seed, bloc
             p.grad = g
         opt.step()
         ref.step(row)
-    _assert_matches(opt, params, ref)
+    assert_matches(opt, params, ref)
 
 
 def test_float16_parameters_follow_the_reference_closely():
@@ -161,7 +142,7 @@ def test_the_torch_op_path_serves_when_no_kernel_can_be_built(monkeypatch):
         params[0].grad = row[0]
         opt.step()
         ref.step(row)
-    _assert_matches(opt, params, ref)
+    assert_matches(opt, params, ref)
 
 
 def test_small_parameters_keep_float_state_and_match_adam():
@@ -182,7 +163,7 @@ def test_small_parameters_keep_float_state_and_match_adam():
     assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[small]
     assert torch.equal(small.detach(), twin.detach())
     assert torch.equal(opt.state[small]["exp_avg_sq"], adam.state[twin]["exp_avg_sq"])
-    _assert_bits(large.detach(), ref.params[0], "large parameter")
+    assert_bits(large.detach(), ref.params[0], "large parameter")
 
 
 def test_many_optimizers_in_one_process_keep_their_own_state():
@@ -205,7 +186,7 @@ def test_many_optimizers_in_one_process_keep_their_own_state():
             opt.step()
             ref.step(grads[step])
     for params, opt, ref, _ in runs:
-        _assert_matches(opt, params, ref)
+        assert_matches(opt, params, ref)
 
 
 # ---- memory ------------------------------------------------------------------------------------------------
@@ -448,10 +429,10 @@ def test_bf16_state_equals_the_reference(fused, specs, seed, lr, wd, decoupled, 
         opt.step()
         ref.step(row, offsets)
     for i, p in enumerate(params):
-        _assert_bits(p.detach(), ref.params[i], f"param {i}")
+        assert_bits(p.detach(), ref.params[i], f"param {i}")
         if ref.state[i] is not None:
-            _assert_bits(opt.state[p]["exp_avg"].reshape(-1), ref.state[i]["m"], f"exp_avg {i}")
-            _assert_bits(opt.state[p]["exp_avg_sq"].reshape(-1), ref.state[i]["v"], f"exp_avg_sq {i}")
+            assert_bits(opt.state[p]["exp_avg"].reshape(-1), ref.state[i]["m"], f"exp_avg {i}")
+            assert_bits(opt.state[p]["exp_avg_sq"].reshape(-1), ref.state[i]["v"], f"exp_avg_sq {i}")
 
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
@@ -525,7 +506,7 @@ def test_gradients_in_the_buffer_and_mixed_checkpoint_state():
                 p.grad.copy_(g)
         opt.step()
         ref.step(row)
-    _assert_matches(opt, params, ref)
+    assert_matches(opt, params, ref)
     assert params[0].grad.data_ptr() == opt._buckets[0].flat_grad.data_ptr()
     sd = opt.state_dict()
     mixed = {"state": {0: dict(sd["state"][0]), 1: dict(sd["state"][1])}, "param_groups": sd["param_groups"]}
@@ -630,6 +611,6 @@ def test_bf16_state_c_kernels_give_the_torch_op_paths_bits(name, kwargs, monkeyp
         runs.append((params, opt))
     (pa, oa), (pb, ob) = runs
     for a, b in zip(pa, pb):
-        _assert_bits(a.detach(), b.detach(), "param")
+        assert_bits(a.detach(), b.detach(), "param")
         for key, value in oa.state[a].items():
-            _assert_bits(value, ob.state[b][key], key)
+            assert_bits(value, ob.state[b][key], key)

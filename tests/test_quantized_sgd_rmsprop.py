@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from q8reference import Reference, RMSpropReference, SGDReference, shapes
+from q8reference import Reference, RMSpropReference, SGDReference, assert_bits, assert_matches, shapes
 from strategies import examples, make_grads, make_params, with_threshold
 
 import kernels
@@ -20,33 +20,6 @@ from kernels import _native
 from kernels._q8math import dequantize, quantize
 
 PATHS = ["native", "torch-ops"] if _native.library() is not None else ["torch-ops"]
-# reference state name -> the optimizer's state keys it may stand for (the scales: key + "_absmax")
-KEYS = {"cb": ("momentum_buffer",), "cv": ("square_avg", "exp_avg_sq"), "cm": ("exp_avg",)}
-
-
-def _assert_bits(a, b, what):
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def _assert_matches(opt, params, ref):
-    """Parameters, codes and scales equal the reference's bit for bit; parameters it never stepped have no
-    state."""
-    for i, p in enumerate(params):
-        _assert_bits(p.detach(), ref.params[i], f"param {i}")
-        s = ref.state[i]
-        if s is None:
-            assert not opt.state.get(p)
-            continue
-        st_ = opt.state[p]
-        for short, keys in KEYS.items():
-            for key in keys:
-                if short in s and key in st_:
-                    _assert_bits(st_[key].reshape(-1), s[short], f"{key} codes of param {i}")
-                    _assert_bits(st_[key + "_absmax"], s["s" + short[1]], f"{key}_absmax of param {i}")
-        if "step" in st_:
-            assert float(st_["step"]) == s["step"]
-
-
 def _run(opt, ref, params, grads):
     for row in grads:
         for p, g in zip(params, row):
@@ -75,7 +48,7 @@ def test_sgd8bit_equals_the_reference(path, dtype, specs, seed, block, lr, momen
                                                   fused=None if path == "native" else False, **kw)
     ref = SGDReference(params, block_size=block, **kw)
     _run(opt, ref, params, grads)
-    _assert_matches(opt, params, ref)
+    assert_matches(opt, params, ref)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -94,7 +67,7 @@ def test_rmsprop8bit_equals_the_reference(path, dtype, specs, seed, block, lr, a
                                                       fused=None if path == "native" else False, **kw)
     ref = RMSpropReference(params, block_size=block, **kw)
     _run(opt, ref, params, grads)
-    _assert_matches(opt, params, ref)
+    assert_matches(opt, params, ref)
     for p in params:  # the keys torch.optim.RMSprop has, in its order, each followed by its scales
         if opt.state.get(p):
             expect = ["step", "square_avg", "square_avg_absmax"]
@@ -125,7 +98,7 @@ def test_the_torch_op_path_serves_when_no_kernel_can_be_built(cls, ref_cls, kw, 
     params = make_params([((3000,), False, False), ((70,), False, False)], torch.float32, 5)
     opt, ref = cls(params, min_8bit_size=0, **kw), ref_cls(params, **kw)
     _run(opt, ref, params, make_grads(params, 3, 5, none_prob=0.0))
-    _assert_matches(opt, params, ref)
+    assert_matches(opt, params, ref)
 
 
 @pytest.mark.parametrize("cls, float_cls, kw", [
@@ -184,9 +157,9 @@ def test_many_8bit_optimizers_in_one_process_keep_their_own_state():
     for params, opt, ref, _ in runs:
         if isinstance(ref, Reference):
             for i, p in enumerate(params):
-                _assert_bits(p.detach(), ref.params[i], f"param {i}")
+                assert_bits(p.detach(), ref.params[i], f"param {i}")
         else:
-            _assert_matches(opt, params, ref)
+            assert_matches(opt, params, ref)
 
 
 @pytest.mark.parametrize("cls, ref_cls, kw", [*CASES, (kernels.Adam8bit, Reference, dict(lr=1e-3))],
@@ -209,7 +182,7 @@ def test_a_nan_gradient_stays_in_its_element(cls, ref_cls, kw):
         opt.step()
         opt_clean.step()
         ref.step([g_nan])
-    _assert_matches(opt, [p], ref)
+    assert_matches(opt, [p], ref)
     assert math.isnan(p[300].item())
     in_block = torch.arange(256, 512) != 300
     assert torch.isfinite(p.detach()[256:512][in_block]).all()
