@@ -122,3 +122,47 @@ def test_a_recommendation_saved_with_one_candidates_dict_still_loads():
     old["candidates"]["Lion"] = {"name": "Lion", "params": {}, "score": 0.0}
     with pytest.raises(ValueError, match="candidates: 'Lion' is not in optadvisor's catalog"):
         Recommendation.model_validate(old)
+
+
+# a valid value other than torch's default for every argument torch's optimizers take (the implementation
+# selectors separately: torch refuses foreach and fused together)
+_NON_DEFAULT = dict(lr=0.0123, betas=(0.85, 0.95), eps=1e-6, weight_decay=0.03, amsgrad=True, momentum=0.7,
+                    dampening=0.2, alpha=0.9, centered=True, maximize=True, decoupled_weight_decay=True,
+                    lr_decay=0.01, initial_accumulator_value=0.1)
+_REFUSED_BY_8BIT = ("amsgrad", "centered")  # refused with a message of their own (test_quantized*)
+
+
+@pytest.mark.parametrize("entry", catalog.optimizers(), ids=lambda e: e.name)
+@pytest.mark.parametrize("variant", ["defaults", "foreach=False", "fused=True", "nesterov"])
+def test_arguments_and_param_groups_are_torchs(entry, variant):
+    """A drop-in's constructor: every argument torch's takes, of the same kind and with torch's default; and
+    the param_groups it builds hold torch's keys in torch's order with the values torch stores, given the
+    defaults or a non-default value for every argument. Ours add only their own keys (after torch's).
+    ``fused`` selects our implementation and stays None in the group, so that torch.optim loading our
+    checkpoint picks its own path."""
+    ours_cls, torch_cls = entry.cls, entry.torch_class()
+    sig, torch_sig = (inspect.signature(c.__init__).parameters for c in (ours_cls, torch_cls))
+    for name, param in torch_sig.items():
+        assert name in sig, f"{entry.name} lacks torch's argument {name!r}"
+        assert (sig[name].kind, sig[name].default) == (param.kind, param.default), name
+    kw = {}
+    if variant != "defaults":
+        kw = {k: v for k, v in _NON_DEFAULT.items() if k in torch_sig}
+        if entry.name.endswith("8bit"):
+            kw = {k: v for k, v in kw.items() if k not in _REFUSED_BY_8BIT}
+        if variant == "foreach=False":
+            kw["foreach"] = False
+        elif variant == "fused=True" and "fused" in torch_sig:
+            kw["fused"] = True
+        elif variant == "nesterov" and "nesterov" in torch_sig:
+            kw.update(nesterov=True, dampening=0)
+    ours = ours_cls([torch.nn.Parameter(torch.ones(2))], **kw)
+    ref = torch_cls([torch.nn.Parameter(torch.ones(2))], **kw)
+    group, ref_group = ({k: v for k, v in g.param_groups[0].items() if k != "params"} for g in (ours, ref))
+    if kw.get("fused"):
+        assert group.pop("fused") is None
+        ref_group.pop("fused")
+    assert list(group)[:len(ref_group)] == list(ref_group)
+    assert {k: group[k] for k in ref_group} == ref_group
+    own = {"block_size": 256, "min_8bit_size": 4096} if entry.name.endswith("8bit") else {}
+    assert {k: group[k] for k in list(group)[len(ref_group):]} == own
