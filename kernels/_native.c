@@ -582,3 +582,27 @@ void rmsprop_bf16state(float *p, const float *g, uint16_t *sa, uint16_t *mb, uin
     RMSPROP_BF16_KERNELS[maximize != 0][decay != 0][momentum != 0][centered != 0](p, g, sa, mb, ga, n, start, step,
                                                                                    hp, nthreads);
 }
+
+/* Gradients that are tensors of their own (after torch's default zero_grad()) into the flat gradient buffer
+ * `dst` of `total` bytes: gradient i (src[i], nbytes[idx[i]] bytes, idx NULL: i) goes to byte offset
+ * offsets[idx[i]]. One memcpy each, in one call: torch._foreach_copy_ on the CPU copies tensor by tensor
+ * through the dispatcher (~1.5 us each; 3 ms for 2,000 gradients of 1k, against ~0.7 ms of memory traffic).
+ * The caller has checked that each is a contiguous, dense CPU tensor of the buffer's dtype. Returns 1, having
+ * copied nothing, if a source lies inside the buffer (a gradient that views it: the caller copies with torch,
+ * which handles overlap), else 0. */
+int gather_copy(char *dst, int64_t total, const int64_t *src, const int64_t *idx, const int64_t *offsets,
+                const int64_t *nbytes, int64_t n, int nthreads) {
+    const uintptr_t lo = (uintptr_t)dst, hi = lo + (uintptr_t)total;
+    for (int64_t i = 0; i < n; i++) {
+        const uintptr_t s = (uintptr_t)src[i], len = (uintptr_t)nbytes[idx ? idx[i] : i];
+        if (len > 0 && s < hi && s + len > lo)
+            return 1;
+    }
+    _Pragma("omp parallel for schedule(dynamic, 64) num_threads(nthreads) if (nthreads > 1)")
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t j = idx ? idx[i] : i;
+        if (nbytes[j] > 0)
+            memcpy(dst + offsets[j], (const void *)(uintptr_t)src[i], (size_t)nbytes[j]);
+    }
+    return 0;
+}

@@ -1,5 +1,5 @@
-"""The CPU kernels of the 8-bit optimizers (Adam/AdamW, SGD, RMSprop) and of bfloat16 state (``_native.c``), compiled once per machine
-and loaded with ctypes.
+"""The CPU kernels of the 8-bit optimizers (Adam/AdamW, SGD, RMSprop), of bfloat16 state and the copy of
+separate gradients into the gradient buffer (``_native.c``), compiled once per machine and loaded with ctypes.
 
 Why C and not ``torch.compile`` here: the update needs, per block, a reduction (the new absmax) followed by
 an elementwise pass that uses it. Inductor (torch 2.13, CPU) schedules these as separate loops over the
@@ -113,6 +113,10 @@ def library() -> ctypes.CDLL | None:
             f.restype = None
             f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            f = lib.gather_copy
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             f = lib.rmsprop_bf16state
             f.restype = None
             f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

@@ -162,13 +162,26 @@ def test_bad_params_and_gradients(name):
         ours_cls([{"params": [p]}, {"params": [p, q]}])
     with pytest.raises(ValueError, match="more than once in the same parameter group"):
         ours_cls([p, p])
-    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+    with pytest.raises(ValueError, match=f"^{name}: differentiable=True is not supported"):
         ours_cls([p], differentiable=True)
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = ours_cls(emb.parameters(), fused=False)
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "Adagrad"])  # Adagrad: no state_dtype, no kahan_sum
+def test_unsupported_options_are_refused_by_the_optimizers_name(name):
+    ours_cls = OPTIMIZERS[name][0]
+    p = torch.nn.Parameter(torch.ones(2))
+    if name != "SGD":  # torch's SGD has no capturable
+        with pytest.raises(ValueError, match=f"^{name}: capturable=True \\(CUDA-graph capture\\) is not"):
+            ours_cls([p], capturable=True)
+    with pytest.raises(ValueError, match=f"^{name}: state_dtype must be None .* got torch.float16"):
+        ours_cls([p], state_dtype=torch.float16)
+    with pytest.raises(ValueError, match=f"^{name}: kahan_sum must be True or False \\(got 1\\)"):
+        ours_cls([p], kahan_sum=1)
 
 
 def _optim_db_inputs():
