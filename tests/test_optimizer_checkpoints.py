@@ -127,6 +127,10 @@ BAD_ARGS = [
     ("Adam", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
     ("Adam", dict(betas=(0.9, torch.tensor(0.99))), ValueError, "betas must be either both floats or both"),
     ("AdamW", dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1: 1.5"),
+    # torch's range check meets a many-element tensor beta first (its own "must be 1-element" check, which
+    # ours mirrors, is unreachable): the same error
+    ("Adam", dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.99))), RuntimeError, "more than one value"),
+    ("AdamW", dict(betas=(torch.tensor(0.9), torch.tensor([0.99, 0.9]))), RuntimeError, "more than one value"),
     ("RMSprop", dict(alpha=-0.1), ValueError, "Invalid alpha value: -0.1"),
     ("RMSprop", dict(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
     ("RMSprop", dict(momentum=-1.0), ValueError, "Invalid momentum value: -1.0"),
@@ -148,6 +152,25 @@ def test_bad_hyperparameters_raise_like_torch(name, kwargs, exc, message):
         ours_cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
     assert message in str(our_err.value)
     assert str(our_err.value) == str(torch_err.value)
+
+
+EDGE_ARGS = [("Adam", dict(lr=0.0, eps=0.0, betas=(0.0, 0.0), weight_decay=0.0)),
+             ("AdamW", dict(betas=(torch.tensor(0.5), torch.tensor(0.25)), lr=torch.tensor(0.01))),
+             ("SGD", dict(lr=0.0, momentum=0.0, weight_decay=0.0)),
+             ("RMSprop", dict(lr=0.0, alpha=0.0, eps=0.0, momentum=0.0, weight_decay=0.0)),
+             ("Adagrad", dict(lr=0.0, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=0.0))]
+
+
+@pytest.mark.parametrize("name,kwargs", EDGE_ARGS, ids=[n for n, _ in EDGE_ARGS])
+def test_edge_hyperparameters_torch_accepts_are_accepted(name, kwargs):
+    """The bounds of torch's checks (0 is a valid lr, eps, beta, decay...; 1-element tensor betas): accepted,
+    and stored as torch stores them."""
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    ref = torch_cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    ours = ours_cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    for key, value in ref.param_groups[0].items():
+        if key != "params":
+            assert type(ours.param_groups[0][key]) is type(value) and ours.param_groups[0][key] == value, key
 
 
 @pytest.mark.parametrize("name", NAMES)
