@@ -335,3 +335,23 @@ def test_adagrad_share_memory_is_refused_clearly():
     opt = kernels.Adagrad([torch.nn.Parameter(torch.ones(3))])
     with pytest.raises(NotImplementedError, match="share_memory.*Hogwild.*torch.optim.Adagrad"):
         opt.share_memory()
+
+
+@pytest.mark.parametrize("cls", [kernels.AdamW, kernels.AdamW8bit], ids=lambda c: c.__name__)
+def test_adamw_checkpoint_without_decoupled_flag_stays_decoupled(cls):
+    """A checkpoint from before torch had ``decoupled_weight_decay`` (or torch.optim.Adam's, which has it
+    False): loaded into AdamW, the groups say True, as torch.optim.AdamW's ``__setstate__`` makes them, and
+    the step decays decoupled (the same parameters as torch's AdamW after the same load)."""
+    kw = dict(lr=0.1, weight_decay=0.5)
+    a, b = make_params(SPECS, torch.float32, 0), make_params(SPECS, torch.float32, 0)
+    ours, ref = cls(a, fused=False, **kw), torch.optim.AdamW(b, foreach=False, **kw)
+    sd = copy.deepcopy(ref.state_dict())
+    for group in sd["param_groups"]:
+        group["decoupled_weight_decay"] = False
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(sd)
+    assert [g["decoupled_weight_decay"] for g in ours.param_groups] == [True] * len(ours.param_groups)
+    assert [g["decoupled_weight_decay"] for g in ref.param_groups] == [True] * len(ref.param_groups)
+    _train([(ours, a), (ref, b)], 3, 4)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
