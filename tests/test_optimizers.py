@@ -82,6 +82,18 @@ def test_compiled_other_dtypes(name, dtype):
     assert_same(ref, ours, rp, op, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_complex_parameters_with_amsgrad(name, fused, dtype):
+    """amsgrad's running maximum on complex parameters (their real views, as torch's): eager bit for bit,
+    compiled within torch's tolerances (complex128: float64's)."""
+    specs = [((4, 3), False, False), ((5,), True, False), ((), False, False)]
+    kwargs = dict(lr=0.05, amsgrad=True, weight_decay=0.1, betas=(0.5, 0.9))
+    ref, ours, rp, op = run_both(name, kwargs, specs, dtype, 12, fused=fused, none_prob=0.0)
+    assert_same(ref, ours, rp, op, torch.float64 if dtype == torch.complex128 else dtype, exact=not fused)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_nan_and_inf_gradients_give_what_torch_gives(name):
     for fused in (False, True):
