@@ -81,6 +81,7 @@ class Adagrad(FusedOptimizer):
     """
 
     Scalars = AdagradScalars
+    _legacy_group_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
     _eager_update = staticmethod(_adagrad_eager)
     _fused_update = staticmethod(_adagrad_fused)
     _state_at_construction = True

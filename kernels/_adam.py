@@ -150,6 +150,8 @@ class Adam(BF16State, FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     Scalars = AdamScalars
+    _legacy_group_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                  differentiable=False, decoupled_weight_decay=False, fused=None)
     # an 8-bit optimizer's checkpoint (kernels.Adam8bit) loads here dequantized
     _code_dtypes = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
     _eager_update = staticmethod(_adam_eager)

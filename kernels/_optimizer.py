@@ -79,6 +79,9 @@ class FusedOptimizer(Optimizer):
     _code_dtypes: ClassVar[dict[str, torch.dtype]] = {}
     #: options a subclass adds to its base class's ``defaults`` (set before ``__init__`` runs)
     _more_defaults: dict[str, Any] = {}
+    #: what torch's ``__setstate__`` gives a loaded group that lacks a key (a checkpoint from before torch had
+    #: the option: it was off), rather than this optimizer's own constructor values; ``fused`` stays ours (None)
+    _legacy_group_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Any, defaults: dict[str, Any], fused: bool | None) -> None:
         defaults = {**defaults, **self._more_defaults}
@@ -194,6 +197,9 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._legacy_group_defaults.items():
+                group.setdefault(key, value)
         self.__dict__.setdefault("_fused", resolve_fused(None))
         self.__dict__.setdefault("_fused_strict", False)
         if "_buckets" not in self.__dict__:  # unpickling; load_state_dict (which calls us too) rebuilds itself

@@ -140,6 +140,8 @@ class RMSprop(BF16State, FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     Scalars = RMSpropScalars
+    _legacy_group_defaults = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False,
+                                  capturable=False)
     # an 8-bit optimizer's checkpoint (kernels.RMSprop8bit) loads here dequantized
     _code_dtypes = {"square_avg": torch.uint8, "momentum_buffer": torch.int8}
     _eager_update = staticmethod(_rmsprop_eager)

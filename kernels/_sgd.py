@@ -115,6 +115,7 @@ class SGD(BF16State, FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     Scalars = SGDScalars
+    _legacy_group_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None)
     _bf16_update = staticmethod(_sgd_bf16_state)
     _kahan_update = staticmethod(_sgd_kahan)
     _eager_update = staticmethod(_sgd_eager)

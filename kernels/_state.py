@@ -104,7 +104,9 @@ def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(f"loaded state dict's parameter group {gi} has {len(saved['params'])} "
                              f"parameters, this optimizer's has {len(group['params'])}")
-        options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        # the options the loaded group will have: the saved ones, those it lacks as torch's __setstate__ fills
+        # them (see FusedOptimizer._legacy_group_defaults), then ours
+        options = {**group, **opt._legacy_group_defaults, **{k: v for k, v in saved.items() if k != "params"}}
         keys = tuple(opt._state_init(options))
         for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
             st = state_dict["state"].get(pid)
