@@ -123,6 +123,7 @@ BAD_ARGS = [
     ("Adam", dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
     ("Adam", dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0: 1.0"),
     ("Adam", dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1: -0.1"),
+    ("Adam", dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1: 1.0"),  # the bound: refused
     ("Adam", dict(weight_decay=-1), ValueError, "Invalid weight_decay value: -1"),
     ("Adam", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
     ("Adam", dict(betas=(0.9, torch.tensor(0.99))), ValueError, "betas must be either both floats or both"),
