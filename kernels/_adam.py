@@ -133,9 +133,8 @@ class Adam(BF16State, FusedOptimizer):
         if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
                 or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
             raise ValueError("betas must be either both floats or both Tensors")
-        for i, beta in enumerate(betas):
-            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        # (torch's "Tensor betas[i] must be 1-element" check is unreachable: the range checks above already
+        # fail on a tensor of more or fewer elements, as torch's do; tested)
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_state_dtype(type(self).__name__, state_dtype, amsgrad)
         check_kahan_sum(type(self).__name__, kahan_sum)
