@@ -338,8 +338,9 @@ def test_adagrad_state_exists_from_construction(fused, dtype):
 
 def test_adagrad_share_memory_is_refused_clearly():
     opt = kernels.Adagrad([torch.nn.Parameter(torch.ones(3))])
-    with pytest.raises(NotImplementedError, match=r"^kernels\.Adagrad\.share_memory\(\): state in shared memory \(Hogwild training\) is "
-                       r"not supported; use torch\.optim\.Adagrad for that$"):
+    message = (r"^kernels\.Adagrad\.share_memory\(\): state in shared memory \(Hogwild training\) is not "
+               r"supported; use torch\.optim\.Adagrad for that$")
+    with pytest.raises(NotImplementedError, match=message):
         opt.share_memory()
 
 
