@@ -126,7 +126,7 @@ def _copy_checked(bucket: Bucket, indices: list[int] | None, srcs: list[torch.Te
 
 def refuse_unsupported(bucket: Bucket, grads: list[torch.Tensor | None], owner: str) -> None:
     for i, g in enumerate(grads):
-        if g is not None and (g.is_sparse or g.layout != torch.strided):
+        if g is not None and g.layout != torch.strided:  # sparse COO, CSR, ...
             raise RuntimeError(f"{owner} does not support sparse gradients (parameter "
                                f"{bucket.positions[i]} of group {bucket.group_index} has a {g.layout} "
                                "gradient); use torch.optim.SparseAdam or dense gradients")
@@ -146,7 +146,7 @@ def adopt_grads(bucket: Bucket) -> None:
                 g.detach_()
             else:
                 g.requires_grad_(False)
-            if g.is_sparse or g.layout != torch.strided:
+            if g.layout != torch.strided:
                 g.zero_()  # a sparse gradient stays (zeroed, as torch would): step() refuses it
                 continue
             replaced.append(g)

@@ -151,3 +151,33 @@ def test_empty_and_zero_dim_gradients(native_calls):
     ref.step()
     assert native_calls == [True]
     assert_same(ref, ours, rp, op, torch.float32, exact=True)
+
+
+def test_the_copy_plan_is_made_once_per_bucket(monkeypatch):
+    """The plan (the library, byte offsets and sizes) is made at the first step and kept: looking the library
+    up (a compiler search) every step would cost more than the copy saves."""
+    looked_up = []
+    real = _native.library
+    monkeypatch.setattr(_native, "library", lambda: looked_up.append(1) or real())
+    ours, _, op, _ = _twins(kernels.SGD, [(3, 4), (5,)], torch.float32, lr=0.1)
+    for _ in range(3):
+        for p in op:
+            p.grad = torch.randn(p.shape)
+        ours.step()
+    assert len(looked_up) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_gradients_with_the_conjugate_bit_are_resolved(dtype, native_calls):
+    """A complex gradient may be a lazy conjugate (``g.conj()``: the bit says "conjugate on read", the memory
+    is not): complex buffers never take the byte copy, and torch's copy resolves the bit."""
+    ours, ref, op, rp = _twins(kernels.Adam, [(3, 2), (4,)], dtype, lr=0.1)
+    for _ in range(2):
+        for p, q in zip(op, rp):
+            g = torch.randn(p.shape, dtype=dtype)
+            p.grad, q.grad = g.conj(), g.conj().resolve_conj()
+            assert p.grad.is_conj()
+        ours.step()
+        ref.step()
+    assert native_calls == [False, False]
+    assert_same(ref, ours, rp, op, torch.float64 if dtype == torch.complex128 else dtype, exact=True)

@@ -356,6 +356,60 @@ def test_step_leaves_p_grad_alone_and_zero_grad_false_adopts_the_buffer():
 
 
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_sparse_gradient_is_refused_naming_the_optimizer_and_parameter(fused, dense_grad):
+    """The refusal names the optimizer, the parameter's position and group, and the way out; a parameter
+    without a gradient before it is skipped, not tripped over (and with every gradient present, the usual
+    step's path says the same)."""
+    dense = torch.nn.Parameter(torch.ones(3))
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = kernels.SGD([dense, emb.weight], lr=0.1, fused=fused)
+    emb(torch.tensor([1, 2])).sum().backward()
+    if dense_grad:
+        dense.grad = torch.ones(3)
+    message = (r"^SGD does not support sparse gradients \(parameter 1 of group 0 has a torch\.sparse_coo "
+               r"gradient\); use torch\.optim\.SparseAdam or dense gradients$")
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+
+
+def test_zero_grad_false_adopts_every_gradient_past_missing_and_sparse_ones():
+    """zero_grad(set_to_none=False) walks every parameter: one without a gradient (left None) or with a
+    sparse one (zeroed in place, as torch does) does not stop the ones after it from being adopted."""
+    missing, dense = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    last = torch.nn.Parameter(torch.ones(5))
+    opt = kernels.SGD([missing, emb.weight, dense, last], lr=0.1)
+    emb(torch.tensor([1])).sum().backward()
+    dense.grad, last.grad = torch.ones(3), torch.ones(5)
+    opt.zero_grad(set_to_none=False)
+    views = opt._buckets[0].grad_views
+    assert missing.grad is None and emb.weight.grad.is_sparse and float(emb.weight.grad.to_dense().abs().sum()) == 0
+    assert dense.grad is views[2] and last.grad is views[3]
+
+
+def test_zero_grad_false_after_a_double_backward_detaches_as_torch_does():
+    """After ``backward(create_graph=True)`` a gradient has a grad_fn: torch's zero_grad(set_to_none=False)
+    detaches it (it cannot clear requires_grad on a non-leaf); ours too, then adopts the buffer."""
+    params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(2, 2))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, ref = kernels.SGD(params, lr=0.1, fused=False), torch.optim.SGD(twins, lr=0.1, foreach=False)
+    for ps in (params, twins):
+        (ps[0].pow(3).sum() + ps[1].pow(3).sum()).backward(create_graph=True)
+    held = params[0].grad
+    assert held.grad_fn is not None
+    ours.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=False)
+    assert held.grad_fn is None and not held.requires_grad and float(held.abs().sum()) == 0
+    assert params[0].grad is ours._buckets[0].grad_views[0] and not params[0].grad.requires_grad
+    for ps, opt in ((params, ours), (twins, ref)):
+        (ps[0].pow(2).sum() + ps[1].sum()).backward()
+        opt.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_zero_grad_false_with_module_loop_and_sparse_grads(fused):
     """A sparse gradient is zeroed in place (as torch does) and still refused by step()."""
     emb = torch.nn.Embedding(10, 3, sparse=True)
