@@ -166,3 +166,30 @@ def test_arguments_and_param_groups_are_torchs(entry, variant):
     assert {k: group[k] for k in ref_group} == ref_group
     own = {"block_size": 256, "min_8bit_size": 4096} if entry.name.endswith("8bit") else {}
     assert {k: group[k] for k in list(group)[len(ref_group):]} == own
+
+
+_LEGACY = [None, True, False]
+
+
+@pytest.mark.parametrize("entry", [e for e in catalog.losses() if e.torch is not None], ids=lambda e: e.name)
+def test_loss_arguments_and_attributes_are_torchs(entry):
+    """A drop-in loss module: torch's arguments (kind and default); the legacy ``size_average``/``reduce``
+    pairs resolve to the ``reduction`` torch's resolves them to; and each reduction gives torch's value."""
+    ours_cls, torch_cls = entry.cls, entry.torch_class()
+    sig, torch_sig = (inspect.signature(c.__init__).parameters for c in (ours_cls, torch_cls))
+    assert [(n, p.kind, p.default) for n, p in sig.items()] == [(n, p.kind, p.default) for n, p in
+                                                                 torch_sig.items()]
+    if "reduce" in torch_sig:
+        for size_average in _LEGACY:
+            for reduce in _LEGACY:
+                kw = dict(size_average=size_average, reduce=reduce)
+                assert ours_cls(**kw).reduction == torch_cls(**kw).reduction, kw
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = (torch.randint(0, 4, (6,), generator=gen) if entry.name in ("CrossEntropyLoss", "MultiMarginLoss")
+         else torch.randn(6, 4, generator=gen, dtype=torch.float64))
+    extra = {"HuberLoss": dict(delta=0.3)}.get(entry.name, {})
+    for reduction in ("mean", "sum", "none"):
+        ours, ref = ours_cls(reduction=reduction, **extra), torch_cls(reduction=reduction, **extra)
+        assert ours.reduction == reduction
+        torch.testing.assert_close(ours(x, y), ref(x, y), rtol=1e-12, atol=1e-12)

@@ -324,6 +324,7 @@ BAD = [
     (lambda: kernels.huber_loss(torch.randn(3), torch.randn(1)), ValueError, "shape"),
     (lambda: kernels.huber_loss(torch.randn(3), torch.randn(3), delta=0), ValueError, "delta"),
     (lambda: kernels.huber_loss(torch.randn(3), torch.randn(3), delta=-1.0), ValueError, "delta"),
+    (lambda: kernels.HuberLoss(delta=0.0), ValueError, r"^HuberLoss: 'delta' must be > 0 \(got 0\.0\)$"),
     (lambda: kernels.hinge_loss(torch.randn(3), torch.tensor([1.0, 0.0, -1.0])), ValueError, "-1 or \\+1"),
     (lambda: kernels.hinge_loss(torch.randn(3), torch.ones(3, 1)), ValueError, "shape"),
     (lambda: kernels.cross_entropy(torch.randn(3, 4), torch.tensor([0, 4, 1])), IndexError, "target 4 is out of bounds"),
