@@ -318,10 +318,31 @@ def test_no_grad_and_modules():
     assert torch.allclose(kernels.MSELoss(size_average=False)(x, y), F.mse_loss(x, y, reduction="sum"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1000, 1 << 17])  # the eager path, and the compiled one (64k+ elements)
+@pytest.mark.parametrize("which", ["mse", "huber"])
+def test_low_precision_regression_losses_compute_in_float32(which, n, dtype):
+    """bfloat16/float16 inputs: each element is computed in float32 and rounded once (torch rounds after each
+    op, so it can differ from both by an ulp or more), and the reductions sum in float32."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, generator=gen) * 3).to(dtype)
+    y = torch.randn(n, generator=gen).to(dtype)
+    d = x.float() - y.float()
+    if which == "mse":
+        per, fn = d * d, lambda r: kernels.mse_loss(x, y, reduction=r)
+    else:
+        c = d.clamp(-0.7, 0.7)
+        per, fn = (d - 0.5 * c) * c, lambda r: kernels.huber_loss(x, y, reduction=r, delta=0.7)
+    assert torch.equal(fn("none"), per.to(dtype))
+    torch.testing.assert_close(fn("sum"), per.sum().to(dtype), rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(fn("mean"), (per.sum() / n).to(dtype), rtol=2 ** -7, atol=0)
+
+
 BAD = [
     (lambda: kernels.mse_loss(torch.randn(3), torch.randn(3), reduction="avg"), ValueError, "reduction"),
     (lambda: kernels.mse_loss(torch.randn(3, 1), torch.randn(3)), ValueError, "shape"),
-    (lambda: kernels.huber_loss(torch.randn(3), torch.randn(1)), ValueError, "shape"),
+    (lambda: kernels.huber_loss(torch.randn(3), torch.randn(1)), ValueError,
+     r"^huber_loss: input shape \(3,\) and target shape \(1,\) differ; broadcasting them is almost always a bug"),
     (lambda: kernels.huber_loss(torch.randn(3), torch.randn(3), delta=0), ValueError, "delta"),
     (lambda: kernels.huber_loss(torch.randn(3), torch.randn(3), delta=-1.0), ValueError, "delta"),
     (lambda: kernels.HuberLoss(delta=0.0), ValueError, r"^HuberLoss: 'delta' must be > 0 \(got 0\.0\)$"),
