@@ -39,3 +39,15 @@ def test_quality_report_quick(tmp_path):
         assert needle in report, needle
     curves = json.loads((out / "quality.json").read_text())["curves"]
     assert set(curves) == {"RMSprop: digits MLP", "RMSprop: char transformer LM", "bf16-weights: digits MLP"}
+
+
+def test_separate_grads_comparison_runs(capsys):
+    """Runs, and prints a row per optimizer with positive times (it measures speed; asserts no ratio)."""
+    from benchmarks.separate_grads import main
+
+    main(["--rounds", "1", "--tensors", "20"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| Adam", "| SGD"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| Adam", "| AdamW", "| SGD-momentum"]
+    for row in rows:
+        times = [float(c) for c in row.strip("| ").split(" | ")[1:5]]
+        assert all(t > 0 for t in times), row

@@ -333,7 +333,8 @@ def test_low_precision_regression_losses_compute_in_float32(which, n, dtype):
     else:
         c = d.clamp(-0.7, 0.7)
         per, fn = (d - 0.5 * c) * c, lambda r: kernels.huber_loss(x, y, reduction=r, delta=0.7)
-    assert torch.equal(fn("none"), per.to(dtype))
+    assert fn("none").dtype == dtype and torch.equal(fn("none"), per.to(dtype))  # (equal ignores dtypes)
+    assert fn("sum").dtype == fn("mean").dtype == dtype
     torch.testing.assert_close(fn("sum"), per.sum().to(dtype), rtol=2 ** -7, atol=0)
     torch.testing.assert_close(fn("mean"), (per.sum() / n).to(dtype), rtol=2 ** -7, atol=0)
 
