@@ -179,6 +179,10 @@ def test_loss_arguments_and_attributes_are_torchs(entry):
     sig, torch_sig = (inspect.signature(c.__init__).parameters for c in (ours_cls, torch_cls))
     assert [(n, p.kind, p.default) for n, p in sig.items()] == [(n, p.kind, p.default) for n, p in
                                                                  torch_sig.items()]
+    built, ref_built = ours_cls(), torch_cls()  # no arguments: what each default became
+    for name in torch_sig:
+        if name not in ("self", "size_average", "reduce") and hasattr(ref_built, name):
+            assert getattr(built, name) == getattr(ref_built, name), name
     if "reduce" in torch_sig:
         for size_average in _LEGACY:
             for reduce in _LEGACY:
