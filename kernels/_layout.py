@@ -27,6 +27,7 @@ DIRECT_GRAD_MIN_NUMEL = 1 << 16
 
 # a sentinel that no p.grad can be: until the buffer exists no gradient is "already in place"
 NOT_A_GRAD = object()
+NOT_PLANNED = object()  # a bucket's gradient-copy plan before the first copy
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -204,6 +205,8 @@ class Bucket(StateBuffers):
         # authoritative and host_steps may lag (the usual step does not rewrite a list per step)
         self.common_step: int | None = 0
         self.run_cache: dict[tuple, dict[str, Any]] = {}
+        # the C gradient copy's plan (_grads._native_plan): NOT_PLANNED until made, None where it does not apply
+        self.native_copy_plan: Any = NOT_PLANNED
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o:o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets, self.numels)]
