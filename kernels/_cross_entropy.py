@@ -159,7 +159,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     """
     name = "cross_entropy"
     input, target, weight = _entry(name, input, target, weight)
-    _check_reduction(reduction)
+    _check_reduction(name, reduction)
     _check_float(name, "input", input)
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
@@ -233,7 +233,7 @@ class CrossEntropyLoss(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.reduction = _legacy_reduction("CrossEntropyLoss", size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:

@@ -18,6 +18,14 @@ from ._loss_base import (
 )
 
 
+def _check_options(name: str, label_smoothing, chunk_size) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{name}: 'chunk_size' must be a positive int (got {chunk_size!r})")
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          chunk_size: int | None = None) -> Tensor:
@@ -33,7 +41,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     """
     name = "linear_cross_entropy"
     _entry(name)  # autocast: the matmul runs as autocast has it; the loss is returned in float32
-    _check_reduction(reduction)
+    _check_reduction(name, reduction)
     _check_float(name, "hidden", hidden)
     _check_float(name, "weight", weight)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -43,10 +51,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         _check_float(name, "bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{name}: bias must have shape ({weight.shape[0]},) (got {tuple(bias.shape)})")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{name}: 'chunk_size' must be a positive int (got {chunk_size!r})")
+    _check_options(name, label_smoothing, chunk_size)
     n_vocab, dim = weight.shape
     h2 = hidden.reshape(-1, dim)
     t = _check_targets(name, target, tuple(hidden.shape[:-1]), n_vocab, ignore_index).reshape(-1)
@@ -131,7 +136,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  chunk_size: int | None = None) -> None:
         super().__init__()
-        _check_reduction(reduction)
+        _check_reduction("LinearCrossEntropyLoss", reduction)
+        _check_options("LinearCrossEntropyLoss", label_smoothing, chunk_size)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
 

@@ -17,6 +17,8 @@ run in float32 and return float32, as torch's autocast runs its losses.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 
 import torch
@@ -79,9 +81,9 @@ class _OnePass(torch.autograd.Function):
         return out
 
 
-def _check_reduction(reduction: str) -> None:
+def _check_reduction(name: str, reduction: str) -> None:
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS} (got {reduction!r})")
+        raise ValueError(f"{name}: 'reduction' must be one of {_REDUCTIONS} (got {reduction!r})")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,18 +184,22 @@ def _check_weight(name: str, weight: Tensor | None, n_classes: int) -> Tensor | 
     if weight is None:
         return None
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"{name}: 'weight' must be a floating-point Tensor (got {type(weight).__name__})")
+        got = weight.dtype if isinstance(weight, Tensor) else type(weight).__name__
+        raise TypeError(f"{name}: 'weight' must be a floating-point Tensor (got {got})")
     if weight.dim() != 1 or weight.numel() != n_classes:
         raise ValueError(f"{name}: 'weight' must have one entry per class, {n_classes} "
                          f"(got shape {tuple(weight.shape)})")
     return weight.detach()
 
 
-def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+def _legacy_reduction(name: str, size_average, reduce, reduction: str) -> str:
     # torch.nn's deprecated size_average/reduce arguments, mapped as torch maps them
     if size_average is not None or reduce is not None:
         size_average = True if size_average is None else size_average
         reduce = True if reduce is None else reduce
         reduction = ("mean" if size_average else "sum") if reduce else "none"
-    _check_reduction(reduction)
+        # torch's words, pointing at the line that built the module
+        warnings.warn(f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
+                      "instead.", UserWarning, stacklevel=3)
+    _check_reduction(name, reduction)
     return reduction

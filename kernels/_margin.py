@@ -52,7 +52,7 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
         >>> loss = kernels.hinge_loss(scores, labels_pm1)
     """
     input, target = _entry("hinge_loss", input, target)
-    _check_reduction(reduction)
+    _check_reduction("hinge_loss", reduction)
     _same_shape("hinge_loss", input, target)
     if not isinstance(margin, (int, float)):
         raise TypeError(f"hinge_loss: 'margin' must be a number (got {type(margin).__name__})")
@@ -103,7 +103,7 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
         >>> loss = kernels.multi_margin_loss(logits, classes, p=2)
     """
     input, weight = _entry("multi_margin_loss", input, weight)
-    _check_reduction(reduction)
+    _check_reduction("multi_margin_loss", reduction)
     _check_float("multi_margin_loss", "input", input)
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"multi_margin_loss: 'p' must be 1 or 2 (got {p!r})")
@@ -162,7 +162,7 @@ class MultiMarginLoss(torch.nn.Module):
             raise ValueError(f"MultiMarginLoss: 'p' must be 1 or 2 (got {p!r})")
         self.p, self.margin = p, margin
         self.register_buffer("weight", weight)
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.reduction = _legacy_reduction("MultiMarginLoss", size_average, reduce, reduction)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return multi_margin_loss(input, target, p=self.p, margin=self.margin, weight=self.weight,
@@ -181,7 +181,7 @@ class HingeLoss(torch.nn.Module):
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()
-        _check_reduction(reduction)
+        _check_reduction("HingeLoss", reduction)
         self.margin, self.reduction = margin, reduction
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:

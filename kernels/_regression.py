@@ -61,7 +61,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         >>> loss = kernels.mse_loss(pred, y)
     """
     input, target = _entry("mse_loss", input, target)
-    _check_reduction(reduction)
+    _check_reduction("mse_loss", reduction)
     _same_shape("mse_loss", input, target)
 
     def compute(need_grad=True):
@@ -96,7 +96,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         >>> loss = kernels.huber_loss(pred, y, delta=0.5)
     """
     input, target = _entry("huber_loss", input, target)
-    _check_reduction(reduction)
+    _check_reduction("huber_loss", reduction)
     _same_shape("huber_loss", input, target)
     if not (isinstance(delta, (int, float)) and delta > 0):
         raise ValueError(f"huber_loss: 'delta' must be a number > 0 (got {delta!r})")
@@ -159,7 +159,7 @@ class MSELoss(torch.nn.Module):
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean") -> None:
         super().__init__()
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.reduction = _legacy_reduction("MSELoss", size_average, reduce, reduction)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return mse_loss(input, target, reduction=self.reduction)
@@ -176,7 +176,7 @@ class HuberLoss(torch.nn.Module):
 
     def __init__(self, reduction: str = "mean", delta: float = 1.0) -> None:
         super().__init__()
-        _check_reduction(reduction)
+        _check_reduction("HuberLoss", reduction)
         if not delta > 0:
             raise ValueError(f"HuberLoss: 'delta' must be > 0 (got {delta!r})")
         self.reduction, self.delta = reduction, delta

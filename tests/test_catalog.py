@@ -1,6 +1,7 @@
 """kernels' catalog: one table of optimizers and losses, read by the advisor, the tests and the benchmarks."""
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -187,7 +188,17 @@ def test_loss_arguments_and_attributes_are_torchs(entry):
         for size_average in _LEGACY:
             for reduce in _LEGACY:
                 kw = dict(size_average=size_average, reduce=reduce)
-                assert ours_cls(**kw).reduction == torch_cls(**kw).reduction, kw
+                with warnings.catch_warnings(record=True) as ours_said:
+                    warnings.simplefilter("always")
+                    ours = ours_cls(**kw)
+                with warnings.catch_warnings(record=True) as torch_said:
+                    warnings.simplefilter("always")
+                    ref = torch_cls(**kw)
+                assert ours.reduction == ref.reduction, kw
+                # torch's deprecation warning, word for word, pointing at the caller's line (this file)
+                assert [(w.category, str(w.message)) for w in ours_said] == \
+                    [(w.category, str(w.message)) for w in torch_said], kw
+                assert all(w.filename == __file__ for w in ours_said), kw
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
     y = (torch.randint(0, 4, (6,), generator=gen) if entry.name in ("CrossEntropyLoss", "MultiMarginLoss")

@@ -470,3 +470,158 @@ def test_losses_under_autocast_return_float32_as_torch(dtype):
     with torch.autocast("cpu", dtype=dtype):
         out = kernels.linear_cross_entropy(x.to(dtype), lin.weight, t)
     assert out.dtype == torch.float32
+
+
+_I = torch.ones(3, 4, dtype=torch.long)
+_X, _T = torch.randn(3, 4), torch.tensor([0, 1, 2])
+# (call, exception, the whole message): each names the function or class and the argument at fault
+WHOLE_MESSAGES = [
+    (lambda: kernels.mse_loss([1.0], _X), TypeError, "mse_loss: 'input' must be a Tensor (got list)"),
+    (lambda: kernels.mse_loss(_I, _X), TypeError, "mse_loss: 'input' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.mse_loss(_X, _I), TypeError, "mse_loss: 'target' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.mse_loss(_X, _X, reduction="avg"), ValueError,
+     "mse_loss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.MSELoss(reduction="avg"), ValueError,
+     "MSELoss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.huber_loss(_I, _X), TypeError,
+     "huber_loss: 'input' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.huber_loss(_X, _X, reduction="avg"), ValueError,
+     "huber_loss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.HuberLoss(reduction="avg"), ValueError,
+     "HuberLoss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.cross_entropy(_I, _T), TypeError,
+     "cross_entropy: 'input' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.cross_entropy(_X, [0, 1, 2]), TypeError, "cross_entropy: 'target' must be a Tensor (got list)"),
+    (lambda: kernels.cross_entropy(_X, torch.tensor([0, 1])), ValueError,
+     "cross_entropy: expected target of shape (3,) (got (2,))"),
+    (lambda: kernels.cross_entropy(_X, _T, weight=torch.ones(4, dtype=torch.long)), TypeError,
+     "cross_entropy: 'weight' must be a floating-point Tensor (got torch.int64)"),
+    (lambda: kernels.cross_entropy(_X, _T, weight=[1.0] * 4), TypeError,
+     "cross_entropy: 'weight' must be a floating-point Tensor (got list)"),
+    (lambda: kernels.cross_entropy(_X, _T, weight=torch.ones(3)), ValueError,
+     "cross_entropy: 'weight' must have one entry per class, 4 (got shape (3,))"),
+    (lambda: kernels.cross_entropy(_X, torch.tensor([0, 4, 1])), IndexError,
+     "cross_entropy: target 4 is out of bounds for 4 classes"),
+    (lambda: kernels.cross_entropy(_X, _T, reduction="avg"), ValueError,
+     "cross_entropy: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.CrossEntropyLoss(reduction="avg"), ValueError,
+     "CrossEntropyLoss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.multi_margin_loss(_I, _T), TypeError,
+     "multi_margin_loss: 'input' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.multi_margin_loss("a", _T), TypeError, "multi_margin_loss: 'input' must be a Tensor (got str)"),
+    (lambda: kernels.multi_margin_loss(torch.randn(2, 3, 4), _T), ValueError,
+     "multi_margin_loss: input must be (C,) or (N, C) with C > 0 (got shape (2, 3, 4))"),
+    (lambda: kernels.multi_margin_loss(torch.randn(3, 0), _T), ValueError,
+     "multi_margin_loss: input must be (C,) or (N, C) with C > 0 (got shape (3, 0))"),
+    (lambda: kernels.multi_margin_loss(_X, _T.float()), TypeError,
+     "multi_margin_loss: class-index targets must be an integer tensor (got torch.float32)"),
+    (lambda: kernels.multi_margin_loss(_X, torch.tensor([0, 1])), ValueError,
+     "multi_margin_loss: expected target of shape (3,) (got (2,))"),
+    (lambda: kernels.multi_margin_loss(torch.randn(4), torch.tensor([0])), ValueError,
+     "multi_margin_loss: expected target of shape () (got (1,))"),
+    (lambda: kernels.multi_margin_loss(_X, torch.tensor([0, 1, 4])), IndexError,
+     "multi_margin_loss: target 4 is out of bounds for 4 classes"),
+    (lambda: kernels.multi_margin_loss(_X, _T, weight=torch.ones(4, dtype=torch.long)), TypeError,
+     "multi_margin_loss: 'weight' must be a floating-point Tensor (got torch.int64)"),
+    (lambda: kernels.multi_margin_loss(_X, _T, weight=torch.ones(2)), ValueError,
+     "multi_margin_loss: 'weight' must have one entry per class, 4 (got shape (2,))"),
+    (lambda: kernels.multi_margin_loss(_X, _T, p=3), ValueError, "multi_margin_loss: 'p' must be 1 or 2 (got 3)"),
+    (lambda: kernels.multi_margin_loss(_X, _T, reduction="avg"), ValueError,
+     "multi_margin_loss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.MultiMarginLoss(p=3), ValueError, "MultiMarginLoss: 'p' must be 1 or 2 (got 3)"),
+    (lambda: kernels.MultiMarginLoss(reduction="avg"), ValueError,
+     "MultiMarginLoss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.hinge_loss(_I, _X), TypeError, "hinge_loss: 'input' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.hinge_loss(_X, _I), TypeError,
+     "hinge_loss: 'target' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.hinge_loss(_X, torch.zeros(3, 4)), ValueError, "hinge_loss: targets must be -1 or +1; found 0.0"),
+    (lambda: kernels.hinge_loss(_X, torch.ones(3, 4), reduction="avg"), ValueError,
+     "hinge_loss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.HingeLoss(reduction="avg"), ValueError,
+     "HingeLoss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.linear_cross_entropy(_I, torch.randn(5, 4), _T), TypeError,
+     "linear_cross_entropy: 'hidden' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.ones(5, 4, dtype=torch.long), _T), TypeError,
+     "linear_cross_entropy: 'weight' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, torch.randn(4)), ValueError,
+     "linear_cross_entropy: bias must have shape (5,) (got (4,))"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, chunk_size=True), ValueError,
+     "linear_cross_entropy: 'chunk_size' must be a positive int (got True)"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, label_smoothing=-0.1), ValueError,
+     "linear_cross_entropy: 'label_smoothing' must be in [0, 1] (got -0.1)"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, reduction="avg"), ValueError,
+     "linear_cross_entropy: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.LinearCrossEntropyLoss(reduction="avg"), ValueError,
+     "LinearCrossEntropyLoss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
+    (lambda: kernels.LinearCrossEntropyLoss(chunk_size=0), ValueError,
+     "LinearCrossEntropyLoss: 'chunk_size' must be a positive int (got 0)"),
+    (lambda: kernels.LinearCrossEntropyLoss(label_smoothing=1.5), ValueError,
+     "LinearCrossEntropyLoss: 'label_smoothing' must be in [0, 1] (got 1.5)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", WHOLE_MESSAGES)
+def test_bad_input_messages_name_the_function_and_the_argument(call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert str(info.value) == message
+
+
+def _module_cases():
+    """(class name, constructor arguments, inputs, reference): one argument away from the defaults each, on
+    inputs where that argument changes the loss."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64) * 2
+    y = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3, 1, 1])
+    w = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    pm = torch.where(torch.rand(6, 4, generator=gen) > 0.5, 1.0, -1.0).double()
+    h, lw = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    lb = torch.randn(4, generator=gen, dtype=torch.float64)
+    cases = []
+    for kw in (dict(reduction="sum"), dict(reduction="none"), dict(size_average=False), dict(reduce=False)):
+        cases.append(("MSELoss", kw, (x, y), torch.nn.MSELoss(**kw)(x, y)))
+    for kw in (dict(delta=0.5), dict(reduction="sum"), dict(reduction="none")):
+        cases.append(("HuberLoss", kw, (x, y), torch.nn.HuberLoss(**kw)(x, y)))
+    for kw in (dict(weight=w), dict(ignore_index=1), dict(reduction="sum"), dict(reduction="none"),
+               dict(label_smoothing=0.2), dict(size_average=False), dict(reduce=False)):
+        cases.append(("CrossEntropyLoss", kw, (x, t), torch.nn.CrossEntropyLoss(**kw)(x, t)))
+    for kw in (dict(p=2), dict(margin=0.5), dict(weight=w), dict(reduction="sum"), dict(reduction="none"),
+               dict(size_average=False), dict(reduce=False)):
+        cases.append(("MultiMarginLoss", kw, (x, t), torch.nn.MultiMarginLoss(**kw)(x, t)))
+    per = lambda m: torch.clamp(m - x * pm, min=0)  # noqa: E731
+    for kw, ref in ((dict(margin=0.5), per(0.5).mean()), (dict(reduction="sum"), per(1.0).sum()),
+                    (dict(reduction="none"), per(1.0))):
+        cases.append(("HingeLoss", kw, (x, pm), ref))
+    for kw in (dict(ignore_index=1), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.2)):
+        cases.append(("LinearCrossEntropyLoss", kw, (h, lw, t, lb), F.cross_entropy(h @ lw.T + lb, t, **kw)))
+    cases.append(("LinearCrossEntropyLoss", {}, (h, lw, t, lb), F.cross_entropy(h @ lw.T + lb, t)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _module_cases(), ids=lambda c: f"{c[0]}-{'-'.join(c[1]) or 'bias'}")
+def test_each_module_argument_reaches_the_loss(case):
+    """A loss module computes with every argument it was built with (and LinearCrossEntropyLoss with the
+    bias it is called with): its value equals torch's (or the formula's) with that argument, which differs
+    on these inputs from the value without it."""
+    name, kwargs, inputs, ref = case
+    cls = getattr(kernels, name)
+    got = cls(**kwargs)(*inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    without = cls()(*inputs) if kwargs else cls()(*inputs[:3])
+    assert without.shape != ref.shape or not torch.allclose(without, ref), "the argument changes nothing here"
+
+
+def test_linear_cross_entropy_module_passes_every_option(monkeypatch):
+    """chunk_size changes how the rows are split, not the value: the module is seen handing every option
+    (and the bias) to the function."""
+    import kernels._linear_cross_entropy as lce_module
+    seen = []
+    real = lce_module.linear_cross_entropy
+    monkeypatch.setattr(lce_module, "linear_cross_entropy",
+                        lambda *args, **kw: seen.append((args, kw)) or real(*args, **kw))
+    h, w, t, b = torch.randn(5, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 3, 1]), torch.randn(4)
+    options = dict(ignore_index=1, reduction="sum", label_smoothing=0.25, chunk_size=2)
+    kernels.LinearCrossEntropyLoss(**options)(h, w, t, b)
+    (args, kw), = seen
+    assert args[3] is b and kw == options
