@@ -44,6 +44,12 @@ def hinge_fused(hp, grad_input: bool, grad_target: bool, reduce: bool, x, y, gx=
 # pragma: no mutate end
 
 
+def _check_margin(name: str, margin) -> None:
+    """A number or a 0-dim tensor, as torch's multi_margin_loss takes (it refuses strings, None, 1-d tensors)."""
+    if not (isinstance(margin, (int, float)) or (isinstance(margin, Tensor) and margin.dim() == 0)):
+        raise TypeError(f"{name}: 'margin' must be a number (got {type(margin).__name__})")
+
+
 def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
     r"""Binary SVM hinge, :math:`\max(0, m - y x)` with :math:`y \in \{-1, +1\}`. torch has no such loss.
 
@@ -54,8 +60,7 @@ def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: st
     input, target = _entry("hinge_loss", input, target)
     _check_reduction("hinge_loss", reduction)
     _same_shape("hinge_loss", input, target)
-    if not isinstance(margin, (int, float)):
-        raise TypeError(f"hinge_loss: 'margin' must be a number (got {type(margin).__name__})")
+    _check_margin("hinge_loss", margin)
     bad = (target != 1) & (target != -1)
     if bool(bad.any()):
         raise ValueError(f"hinge_loss: targets must be -1 or +1; found {target[bad].flatten()[0].item()!r}")
@@ -116,6 +121,7 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
     t = _check_targets("multi_margin_loss", target, (n_rows,) if not unbatched else (), n_classes, None)
     t2 = t.reshape(n_rows)
     w = _check_weight("multi_margin_loss", weight, n_classes)
+    _check_margin("multi_margin_loss", margin)
     margin = float(margin)
 
     def compute(need_grad=True):

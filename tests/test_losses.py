@@ -535,6 +535,17 @@ WHOLE_MESSAGES = [
     (lambda: kernels.hinge_loss(_X, _I), TypeError,
      "hinge_loss: 'target' must be a floating-point tensor (got torch.int64)"),
     (lambda: kernels.hinge_loss(_X, torch.zeros(3, 4)), ValueError, "hinge_loss: targets must be -1 or +1; found 0.0"),
+    (lambda: kernels.hinge_loss(_X, torch.ones(3, 1)), ValueError,
+     "hinge_loss: input shape (3, 4) and target shape (3, 1) differ; broadcasting them is almost always a bug, "
+     "so it is refused"),
+    (lambda: kernels.hinge_loss(_X, torch.ones(3, 4), margin="1"), TypeError,
+     "hinge_loss: 'margin' must be a number (got str)"),
+    (lambda: kernels.multi_margin_loss(_X, _T, margin="1"), TypeError,
+     "multi_margin_loss: 'margin' must be a number (got str)"),
+    (lambda: kernels.multi_margin_loss(_X, _T, margin=None), TypeError,
+     "multi_margin_loss: 'margin' must be a number (got NoneType)"),
+    (lambda: kernels.multi_margin_loss(_X, _T, margin=torch.ones(1)), TypeError,
+     "multi_margin_loss: 'margin' must be a number (got Tensor)"),
     (lambda: kernels.hinge_loss(_X, torch.ones(3, 4), reduction="avg"), ValueError,
      "hinge_loss: 'reduction' must be one of ('mean', 'sum', 'none') (got 'avg')"),
     (lambda: kernels.HingeLoss(reduction="avg"), ValueError,
@@ -625,3 +636,56 @@ def test_linear_cross_entropy_module_passes_every_option(monkeypatch):
     kernels.LinearCrossEntropyLoss(**options)(h, w, t, b)
     (args, kw), = seen
     assert args[3] is b and kw == options
+
+
+def _low_precision_cases():
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 5, (7,), generator=gen)
+    w = torch.rand(5, generator=gen) + 0.3
+    pm = torch.where(torch.rand(7, 5, generator=gen) > 0.5, 1.0, -1.0)
+    y = torch.randn(7, 5, generator=gen)
+    probs = torch.softmax(torch.randn(7, 5, generator=gen), 1)
+    # each: (x, the other tensors already in the input's dtype or float32, reduction) -> loss
+    return {
+        "mse": lambda x, c, r: kernels.mse_loss(x, c(y), reduction=r),
+        "huber": lambda x, c, r: kernels.huber_loss(x, c(y), reduction=r, delta=0.7),
+        "cross_entropy": lambda x, c, r: kernels.cross_entropy(x, t, weight=c(w), reduction=r, label_smoothing=0.1),
+        "cross_entropy_probs": lambda x, c, r: kernels.cross_entropy(x, c(probs), reduction=r),
+        "multi_margin_p1_weight": lambda x, c, r: kernels.multi_margin_loss(x, t, weight=c(w), reduction=r),
+        "multi_margin_p2": lambda x, c, r: kernels.multi_margin_loss(x, t, p=2, margin=0.3, reduction=r),
+        "multi_margin_unbatched": lambda x, c, r: kernels.multi_margin_loss(x[2], t[2], p=2, reduction=r),
+        "hinge": lambda x, c, r: kernels.hinge_loss(x, c(pm), margin=0.5, reduction=r),
+    }
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(_low_precision_cases()))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_losses_are_the_float32_loss_rounded_once(dtype, name, reduction):
+    """bfloat16/float16 inputs are computed in float32: the value and the gradient are, bit for bit, the
+    float32 computation on the same (rounded) numbers, rounded once to the input's dtype. The upstream
+    gradient is made of powers of two, so multiplying by it rounds nothing (a bfloat16 gradient is kept in
+    bfloat16 until backward scales it); per-row upstream values check which row each one scales."""
+    fn = _low_precision_cases()[name]
+    x32 = torch.randn(7, 5, generator=torch.Generator().manual_seed(2)) * 3
+    low = x32.to(dtype).requires_grad_()
+    high = x32.to(dtype).float().requires_grad_()
+    got = fn(low, lambda u: u.to(dtype), reduction)
+    ref = fn(high, lambda u: u.to(dtype).float(), reduction)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert torch.equal(got, ref.to(dtype)), (got, ref)
+    up = 2.0 ** torch.randint(-1, 3, ref.shape, generator=torch.Generator().manual_seed(3)).float()
+    g_low, = torch.autograd.grad(got, low, up.to(dtype))
+    g_ref, = torch.autograd.grad(ref, high, up)
+    assert g_low.dtype == dtype and torch.equal(g_low, g_ref.to(dtype)), (g_low, g_ref)
+
+
+def test_margins_torch_accepts_are_accepted():
+    """torch's multi_margin_loss takes any number (a bool, an int) or a 0-dim tensor as the margin."""
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1])
+    for margin in (True, 2, 0.25, torch.tensor(0.5)):
+        torch.testing.assert_close(kernels.multi_margin_loss(x, t, margin=margin),
+                                   F.multi_margin_loss(x, t, margin=margin), rtol=1e-12, atol=1e-12)
+    pm = torch.where(x > 0, 1.0, -1.0).double()
+    torch.testing.assert_close(kernels.hinge_loss(x, pm, margin=torch.tensor(0.5)),
+                               torch.clamp(0.5 - x * pm, min=0).mean(), rtol=1e-12, atol=1e-12)
