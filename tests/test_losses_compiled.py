@@ -74,6 +74,29 @@ def test_hinge_compiled(ran, shape, margin, reduction, target_grad):
     assert "hinge_fused" in ran
 
 
+@pytest.mark.parametrize("input_grad,target_grad", [(False, True), (True, True), (False, False)])
+def test_hinge_compiled_float64_for_each_gradient_wanted(ran, input_grad, target_grad):
+    """float64 end to end (a margin, a 1/n or a gradient buffer held in float32 shows at 1e-12), with a
+    gradient for the target alone, for both, and for neither (the no-grad path)."""
+    ran.clear()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 7, generator=gen, dtype=torch.float64).requires_grad_(input_grad)
+    y = (torch.randint(0, 2, (9, 7), generator=gen) * 2 - 1).double().requires_grad_(target_grad)
+    got = kernels.hinge_loss(x, y, margin=0.3)
+    assert "hinge_fused" in ran
+    xr, yr = x.detach().requires_grad_(input_grad), y.detach().requires_grad_(target_grad)
+    ref = torch.clamp(0.3 - yr * xr, min=0).mean()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    wanted = [t for t in (x, y) if t.requires_grad]
+    if wanted:
+        grads = torch.autograd.grad(got, wanted)
+        refs = torch.autograd.grad(ref, [t for t in (xr, yr) if t.requires_grad])
+        for g, r in zip(grads, refs):
+            assert g.dtype == torch.float64
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 @SETTINGS
 @given(n=st.integers(0, 40), n_classes=st.integers(1, 50), use_weight=st.booleans(),
        smoothing=st.sampled_from([0.0, 0.1, 1.0]), reduction=st.sampled_from(["mean", "sum", "none"]),
