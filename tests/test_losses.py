@@ -678,6 +678,17 @@ def test_low_precision_losses_are_the_float32_loss_rounded_once(dtype, name, red
     g_low, = torch.autograd.grad(got, low, up.to(dtype))
     g_ref, = torch.autograd.grad(ref, high, up)
     assert g_low.dtype == dtype and torch.equal(g_low, g_ref.to(dtype)), (g_low, g_ref)
+    if reduction == "none":
+        return
+    # Where the gradient waits for backward: bfloat16 keeps it in bfloat16 (half the memory; its range is
+    # float32's), float16 in float32 (its range is too small for an unscaled gradient). A scalar upstream
+    # gradient that is not a power of two shows it: bfloat16 rounds the gradient, then the product.
+    got, ref = fn(low, lambda u: u.to(dtype), reduction), fn(high, lambda u: u.to(dtype).float(), reduction)
+    s = torch.tensor(1.0703125, dtype=dtype)  # exact in both; the hinge's one gradient value, 1/35, shows it too
+    g_low, = torch.autograd.grad(got, low, s)
+    g_unit, = torch.autograd.grad(ref, high)
+    kept = g_unit.to(dtype).float() if dtype == torch.bfloat16 else g_unit
+    assert torch.equal(g_low, (kept * s.float()).to(dtype))
 
 
 def test_margins_torch_accepts_are_accepted():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import examples
+import test_losses
 from test_losses import compare
 
 import kernels
@@ -139,3 +140,12 @@ def test_cross_entropy_compiled_bf16_and_all_ignored():
     x = torch.randn(8, 5, requires_grad=True)
     t = torch.full((8,), -100)
     compare(lambda a: kernels.cross_entropy(a, t), lambda a: F.cross_entropy(a, t), [x], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["hinge", "cross_entropy"])
+def test_low_precision_compiled_losses_are_the_float32_loss_rounded_once(ran, dtype, name):
+    """The eager test's bit-for-bit contract, through the compiled cores."""
+    ran.clear()
+    test_losses.test_low_precision_losses_are_the_float32_loss_rounded_once(dtype, name, "mean")
+    assert {"hinge": "hinge_fused", "cross_entropy": "cross_entropy_rows_fused"}[name] in ran
