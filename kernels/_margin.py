@@ -53,6 +53,9 @@ def _check_margin(name: str, margin) -> None:
 def hinge_loss(input: Tensor, target: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
     r"""Binary SVM hinge, :math:`\max(0, m - y x)` with :math:`y \in \{-1, +1\}`. torch has no such loss.
 
+    Where :math:`m - y x` is exactly 0 the gradient is 0 (only a positive violation counts), as in torch's
+    multi-margin loss.
+
     Example::
 
         >>> loss = kernels.hinge_loss(scores, labels_pm1)

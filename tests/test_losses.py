@@ -554,6 +554,12 @@ WHOLE_MESSAGES = [
      "linear_cross_entropy: 'hidden' must be a floating-point tensor (got torch.int64)"),
     (lambda: kernels.linear_cross_entropy(_X, torch.ones(5, 4, dtype=torch.long), _T), TypeError,
      "linear_cross_entropy: 'weight' must be a floating-point tensor (got torch.int64)"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4, 2), _T), ValueError,
+     "linear_cross_entropy: need hidden (..., D) and weight (V, D) with the same D (got (3, 4) and (5, 4, 2))"),
+    (lambda: kernels.linear_cross_entropy(torch.tensor(1.0), torch.randn(5, 1), torch.tensor(0)), ValueError,
+     "linear_cross_entropy: need hidden (..., D) and weight (V, D) with the same D (got () and (5, 1))"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, torch.ones(5, dtype=torch.long)), TypeError,
+     "linear_cross_entropy: 'bias' must be a floating-point tensor (got torch.int64)"),
     (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, torch.randn(4)), ValueError,
      "linear_cross_entropy: bias must have shape (5,) (got (4,))"),
     (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, chunk_size=True), ValueError,
@@ -700,3 +706,50 @@ def test_margins_torch_accepts_are_accepted():
     pm = torch.where(x > 0, 1.0, -1.0).double()
     torch.testing.assert_close(kernels.hinge_loss(x, pm, margin=torch.tensor(0.5)),
                                torch.clamp(0.5 - x * pm, min=0).mean(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4)], ids=["unbatched", "3-d"])
+def test_linear_cross_entropy_hidden_of_any_rank(shape):
+    """hidden (D,) with a 0-dim target, and (B, T, D) with a (B, T) target: cross-entropy of the logits."""
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, shape[:-1], generator=gen)
+    compare(lambda a, b: kernels.linear_cross_entropy(a, b, t, chunk_size=2),
+            lambda a, b: F.cross_entropy((a @ b.T).reshape(-1, 5), t.reshape(-1)), [h, w], torch.float64)
+
+
+def test_linear_cross_entropy_refuses_torch_func_by_name():
+    w, t = torch.randn(5, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(NotImplementedError, match=r"^kernels.linear_cross_entropy does not support torch.func"):
+        torch.func.grad(lambda h: kernels.linear_cross_entropy(h, w, t))(torch.randn(3, 4))
+
+
+def test_hinge_gradient_at_the_kink_is_zero():
+    """Where margin - y x is exactly 0 the hinge is not differentiable: its gradient there is 0 (only a
+    positive margin violation counts), as in torch's multi-margin loss, not the 1 torch.clamp's gives."""
+    x = torch.tensor([1.0, 0.5, -1.0, -2.0], requires_grad=True)
+    y = torch.tensor([1.0, 1.0, 1.0, -1.0], requires_grad=True)
+    kernels.hinge_loss(x, y, reduction="sum").backward()
+    assert x.grad.tolist() == [0.0, -1.0, -1.0, 0.0] and y.grad.tolist() == [0.0, -0.5, 1.0, 0.0]
+    mm = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    F.multi_margin_loss(mm, torch.tensor([0]), reduction="sum").backward()
+    assert mm.grad.tolist() == [[0.0, 0.0]]  # torch's convention for the multi-class hinge
+
+
+@pytest.mark.parametrize("name", ["mse", "huber", "hinge"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_target_gradient_is_the_float32_one_rounded(dtype, name):
+    """The gradient for a target that requires grad: float32 arithmetic, kept as the input's one is."""
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(6, 5, generator=gen) * 3).to(dtype)
+    y = (torch.where(torch.rand(6, 5, generator=gen) > 0.5, 1.0, -1.0) if name == "hinge"
+         else torch.randn(6, 5, generator=gen)).to(dtype)
+    fn = {"mse": kernels.mse_loss, "huber": lambda a, b: kernels.huber_loss(a, b, delta=0.7),
+          "hinge": lambda a, b: kernels.hinge_loss(a, b, margin=0.3)}[name]
+    y_low, y_high = y.clone().requires_grad_(), y.float().requires_grad_()
+    s = torch.tensor(1.0703125, dtype=dtype)
+    g_low, = torch.autograd.grad(fn(x, y_low), y_low, s)
+    g_unit, = torch.autograd.grad(fn(x.float(), y_high), y_high)
+    kept = g_unit.to(dtype).float() if dtype == torch.bfloat16 else g_unit
+    assert g_low.dtype == dtype and torch.equal(g_low, (kept * s.float()).to(dtype))
