@@ -18,6 +18,14 @@ from ._loss_base import (
 )
 
 
+CHUNK_LOGITS = 1 << 23  # the default chunk holds about this many logits (32 MiB in float32)
+
+
+def default_chunk_rows(n_vocab: int) -> int:
+    """Rows per chunk when ``chunk_size`` is not given: about :data:`CHUNK_LOGITS` logits, at least one row."""
+    return max(1, CHUNK_LOGITS // max(n_vocab, 1))
+
+
 def _check_options(name: str, label_smoothing, chunk_size) -> None:
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
             or not 0.0 <= label_smoothing <= 1.0:
@@ -56,7 +64,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     h2 = hidden.reshape(-1, dim)
     t = _check_targets(name, target, tuple(hidden.shape[:-1]), n_vocab, ignore_index).reshape(-1)
     rows = h2.shape[0]
-    chunk = chunk_size or max(1, (1 << 23) // max(n_vocab, 1))
+    chunk = chunk_size or default_chunk_rows(n_vocab)
     smoothing = float(label_smoothing)
 
     def passes(row_scale: Tensor | None, need_grad: bool):

@@ -753,3 +753,23 @@ def test_low_precision_target_gradient_is_the_float32_one_rounded(dtype, name):
     g_unit, = torch.autograd.grad(fn(x.float(), y_high), y_high)
     kept = g_unit.to(dtype).float() if dtype == torch.bfloat16 else g_unit
     assert g_low.dtype == dtype and torch.equal(g_low, (kept * s.float()).to(dtype))
+
+
+def test_linear_cross_entropy_default_chunk_holds_about_8m_logits():
+    from kernels._linear_cross_entropy import default_chunk_rows
+    assert [default_chunk_rows(v) for v in (0, 1, 2, 32000, 128256, 1 << 23, 1 << 24)] == \
+        [1 << 23, 1 << 23, 1 << 22, 262, 65, 1, 1]
+
+
+def test_linear_cross_entropy_label_smoothing_bounds_are_torchs():
+    """0 and 1 are accepted (torch's cross_entropy takes the closed interval), beyond them refused."""
+    h, w, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 4, 2])
+    for smoothing in (0.0, 1.0, 1):
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, t, label_smoothing=smoothing),
+                                   F.cross_entropy(h @ w.T, t, label_smoothing=smoothing), rtol=1e-12, atol=1e-12)
+        kernels.LinearCrossEntropyLoss(label_smoothing=smoothing)
+    for smoothing in (1.0000001, -1e-9, "0.1", None, True):
+        with pytest.raises(ValueError, match=r"^linear_cross_entropy: 'label_smoothing' must be in \[0, 1\]"):
+            kernels.linear_cross_entropy(h, w, t, label_smoothing=smoothing)
+        with pytest.raises(ValueError, match=r"^LinearCrossEntropyLoss: 'label_smoothing' must be in \[0, 1\]"):
+            kernels.LinearCrossEntropyLoss(label_smoothing=smoothing)
