@@ -773,3 +773,50 @@ def test_linear_cross_entropy_label_smoothing_bounds_are_torchs():
             kernels.linear_cross_entropy(h, w, t, label_smoothing=smoothing)
         with pytest.raises(ValueError, match=r"^LinearCrossEntropyLoss: 'label_smoothing' must be in \[0, 1\]"):
             kernels.LinearCrossEntropyLoss(label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_low_precision_against_torch(dtype, reduction):
+    """bfloat16/float16 hidden, weight and bias of a (2, 3, D) batch: the loss and every gradient in the
+    input's dtype, near torch's in that dtype (float16 takes the deferred path, bfloat16 the one-pass one)."""
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 3, 8, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(11, 8, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(11, generator=gen).to(dtype).requires_grad_()
+    t = torch.randint(0, 11, (2, 3), generator=gen)
+    t[0, 1] = -100
+    got = kernels.linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=4)
+    hr, wr, br = (x.detach().clone().requires_grad_() for x in (h, w, b))
+    ref = F.cross_entropy(F.linear(hr, wr, br).reshape(6, 11), t.reshape(6), reduction=reduction)
+    ref = ref.reshape(2, 3) if reduction == "none" else ref
+    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
+    close = dict(rtol=1.6e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got, ref, **close)
+    up = (torch.rand(ref.shape, generator=gen) + 0.5).to(dtype)
+    for a, r in zip(torch.autograd.grad(got, (h, w, b), up), torch.autograd.grad(ref, (hr, wr, br), up)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, r, **close)
+
+
+@pytest.mark.parametrize("dtype,reduction,deferred", [(torch.float32, "mean", False), (torch.float32, "sum", False),
+                                                      (torch.float32, "none", True), (torch.float16, "mean", True),
+                                                      (torch.float64, "mean", False)])
+def test_linear_cross_entropy_passes_over_the_logits(monkeypatch, dtype, reduction, deferred):
+    """One pass over the logits computes the loss and the gradients; only float16 (the gradient must be
+    scaled by the upstream one before it is rounded) and reduction='none' defer the gradient to a second
+    pass in backward. Without grad: one pass, no gradient."""
+    import kernels._linear_cross_entropy as lce_module
+    flags = []
+    real = lce_module._ce_index_core
+    monkeypatch.setattr(lce_module, "_ce_index_core", lambda *a: flags.append(a[-1]) or real(*a))
+    h = torch.randn(5, 3).to(dtype).requires_grad_()
+    w, t = torch.randn(4, 3).to(dtype), torch.tensor([0, 1, 2, 3, 1])
+    loss = kernels.linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=2)
+    assert flags == ([False] * 3 if deferred else [True] * 3)
+    loss.sum().backward()
+    assert flags == ([False] * 3 + [True] * 3 if deferred else [True] * 3)
+    flags.clear()
+    with torch.no_grad():
+        kernels.linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=2)
+    assert flags == [False] * 3
