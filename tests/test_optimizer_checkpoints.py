@@ -405,3 +405,84 @@ def test_checkpoint_from_before_an_option_existed_loads_as_torchs(name):
     assert ours.param_groups[0].get("fused") is None  # ours: the implementation choice stays out of the group
     _train([(ours, a), (ref, b)], 3, 5)
     assert_same(ref, ours, b, a, torch.float32, exact=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_state_dict_messages_say_what_and_where(name):
+    """Each refusal of a checkpoint, word for word: which parameter of which group, which key, what it has."""
+    ours_cls, _ = OPTIMIZERS[name]
+    params = make_params(SPECS, torch.float32, 0)
+    ours = ours_cls(params, fused=False, **CONFIGS[name])
+    _train([(ours, params)], 2, 0)
+    good = ours.state_dict()
+    key = next(k for k in good["state"][0] if k != "step")
+    step_in_state = "step" in good["state"][0]
+
+    def edited(edit):
+        sd = copy.deepcopy(good)
+        edit(sd)
+        return sd
+    cases = [
+        (edited(lambda sd: sd["state"][1].__setitem__(key, torch.zeros(7, 7))),
+         f"state of parameter 1 in group 0: {key!r} has shape (7, 7), the parameter has (5,)"),
+        (edited(lambda sd: sd["state"][0].__setitem__(key, [0.0] * 12)),
+         f"state of parameter 0 in group 0 lacks tensor {key!r} needed by {name} with these options (got list)"),
+        (edited(lambda sd: sd["state"][2].__setitem__("kahan_comp", torch.zeros(3))),
+         "state of parameter 2 in group 0: 'kahan_comp' must be a floating-point tensor of the parameter's "
+         "shape () (got torch.Size([3]))"),
+        (edited(lambda sd: sd["state"][2].__setitem__("kahan_comp", 0.5)),
+         "state of parameter 2 in group 0: 'kahan_comp' must be a floating-point tensor of the parameter's "
+         "shape () (got float)"),
+        (edited(lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0], params=[]))),
+         "loaded state dict has 2 parameter groups, this optimizer has 1"),
+        (edited(lambda sd: sd["param_groups"][0]["params"].pop()),
+         "loaded state dict's parameter group 0 has 3 parameters, this optimizer's has 4"),
+        ({"param_groups": good["param_groups"]},
+         "a state_dict needs the keys 'state' and 'param_groups' (as returned by optimizer.state_dict())"),
+        ([good], "a state_dict needs the keys 'state' and 'param_groups' (as returned by optimizer.state_dict())"),
+    ]
+    if len(good["state"][0]) > 1:  # SGD's only state is its buffer: without it, a parameter has no state yet
+        cases.append((edited(lambda sd: sd["state"][0].pop(key)),
+                      f"state of parameter 0 in group 0 lacks tensor {key!r} needed by {name} with these options "
+                      "(got NoneType)"))
+    if step_in_state:
+        cases += [(edited(lambda sd: sd["state"][0].pop("step")), "state of parameter 0 in group 0 lacks a scalar 'step'"),
+                  (edited(lambda sd: sd["state"][1].__setitem__("step", torch.ones(2))),
+                   "state of parameter 1 in group 0 lacks a scalar 'step'")]
+    for bad, message in cases:
+        with pytest.raises(ValueError) as info:
+            ours.load_state_dict(bad)
+        assert str(info.value) == message
+    ours.load_state_dict(good)  # and the good one still loads
+
+
+def test_hand_edited_param_groups_are_checked_at_the_next_step():
+    """What add_param_group refuses, edited into param_groups by hand, is refused by the next step, naming
+    the entry."""
+    def fresh():
+        ps = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+        opt = kernels.Adam(ps, lr=0.1)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return opt, ps
+    leaf = torch.randn(2, requires_grad=True)
+    edits = [
+        (lambda g, ps: g.__setitem__("params", tuple(ps)), TypeError,
+         "param_groups[0]['params'] must be a list of tensors (got tuple)"),
+        (lambda g, ps: g["params"].append([1.0]), TypeError,
+         "param_groups[0]['params'][2]: optimizer can only optimize Tensors, but one of the params is list"),
+        (lambda g, ps: g["params"].append(leaf * 2), ValueError,
+         "param_groups[0]['params'][2]: can't optimize a non-leaf Tensor"),
+        (lambda g, ps: g["params"].append(torch.zeros(2, 2).to_sparse().requires_grad_()), ValueError,
+         "param_groups[0]['params'][2]: Adam supports only dense (strided) parameters, got layout torch.sparse_coo"),
+        (lambda g, ps: g["params"].append(ps[0]), ValueError,
+         "param_groups[0]['params'][2]: this parameter is already in param group 0; each parameter may appear "
+         "once across all groups"),
+    ]
+    for edit, exc, message in edits:
+        opt, ps = fresh()
+        edit(opt.param_groups[0], ps)
+        with pytest.raises(exc) as info:
+            opt.step()
+        assert str(info.value) == message
