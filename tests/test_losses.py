@@ -820,3 +820,26 @@ def test_linear_cross_entropy_passes_over_the_logits(monkeypatch, dtype, reducti
     with torch.no_grad():
         kernels.linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=2)
     assert flags == [False] * 3
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_with_masked_logits_is_torchs(reduction, smoothing, weighted):
+    """Logits masked with -inf (a class not allowed for a row, as in constrained decoding): without label
+    smoothing the loss and gradient stay finite, as torch's; with it, infinite as torch's."""
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    x[:, 3] = float("-inf")
+    x[1, 0] = float("-inf")
+    t = torch.tensor([0, 1, 2, 4])
+    w = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5 if weighted else None
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = kernels.cross_entropy(a, t, weight=w, label_smoothing=smoothing, reduction=reduction)
+    ref = F.cross_entropy(b, t, weight=w, label_smoothing=smoothing, reduction=reduction)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if smoothing == 0:
+        assert torch.isfinite(got).all()
+        up = torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5
+        torch.testing.assert_close(torch.autograd.grad(got, a, up)[0], torch.autograd.grad(ref, b, up)[0],
+                                   rtol=1e-12, atol=1e-12)
