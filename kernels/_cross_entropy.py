@@ -84,6 +84,9 @@ def _ce_index_core(x: Tensor, t: Tensor, cdim: int, weight: Tensor | None, ignor
     """
     n_classes = x.shape[cdim]
     valid = t != ignore_index
+    if n_classes == 0:  # only ignored targets fit no class: torch's zeros (and a mean of 0/0)
+        zeros = torch.zeros(t.shape, dtype=x.dtype, device=x.device)
+        return zeros, zeros, (torch.zeros_like(x) if need_grad else None)
     t_safe = torch.where(valid, t, 0).unsqueeze(cdim)
     validf = valid.to(x.dtype)
     w_t = weight[t_safe.squeeze(cdim)] * validf if weight is not None else validf
@@ -119,6 +122,8 @@ def _ce_index_core(x: Tensor, t: Tensor, cdim: int, weight: Tensor | None, ignor
 def _ce_prob_core(x: Tensor, y: Tensor, cdim: int, weight: Tensor | None, smoothing: float, need_grad: bool):
     """Cross-entropy with class-probability targets: per sample sum_c w_c y_c (lse - x_c)."""
     n_classes = x.shape[cdim]
+    if n_classes == 0:  # a sum over no class: torch's zeros (and a mean of 0/0)
+        return x.sum(cdim), (torch.zeros_like(x) if need_grad else None)
     if smoothing > 0:
         y = y * (1.0 - smoothing) + smoothing / n_classes
     if weight is not None:

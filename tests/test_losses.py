@@ -843,3 +843,34 @@ def test_cross_entropy_with_masked_logits_is_torchs(reduction, smoothing, weight
         up = torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5
         torch.testing.assert_close(torch.autograd.grad(got, a, up)[0], torch.autograd.grad(ref, b, up)[0],
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape,probs", [((3, 0), True), ((3, 0), False), ((0, 0), True), ((2, 0, 3), True)])
+def test_cross_entropy_with_no_classes_is_torchs(shape, probs, reduction):
+    """An input with zero classes (probability targets, or only ignored class indices): torch's zeros per
+    sample and its 0/0 mean, with an empty gradient; it once failed inside amax."""
+    x = torch.randn(shape)
+    t = torch.rand(shape) if probs else torch.full(shape[:1] + shape[2:], -100)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, ref = kernels.cross_entropy(a, t, reduction=reduction), F.cross_entropy(b, t, reduction=reduction)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, equal_nan=True)
+    g, = torch.autograd.grad(got.sum(), a)
+    assert g.shape == a.shape
+
+
+def test_cross_entropy_refusals_word_for_word():
+    with pytest.raises(ValueError) as info:
+        kernels.cross_entropy(torch.tensor(1.0), torch.tensor(0))
+    assert str(info.value) == "cross_entropy: input must have a class dimension (got a 0-dim tensor)"
+    with pytest.raises(NotImplementedError) as info:
+        kernels.cross_entropy(torch.randn(3, 4), torch.rand(3, 4, requires_grad=True))
+    assert str(info.value) == ("cross_entropy: gradients with respect to probability targets are not supported; "
+                               "pass target.detach()")
+    with pytest.raises(ValueError) as info:
+        kernels.cross_entropy(torch.randn(3, 4), torch.rand(3, 5))
+    assert str(info.value) == "cross_entropy: probability targets must have the input's shape (3, 4) (got (3, 5))"
+    with pytest.raises(ValueError) as info:
+        kernels.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), label_smoothing=-0.5)
+    assert str(info.value) == "cross_entropy: 'label_smoothing' must be in [0, 1] (got -0.5)"
