@@ -874,3 +874,26 @@ def test_cross_entropy_refusals_word_for_word():
     with pytest.raises(ValueError) as info:
         kernels.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), label_smoothing=-0.5)
     assert str(info.value) == "cross_entropy: 'label_smoothing' must be in [0, 1] (got -0.5)"
+
+
+def test_which_inputs_take_the_compiled_cores(monkeypatch):
+    """Below 64k elements every loss computes eagerly (a first-call compile costs seconds); from 64k the
+    2-D cross-entropy, MSE, Huber and hinge take their compiled cores; an N-d cross-entropy stays eager."""
+    from kernels import _compile, _loss_base
+    monkeypatch.setenv(_compile.ENV_VAR, "1")
+    calls = []
+    monkeypatch.setattr(_loss_base, "run_fused", lambda fn, *a, **k: calls.append(fn.__name__) or (False, None))
+    small, big = torch.randn(100, 10), torch.randn(4096, 16)
+    for x in (small, big):
+        calls.clear()
+        kernels.cross_entropy(x, torch.randint(0, x.shape[1], (x.shape[0],)))
+        kernels.mse_loss(x, x.flip(0))
+        kernels.huber_loss(x, x.flip(0))
+        kernels.hinge_loss(x, torch.ones_like(x))
+        kernels.multi_margin_loss(x, torch.zeros(x.shape[0], dtype=torch.long))
+        assert calls == ([] if x is small else ["cross_entropy_rows_fused", "mse_fused", "huber_fused", "hinge_fused"])
+    calls.clear()
+    x3, t3 = torch.randn(64, 16, 64, dtype=torch.float64), torch.randint(0, 16, (64, 64))
+    got = kernels.cross_entropy(x3, t3, label_smoothing=0.1)
+    assert calls == []
+    torch.testing.assert_close(got, F.cross_entropy(x3, t3, label_smoothing=0.1), rtol=1e-12, atol=1e-12)
