@@ -39,4 +39,5 @@ def pytest_collection_modifyitems(config, items):
             durations = json.load(f)["duration_by_test"]
     except (OSError, ValueError, KeyError):
         return
-    items.sort(key=lambda item: durations.get(item.nodeid, math.inf))
+    # a compiled test's recorded time is a warm process's; each mutant runs in a fresh one that compiles again
+    items.sort(key=lambda item: ("compiled" in item.nodeid, durations.get(item.nodeid, math.inf)))
