@@ -1,6 +1,7 @@
 """kernels' catalog: one table of optimizers and losses, read by the advisor, the tests and the benchmarks."""
 
 import inspect
+import os
 import warnings
 
 import pytest
@@ -198,7 +199,8 @@ def test_loss_arguments_and_attributes_are_torchs(entry):
                 # torch's deprecation warning, word for word, pointing at the caller's line (this file)
                 assert [(w.category, str(w.message)) for w in ours_said] == \
                     [(w.category, str(w.message)) for w in torch_said], kw
-                assert all(w.filename == __file__ for w in ours_said), kw
+                if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames to every call
+                    assert all(w.filename == __file__ for w in ours_said), kw
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
     y = (torch.randint(0, 4, (6,), generator=gen) if entry.name in ("CrossEntropyLoss", "MultiMarginLoss")
