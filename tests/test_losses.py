@@ -620,12 +620,40 @@ def _module_cases():
     return cases
 
 
-@pytest.mark.parametrize("case", _module_cases(), ids=lambda c: f"{c[0]}-{'-'.join(c[1]) or 'bias'}")
-def test_each_module_argument_reaches_the_loss(case):
+# the cases are computed in the test, not at collection: torch work at collection starts its thread pool in
+# the collecting process, and mutmut forks its test processes from one that collected (they then hang)
+_MODULE_CASE_IDS = ["MSELoss-reduction-sum", "MSELoss-reduction-none", "MSELoss-size_average", "MSELoss-reduce",
+                    "HuberLoss-delta", "HuberLoss-reduction-sum", "HuberLoss-reduction-none",
+                    "CrossEntropyLoss-weight", "CrossEntropyLoss-ignore_index", "CrossEntropyLoss-reduction-sum",
+                    "CrossEntropyLoss-reduction-none", "CrossEntropyLoss-label_smoothing",
+                    "CrossEntropyLoss-size_average", "CrossEntropyLoss-reduce", "MultiMarginLoss-p",
+                    "MultiMarginLoss-margin", "MultiMarginLoss-weight", "MultiMarginLoss-reduction-sum",
+                    "MultiMarginLoss-reduction-none", "MultiMarginLoss-size_average", "MultiMarginLoss-reduce",
+                    "HingeLoss-margin", "HingeLoss-reduction-sum", "HingeLoss-reduction-none",
+                    "LinearCrossEntropyLoss-ignore_index", "LinearCrossEntropyLoss-reduction-sum",
+                    "LinearCrossEntropyLoss-reduction-none", "LinearCrossEntropyLoss-label_smoothing",
+                    "LinearCrossEntropyLoss-bias"]
+
+
+def _case_id(case):
+    name, kwargs = case[0], case[1]
+    if not kwargs:
+        return f"{name}-bias"
+    (key, value), = kwargs.items()
+    return f"{name}-{key}-{value}" if key == "reduction" else f"{name}-{key}"
+
+
+def test_module_case_ids_are_the_cases():
+    assert [_case_id(c) for c in _module_cases()] == _MODULE_CASE_IDS
+    assert list(_low_precision_cases()) == _LOW_PRECISION_NAMES
+
+
+@pytest.mark.parametrize("case_id", _MODULE_CASE_IDS)
+def test_each_module_argument_reaches_the_loss(case_id):
     """A loss module computes with every argument it was built with (and LinearCrossEntropyLoss with the
     bias it is called with): its value equals torch's (or the formula's) with that argument, which differs
     on these inputs from the value without it."""
-    name, kwargs, inputs, ref = case
+    name, kwargs, inputs, ref = next(c for c in _module_cases() if _case_id(c) == case_id)
     cls = getattr(kernels, name)
     got = cls(**kwargs)(*inputs)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
@@ -668,8 +696,12 @@ def _low_precision_cases():
     }
 
 
+_LOW_PRECISION_NAMES = ["mse", "huber", "cross_entropy", "cross_entropy_probs", "multi_margin_p1_weight",
+                        "multi_margin_p2", "multi_margin_unbatched", "hinge"]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("name", list(_low_precision_cases()))
+@pytest.mark.parametrize("name", _LOW_PRECISION_NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_losses_are_the_float32_loss_rounded_once(dtype, name, reduction):
     """bfloat16/float16 inputs are computed in float32: the value and the gradient are, bit for bit, the
