@@ -566,6 +566,10 @@ WHOLE_MESSAGES = [
      "linear_cross_entropy: 'bias' must be a floating-point tensor (got torch.int64)"),
     (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, torch.randn(4)), ValueError,
      "linear_cross_entropy: bias must have shape (5,) (got (4,))"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), torch.tensor([0, 1])), ValueError,
+     "linear_cross_entropy: expected target of shape (3,) (got (2,))"),
+    (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), torch.tensor([0, 1, 7])), IndexError,
+     "linear_cross_entropy: target 7 is out of bounds for 5 classes"),
     (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, chunk_size=True), ValueError,
      "linear_cross_entropy: 'chunk_size' must be a positive int (got True)"),
     (lambda: kernels.linear_cross_entropy(_X, torch.randn(5, 4), _T, label_smoothing=-0.1), ValueError,
@@ -933,3 +937,11 @@ def test_which_inputs_take_the_compiled_cores(monkeypatch):
     got = kernels.cross_entropy(x3, t3, label_smoothing=0.1)
     assert calls == []
     torch.testing.assert_close(got, F.cross_entropy(x3, t3, label_smoothing=0.1), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_cross_entropy_chunk_of_one_row_and_more_rows_than_exist():
+    h, w, t = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1])
+    ref = F.cross_entropy(h @ w.T, t)
+    for chunk in (1, 2, 5, 6, 1000):
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, t, chunk_size=chunk), ref, rtol=1e-12, atol=1e-12)
+        assert kernels.LinearCrossEntropyLoss(chunk_size=chunk).chunk_size == chunk
