@@ -10,6 +10,7 @@ from ._catalog import register
 from ._loss_base import (
     _check_float,
     _check_reduction,
+    _check_smoothing,
     _check_targets,
     _check_weight,
     _compiled,
@@ -166,14 +167,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     input, target, weight = _entry(name, input, target, weight)
     _check_reduction(name, reduction)
     _check_float(name, "input", input)
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
+    smoothing = _check_smoothing(name, label_smoothing, allow_bool=True)
     if input.dim() == 0:
         raise ValueError(f"{name}: input must have a class dimension (got a 0-dim tensor)")
     cdim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[cdim]
     w = _check_weight(name, weight, n_classes)
-    smoothing = float(label_smoothing)
     probs = isinstance(target, Tensor) and target.is_floating_point()
     if probs:
         if target.requires_grad:

@@ -11,6 +11,7 @@ from ._cross_entropy import _ce_index_core
 from ._loss_base import (
     _check_float,
     _check_reduction,
+    _check_smoothing,
     _check_targets,
     _compute_dtype,
     _entry,
@@ -27,9 +28,7 @@ def default_chunk_rows(n_vocab: int) -> int:
 
 
 def _check_options(name: str, label_smoothing, chunk_size) -> None:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
+    _check_smoothing(name, label_smoothing, allow_bool=False)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{name}: 'chunk_size' must be a positive int (got {chunk_size!r})")
 

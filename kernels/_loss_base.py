@@ -118,6 +118,15 @@ def _check_float(name: str, arg: str, t: Tensor) -> None:
         raise TypeError(f"{name}: '{arg}' must be a floating-point tensor (got {t.dtype})")
 
 
+def _check_smoothing(name: str, label_smoothing, allow_bool: bool) -> float:
+    """``label_smoothing`` as a float in [0, 1], or a ValueError naming ``name``. torch's ``cross_entropy``
+    takes a bool (True is 1.0), so ours must too (``allow_bool``); options of our own refuse it."""
+    if (isinstance(label_smoothing, bool) and not allow_bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: 'label_smoothing' must be in [0, 1] (got {label_smoothing!r})")
+    return float(label_smoothing)
+
+
 def _same_shape(name: str, input: Tensor, target: Tensor) -> None:
     _check_float(name, "input", input)
     _check_float(name, "target", target)

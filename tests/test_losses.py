@@ -803,6 +803,18 @@ def test_linear_cross_entropy_label_smoothing_bounds_are_torchs():
             kernels.LinearCrossEntropyLoss(label_smoothing=smoothing)
 
 
+def test_cross_entropy_label_smoothing_takes_what_torchs_takes():
+    """torch's cross_entropy takes a bool (True smooths fully) and the closed interval [0, 1]; ours the same,
+    and refuses what torch refuses with the function's name (linear_cross_entropy, our own, refuses bools)."""
+    x, t = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 4, 2])
+    for smoothing in (True, False, 0, 1, 0.0, 1.0, 0.3):
+        torch.testing.assert_close(kernels.cross_entropy(x, t, label_smoothing=smoothing),
+                                   F.cross_entropy(x, t, label_smoothing=smoothing), rtol=1e-12, atol=1e-12)
+    for smoothing in (1.0000001, -1e-9, "0.1", None):
+        with pytest.raises(ValueError, match=r"^cross_entropy: 'label_smoothing' must be in \[0, 1\] \(got "):
+            kernels.cross_entropy(x, t, label_smoothing=smoothing)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_cross_entropy_low_precision_against_torch(dtype, reduction):
