@@ -1,0 +1,125 @@
+"""Where the C kernel library is cached and what its cache key holds.
+
+The library is built with ``-march=native``: one built on another CPU (a shared home directory, a copied
+cache) can crash with an illegal instruction, so the key must change with the CPU's model and flags, the
+compiler, the flags and the source, and the cache must be where the documented variables put it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kernels import _native
+
+CPUINFO = """processor\t: 0
+model name\t: Example CPU 9000
+flags\t\t: fpu sse2 avx2
+bogomips\t: 4000.00
+
+processor\t: 1
+model name\t: Example CPU 9000
+flags\t\t: fpu sse2 avx2
+bogomips\t: 4000.01
+Features\t: neon asimd
+"""
+
+
+def test_cache_dir_follows_the_documented_variables(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OPTADVISOR_CACHE_DIR", str(tmp_path / "ours"))
+    assert _native._cache_dir() == tmp_path / "ours"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _native._cache_dir() == tmp_path / "ours"  # ours wins over XDG
+    monkeypatch.setenv("OPTADVISOR_CACHE_DIR", "")  # empty: as if unset
+    assert _native._cache_dir() == tmp_path / "xdg" / "optadvisor"
+    monkeypatch.delenv("OPTADVISOR_CACHE_DIR")
+    assert _native._cache_dir() == tmp_path / "xdg" / "optadvisor"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert _native._cache_dir() == tmp_path / "home" / ".cache" / "optadvisor"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert _native._cache_dir() == tmp_path / "home" / ".cache" / "optadvisor"
+
+
+def _fake_cpuinfo(monkeypatch, text: str | None):
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == "/proc/cpuinfo":
+            if text is None:
+                raise PermissionError(13, "Permission denied", "/proc/cpuinfo")
+            return text
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def test_cpu_identity_is_the_model_and_flags_once_each(monkeypatch):
+    """Every core repeats its lines and some change per core (bogomips): only model and flags, each once,
+    sorted, make the key (else the key, and the build, would change from boot to boot)."""
+    _fake_cpuinfo(monkeypatch, CPUINFO)
+    assert _native._cpu_identity() == ("Features\t: neon asimd\nflags\t\t: fpu sse2 avx2\n"
+                                       "model name\t: Example CPU 9000")
+
+
+def test_cpu_identity_without_cpuinfo_is_the_platforms(monkeypatch):
+    _fake_cpuinfo(monkeypatch, None)
+    monkeypatch.setattr(_native.platform, "processor", lambda: "Example 9000")
+    monkeypatch.setattr(_native.platform, "machine", lambda: "x86_64")
+    assert _native._cpu_identity() == "Example 9000"
+    monkeypatch.setattr(_native.platform, "processor", lambda: "")
+    assert _native._cpu_identity() == "x86_64"
+
+
+@pytest.fixture
+def builds(monkeypatch, tmp_path):
+    """library() with an empty cache and a build that records where it would write and fails (nothing is
+    compiled): the paths it tried, in order."""
+    if _native.shutil.which("cc") is None and _native.shutil.which("gcc") is None:
+        pytest.skip("no C compiler: library() never builds")
+    monkeypatch.setenv(_native.ENV_VAR, "1")
+    _native.library()  # this process's own build, loaded before the cache moves
+    monkeypatch.setenv("OPTADVISOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_loaded", dict(_native._loaded))
+    tried: list[tuple[Path, bool]] = []
+    monkeypatch.setattr(_native, "_build", lambda compiler, out, openmp: tried.append((out, openmp)) or False)
+
+    def attempt():
+        _native._loaded.clear()
+        tried.clear()
+        assert _native.library() is None
+        return list(tried)
+
+    return attempt
+
+
+def test_library_is_cached_in_the_cache_dir_keyed_by_cpu_and_openmp(builds, monkeypatch, tmp_path):
+    first = builds()
+    assert [openmp for _, openmp in first] == [True, False]  # OpenMP first, then without it
+    names = [p.name for p, _ in first]
+    assert all(p.parent == tmp_path for p, _ in first)
+    assert all(re.fullmatch(r"kernels-[0-9a-f]{24}\.so", n) for n in names) and names[0] != names[1]
+    assert builds() == first  # the same machine: the same key
+    monkeypatch.setattr(_native, "_cpu_identity", lambda: "another CPU")
+    other = builds()
+    assert {p.name for p, _ in other}.isdisjoint(names)
+    monkeypatch.setattr(_native, "_FLAGS", [*_native._FLAGS, "-g"])
+    assert {p.name for p, _ in builds()}.isdisjoint({p.name for p, _ in first + other})
+
+
+def test_library_loads_a_cached_build_without_building(builds, monkeypatch, tmp_path):
+    """A library already in the cache under this machine's key is loaded as it is, not built again."""
+    real = _native.library()  # this process's library, from the real cache (the fixture emptied ours)
+    if real is None:
+        pytest.skip("the C library does not build here")
+    (path, _), _ = builds()
+    shutil.copyfile(real._name, path)
+    _native._loaded.clear()
+    monkeypatch.setattr(_native, "_build", lambda *a: pytest.fail("built again although cached"))
+    lib = _native.library()
+    assert lib is not None and Path(lib._name) == path
+    assert _native.library() is lib  # loaded once per process
