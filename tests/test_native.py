@@ -123,3 +123,60 @@ def test_library_loads_a_cached_build_without_building(builds, monkeypatch, tmp_
     lib = _native.library()
     assert lib is not None and Path(lib._name) == path
     assert _native.library() is lib  # loaded once per process
+
+
+TINY_C = "int optadvisor_probe(int x) { return x + 1; }\n"
+
+
+@pytest.fixture
+def cc():
+    compiler = _native.shutil.which("cc") or _native.shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    return compiler
+
+
+def test_build_writes_a_loadable_library_atomically(cc, monkeypatch, tmp_path):
+    """A tiny source stands in for _native.c (the real one takes ~20 s): the built library is where asked,
+    loadable, and no temporary file is left beside it; the directory is created."""
+    src = tmp_path / "probe.c"
+    src.write_text(TINY_C)
+    monkeypatch.setattr(_native, "_SOURCE", src)
+    out = tmp_path / "deep" / "cache" / "probe.so"
+    assert _native._build(cc, out, openmp=False) is True
+    assert sorted(p.name for p in out.parent.iterdir()) == ["probe.so"]
+    import ctypes
+    assert ctypes.CDLL(str(out)).optadvisor_probe(41) == 42
+
+
+def test_build_failures_return_false_and_leave_nothing(cc, monkeypatch, tmp_path):
+    src = tmp_path / "broken.c"
+    src.write_text("int broken( {\n")
+    monkeypatch.setattr(_native, "_SOURCE", src)
+    out = tmp_path / "cache" / "broken.so"
+    assert _native._build(cc, out, openmp=False) is False  # the compiler refuses the source
+    assert list(out.parent.iterdir()) == []
+    assert _native._build(str(tmp_path / "no-such-compiler"), out, openmp=False) is False  # OSError
+    assert list(out.parent.iterdir()) == []
+
+
+def test_build_passes_the_documented_flags(monkeypatch, tmp_path):
+    """The compiler sees the flags that make its float32 arithmetic torch's (no contraction into FMAs, no
+    fast-math), -fopenmp only when asked, the source, the output and -lm; a recording stand-in compiler
+    shows the command line."""
+    log = tmp_path / "argv"
+    fake = tmp_path / "fake-cc"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {log}\necho "--" >> {log}\n'
+                    'while [ $# -gt 0 ]; do if [ "$1" = -o ]; then echo built > "$2"; fi; shift; done\n')
+    fake.chmod(0o755)
+    out = tmp_path / "cache" / "k.so"
+    assert _native._build(str(fake), out, openmp=True) is True
+    assert _native._build(str(fake), out, openmp=False) is True
+    runs = [r.strip("\n").split("\n") for r in log.read_text().split("--\n") if r]
+    for argv, openmp in zip(runs, (True, False)):
+        assert argv[:7] == ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
+                            "-fno-trapping-math", "-shared", "-fPIC"]
+        assert ("-fopenmp" in argv) is openmp and "-ffast-math" not in argv
+        assert argv[-4] == str(_native._SOURCE) and argv[-3] == "-o" and argv[-1] == "-lm"
+        assert Path(argv[-2]).parent == out.parent and argv[-2] != str(out)  # a temporary, then renamed
+    assert out.read_text() == "built\n" and sorted(p.name for p in out.parent.iterdir()) == ["k.so"]
