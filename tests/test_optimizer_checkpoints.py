@@ -425,6 +425,9 @@ def test_bad_state_dict_messages_say_what_and_where(name):
     cases = [
         (edited(lambda sd: sd["state"][1].__setitem__(key, torch.zeros(7, 7))),
          f"state of parameter 1 in group 0: {key!r} has shape (7, 7), the parameter has (5,)"),
+        # a parameter without state (never stepped) before the bad one: the check goes on past it
+        (edited(lambda sd: (sd["state"].pop(0), sd["state"][1].__setitem__(key, torch.zeros(7, 7)))),
+         f"state of parameter 1 in group 0: {key!r} has shape (7, 7), the parameter has (5,)"),
         (edited(lambda sd: sd["state"][0].__setitem__(key, [0.0] * 12)),
          f"state of parameter 0 in group 0 lacks tensor {key!r} needed by {name} with these options (got list)"),
         (edited(lambda sd: sd["state"][2].__setitem__("kahan_comp", torch.zeros(3))),
