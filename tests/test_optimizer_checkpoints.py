@@ -192,6 +192,14 @@ def test_bad_params_and_gradients(name):
         ours_cls([p, p])
     with pytest.raises(ValueError, match=f"^{name}: differentiable=True is not supported"):
         ours_cls([p], differentiable=True)
+    for layout, sparse in (("sparse_coo", torch.eye(2).to_sparse()), ("sparse_csr", torch.eye(2).to_sparse_csr())):
+        with pytest.raises(ValueError, match=rf"^{name} supports only dense \(strided\) parameters, got layout "
+                                             rf"torch\.{layout}$"):
+            ours_cls([p, sparse.requires_grad_()])
+        opt = ours_cls([p])
+        with pytest.raises(ValueError, match=f"got layout torch.{layout}"):
+            opt.add_param_group({"params": [sparse]})
+        assert len(opt.param_groups) == 1  # refused whole: no half-added group
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = ours_cls(emb.parameters(), fused=False)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -479,6 +487,8 @@ def test_hand_edited_param_groups_are_checked_at_the_next_step():
          "param_groups[0]['params'][2]: can't optimize a non-leaf Tensor"),
         (lambda g, ps: g["params"].append(torch.zeros(2, 2).to_sparse().requires_grad_()), ValueError,
          "param_groups[0]['params'][2]: Adam supports only dense (strided) parameters, got layout torch.sparse_coo"),
+        (lambda g, ps: g["params"].append(torch.eye(2).to_sparse_csr().requires_grad_()), ValueError,
+         "param_groups[0]['params'][2]: Adam supports only dense (strided) parameters, got layout torch.sparse_csr"),
         (lambda g, ps: g["params"].append(ps[0]), ValueError,
          "param_groups[0]['params'][2]: this parameter is already in param group 0; each parameter may appear "
          "once across all groups"),
