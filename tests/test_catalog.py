@@ -1,5 +1,6 @@
 """kernels' catalog: one table of optimizers and losses, read by the advisor, the tests and the benchmarks."""
 
+import dataclasses
 import inspect
 import os
 import warnings
@@ -74,6 +75,53 @@ def test_bad_registrations_are_refused_by_name():
     assert catalog.entry("MSELoss").cls is kernels.MSELoss
     with pytest.raises(KeyError, match="'Lion' is not in optadvisor's catalog; known: Adam, AdamW"):
         catalog.entry("Lion")
+
+
+def test_registering_again_now_gives_the_import_times_catalog(monkeypatch):
+    """register(), hyperparameters() and the listings run at import; here they run again inside the test on
+    every catalog class (mutation testing sees only what runs in a test), and must rebuild the same table."""
+    from kernels import _catalog
+    before = list(_catalog._ENTRIES.values())
+    monkeypatch.setattr(_catalog, "_ENTRIES", {})
+    for e in before:
+        catalog.register(e.kind, torch=e.torch, functional=e.functional, tasks=list(e.tasks),
+                         default_candidate=e.default_candidate, trial_note=e.trial_note,
+                         configs={c.name: (c.kwargs, c.bytes_per_element) for c in e.configs})(e.cls)
+    assert list(_catalog._ENTRIES.values()) == before
+    for e in before:  # the same class again: kept under its name, with the new arguments, not refused
+        catalog.register(e.kind, torch=e.torch)(e.cls)
+    assert list(_catalog._ENTRIES.values()) == [
+        dataclasses.replace(e, functional=None, tasks=(), default_candidate=True, trial_note=None, configs=())
+        for e in before]
+    monkeypatch.setattr(_catalog, "_ENTRIES", {e.name: e for e in before})
+    assert [e.name for e in catalog.losses("regression")] == ["MSELoss", "HuberLoss"]
+    assert [e.name for e in catalog.losses("classification")] == ["CrossEntropyLoss", "MultiMarginLoss", "HingeLoss"]
+    assert catalog.losses("ranking") == () and len(catalog.losses()) == 6
+    assert catalog.tasks() == ("regression", "classification")
+    for e in before:
+        assert catalog.hyperparameters(e.cls) == e.params
+        assert catalog.entry(e.name) is e
+
+
+def test_every_kind_of_annotation_maps_to_its_rule_type():
+    class Every(torch.nn.Module):
+        def __init__(self, params=None, a: float = 1.0, b: int = 2, c: bool = False, d: float | torch.Tensor = 1e-3,
+                     e: tuple[float, float] = (0.9, 0.99), f: "list[float] | None" = None,
+                     g: "torch.Tensor | None" = None, h: int | None = None, i=0.5, flag: bool | None = None,
+                     *args, reduction: str = "mean", foreach: bool | None = None, **kwargs) -> None:
+            super().__init__()
+    got = {n: (hp.type, hp.default, set(hp.accepts)) for n, hp in catalog.hyperparameters(Every).items()}
+    assert got == {"a": ("number", 1.0, {float}), "b": ("number", 2, {int}), "c": ("bool", False, {bool}),
+                   "d": ("number", 1e-3, {float, torch.Tensor}), "e": ("list[number]", (0.9, 0.99), {tuple}),
+                   "f": ("list[number]", None, {list, type(None)}), "g": ("list[number]", None, {torch.Tensor, type(None)}),
+                   "h": ("number", None, {int, type(None)}), "i": ("number", 0.5, {float}),
+                   "flag": ("bool", None, {bool, type(None)})}
+    with pytest.raises(TypeError, match=r"^catalog: Odd.__init__ argument 'mode' has annotation <class 'str'>, "
+                                        r"which maps to no rule-language type \(number, numbers, bool\)$"):
+        class Odd:
+            def __init__(self, mode: str = "x"):
+                pass
+        catalog.hyperparameters(Odd)
 
 
 @pytest.mark.parametrize("entry", catalog.optimizers(), ids=lambda e: e.name)
