@@ -180,3 +180,63 @@ def test_build_passes_the_documented_flags(monkeypatch, tmp_path):
         assert argv[-4] == str(_native._SOURCE) and argv[-3] == "-o" and argv[-1] == "-lm"
         assert Path(argv[-2]).parent == out.parent and argv[-2] != str(out)  # a temporary, then renamed
     assert out.read_text() == "built\n" and sorted(p.name for p in out.parent.iterdir()) == ["k.so"]
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("yes", True), ("", True), ("0", False),
+                                       ("false", False), ("no", False), ("off", False), (" OFF ", False),
+                                       ("False", False), ("No", False), ("0 ", False)])
+def test_native_code_switch(monkeypatch, value, on):
+    """OPTADVISOR_NATIVE: 0/false/no/off (any case, spaces around) turn the C kernels off; anything else,
+    or nothing, leaves them on."""
+    if value is None:
+        monkeypatch.delenv(_native.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(_native.ENV_VAR, value)
+    assert _native.enabled_by_env() is on
+
+
+def test_threads_one_below_the_serial_size_else_torchs(monkeypatch):
+    monkeypatch.setattr(_native, "SERIAL_BELOW", 1000)
+    import torch
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert [_native.threads(n) for n in (0, 1, 999, 1000, 10**9)] == [1, 1, 1, 7, 7]
+    assert _native.floats((0.5, -2.0, 1e-8))[:] == pytest.approx([0.5, -2.0, 1e-8], rel=1e-7)
+
+
+def _fake_compiler(path: Path, version: str) -> str:
+    path.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; exit 0; fi\nexit 1\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_compiler_is_cc_then_gcc_and_keys_by_its_version(builds, monkeypatch, tmp_path):
+    """$CC if set, else cc, else gcc; none: no library. The key holds the compiler's --version: an upgraded
+    compiler builds anew (its code may differ)."""
+    which = {}
+    monkeypatch.setattr(_native.shutil, "which", lambda name: which.get(name))
+    used = []
+    monkeypatch.setattr(_native, "_build", lambda compiler, out, openmp: used.append((compiler, out.name)) or False)
+
+    def compilers():
+        used.clear()
+        _native._loaded.clear()
+        assert _native.library() is None
+        return [c for c, _ in used], [n for _, n in used]
+
+    one = _fake_compiler(tmp_path / "one", "one 1.0")
+    two = _fake_compiler(tmp_path / "two", "two 2.0")
+    monkeypatch.delenv("CC", raising=False)
+    assert compilers() == ([], [])  # no compiler at all
+    which["gcc"] = two
+    assert compilers()[0] == [two, two]
+    which["cc"] = one
+    assert compilers()[0] == [one, one]
+    monkeypatch.setenv("CC", "mycc")
+    which["mycc"] = two
+    by_two = compilers()
+    assert by_two[0] == [two, two]
+    monkeypatch.setenv("CC", "")  # empty: as if unset
+    by_one = compilers()
+    assert by_one[0] == [one, one] and set(by_one[1]).isdisjoint(by_two[1])
+    _fake_compiler(tmp_path / "one", "one 1.1")  # the same path, upgraded
+    assert set(compilers()[1]).isdisjoint(by_one[1])
