@@ -7,6 +7,7 @@ compiler, the flags and the source, and the cache must be where the documented v
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 from pathlib import Path
@@ -123,6 +124,33 @@ def test_library_loads_a_cached_build_without_building(builds, monkeypatch, tmp_
     lib = _native.library()
     assert lib is not None and Path(lib._name) == path
     assert _native.library() is lib  # loaded once per process
+    _assert_declared_as_in_the_c_source(lib)
+
+
+_C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64}
+
+
+def _assert_declared_as_in_the_c_source(lib):
+    """Each exported kernel's ctypes declaration is its C prototype's: a pointer is c_void_p, an int c_int,
+    an int64_t c_int64 (without argtypes, ctypes passes a Python int as a 32-bit int: a pointer is cut)."""
+    source = _native._SOURCE.read_text()
+    exported = re.findall(r"^(void|int) (\w+)\(([^)]*)\) \{", source, flags=re.M)
+    assert {name for _, name, _ in exported} == {"q8_step", "adam_bf16state", "sgd_bf16state", "gather_copy",
+                                                 "rmsprop_bf16state"}
+    for ret, name, params in exported:
+        f = getattr(lib, name)
+        expected = [ctypes.c_void_p if "*" in p else _C_TYPES[p.split()[-2]] for p in params.split(",")]
+        assert f.argtypes == expected, name
+        assert f.restype is (None if ret == "void" else ctypes.c_int), name
+
+
+def test_a_corrupt_cached_library_is_not_loaded(builds, tmp_path):
+    """A cached file that is no library (a half-copied cache, another platform's) leaves the torch path."""
+    (path, _), (path2, _) = builds()
+    path.write_bytes(b"not a shared object")
+    path2.write_bytes(b"\x7fELF truncated")
+    _native._loaded.clear()
+    assert _native.library() is None
 
 
 TINY_C = "int optadvisor_probe(int x) { return x + 1; }\n"
@@ -145,7 +173,6 @@ def test_build_writes_a_loadable_library_atomically(cc, monkeypatch, tmp_path):
     out = tmp_path / "deep" / "cache" / "probe.so"
     assert _native._build(cc, out, openmp=False) is True
     assert sorted(p.name for p in out.parent.iterdir()) == ["probe.so"]
-    import ctypes
     assert ctypes.CDLL(str(out)).optadvisor_probe(41) == 42
 
 
