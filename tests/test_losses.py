@@ -232,14 +232,37 @@ def test_gradient_against_finite_differences_float64(case):
 
 
 def test_second_backward_and_double_backward_are_refused_clearly():
+    """Word for word: what is refused, why, and what to do instead."""
     x = torch.randn(3, 4, requires_grad=True)
     loss = kernels.cross_entropy(x, torch.tensor([0, 1, 2]))
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
+    with pytest.raises(RuntimeError) as info:
         loss.backward()
+    assert str(info.value) == (
+        "kernels.cross_entropy: backward ran twice through the same graph (retain_graph=True). The one-pass "
+        "loss hands its gradient buffer to the first backward; compute the loss again for a second backward.")
     loss = kernels.mse_loss(x, torch.zeros(3, 4))
-    with pytest.raises(RuntimeError, match=r"kernels.mse_loss: double backward \(create_graph=True"):
+    with pytest.raises(RuntimeError) as info:
         torch.autograd.grad(loss, x, create_graph=True)
+    assert str(info.value) == (
+        "kernels.mse_loss: double backward (create_graph=True: gradient penalties, MAML, Hessian-vector "
+        "products) is not supported: the loss computes its gradient in the forward pass and keeps no input to "
+        "differentiate it again, so the result would silently lack the loss's curvature. Use "
+        "torch.nn.functional's loss where second derivatives are needed.")
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, -1.0, 0.5, 0.0])
+def test_a_scaled_scalar_loss_scales_the_gradient(scale):
+    """``(scale * loss).backward()``: the gradient computed in the forward pass is multiplied by the upstream
+    scalar, whatever it is (1 skips the multiply; 2, 0 and -1 are exact scales a test with random ones misses)."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1, 1, 0])
+    for ours, ref in ((kernels.cross_entropy, F.cross_entropy), (kernels.mse_loss, F.mse_loss)):
+        y = t if ours is kernels.cross_entropy else torch.randn(5, 3, dtype=torch.float64)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (scale * ours(a, y)).backward()
+        (scale * ref(b, y)).backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
 LOSS_CALLS = {case.functional.__name__: (lambda out, y, c=case: c.call(out, y, c.functional, **c.kwargs))
