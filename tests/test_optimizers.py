@@ -197,6 +197,26 @@ def test_partial_steps_make_runs_with_different_step_counts():
     assert {float(s["step"]) for s in ours.state.values()} == {12.0, 10.0, 8.0, 4.0}
 
 
+def test_shared_step_count_is_known_again_after_loading():
+    """The usual step (one call for the whole bucket) needs every parameter at the same step count; a
+    checkpoint whose parameters agree restores it, one whose parameters differ does not."""
+    def trained(skip_first):
+        ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+        opt = kernels.Adam(ps, fused=False)
+        for step in range(3):
+            for i, p in enumerate(ps):
+                p.grad = None if (skip_first and step == 0 and i == 0) else torch.randn(4)
+            opt.step()
+        return opt.state_dict()
+    for skip_first, common in ((False, 3), (True, None)):
+        fresh = kernels.Adam([torch.nn.Parameter(torch.randn(4)) for _ in range(3)], fused=False)
+        fresh.load_state_dict(trained(skip_first))
+        assert fresh._buckets[0].common_step == common
+    empty = kernels.Adam([torch.nn.Parameter(torch.randn(4))], fused=False)
+    empty.load_state_dict(kernels.Adam([torch.nn.Parameter(torch.randn(4))], fused=False).state_dict())
+    assert empty._buckets[0].common_step == 0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_add_param_group_and_group_hyperparameters(name):
     specs = [((3, 2), False, False), ((4,), False, False)]
