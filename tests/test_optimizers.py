@@ -689,10 +689,12 @@ def test_every_catalog_optimizer_has_a_case():
     assert list(OPTIMIZERS) + quantized == [e.name for e in kernels.catalog.optimizers()]
 
 
-def test_private_torch_apis_still_work():
+def test_private_torch_apis_still_work(monkeypatch):
     """kernels/_private.py holds every private torch API the kernels use; each falls back to a slower public
     path when torch moves it. This fails loudly instead, so a torch upgrade cannot make us silently slower
-    (or a mode/transform check silently blind)."""
+    (or a mode/transform check silently blind). The kernel is compiled here, in an empty cache: one that an
+    earlier test compiled would say nothing about this run's capture (and mutation testing, which learns
+    which tests run a function from one whole-suite run, would not count this test as covering it)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kernels import _compile, _private
@@ -709,6 +711,7 @@ def test_private_torch_apis_still_work():
     torch.func.vmap(lambda x: seen.append(_private.transforms_active()) or x)(torch.zeros(2))
     assert seen == [True]
     assert _private.global_state_guard() is not None
+    monkeypatch.setattr(_compile, "_compiled", {})
     p = torch.nn.Parameter(torch.randn(50))
     opt = kernels.RMSprop([p], lr=0.01, centered=True, fused=True)
     for _ in range(3):
