@@ -105,13 +105,13 @@ def test_registering_again_now_gives_the_import_times_catalog(monkeypatch):
 
 def test_every_kind_of_annotation_maps_to_its_rule_type():
     class Every(torch.nn.Module):
-        def __init__(self, params=None, a: float = 1.0, b: int = 2, c: bool = False, d: float | torch.Tensor = 1e-3,
+        def __init__(self, params, req: float, a: float = 1.0, b: int = 2, c: bool = False, d: float | torch.Tensor = 1e-3,
                      e: tuple[float, float] = (0.9, 0.99), f: "list[float] | None" = None,
                      g: "torch.Tensor | None" = None, h: int | None = None, i=0.5, flag: bool | None = None,
                      *args, reduction: str = "mean", foreach: bool | None = None, **kwargs) -> None:
             super().__init__()
     got = {n: (hp.type, hp.default, set(hp.accepts)) for n, hp in catalog.hyperparameters(Every).items()}
-    assert got == {"a": ("number", 1.0, {float}), "b": ("number", 2, {int}), "c": ("bool", False, {bool}),
+    assert got == {"req": ("number", None, {float}), "a": ("number", 1.0, {float}), "b": ("number", 2, {int}), "c": ("bool", False, {bool}),
                    "d": ("number", 1e-3, {float, torch.Tensor}), "e": ("list[number]", (0.9, 0.99), {tuple}),
                    "f": ("list[number]", None, {list, type(None)}), "g": ("list[number]", None, {torch.Tensor, type(None)}),
                    "h": ("number", None, {int, type(None)}), "i": ("number", 0.5, {float}),
