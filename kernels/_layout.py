@@ -263,8 +263,6 @@ def runs(present: list[bool] | None, steps: list[int]) -> list[tuple[int, int]]:
     """Cut a bucket into runs of neighbours that all have gradients (``present``: None = all do) and share
     a step count; each run is one update call on a slice of the buffers."""
     n = len(steps)
-    if present is None and steps[0] == steps[-1] and steps.count(steps[0]) == n:
-        return [(0, n)]
     out, start = [], None
     for i in range(n):
         if present is not None and not present[i]:

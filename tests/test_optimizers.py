@@ -197,6 +197,17 @@ def test_partial_steps_make_runs_with_different_step_counts():
     assert {float(s["step"]) for s in ours.state.values()} == {12.0, 10.0, 8.0, 4.0}
 
 
+def test_runs_cut_at_missing_gradients_and_step_changes():
+    """One update call per run of neighbours that all have gradients and share a step count."""
+    from kernels._layout import runs
+    assert runs(None, [2, 2, 2]) == [(0, 3)]
+    assert runs(None, [1, 2, 2]) == [(0, 1), (1, 3)]
+    assert runs([True, False, True], [1, 1, 1]) == [(0, 1), (2, 3)]
+    assert runs([False, False], [0, 0]) == []
+    assert runs([True, True, False, True, True], [1, 2, 2, 2, 2]) == [(0, 1), (1, 2), (3, 5)]
+    assert runs([False, True, True], [5, 1, 1]) == [(1, 3)]
+
+
 def test_shared_step_count_is_known_again_after_loading():
     """The usual step (one call for the whole bucket) needs every parameter at the same step count; a
     checkpoint whose parameters agree restores it, one whose parameters differ does not."""
