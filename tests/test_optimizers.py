@@ -703,9 +703,11 @@ def test_every_catalog_optimizer_has_a_case():
 def test_private_torch_apis_still_work(monkeypatch):
     """kernels/_private.py holds every private torch API the kernels use; each falls back to a slower public
     path when torch moves it. This fails loudly instead, so a torch upgrade cannot make us silently slower
-    (or a mode/transform check silently blind). The kernel is compiled here, in an empty cache: one that an
-    earlier test compiled would say nothing about this run's capture (and mutation testing, which learns
-    which tests run a function from one whole-suite run, would not count this test as covering it)."""
+    (or a mode/transform check silently blind). The kernel is compiled here, in an empty cache and under a
+    code name of its own: one that an earlier test compiled would say nothing about this run's capture (and
+    mutation testing, which learns which tests run a function from one whole-suite run, would not count
+    this test as covering it), and dynamo keeps state per code name, so a second compile under the same
+    name in one process records no plan (seen; a configuration is compiled once per process otherwise)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kernels import _compile, _private
@@ -723,6 +725,8 @@ def test_private_torch_apis_still_work(monkeypatch):
     assert seen == [True]
     assert _private.global_state_guard() is not None
     monkeypatch.setattr(_compile, "_compiled", {})
+    fresh_copy = _compile._fresh_copy
+    monkeypatch.setattr(_compile, "_fresh_copy", lambda fn, tag: fresh_copy(fn, f"{tag}_apicheck"))
     p = torch.nn.Parameter(torch.randn(50))
     opt = kernels.RMSprop([p], lr=0.01, centered=True, fused=True)
     for _ in range(3):
