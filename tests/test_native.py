@@ -77,17 +77,23 @@ def test_cpu_identity_without_cpuinfo_is_the_platforms(monkeypatch):
 
 
 @pytest.fixture
-def builds(monkeypatch, tmp_path):
-    """library() with an empty cache and a build that records where it would write and fails (nothing is
-    compiled): the paths it tried, in order."""
-    if _native.shutil.which("cc") is None and _native.shutil.which("gcc") is None:
-        pytest.skip("no C compiler: library() never builds")
+def cc():
+    compiler = _native.shutil.which("cc") or _native.shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    return compiler
+
+
+@pytest.fixture
+def tries(cc, monkeypatch, tmp_path):
+    """library() with an empty cache and a build that records what it was asked and fails (nothing is
+    compiled): each call gives the (compiler, path, openmp) it tried, in order."""
     monkeypatch.setenv(_native.ENV_VAR, "1")
     _native.library()  # this process's own build, loaded before the cache moves
     monkeypatch.setenv("OPTADVISOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_native, "_loaded", dict(_native._loaded))
-    tried: list[tuple[Path, bool]] = []
-    monkeypatch.setattr(_native, "_build", lambda compiler, out, openmp: tried.append((out, openmp)) or False)
+    tried: list[tuple[str, Path, bool]] = []
+    monkeypatch.setattr(_native, "_build", lambda compiler, out, openmp: tried.append((compiler, out, openmp)) or False)
 
     def attempt():
         _native._loaded.clear()
@@ -96,6 +102,12 @@ def builds(monkeypatch, tmp_path):
         return list(tried)
 
     return attempt
+
+
+@pytest.fixture
+def builds(tries):
+    """As ``tries``, without the compiler: the (path, openmp) pairs."""
+    return lambda: [(out, openmp) for _, out, openmp in tries()]
 
 
 def test_library_is_cached_in_the_cache_dir_keyed_by_cpu_and_openmp(builds, monkeypatch, tmp_path):
@@ -154,14 +166,6 @@ def test_a_corrupt_cached_library_is_not_loaded(builds, tmp_path):
 
 
 TINY_C = "int optadvisor_probe(int x) { return x + 1; }\n"
-
-
-@pytest.fixture
-def cc():
-    compiler = _native.shutil.which("cc") or _native.shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    return compiler
 
 
 def test_build_writes_a_loadable_library_atomically(cc, monkeypatch, tmp_path):
@@ -239,19 +243,15 @@ def _fake_compiler(path: Path, version: str) -> str:
     return str(path)
 
 
-def test_compiler_is_cc_then_gcc_and_keys_by_its_version(builds, monkeypatch, tmp_path):
+def test_compiler_is_cc_then_gcc_and_keys_by_its_version(tries, monkeypatch, tmp_path):
     """$CC if set, else cc, else gcc; none: no library. The key holds the compiler's --version: an upgraded
     compiler builds anew (its code may differ)."""
     which = {}
     monkeypatch.setattr(_native.shutil, "which", lambda name: which.get(name))
-    used = []
-    monkeypatch.setattr(_native, "_build", lambda compiler, out, openmp: used.append((compiler, out.name)) or False)
 
     def compilers():
-        used.clear()
-        _native._loaded.clear()
-        assert _native.library() is None
-        return [c for c, _ in used], [n for _, n in used]
+        used = tries()
+        return [c for c, _, _ in used], [out.name for _, out, _ in used]
 
     one = _fake_compiler(tmp_path / "one", "one 1.0")
     two = _fake_compiler(tmp_path / "two", "two 2.0")
