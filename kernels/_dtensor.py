@@ -66,7 +66,10 @@ class ShardedBucket(StateBuffers):
         self.n_small = len(small)
         self.positions = small + [i for i in positions if sizes[i] >= direct_min]
         self.params = [group_params[i] for i in self.positions]
-        self.locals = [p.to_local() for p in self.params]
+        # detached: ``to_local()`` is an autograd Function, and torch.compile refuses in-place updates of a
+        # view made by one ("a view created inside a custom Function"); the detached tensor is the same
+        # memory without that history
+        self.locals = [p.to_local().detach() for p in self.params]
         for p, t, pos in zip(self.params, self.locals, self.positions):
             if not t.is_contiguous():
                 raise ValueError(f"param_groups[{group_index}]['params'][{pos}]: its local shard is not "
@@ -106,6 +109,12 @@ class ShardedBucket(StateBuffers):
     def as_dtensor(self, local: torch.Tensor, i: int) -> Any:
         """A local view as a DTensor laid out as parameter ``i``."""
         p = self.params[i]
+        if local.storage_offset():
+            # a DTensor over a view at an offset into the flat buffer cannot be copied or saved: torch takes
+            # its wrapper's nonzero data pointer for real storage ("invalid python storage" from copy.deepcopy
+            # and torch.save). The same memory as a tensor of its own (DLPack: public, any device; it keeps
+            # the flat buffer alive) has offset 0.
+            local = torch.from_dlpack(local)
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                   stride=p.stride())
 

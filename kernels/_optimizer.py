@@ -36,7 +36,14 @@ from ._dtensor import ShardedBucket, check_params, is_dtensor, step_sharded
 from ._grads import adopt_grads, gather_grads
 from ._layout import DIRECT_GRAD_MIN_NUMEL, Bucket, real, runs, scalars_tensor
 from ._q8math import CODE_DTYPES
-from ._state import adopt_state, check_groups, expose_state, import_float_state, validate_state_dict
+from ._state import (
+    adopt_state,
+    check_groups,
+    expose_state,
+    import_float_state,
+    order_new_state,
+    validate_state_dict,
+)
 
 
 def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -134,12 +141,14 @@ class FusedOptimizer(Optimizer):
                 del self.param_groups[-1]
                 raise ValueError(f"{type(self).__name__} supports only dense (strided) parameters, "
                                  f"got layout {p.layout}")
+        known = len(self.state)
         try:
             buckets = self._make_buckets(len(self.param_groups) - 1)
         except Exception:
             del self.param_groups[-1]  # refused: the optimizer stays as it was
             raise
         self._buckets.extend(buckets)
+        order_new_state(self, known)  # state made at construction (Adagrad's): in the parameters' order
         self._snapshot_groups()
 
     def _snapshot_groups(self) -> None:
@@ -175,9 +184,11 @@ class FusedOptimizer(Optimizer):
 
     def _rebuild(self) -> None:
         check_groups(self)
+        known = len(self.state)
         self._buckets = []
         for gi in range(len(self.param_groups)):
             self._buckets.extend(self._make_buckets(gi))
+        order_new_state(self, known)
         self._snapshot_groups()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -244,8 +255,11 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         if self._layout_changed():
             self._rebuild()
+        known = len(self.state)
         for bucket in self._buckets:
             self._step_bucket(bucket)
+        if len(self.state) != known:  # state made this step: in torch's order, not the buckets'
+            order_new_state(self, known)
         return loss
 
     def _step_bucket(self, bucket: Bucket | ShardedBucket) -> None:

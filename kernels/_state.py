@@ -75,6 +75,25 @@ def expose_state(opt: FusedOptimizer, bucket: Bucket, start: int, end: int, init
         opt.state[p] = entry
 
 
+def order_new_state(opt: FusedOptimizer, known: int) -> None:
+    """Put the entries added to ``opt.state`` after its first ``known`` ones in torch's order.
+
+    torch.optim makes a parameter's state when it first steps, walking the groups and their parameters in
+    order, and ``state_dict()`` lists the state in that insertion order. Buckets expose state in their own
+    order (small parameters first, one bucket per device, dtype and kind), so the new entries are put back in
+    the parameters' order: the checkpoints' order is torch's (tools diff them, and read them in order)."""
+    new = list(opt.state)[known:]
+    if len(new) < 2:
+        return
+    rank = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    ordered = sorted(new, key=lambda p: rank.get(id(p), len(rank)))
+    if all(a is b for a, b in zip(ordered, new)):
+        return
+    entries = {id(p): opt.state.pop(p) for p in new}
+    for p in ordered:
+        opt.state[p] = entries[id(p)]
+
+
 def import_float_state(opt: FusedOptimizer, bucket: Bucket, i: int, old: dict[str, Any],
                        init: dict[str, Any], group: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Parameter ``i``'s loaded state as the float tensors ``init`` names; 8-bit state (codes with per-block

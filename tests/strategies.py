@@ -202,10 +202,10 @@ def assert_same(ref, ours, ref_params, our_params, dtype, exact=False):
     for i, (p, q) in enumerate(zip(ref_params, our_params)):
         torch.testing.assert_close(q.detach(), p.detach(), equal_nan=True, msg=lambda m: f"param {i}: {m}",
                                    **tol)
-    assert set(ref.state_dict()["state"]) == set(ours.state_dict()["state"])
     rs, os_ = ref.state_dict()["state"], ours.state_dict()["state"]
+    assert list(rs) == list(os_), (list(rs), list(os_))  # torch's order: checkpoints are diffed and read in order
     for pid in rs:
-        assert set(rs[pid]) == set(os_[pid]), (pid, set(rs[pid]), set(os_[pid]))
+        assert list(rs[pid]) == list(os_[pid]), (pid, list(rs[pid]), list(os_[pid]))
         for key in rs[pid]:
             a, b = rs[pid][key], os_[pid][key]
             if key == "step":
