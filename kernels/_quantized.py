@@ -28,6 +28,7 @@ from ._q8math import (
     INV_127_SQ,
     Q8Scalars,
     adam8bit_update,
+    check_codes,
     dequantize,
     quantize,
     rmsprop8bit_update,
@@ -426,10 +427,10 @@ def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
                 continue
             if isinstance(value, torch.Tensor) and value.dtype in CODE_DTYPES:
                 scale = entry.get(key + "_absmax")
-                if scale is None or block_of.get(pid) is None:
-                    raise ValueError(f"state of parameter {pid}: {key!r} holds 8-bit codes but "
-                                     f"{'its scales ' + repr(key + '_absmax') if scale is None else 'block_size'} "
-                                     "is missing")
+                # the checks (and messages) a loading 8-bit optimizer applies: scales and block size present,
+                # one scale per block; either code dtype is read as what it is
+                check_codes(f"state of parameter {pid}", key, value, scale, block_of.get(pid), value.numel(),
+                            value.dtype)
                 value = dequantize(value, scale, block_of[pid])
             new[key] = value
         state[pid] = new

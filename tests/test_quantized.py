@@ -4,6 +4,8 @@ the torch-op path alike), checkpoints both ways, memory, and bad input."""
 
 from __future__ import annotations
 
+import copy
+import re
 
 import pytest
 import torch
@@ -278,6 +280,60 @@ def test_an_8bit_checkpoint_is_dequantized_for_float_optimizers():
     topt.load_state_dict(kernels.dequantize_state_dict(sd))
     assert torch.equal(topt.state[w]["exp_avg"], expect)
     _continue(model, topt)
+
+
+def test_dequantize_state_dict_keeps_everything_but_the_8bit_form():
+    """Codes become float32 (each with its own block size), scales are dropped, float state and every other
+    group option stay, the 8-bit options go; the input is not changed."""
+    model, opt = _trained(kernels.AdamW8bit, block_size=64, weight_decay=0.05)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(80, 70))], "block_size": 128})
+    extra = opt.param_groups[1]["params"][0]
+    extra.grad = torch.randn(80, 70)
+    opt.step()
+    sd = opt.state_dict()
+    before = copy.deepcopy(sd)
+    out = kernels.dequantize_state_dict(sd)
+    assert [list(g) for g in out["param_groups"]] == [[k for k in g if k not in ("block_size", "min_8bit_size")]
+                                                     for g in sd["param_groups"]]
+    assert out["param_groups"][0]["weight_decay"] == 0.05 and "decoupled_weight_decay" in out["param_groups"][0]
+    w = model[0].weight
+    for pid, p, block in ((0, w, 64), (4, extra, 128)):
+        entry = out["state"][pid]
+        assert list(entry) == ["step", "exp_avg", "exp_avg_sq"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            expect = dequantize(opt.state[p][key], opt.state[p][key + "_absmax"], block)
+            assert entry[key].dtype == torch.float32 and torch.equal(entry[key], expect)
+    small = out["state"][1]  # the first bias: float state, kept as it is
+    assert small["exp_avg"] is sd["state"][1]["exp_avg"]
+    assert list(sd["state"][0]) == list(before["state"][0]) and sd["param_groups"][0]["block_size"] == 64
+    assert torch.equal(sd["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (None, "dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')"),
+    (lambda sd: sd.pop("state"),
+     "dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')"),
+    (lambda sd: sd.pop("param_groups"),
+     "dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')"),
+    (lambda sd: sd["state"][0].pop("exp_avg_absmax"),
+     "state of parameter 0: 'exp_avg' holds 8-bit codes but 'exp_avg_absmax', the per-block scales needed to "
+     "read them, is missing"),
+    (lambda sd: sd["param_groups"][0].pop("block_size"),
+     "state of parameter 0: 'exp_avg' holds 8-bit codes but the saved parameter group has no valid "
+     "'block_size' (got None); it is needed to read them"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg_sq_absmax", torch.zeros(3)),
+     "state of parameter 0: 'exp_avg_sq_absmax' must hold 20 float scales (one per block of 256 elements), "
+     "got 3 of dtype torch.float32"),
+])
+def test_dequantize_state_dict_refuses_what_it_cannot_read(edit, message):
+    _, opt = _trained(kernels.Adam8bit)
+    sd = opt.state_dict()
+    if edit is None:
+        sd = [sd]
+    else:
+        edit(sd)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        kernels.dequantize_state_dict(sd)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -614,3 +670,72 @@ def test_bf16_state_c_kernels_give_the_torch_op_paths_bits(name, kwargs, monkeyp
         assert_bits(a.detach(), b.detach(), "param")
         for key, value in oa.state[a].items():
             assert_bits(value, ob.state[b][key], key)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(amsgrad=True), "AdamW8bit: amsgrad=True is not supported with 8-bit state (a third quantized moment); "
+                         "use kernels.Adam(amsgrad=True)"),
+    (dict(capturable=True), "AdamW8bit: capturable=True (CUDA-graph capture) is not supported by optadvisor's "
+                            "fused optimizers; use torch.optim for graph capture"),
+    (dict(differentiable=True), "AdamW8bit: differentiable=True is not supported: the fused update runs under "
+                                "no_grad; use torch.optim for differentiable optimization"),
+])
+def test_adamw8bit_passes_every_option_on(kwargs, message):
+    """AdamW8bit hands each of torch's options to Adam8bit, which refuses what it cannot do, by AdamW8bit's
+    name; ``fused`` is handed on too."""
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        kernels.AdamW8bit([torch.nn.Parameter(torch.ones(3))], **kwargs)
+    for fused in (False, True):
+        assert kernels.AdamW8bit([torch.nn.Parameter(torch.ones(3))], fused=fused)._fused is fused
+
+
+def _hand_edited(edit):
+    """An Adam8bit whose weight (8-bit) and bias (float) have state, ``opt.state`` then edited by hand and the
+    parameter list replaced (so the next step rebuilds the buffers from ``opt.state``)."""
+    model, opt = _trained(kernels.Adam8bit)
+    edit(opt, model)
+    opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    return opt
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda opt, m: opt.state[m[0].weight].pop("exp_avg_sq"),
+     "state for parameter 0 of group 0 lacks 'exp_avg_sq', which Adam8bit needs"),
+    (lambda opt, m: opt.state[m[0].weight].__setitem__("exp_avg", opt.state[m[0].weight]["exp_avg_sq"]),
+     "state for parameter 0 of group 0: 'exp_avg' holds torch.uint8 codes; this optimizer stores 'exp_avg' as "
+     "torch.int8"),
+    (lambda opt, m: opt.state[m[0].weight].pop("exp_avg_absmax"),
+     "state for parameter 0 of group 0: 'exp_avg' holds 8-bit codes but 'exp_avg_absmax' is missing"),
+    (lambda opt, m: opt.state[m[0].bias].pop("exp_avg"),
+     "state for parameter 1 of group 0 lacks 'exp_avg', which Adam8bit needs with these options"),
+])
+def test_hand_edited_8bit_state_is_refused_by_name_at_the_next_step(edit, message):
+    opt = _hand_edited(edit)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        opt.step()
+
+
+def test_hand_edited_float_state_is_taken_by_both_kinds_of_bucket():
+    """Float state put into ``opt.state`` by hand: quantized for an 8-bit parameter, kept for a small one;
+    8-bit codes put on a small parameter are dequantized with the group's block size."""
+    model, opt = _trained(kernels.Adam8bit)
+    w, b = model[0].weight, model[0].bias
+    m = torch.randn(w.shape) * 1e-2
+    codes, scale = quantize(torch.linspace(-1, 1, b.numel()), 256, torch.int8)
+
+    def edit(opt, model):
+        opt.state[w]["exp_avg"] = m.clone()
+        del opt.state[w]["exp_avg_absmax"]
+        opt.state[b]["exp_avg"], opt.state[b]["exp_avg_absmax"] = codes, scale
+    edit(opt, model)
+    opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])
+    for p in model.parameters():
+        p.grad = None
+    opt.step()  # rebuilds (nothing to update): the state as the buffers now hold it
+    expect_codes, expect_scale = quantize(m, 256, torch.int8)
+    assert torch.equal(opt.state[w]["exp_avg"], expect_codes)
+    assert torch.equal(opt.state[w]["exp_avg_absmax"], expect_scale)
+    assert opt.state[b]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[b]
+    assert torch.equal(opt.state[b]["exp_avg"], dequantize(codes, scale, 256))
