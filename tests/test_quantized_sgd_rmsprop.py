@@ -309,12 +309,14 @@ def test_centered_rmsprop8bit_is_refused_everywhere():
                                          r"divides by sqrt\(square_avg - grad_avg\^2\)"):
         kernels.RMSprop8bit([p], centered=True)
     opt = kernels.RMSprop8bit([p], min_8bit_size=0)
-    with pytest.raises(ValueError, match=r"parameter group 1: centered=True is not supported"):
+    with pytest.raises(ValueError, match=r"^RMSprop8bit: parameter group 1: centered=True is not supported with "
+                                         r"8-bit state; use kernels\.RMSprop\(centered=True\)$"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))], "centered": True})
     assert len(opt.param_groups) == 1
     opt.param_groups[0]["centered"] = True  # by hand, after construction
     p.grad = torch.ones(10)
-    with pytest.raises(ValueError, match=r"centered=True is not supported with 8-bit state"):
+    with pytest.raises(ValueError, match=r"^RMSprop8bit: param_groups\[0\]\['centered'\] is True; centered=True "
+                                         r"is not supported with 8-bit state; use kernels\.RMSprop\(centered=True\)$"):
         opt.step()
     assert torch.equal(p.detach(), torch.zeros(10))
 
