@@ -672,21 +672,38 @@ def test_bf16_state_c_kernels_give_the_torch_op_paths_bits(name, kwargs, monkeyp
             assert_bits(value, ob.state[b][key], key)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(amsgrad=True), "AdamW8bit: amsgrad=True is not supported with 8-bit state (a third quantized moment); "
-                         "use kernels.Adam(amsgrad=True)"),
-    (dict(capturable=True), "AdamW8bit: capturable=True (CUDA-graph capture) is not supported by optadvisor's "
-                            "fused optimizers; use torch.optim for graph capture"),
-    (dict(differentiable=True), "AdamW8bit: differentiable=True is not supported: the fused update runs under "
-                                "no_grad; use torch.optim for differentiable optimization"),
-])
-def test_adamw8bit_passes_every_option_on(kwargs, message):
-    """AdamW8bit hands each of torch's options to Adam8bit, which refuses what it cannot do, by AdamW8bit's
-    name; ``fused`` is handed on too."""
-    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
-        kernels.AdamW8bit([torch.nn.Parameter(torch.ones(3))], **kwargs)
+_REFUSED_BY_ALL = {
+    "capturable": "{}: capturable=True (CUDA-graph capture) is not supported by optadvisor's fused optimizers; "
+                  "use torch.optim for graph capture",
+    "differentiable": "{}: differentiable=True is not supported: the fused update runs under no_grad; use "
+                      "torch.optim for differentiable optimization",
+}
+_REFUSED_BY_ONE = {
+    "Adam8bit": ("amsgrad", "Adam8bit: amsgrad=True is not supported with 8-bit state (a third quantized "
+                            "moment); use kernels.Adam(amsgrad=True)"),
+    "AdamW8bit": ("amsgrad", "AdamW8bit: amsgrad=True is not supported with 8-bit state (a third quantized "
+                             "moment); use kernels.Adam(amsgrad=True)"),
+    "RMSprop8bit": ("centered", "RMSprop8bit: centered=True is not supported with 8-bit state (it divides by "
+                                "sqrt(square_avg - grad_avg^2), a difference 8-bit codes cannot resolve); use "
+                                "kernels.RMSprop(centered=True), or state_dtype=torch.bfloat16 there"),
+}
+
+
+@pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit"])
+def test_8bit_optimizers_pass_every_option_on(name):
+    """Each 8-bit optimizer hands torch's options to its base, which refuses what it cannot do, by the 8-bit
+    optimizer's name, word for word; ``fused`` is handed on too."""
+    cls = getattr(kernels, name)
+    base = {"lr": 0.01, "momentum": 0.9} if name == "SGD8bit" else {}
+    refusals = [(key, message.format(name)) for key, message in _REFUSED_BY_ALL.items()
+                if not (key == "capturable" and name == "SGD8bit")]  # torch's SGD has no capturable
+    if name in _REFUSED_BY_ONE:
+        refusals.append(_REFUSED_BY_ONE[name])
+    for key, message in refusals:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            cls([torch.nn.Parameter(torch.ones(3))], **base, **{key: True})
     for fused in (False, True):
-        assert kernels.AdamW8bit([torch.nn.Parameter(torch.ones(3))], fused=fused)._fused is fused
+        assert cls([torch.nn.Parameter(torch.ones(3))], fused=fused, **base)._fused is fused
 
 
 def _hand_edited(edit):
