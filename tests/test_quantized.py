@@ -756,3 +756,45 @@ def test_hand_edited_float_state_is_taken_by_both_kinds_of_bucket():
     assert torch.equal(opt.state[w]["exp_avg_absmax"], expect_scale)
     assert opt.state[b]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[b]
     assert torch.equal(opt.state[b]["exp_avg"], dequantize(codes, scale, 256))
+
+
+class _Recording:
+    """The C library, with its 8-bit step recorded: (kind, dtype code, elements, block) per call."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, []
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+    def q8_step(self, kind, p, g, dtype, *rest):
+        n, block = rest[4], rest[5]
+        self.calls.append((kind, dtype, n, block))
+        return self.lib.q8_step(kind, p, g, dtype, *rest)
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler: the 8-bit step is the torch ops")
+@pytest.mark.parametrize("name, kind", [("Adam8bit", 0), ("AdamW8bit", 0), ("SGD8bit", 1), ("RMSprop8bit", 2)])
+def test_8bit_step_takes_the_c_kernel_where_it_applies(name, kind, monkeypatch):
+    """On the CPU, float32 and bfloat16 parameters with 8-bit state are stepped by the C kernel, one call per
+    8-bit bucket (the small parameters' float state is not its business); float16 parameters, fused=False and
+    OPTADVISOR_NATIVE=0 take the torch ops."""
+    recording = _Recording(_native.library())
+    monkeypatch.setattr(_native, "library", lambda: recording)
+    kw = {"momentum": 0.9} if name in ("SGD8bit", "RMSprop8bit") else {}
+    cls = getattr(kernels, name)
+
+    def steps(dtype, **extra):
+        recording.calls.clear()
+        params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(70, 64), (5,), (40, 40)]]
+        opt = cls(params, lr=1e-3, block_size=128, min_8bit_size=1024, **kw, **extra)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape).to(dtype)
+            opt.step()
+        return list(recording.calls)
+    # one bucket: 70 * 64 = 35 blocks of 128, then 40 * 40 = 1600 padded to 13 blocks
+    assert steps(torch.float32) == [(kind, 0, 35 * 128 + 13 * 128, 128)] * 2
+    assert steps(torch.bfloat16) == [(kind, 1, 35 * 128 + 13 * 128, 128)] * 2
+    assert steps(torch.float16) == []
+    assert steps(torch.float32, fused=False) == []
