@@ -444,3 +444,30 @@ def test_dtensor_options_that_serve_only_plain_tensors_are_refused_by_name(mesh)
                                          r"state does not support FSDP2/DTensor parameters yet \(use "
                                          r"kernels.Adam\)$"):
         kernels.Adam8bit([p], min_8bit_size=1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dtensor_small_shards_are_packed_into_one_call_only_when_they_can_be(mesh, fused):
+    """Two or more small shards with gradients at one step count: one update call for all of them, plus one
+    per large shard; one small shard alone, or small shards at different step counts: a call each."""
+    def calls(shapes, present_per_step, direct=8):
+        params = _distribute([torch.nn.Parameter(torch.randn(s)) for s in shapes], mesh,
+                             [[Replicate()]] * len(shapes))
+        opt = with_threshold(kernels.Adam, direct)(params, lr=0.1, fused=fused)
+        seen, apply = [], opt._apply
+        opt._apply = lambda s, hp, flags, run, bucket: seen.append(run["param"].numel()) or apply(s, hp, flags,
+                                                                                               run, bucket)
+        out = []
+        for present in present_per_step:
+            for p, has in zip(params, present):
+                p.grad = distribute_tensor(torch.ones(p.shape), mesh, [Replicate()]) if has else None
+            seen.clear()
+            opt.step()
+            out.append(sorted(seen))
+        return out
+    # small: 3, 4 and 5 elements (below 8); large: 9 and 12
+    assert calls([(3,), (9,), (4,), (12,), (5,)], [[1] * 5, [1] * 5]) == [[9, 12, 12]] * 2
+    assert calls([(3,), (4,), (9,)], [[1, 1, 1]]) == [[7, 9]]
+    assert calls([(3,), (9,)], [[1, 1]]) == [[3, 9]]  # one small shard: nothing to pack
+    # the second small shard misses a step: their counts differ, so each goes alone from then on
+    assert calls([(3,), (4,), (9,)], [[1, 1, 1], [1, 0, 1], [1, 1, 1]]) == [[7, 9], [3, 9], [3, 4, 9]]
