@@ -28,6 +28,7 @@ from strategies import (
 )
 
 import kernels
+from kernels import _native
 
 tensor_mod = pytest.importorskip("torch.distributed.tensor", reason="this torch has no DTensor")
 DTensor, Partial, Replicate, Shard = (tensor_mod.DTensor, tensor_mod.Partial, tensor_mod.Replicate,
@@ -142,10 +143,14 @@ def test_dtensor_parameters_train_as_torch(mesh, name, data):
     _assert_same(ref, ours, rp, op)
 
 
+@pytest.mark.parametrize("native", ["C kernels", "torch ops"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_dtensor_small_shards_packed_and_large_in_place_compiled(mesh, name):
-    """The fused (compiled) path: three small shards packed into one call and two updated where they lie,
-    every gradient present so the packed call runs at every step; then one missing gradient."""
+def test_dtensor_small_shards_packed_and_large_in_place_compiled(mesh, name, native, monkeypatch):
+    """The fused path (the C kernels where they apply on the CPU, else compiled torch ops): three small shards
+    packed into one call and two updated where they lie, every gradient present so the packed call runs at
+    every step; then one missing gradient."""
+    if native == "torch ops":
+        monkeypatch.setenv(_native.ENV_VAR, "0")
     specs = [((3,), False, False), ((2, 2), False, False), ((), False, False), ((6, 4), False, False),
              ((5, 3), False, False)]
     placements = [[Replicate()], [Shard(1)], [Replicate()], [Shard(0)], [Shard(1)]]
@@ -203,12 +208,15 @@ def test_dtensor_state_is_exposed_after_the_first_step_only_for_stepped_paramete
     opt.step()
     assert float(entry["step"]) == 2
     torch.testing.assert_close(entry["exp_avg"].full_tensor(), torch.full((3, 2), 0.19))
-    sgd = kernels.SGD(_distribute(base, mesh, [[Shard(0)], [Replicate()]]), lr=0.1)  # no momentum: no state
-    for p in sgd.param_groups[0]["params"]:
-        p.grad = distribute_tensor(torch.ones(p.shape), mesh, p.placements)
-    sgd.step()
-    assert dict(sgd.state) == {}
-    torch.testing.assert_close(sgd.param_groups[0]["params"][0].full_tensor(), base[0].detach() - 0.1)
+    for direct in (1, 8, 1 << 16):  # no momentum: no state, and every shard updated (packed or in place)
+        sgd = with_threshold(kernels.SGD, direct)(_distribute(base + base, mesh, [[Shard(0)], [Replicate()]] * 2),
+                                                  lr=0.1)
+        for p in sgd.param_groups[0]["params"]:
+            p.grad = distribute_tensor(torch.ones(p.shape), mesh, p.placements)
+        sgd.step()
+        assert dict(sgd.state) == {}
+        for p, b in zip(sgd.param_groups[0]["params"], base + base):
+            torch.testing.assert_close(p.full_tensor(), b.detach() - 0.1)
 
 
 def _checkpoint_case(mesh, name):
