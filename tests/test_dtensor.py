@@ -28,7 +28,7 @@ from strategies import (
 )
 
 import kernels
-from kernels import _native
+from kernels import _native, _optimizer
 
 tensor_mod = pytest.importorskip("torch.distributed.tensor", reason="this torch has no DTensor")
 DTensor, Partial, Replicate, Shard = (tensor_mod.DTensor, tensor_mod.Partial, tensor_mod.Replicate,
@@ -149,8 +149,11 @@ def test_dtensor_small_shards_packed_and_large_in_place_compiled(mesh, name, nat
     """The fused path (the C kernels where they apply on the CPU, else compiled torch ops): three small shards
     packed into one call and two updated where they lie, every gradient present so the packed call runs at
     every step; then one missing gradient."""
+    compiled = []
     if native == "torch ops":
         monkeypatch.setenv(_native.ENV_VAR, "0")
+        real = _optimizer.run_fused
+        monkeypatch.setattr(_optimizer, "run_fused", lambda *a, **kw: compiled.append(1) or real(*a, **kw))
     specs = [((3,), False, False), ((2, 2), False, False), ((), False, False), ((6, 4), False, False),
              ((5, 3), False, False)]
     placements = [[Replicate()], [Shard(1)], [Replicate()], [Shard(0)], [Shard(1)]]
@@ -160,6 +163,8 @@ def test_dtensor_small_shards_packed_and_large_in_place_compiled(mesh, name, nat
     bucket, = ours._buckets
     assert bucket.sharded and bucket.n_small == 3 and bucket.positions == [0, 1, 2, 3, 4]
     assert bucket.common_step == 4
+    # without the C kernels every update ran compiled: the packed call and the two large shards, 4 steps
+    assert len(compiled) == (12 if native == "torch ops" else 0)
     _assert_same(ref, ours, rp, op)
     for i in (0, 3):  # parameters 0 and 3 miss a step: no common step any more, the small ones go one by one
         rp[i].grad = op[i].grad = None
