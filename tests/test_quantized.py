@@ -392,19 +392,27 @@ def test_float64_and_complex_parameters_are_refused(dtype):
     assert len(opt.param_groups) == 1  # the refused group left nothing behind
 
 
-def test_a_group_with_a_bad_block_size_is_refused():
-    opt = kernels.Adam8bit([torch.nn.Parameter(torch.zeros(10))])
-    with pytest.raises(ValueError, match=r"parameter group 1: block_size must be an int"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))], "block_size": 0})
+@pytest.mark.parametrize("key, value, message", [
+    ("block_size", 0, "SGD8bit: parameter group 1: block_size must be an int in [1, 4096] (got 0)"),
+    ("block_size", 4097, "SGD8bit: parameter group 1: block_size must be an int in [1, 4096] (got 4097)"),
+    ("min_8bit_size", -1, "SGD8bit: parameter group 1: min_8bit_size must be an int in [0, inf] (got -1)"),
+    ("min_8bit_size", 2.5, "SGD8bit: parameter group 1: min_8bit_size must be an int in [0, inf] (got 2.5)"),
+])
+def test_a_group_with_a_bad_8bit_option_is_refused(key, value, message):
+    opt = kernels.SGD8bit([torch.nn.Parameter(torch.zeros(10))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))], key: value})
     assert len(opt.param_groups) == 1
 
 
 def test_changing_block_size_after_construction_is_refused():
     p = torch.nn.Parameter(torch.zeros(10))
-    opt = kernels.Adam8bit([p], min_8bit_size=0)
+    opt = kernels.RMSprop8bit([p], min_8bit_size=0)
     opt.param_groups[0]["block_size"] = 128
     p.grad = torch.ones(10)
-    with pytest.raises(ValueError, match="was changed from 256 to 128 after construction"):
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "RMSprop8bit: param_groups[0]['block_size'] was changed from 256 to 128 after construction; the "
+            "state is laid out in blocks of the first, so build a new optimizer to change it") + "$"):
         opt.step()
 
 
