@@ -67,8 +67,8 @@ class Adagrad(FusedOptimizer):
     ``differentiable=True`` is refused. As in torch, the state (``step`` 0 and ``sum`` filled with
     ``initial_accumulator_value``) exists from construction, so ``state_dict()`` has it before any step;
     unlike torch, a group added later gets it too, and each group's own ``initial_accumulator_value`` fills
-    its ``sum`` (torch fills every group's with the constructor's value). Sparse gradients are refused (torch.optim.Adagrad takes
-    them).
+    its ``sum`` (torch fills every group's with the constructor's value). Sparse gradients are refused
+    (torch.optim.Adagrad takes them).
 
     Example::
 
