@@ -69,6 +69,14 @@ def _set_grads(params, row, placements, mesh):
         p.grad = None if g is None else distribute_tensor(g.clone(), mesh, pl)
 
 
+def _train(pairs, rows, placements, mesh):
+    """Each row of gradients given to every (optimizer, parameters) pair, then a step of each."""
+    for row in rows:
+        for opt, params in pairs:
+            _set_grads(params, row, placements, mesh)
+            opt.step()
+
+
 def _assert_same(ref, ours, ref_params, our_params, dtype=torch.float32):
     """Full parameters and state equal; every state tensor but ``step`` a DTensor laid out as its parameter,
     in torch's key order."""
@@ -243,21 +251,15 @@ def test_dtensor_checkpoints_resume_as_an_uninterrupted_run(mesh, name, first, s
     base, grads, placements, kwargs = _checkpoint_case(mesh, name)
     whole = _distribute(base, mesh, placements)
     ref = classes["torch"](whole, foreach=False, **kwargs)
-    for row in grads:
-        _set_grads(whole, row, placements, mesh)
-        ref.step()
+    _train([(ref, whole)], grads, placements, mesh)
     params = _distribute(base, mesh, placements)
     opt = classes[first](params, **extra[first], **kwargs)
-    for row in grads[:3]:
-        _set_grads(params, row, placements, mesh)
-        opt.step()
+    _train([(opt, params)], grads[:3], placements, mesh)
     saved = copy.deepcopy(opt.state_dict())
     resumed = _distribute([p.full_tensor().detach() for p in params], mesh, placements)
     opt2 = classes[second](resumed, **extra[second], **kwargs)
     opt2.load_state_dict(saved)
-    for row in grads[3:]:
-        _set_grads(resumed, row, placements, mesh)
-        opt2.step()
+    _train([(opt2, resumed)], grads[3:], placements, mesh)
     _assert_same(ref, opt2, whole, resumed) if second == "ours" else _assert_same(opt2, ref, resumed, whole)
 
 
@@ -268,14 +270,10 @@ def test_dtensor_state_loaded_from_another_placement_or_as_local_shards(mesh, fo
     base, grads, placements, kwargs = _checkpoint_case(mesh, "Adam")
     whole = _distribute(base, mesh, placements)
     ref = torch.optim.Adam(whole, foreach=False, **kwargs)
-    for row in grads:
-        _set_grads(whole, row, placements, mesh)
-        ref.step()
+    _train([(ref, whole)], grads, placements, mesh)
     params = _distribute(base, mesh, placements)
     opt = kernels.Adam(params, **kwargs)
-    for row in grads[:3]:
-        _set_grads(params, row, placements, mesh)
-        opt.step()
+    _train([(opt, params)], grads[:3], placements, mesh)
     saved = copy.deepcopy(opt.state_dict())
     for entry in saved["state"].values():
         for k, v in entry.items():
@@ -284,9 +282,7 @@ def test_dtensor_state_loaded_from_another_placement_or_as_local_shards(mesh, fo
     resumed = _distribute([p.full_tensor().detach() for p in params], mesh, placements)
     opt2 = kernels.Adam(resumed, **kwargs)
     opt2.load_state_dict(saved)
-    for row in grads[3:]:
-        _set_grads(resumed, row, placements, mesh)
-        opt2.step()
+    _train([(opt2, resumed)], grads[3:], placements, mesh)
     _assert_same(ref, opt2, whole, resumed)
 
 
@@ -298,11 +294,7 @@ def test_dtensor_state_dict_is_copied_and_saved_like_torchs(mesh, how):
     base, grads, placements, kwargs = _checkpoint_case(mesh, "Adam")
     rp, op = _distribute(base, mesh, placements), _distribute(base, mesh, placements)
     ref, ours = torch.optim.Adam(rp, foreach=False, **kwargs), kernels.Adam(op, **kwargs)
-    for row in grads[:2]:
-        _set_grads(rp, row, placements, mesh)
-        _set_grads(op, row, placements, mesh)
-        ref.step()
-        ours.step()
+    _train([(ref, rp), (ours, op)], grads[:2], placements, mesh)
 
     def copied(opt):
         if how == "deepcopy":
@@ -324,11 +316,7 @@ def test_dtensor_state_dict_is_copied_and_saved_like_torchs(mesh, how):
     resumed = _distribute([p.full_tensor().detach() for p in op], mesh, placements)
     again = kernels.Adam(resumed, **kwargs)
     again.load_state_dict(copied(ours))
-    for row in grads[2:]:
-        _set_grads(rp, row, placements, mesh)
-        _set_grads(resumed, row, placements, mesh)
-        ref.step()
-        again.step()
+    _train([(ref, rp), (again, resumed)], grads[2:], placements, mesh)
     _assert_same(ref, again, rp, resumed)
 
 
