@@ -258,8 +258,7 @@ class FusedOptimizer(Optimizer):
         known = len(self.state)
         for bucket in self._buckets:
             self._step_bucket(bucket)
-        if len(self.state) != known:  # state made this step: in torch's order, not the buckets'
-            order_new_state(self, known)
+        order_new_state(self, known)  # state made this step: in torch's order, not the buckets'
         return loss
 
     def _step_bucket(self, bucket: Bucket | ShardedBucket) -> None:

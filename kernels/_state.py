@@ -82,9 +82,9 @@ def order_new_state(opt: FusedOptimizer, known: int) -> None:
     order, and ``state_dict()`` lists the state in that insertion order. Buckets expose state in their own
     order (small parameters first, one bucket per device, dtype and kind), so the new entries are put back in
     the parameters' order: the checkpoints' order is torch's (tools diff them, and read them in order)."""
-    new = list(opt.state)[known:]
-    if len(new) < 2:
+    if len(opt.state) - known < 2:  # nothing, or one entry, added: nothing to reorder (the usual step)
         return
+    new = list(opt.state)[known:]
     rank = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     ordered = sorted(new, key=lambda p: rank.get(id(p), len(rank)))
     if all(a is b for a, b in zip(ordered, new)):
