@@ -5,6 +5,7 @@ the torch-op path alike), checkpoints both ways, memory, and bad input."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import pytest
@@ -121,9 +122,12 @@ def test_updates_equal_the_reference(path, dtype, monkeypatch, specs, seed, bloc
 
 def test_float16_parameters_follow_the_reference_closely():
     """float16 parameters take the torch-op path, compiled (fused=True: a compile failure raises rather than
-    falling back to eager): within an fp16 ulp of the reference."""
+    falling back to eager): within an fp16 ulp of the reference. Under `mutmut run` the 8-bit math it compiles
+    (``_q8math``) is mutated and torch.compile cannot trace mutmut's trampolines, so there it runs with the
+    default (the eager fallback) and checks the values only."""
     params = make_params([((300,), False, False), ((17, 5), False, False)], torch.float16, 3)
-    opt = kernels.AdamW8bit(params, lr=1e-2, min_8bit_size=0, block_size=64, fused=True)
+    fused = None if "MUTANT_UNDER_TEST" in os.environ else True
+    opt = kernels.AdamW8bit(params, lr=1e-2, min_8bit_size=0, block_size=64, fused=fused)
     ref = Reference(params, lr=1e-2, weight_decay=1e-2, decoupled=True, block_size=64)
     for row in make_grads(params, 5, 3, none_prob=0.0, scale=0.1):
         for p, g in zip(params, row):
