@@ -206,11 +206,17 @@ class FusedOptimizer(Optimizer):
                     self.state[p][key] = value.to(p.device)
         self._rebuild()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps defaults, state and param_groups; ``fused`` (ours is not a group option) goes with them,
+        # or a copy (``copy.deepcopy``, pickle) of a ``fused=False`` optimizer would run compiled
+        return {**super().__getstate__(), "_fused": self._fused, "_fused_strict": self._fused_strict}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self._legacy_group_defaults.items():
                 group.setdefault(key, value)
+        # a pickle from before ``fused`` was saved: the default, as a new optimizer gets it
         self.__dict__.setdefault("_fused", resolve_fused(None))
         self.__dict__.setdefault("_fused_strict", False)
         if "_buckets" not in self.__dict__:  # unpickling; load_state_dict (which calls us too) rebuilds itself

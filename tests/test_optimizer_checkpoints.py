@@ -2,6 +2,7 @@
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -549,3 +550,47 @@ def test_hand_edited_param_groups_are_checked_at_the_next_step():
         with pytest.raises(exc) as info:
             opt.step()
         assert str(info.value) == message
+
+
+def _copied(opt, how):
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    return pickle.loads(pickle.dumps(opt))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fused", [False, True, None])
+def test_a_copied_or_pickled_optimizer_keeps_fused_and_steps_as_the_original(name, fused):
+    """``copy.deepcopy`` and pickle (torch's ``__getstate__``/``__setstate__``) give an optimizer of its own
+    parameters and state that keeps the user's ``fused`` (torch keeps its ``fused`` in the groups; ours is an
+    attribute, which torch's ``__getstate__`` leaves out: a copy of a ``fused=False`` optimizer ran compiled)
+    and then steps bit for bit as the original."""
+    ours_cls, _ = OPTIMIZERS[name]
+    params = make_params(SPECS, torch.float32, 0)
+    opt = ours_cls(params, fused=fused, **CONFIGS[name])
+    _train([(opt, params)], 3, seed=1)
+    for how in ("deepcopy", "pickle"):
+        twin = _copied(opt, how)
+        assert (twin._fused, twin._fused_strict) == (opt._fused, fused is True), how
+        twin_params = [p for g in twin.param_groups for p in g["params"]]
+        assert not any(a is b for a, b in zip(twin_params, params))
+        _train([(opt, params), (twin, twin_params)], 3, seed=2)
+        assert_same(opt, twin, params, twin_params, torch.float32, exact=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_pickle_without_fused_gets_the_default(name):
+    """An optimizer pickled before ``fused`` was saved (torch's ``__getstate__`` alone) loads with the default,
+    as a new optimizer would get it, and steps as the original within tolerance."""
+    from kernels._compile import resolve_fused
+
+    ours_cls, _ = OPTIMIZERS[name]
+    params = make_params(SPECS, torch.float32, 0)
+    opt = ours_cls(params, fused=False, **CONFIGS[name])
+    _train([(opt, params)], 3, seed=1)
+    twin = ours_cls.__new__(ours_cls)
+    twin.__setstate__(copy.deepcopy(torch.optim.Optimizer.__getstate__(opt)))
+    assert (twin._fused, twin._fused_strict) == (resolve_fused(None), False)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    _train([(opt, params), (twin, twin_params)], 3, seed=2)
+    assert_same(opt, twin, params, twin_params, torch.float32)
