@@ -3,6 +3,7 @@
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -594,3 +595,29 @@ def test_a_pickle_without_fused_gets_the_default(name):
     twin_params = [p for g in twin.param_groups for p in g["params"]]
     _train([(opt, params), (twin, twin_params)], 3, seed=2)
     assert_same(opt, twin, params, twin_params, torch.float32)
+
+
+# SGD's float state is its momentum buffer alone: without it the state is empty, a parameter that has not
+# stepped yet, as torch reads it (and Adagrad has no kahan_sum)
+_LACKING = [(n, torch.float32, {}) for n in NAMES if n != "SGD"] + \
+           [(n, torch.bfloat16, {"kahan_sum": True}) for n in NAMES if n != "Adagrad"]
+
+
+@pytest.mark.parametrize("name, dtype, extra", _LACKING, ids=[f"{n}-{d}" for n, d, _ in _LACKING])
+def test_hand_edited_state_lacking_a_tensor_is_refused_by_name_at_the_next_step(name, dtype, extra):
+    """A state tensor deleted from ``opt.state`` by hand is found when the next step rebuilds the buffers, and
+    named by its parameter's place in its group (2; it is second in its bucket, as the float64 parameter
+    before both has a bucket of its own) and by the optimizer; a Kahan-compensated bucket checks the same way."""
+    ours_cls, _ = OPTIMIZERS[name]
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    d, c = torch.nn.Parameter(torch.randn(2).to(dtype)), torch.nn.Parameter(torch.randn(5).to(dtype))
+    opt = ours_cls([{"params": [a]}, {"params": [b, d, c]}], **CONFIGS[name], **extra)
+    for p in (a, b, d, c):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    key = next(k for k in opt.state[c] if k != "step")
+    del opt.state[c][key]
+    opt.param_groups[1]["params"] = list(opt.param_groups[1]["params"])
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"state for parameter 2 of group 1 lacks {key!r}, which {name} needs with these options") + "$"):
+        opt.step()

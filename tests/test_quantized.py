@@ -219,12 +219,12 @@ def test_state_memory_is_a_quarter_of_fp32_adams():
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
-def _trained(cls, **kw):
+def _trained(cls, dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3)).to(dtype)
     opt = cls(model.parameters(), lr=1e-2, **kw)
     for _ in range(3):
-        model(torch.randn(16, 64)).pow(2).mean().backward()
+        model(torch.randn(16, 64, dtype=dtype)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
     return model, opt
@@ -232,28 +232,33 @@ def _trained(cls, **kw):
 
 def _continue(model, opt, steps=3, seed=5):
     torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
     for _ in range(steps):
-        model(torch.randn(16, 64)).pow(2).mean().backward()
+        model(torch.randn(16, 64, dtype=dtype)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_state_dict_round_trip_is_exact(tmp_path):
-    model, opt = _trained(kernels.AdamW8bit, block_size=64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_is_exact(tmp_path, dtype):
+    """Saved, loaded and continued: the same bits. With bfloat16 parameters torch's load_state_dict casts every
+    state tensor to the parameter's dtype; the codes and their float32 scales are put back as saved."""
+    model, opt = _trained(kernels.AdamW8bit, dtype, block_size=64)
     path = tmp_path / "opt.pt"
     torch.save(opt.state_dict(), path)
     sd = opt.state_dict()
     keys = list(sd["state"][0])
     assert keys == ["step", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"]
     assert sd["param_groups"][0]["block_size"] == 64
-    twin = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3)).to(dtype)
     twin.load_state_dict(model.state_dict())
     opt2 = kernels.AdamW8bit(twin.parameters(), lr=1e-2)  # block_size comes back from the checkpoint
     opt2.load_state_dict(torch.load(path))
+    assert opt.state[model[0].weight]["exp_avg_absmax"].dtype == torch.float32
     for a, b in zip(model.parameters(), twin.parameters()):
         for k, v in opt.state[a].items():
-            assert torch.equal(v, opt2.state[b][k]), k
+            assert v.dtype == opt2.state[b][k].dtype and torch.equal(v, opt2.state[b][k]), k
     for a, b in zip(_continue(model, opt), _continue(twin, opt2)):
         assert torch.equal(a, b)
 
