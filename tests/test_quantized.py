@@ -777,13 +777,24 @@ def test_hand_edited_float_state_is_taken_by_both_kinds_of_bucket():
 
 
 class _Recording:
-    """The C library, with its 8-bit step recorded: (kind, dtype code, elements, block) per call."""
+    """The C library, with its 8-bit step recorded: (kind, dtype code, elements, block) per call; and its
+    bfloat16-state steps: (function, elements, position in the buffer, step count) per call."""
+
+    _BF16 = {"adam_bf16state": 4, "sgd_bf16state": 3, "rmsprop_bf16state": 5}  # where the element count is
 
     def __init__(self, lib):
         self.lib, self.calls = lib, []
 
     def __getattr__(self, name):
-        return getattr(self.lib, name)
+        f = getattr(self.lib, name)
+        if name not in self._BF16:
+            return f
+        at = self._BF16[name]
+
+        def recorded(*args):
+            self.calls.append((name, *args[at:at + 3]))
+            return f(*args)
+        return recorded
 
     def q8_step(self, kind, p, g, dtype, *rest):
         n, block = rest[4], rest[5]
@@ -816,3 +827,35 @@ def test_8bit_step_takes_the_c_kernel_where_it_applies(name, kind, monkeypatch):
     assert steps(torch.bfloat16) == [(kind, 1, 35 * 128 + 13 * 128, 128)] * 2
     assert steps(torch.float16) == []
     assert steps(torch.float32, fused=False) == []
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler: the bfloat16-state step is the torch ops")
+@pytest.mark.parametrize("name, function, kwargs", [
+    ("Adam", "adam_bf16state", {}), ("AdamW", "adam_bf16state", {}),
+    ("SGD", "sgd_bf16state", {"momentum": 0.9}), ("RMSprop", "rmsprop_bf16state", {"centered": True}),
+])
+def test_bf16_state_step_takes_the_c_kernel_where_it_applies(name, function, kwargs, monkeypatch):
+    """On the CPU, bfloat16 state is stepped by the C kernel: one call per run, with the run's place in the
+    buffer and the step count (the random bits' inputs), a gradient read where it lies included; fused=False
+    and OPTADVISOR_NATIVE=0 take the torch ops (same bits: test_bf16_state_c_kernels_give_the_torch_op_paths_bits)."""
+    recording = _Recording(_native.library())
+    monkeypatch.setattr(_native, "library", lambda: recording)
+
+    def steps(**extra):
+        recording.calls.clear()
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (301, 70_001)]
+        opt = with_threshold(getattr(kernels, name), 1 << 16)(params, lr=1e-3, state_dtype=torch.bfloat16,
+                                                              **kwargs, **extra)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+        start = (params[1].data_ptr() - params[0].data_ptr()) // 4  # where the large one lies in the buffer
+        return list(recording.calls), start
+    calls, start = steps()
+    assert start >= 301
+    assert calls == [(function, 301, 0, 1), (function, 70_001, start, 1),
+                     (function, 301, 0, 2), (function, 70_001, start, 2)]
+    assert steps(fused=False)[0] == []
+    monkeypatch.setattr(_native, "library", lambda: None)
+    assert steps()[0] == []
