@@ -136,7 +136,7 @@ def _generic_step(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], 
     fn(hp, *flags, *tensors)
 
 
-def _native_sgd_rmsprop(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, step: int) -> bool:
+def _native_sgd_rmsprop(s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, step: int) -> bool:
     """SGD's or RMSprop's bfloat16-state step by the C kernel (False where it cannot serve: not the CPU, a
     gradient read where it lies that is not contiguous, no compiler)."""
     p, g = run["param"], run["grad"]
@@ -166,7 +166,7 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
     p = run["param"]
     if type(opt)._bf16_update is not None:  # SGD, RMSprop: their own update on float32 copies
         start = p.storage_offset() - bucket.flat_param.storage_offset()
-        if not (opt._fused and _native_sgd_rmsprop(opt, s, flags, run, start, bucket.current_step)):
+        if not (opt._fused and _native_sgd_rmsprop(s, flags, run, start, bucket.current_step)):
             _generic_step(opt, s, flags, run, start, bucket)
         return
     _, maximize, wd_mode = flags

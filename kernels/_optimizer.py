@@ -237,8 +237,7 @@ class FusedOptimizer(Optimizer):
         if set_to_none:
             super().zero_grad(set_to_none=True)
             return
-        if not hasattr(self, "_zero_grad_profile_name"):
-            self._patch_step_function()
+        # torch's __init__ and __setstate__ name the profiler record
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             if self._layout_changed():
                 self._rebuild()

@@ -114,6 +114,24 @@ def test_nan_and_inf_gradients_give_what_torch_gives(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_zero_grad_sets_gradients_to_none_by_default(name):
+    """``zero_grad()`` is torch's ``set_to_none=True``: every gradient becomes None, the buffer-adopted ones
+    included (after a ``zero_grad(set_to_none=False)``), and nothing is written into the tensors they were."""
+    model, ours, _, _ = twin_models(name, torch.nn.Linear(4, 3), fused=False, **momentum_kwargs(name, 0.01))
+    for set_to_none in (None, True):
+        model(torch.randn(2, 4)).sum().backward()
+        ours.step()
+        ours.zero_grad(set_to_none=False)  # the gradients now view the optimizer's buffer
+        model(torch.randn(2, 4)).sum().backward()
+        kept = [p.grad for p in model.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in kept)
+        values = [g.clone() for g in kept]
+        ours.zero_grad() if set_to_none is None else ours.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(g, v) for g, v in zip(kept, values))
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_real_training_loop_with_set_to_none(name, fused):
     """autograd produces fresh grads each step (zero_grad's default set_to_none=True): no stale gradient."""
