@@ -667,9 +667,11 @@ def test_block_size_one_round_trips():
     ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3)), ("RMSprop", dict(lr=0.01)),
     ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True, maximize=True)),
     ("RMSprop", dict(lr=0.01, centered=True, weight_decay=0.1)), ("RMSprop", dict(lr=0.01, momentum=0.9, alpha=0.3)),
+    ("Adam", dict(lr=0.01)), ("Adam", dict(lr=0.01, weight_decay=0.1, maximize=True, betas=(0.8, 0.9))),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, eps=1e-6)),
 ])
 def test_bf16_state_c_kernels_give_the_torch_op_paths_bits(name, kwargs, monkeypatch):
-    """SGD's and RMSprop's bfloat16-state C kernels (the CPU default) compute the same bits as their float32
+    """Adam's, SGD's and RMSprop's bfloat16-state C kernels (the CPU default) compute the same bits as their float32
     fused update in torch ops with the documented stochastic rounding (OPTADVISOR_NATIVE=0), over gradients
     read in the buffer and where they lie, at an offset into the buffer (the random bits' positions)."""
     runs = []
