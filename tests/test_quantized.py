@@ -20,6 +20,10 @@ from kernels import _native
 from kernels._q8math import dequantize, quantize
 
 NATIVE = _native.library() is not None
+# fused=True (a compile failure raises instead of falling back to eager) for the torch-op paths that use the 8-bit
+# math (``_q8math``); under `mutmut run` that math is mutated, torch.compile cannot trace mutmut's trampolines,
+# and these tests run with the default (the eager fallback) and check the values only
+STRICT = None if "MUTANT_UNDER_TEST" in os.environ else True
 
 
 PATHS = ["native", "torch-ops"] if NATIVE else ["torch-ops"]
@@ -122,12 +126,9 @@ def test_updates_equal_the_reference(path, dtype, monkeypatch, specs, seed, bloc
 
 def test_float16_parameters_follow_the_reference_closely():
     """float16 parameters take the torch-op path, compiled (fused=True: a compile failure raises rather than
-    falling back to eager): within an fp16 ulp of the reference. Under `mutmut run` the 8-bit math it compiles
-    (``_q8math``) is mutated and torch.compile cannot trace mutmut's trampolines, so there it runs with the
-    default (the eager fallback) and checks the values only."""
+    falling back to eager; see STRICT): within an fp16 ulp of the reference."""
     params = make_params([((300,), False, False), ((17, 5), False, False)], torch.float16, 3)
-    fused = None if "MUTANT_UNDER_TEST" in os.environ else True
-    opt = kernels.AdamW8bit(params, lr=1e-2, min_8bit_size=0, block_size=64, fused=fused)
+    opt = kernels.AdamW8bit(params, lr=1e-2, min_8bit_size=0, block_size=64, fused=STRICT)
     ref = Reference(params, lr=1e-2, weight_decay=1e-2, decoupled=True, block_size=64)
     for row in make_grads(params, 5, 3, none_prob=0.0, scale=0.1):
         for p, g in zip(params, row):
@@ -673,13 +674,15 @@ def test_block_size_one_round_trips():
 def test_bf16_state_c_kernels_give_the_torch_op_paths_bits(name, kwargs, monkeypatch):
     """Adam's, SGD's and RMSprop's bfloat16-state C kernels (the CPU default) compute the same bits as their float32
     fused update in torch ops with the documented stochastic rounding (OPTADVISOR_NATIVE=0), over gradients
-    read in the buffer and where they lie, at an offset into the buffer (the random bits' positions)."""
+    read in the buffer and where they lie, at an offset into the buffer (the random bits' positions). The torch
+    ops run compiled with fused=True (see STRICT)."""
     runs = []
     for native in (True, False):
         monkeypatch.setenv(_native.ENV_VAR, "1" if native else "0")
         gen = torch.Generator().manual_seed(7)
         params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (301, 70_001)]
-        opt = with_threshold(getattr(kernels, name), 1 << 16)(params, state_dtype=torch.bfloat16, **kwargs)
+        opt = with_threshold(getattr(kernels, name), 1 << 16)(params, state_dtype=torch.bfloat16,
+                                                              fused=None if native else STRICT, **kwargs)
         for _ in range(4):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
