@@ -1,5 +1,8 @@
 """kernels' losses against torch.nn.functional: values and gradients (random upstream gradient), bad input."""
 
+import inspect
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -972,3 +975,20 @@ def test_linear_cross_entropy_chunk_of_one_row_and_more_rows_than_exist():
     for chunk in (1, 2, 5, 6, 1000):
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, t, chunk_size=chunk), ref, rtol=1e-12, atol=1e-12)
         assert kernels.LinearCrossEntropyLoss(chunk_size=chunk).chunk_size == chunk
+
+
+@pytest.mark.parametrize("cls", [kernels.MSELoss, kernels.CrossEntropyLoss, kernels.MultiMarginLoss],
+                         ids=lambda c: c.__name__)
+def test_deprecated_reduction_arguments_warn_at_the_users_line(cls):
+    """``size_average``/``reduce`` warn as torch.nn does (a UserWarning, torch's words), pointing at the line
+    that built the module, not at ours."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        cls(size_average=False)
+    assert len(caught) == 1
+    w = caught[0]
+    assert w.category is UserWarning
+    assert str(w.message) == ("size_average and reduce args will be deprecated, please use reduction='sum' "
+                              "instead.")
+    assert (w.filename, w.lineno) == (__file__, line)
