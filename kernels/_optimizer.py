@@ -221,8 +221,6 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("_fused_strict", False)
         if "_buckets" not in self.__dict__:  # unpickling; load_state_dict (which calls us too) rebuilds itself
             self._rebuild()
-        elif "_group_lists" not in self.__dict__:
-            self._snapshot_groups()
 
     # ---- gradients -------------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
