@@ -44,7 +44,6 @@ class _OnePass(torch.autograd.Function):
         ctx.name = name
         ctx.grads = grads
         ctx.expand = expand
-        ctx.dtypes = tuple(t.dtype if isinstance(t, Tensor) else None for t in inputs)
         return loss
 
     @staticmethod
@@ -55,8 +54,9 @@ class _OnePass(torch.autograd.Function):
                 "Hessian-vector products) is not supported: the loss computes its gradient in the forward "
                 "pass and keeps no input to differentiate it again, so the result would silently lack the "
                 f"loss's curvature. Use torch.nn.functional's loss where second derivatives are needed.")
-        out = _OnePass._scaled(ctx, grad_output)
-        return (None, None, *[g if g is None or g.dtype == d else g.to(d) for g, d in zip(out, ctx.dtypes)])
+        # a gradient kept in float32 (a float16 input's) is rounded to its input's dtype by autograd itself (its
+        # engine casts every gradient to its input's dtype), after the upstream scale above
+        return (None, None, *_OnePass._scaled(ctx, grad_output))
 
     @staticmethod
     def _scaled(ctx, grad_output):
@@ -74,10 +74,10 @@ class _OnePass(torch.autograd.Function):
                 out.append(None)
             elif grad_output.dim() == 0:
                 if grad_output.item() != 1.0:
-                    g.mul_(grad_output.to(g.dtype))
+                    g.mul_(grad_output)  # the loss's dtype: g's, or float16 where g is kept in float32
                 out.append(g)
             else:
-                out.append(g.mul_(ctx.expand(grad_output).to(g.dtype)))
+                out.append(g.mul_(ctx.expand(grad_output)))
         return out
 
 

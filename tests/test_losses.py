@@ -427,6 +427,7 @@ def test_float16_loss_gradient_survives_loss_scaling(n, c):
     t = torch.randint(0, c, (n,))
     scale = 1024.0  # the loss is float16: a larger scale overflows it (GradScaler then halves its scale)
     (kernels.cross_entropy(x, t) * scale).backward()
+    assert x.grad.dtype == torch.float16  # kept in float32 through the scale, then rounded (by autograd)
     ours = x.grad.float() / scale
     x16 = x.detach().clone().requires_grad_()
     (F.cross_entropy(x16, t) * scale).backward()  # torch's own float16 path under the same scale
@@ -445,6 +446,7 @@ def test_float16_loss_gradient_survives_loss_scaling(n, c):
     for fn, fref in ((kernels.mse_loss, F.mse_loss), (kernels.huber_loss, F.huber_loss)):
         x.grad = None
         (fn(x, y) * scale).backward()
+        assert x.grad.dtype == torch.float16
         xr.grad = None
         fref(xr, y.float()).backward()
         torch.testing.assert_close(x.grad.float() / scale, xr.grad, rtol=2e-3, atol=1e-7)
