@@ -165,3 +165,27 @@ def test_a_bad_compensation_in_a_checkpoint_is_refused_before_anything_changes()
 def test_kahan_sum_must_be_a_bool(name):
     with pytest.raises(ValueError, match=rf"{name}: kahan_sum must be True or False \(got 'yes'\)"):
         getattr(kernels, name)([torch.nn.Parameter(torch.zeros(3))], kahan_sum="yes")
+
+
+@pytest.mark.parametrize("name, kwargs", CASES, ids=IDS)
+def test_the_compiled_update_runs_unless_fused_is_false(name, kwargs, monkeypatch):
+    """The compensated step takes the optimizer's compiled Kahan update (one call per step for one bucket)
+    unless fused=False, which runs the eager one: the two agree (the test above), so only counting tells them
+    apart."""
+    from kernels import _bf16state
+
+    calls = []
+    real = _bf16state.run_fused
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return real(fn, *args, **kwargs)
+    monkeypatch.setattr(_bf16state, "run_fused", counting)
+    for fused, want in ((True, 3), (None, 3), (False, 0)):
+        calls.clear()
+        p = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+        opt = getattr(kernels, name)([p], kahan_sum=True, fused=fused, **kwargs)
+        for _ in range(3):
+            p.grad = torch.randn(300).to(torch.bfloat16)
+            opt.step()
+        assert calls == [getattr(kernels, name)._kahan_update.__name__] * want, (fused, calls)
