@@ -1,6 +1,7 @@
 """kernels' losses against torch.nn.functional: values and gradients (random upstream gradient), bad input."""
 
 import inspect
+import os
 import warnings
 
 import pytest
@@ -993,4 +994,5 @@ def test_deprecated_reduction_arguments_warn_at_the_users_line(cls):
     assert w.category is UserWarning
     assert str(w.message) == ("size_average and reduce args will be deprecated, please use reduction='sum' "
                               "instead.")
-    assert (w.filename, w.lineno) == (__file__, line)
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames to every call
+        assert (w.filename, w.lineno) == (__file__, line)
