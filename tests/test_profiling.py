@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -319,3 +320,162 @@ def test_feature_sparsity_counts_exact_zeros_among_known_values():
     assert ints.facts.feature_sparsity == pytest.approx(4 / 6)
     dense = profile_data(torch.randn(300, 5), torch.randn(300))
     assert dense.facts.feature_sparsity == 0.0
+
+
+# Every threshold of diagnose() at and beside its boundary, and each finding whole: which facts are set, the
+# steps and numbers it names, its message. 20 records (unless said): the running median's window is 3, the
+# first 10% (2 records) are warm-up, the last quarter is 5 records, mid-run is record 10. Values are chosen
+# so that the smoothed curve and each ratio are exact in binary floating point where a boundary is tested.
+def _h(loss, grad=None, val=None, lr=0.01):
+    rows = []
+    for i, v in enumerate(loss):
+        row = {"step": i, "train_loss": v, "lr": lr}
+        g = 1.0 if grad is None else grad[i]
+        if g is not None:
+            row["grad_norm"] = g
+        if val and i in val:
+            row["val_loss"] = val[i]
+        rows.append(row)
+    return rows
+
+
+_INF, _NAN = float("inf"), float("nan")
+_DOWN = [2.0 - 0.05 * i for i in range(20)]  # falls 47.5% in a straight line: nothing abnormal
+_QUIET = {"grad_norm_p90": 1.0, "last_lr": 0.01}
+DIAGNOSES = {
+    "non-finite loss": (_h([1.0] * 5 + [_NAN, 1.0, _INF] + [1.0] * 4), {"diverged"}, _QUIET, [
+        ("diverged", [5, 7], {}, "training loss is not finite from step 5 (2 records)")]),
+    "smoothed loss 5x its best": (_h([0.5] * 10 + [2.5] * 10), {"diverged"}, _QUIET, [
+        ("diverged", [10], {"best": 0.5, "peak": 2.5}, "smoothed loss reached 2.5 at step 10, over 4x its best 0.5")]),
+    "peak exactly 4x its best: a plateau, not divergence": (_h([0.5] * 10 + [2.0] * 10), {"plateau"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 2.0, "end": 2.0},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 2 to 2 (< 1% better)")]),
+    "back to exactly 2x its best": (_h([0.5] * 10 + [2.5] * 5 + [1.0] * 5), {"plateau"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 1.0, "end": 1.0},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 1 to 1 (< 1% better)")]),
+    "ends 2.5x its best": (_h([0.5] * 10 + [2.5] * 5 + [1.25] * 5), {"diverged"}, _QUIET, [
+        ("diverged", [10], {"best": 0.5, "peak": 2.5}, "smoothed loss reached 2.5 at step 10, over 4x its best 0.5")]),
+    "8 records are enough": (_h([0.5] * 4 + [2.5] * 4), {"diverged"}, _QUIET, [
+        ("diverged", [4], {"best": 0.5, "peak": 2.5}, "smoothed loss reached 2.5 at step 4, over 4x its best 0.5")]),
+    "7 are not": (_h([0.5] * 4 + [2.5] * 3), set(), _QUIET, []),
+    "flat at 8 records": (_h([1.0] * 8), {"plateau"}, _QUIET, [
+        ("plateau", [6, 7], {"start": 1.0, "end": 1.0},
+         "over the last 2 records (steps 6-7) the smoothed loss moved from 1 to 1 (< 1% better)")]),
+    "last quarter exactly 1% better": (_h([200.0] * 4 + [100.0] * 12 + [99.5, 99.0, 99.0, 99.0]), set(), _QUIET, []),
+    "last quarter 0.5% better": (_h([200.0] * 4 + [100.0] * 11 + [99.5] * 2 + [99.0] * 3), {"plateau"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 99.5, "end": 99.0},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 99.5 to 99 (< 1% better)")]),
+    "converged to zero: no plateau": (_h([1.0] * 10 + [0.0] * 10), set(), _QUIET, []),
+    "gradient spikes": (_h(_DOWN, grad=[0.5] * 7 + [5.5] + [0.5] * 4 + [5.0] + [0.5] * 2 + [_INF] + [0.5] * 4),
+                        {"exploding_gradients"}, {"grad_norm_p90": 5.0, "last_lr": 0.01}, [
+        ("exploding_gradients", [7, 15], {"median": 0.5, "p90": 5.0},
+         "gradient norm above 10x its median 0.5 (or not finite) at 2 steps, first 7; clip at about the 90th "
+         "percentile 5")]),
+    "median gradient norm 0": (_h(_DOWN, grad=[0.0] * 19 + [1.0]), set(), {"grad_norm_p90": 0.0, "last_lr": 0.01}, []),
+    "90th percentile of 10 norms": (_h(_DOWN, grad=[float(i + 1) for i in range(10)] + [None] * 10), set(),
+                                    {"grad_norm_p90": 10.0, "last_lr": 0.01}, []),
+    "no gradient norms, no learning rate": (_h(_DOWN, grad=[None] * 20, lr=0.0), set(), {}, []),
+    "rising exactly 10% since mid-run": (_h([1.0] * 15 + [1.1] * 5), {"plateau"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 1.1, "end": 1.1},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 1.1 to 1.1 (< 1% better)")]),
+    "rising 12.5%": (_h([1.0] * 15 + [1.125] * 5), {"plateau", "loss_rising"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 1.125, "end": 1.125},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 1.125 to 1.125 (< 1% better)"),
+        ("loss_rising", [10, 19], {"mid": 1.0, "end": 1.125},
+         "smoothed training loss rose from 1 (step 10) to 1.125 (step 19)")]),
+    "steady but slow": (_h([1.0 - 0.01 * i for i in range(20)]), {"lr_too_low"}, _QUIET, [
+        ("lr_too_low", [0, 19], {"total_decrease": (0.995 - 0.815) / 0.995},
+         "the loss falls steadily (19/19 smoothed steps down) but only 18% over steps 0-19: the learning rate "
+         "is likely too low")]),
+    "steady, 22.6% in all": (_h([1.0 - 0.0125 * i for i in range(20)]), set(), _QUIET, []),
+    "noisy": (_h([1.0 + (0.5 if i % 2 else -0.5) for i in range(20)]), {"plateau", "noisy_loss"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 0.5, "end": 1.0},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 0.5 to 1 (< 1% better)"),
+        ("noisy_loss", [10, 19], {"relative_spread": 0.8 * 1.4826},
+         "in the second half the loss scatters by 119% of its level around the smoothed curve")]),
+    "validation rises twice past 5% while training falls": (
+        _h(_DOWN, val={0: 1.1, 4: 1.0, 8: 1.2, 12: 1.3}), {"overfitting"}, _QUIET, [
+            ("overfitting", [4, 12], {"val_min": 1.0, "val_end": 1.3},
+             "validation loss rose from its minimum 1 (step 4) to 1.3 (step 12) while training loss fell from 1.8 "
+             "to 1.4: stop early or regularize")]),
+    "validation at exactly 5% above its minimum twice": (
+        _h(_DOWN, val={0: 1.2, 4: 1.0, 8: 1.05, 12: 1.05, 16: 1.3}), set(), _QUIET, []),
+    "validation ends exactly 5% above its minimum": (
+        _h(_DOWN, val={0: 1.2, 4: 1.0, 8: 1.2, 12: 1.3, 16: 1.05}), set(), _QUIET, []),
+    "validation rises while training stays flat": (
+        _h([1.0] * 20, val={0: 1.1, 4: 1.0, 8: 1.2, 12: 1.3}), {"plateau"}, _QUIET, [
+            ("plateau", [15, 19], {"start": 1.0, "end": 1.0},
+             "over the last 5 records (steps 15-19) the smoothed loss moved from 1 to 1 (< 1% better)")]),
+    "three validation records are too few": (_h(_DOWN, val={4: 1.0, 8: 1.2, 12: 1.3}), set(), _QUIET, []),
+}
+_ALL_FACTS = ("diverged", "exploding_gradients", "plateau", "noisy_loss", "overfitting", "loss_rising", "lr_too_low")
+
+
+@pytest.mark.parametrize("case", list(DIAGNOSES))
+def test_diagnose_at_each_threshold_names_its_evidence(case):
+    history, found, numbers, findings = DIAGNOSES[case]
+    d = diagnose(history)
+    assert d.facts == {**{f: f in found for f in _ALL_FACTS}, **numbers}, d.explain()
+    got = [(f.fact, f.steps, f.numbers, f.message) for f in d.findings]
+    assert got == [(fact, steps, pytest.approx(nums), msg) for fact, steps, nums, msg in findings]
+    assert d.n_records == len(history)
+
+
+def test_diagnosis_explains_every_finding_on_its_own_line():
+    d = diagnose(DIAGNOSES["rising 12.5%"][0])
+    assert d.explain() == (
+        "Diagnosis of 20 records:\n"
+        "  - plateau: over the last 5 records (steps 15-19) the smoothed loss moved from 1.125 to 1.125 (< 1% better)\n"
+        "  - loss_rising: smoothed training loss rose from 1 (step 10) to 1.125 (step 19)")
+    assert diagnose(_h(_DOWN)).explain() == "Diagnosis of 20 records: nothing abnormal found."
+
+
+def test_diagnose_keeps_the_first_ten_steps_of_a_finding():
+    d = diagnose(_h([1.0] * 3 + [_NAN] * 12 + [1.0] * 5))
+    assert d.findings[0].steps == list(range(3, 13))
+    assert d.findings[0].message == "training loss is not finite from step 3 (12 records)"
+
+
+def test_monitor_log_takes_numbers_and_refuses_what_it_cannot_record():
+    m = TrainingMonitor()
+    m.log(3, train_loss=torch.tensor(0.5), grad_norm=np.float32(2.0), val_loss=None)
+    assert m.history == [{"step": 3, "train_loss": 0.5, "grad_norm": 2.0}]
+    assert all(type(v) in (int, float) for v in m.history[0].values())
+    for step, got in ((1.0, "float"), (True, "bool"), ("1", "str")):
+        with pytest.raises(TypeError, match=r"^TrainingMonitor.log: 'step' must be an int \(got " + got + r"\)$"):
+            m.log(step, train_loss=1.0)
+    with pytest.raises(ValueError, match=r"^TrainingMonitor.log: unknown metric\(s\) \['acc', 'loss'\]; known: "
+                                         r"train_loss, val_loss, grad_norm, lr$"):
+        m.log(1, loss=1.0, acc=0.5, lr=0.1)
+    assert len(m.history) == 1
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("h.json", '[{"step": 0, "train_loss": 1}, {"train_loss": 2}]', ": record 2: no 'step'"),
+    ("h.json", '[{"step": 0, "train_loss": 1}, 5]', ": record 2: expected a mapping of column names to numbers"),
+    ("h.json", '[{"step": 1.5, "train_loss": 1}]', ": record 1: step must be a finite integer (got 1.5)"),
+    ("h.json", '{"step": 1}', ": a history is a list of records"),
+    ("h.json", '[{"step": 0, "train_loss": 1}, {"step": 1, "accuracy": 1}]',
+     ": record 2: TrainingMonitor.log: unknown metric(s) ['accuracy']; known: train_loss, val_loss, grad_norm, lr"),
+    ("h.json", '[{"step": 0, "train_loss": 1', ":1: malformed JSON: Expecting ',' delimiter"),
+    ("h.csv", "step,train_loss\n0,1\n1,x\n", ": record 2: could not convert string to float: 'x'"),
+    ("h.csv", "step,train_loss\n0,1\n\n2,1\n2.5,1\n", ": record 3: step must be a finite integer (got '2.5')"),
+])
+def test_monitor_load_names_the_file_and_record(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        TrainingMonitor.load(path)
+    assert str(info.value) == f"{path}{message}"
+
+
+def test_monitor_load_reads_what_to_csv_wrote(tmp_path):
+    m = TrainingMonitor()
+    m.log(0, train_loss=1.5, lr=0.1)
+    m.log(1, train_loss=1.25, val_loss=2.0, grad_norm=0.5, lr=0.1)
+    m.to_csv(tmp_path / "h.csv")
+    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,grad_norm,lr"
+    assert TrainingMonitor.load(tmp_path / "h.csv").history == m.history
+    with pytest.raises(ValueError, match=r"^" + re.escape(str(tmp_path / "none.csv")) +
+                       r": cannot read training history: No such file or directory$"):
+        TrainingMonitor.load(tmp_path / "none.csv")
