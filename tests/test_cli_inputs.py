@@ -92,3 +92,33 @@ def test_specific_messages(tmp_path, capsys):
 def test_no_arguments_is_an_error_not_help(capsys):
     assert main([]) == 2
     assert "give --task" in capsys.readouterr().err
+
+
+def test_json_and_yaml_readers_bound_numbers_and_keys_word_for_word():
+    """The readers' own refusals, exactly (the CLI test above sees only the exit code): a number of at most 64
+    characters is read (an integer stays an int, ``1E3`` is a float), one more is refused with where it is;
+    a JSON duplicate key and malformed JSON name the file (and the line)."""
+    from advisor._yaml import InputError, load_json, load_yaml
+
+    n64, f64 = "9" * 64, "1." + "5" * 62
+    got = load_json(f"[{n64}, {f64}, 1E3, 7, -2.5e-1]", "h.json")
+    assert got == [int(n64), float(f64), 1000.0, 7, -0.25]
+    assert [type(v) for v in got] == [int, float, float, int, float]
+    for text, message in [
+        (f"[1, {n64}9]", "h.json: a number of 65 characters (at most 64)"),
+        (f"[{f64}5]", "h.json: a number of 65 characters (at most 64)"),
+        ('{"a": 1, "b": {"a": 2}, "a": 3}', "h.json: duplicate key 'a' in one JSON object"),
+        ("[1,\n", "h.json:2: malformed JSON: Expecting value"),
+    ]:
+        with pytest.raises(InputError) as info:
+            load_json(text, "h.json")
+        assert str(info.value) == message
+    data, _ = load_yaml(f"a: {n64}\nb: {f64}\n", "r.yaml")
+    assert data == {"a": int(n64), "b": float(f64)} and type(data["a"]) is int
+    for text, message in [
+        (f"a: 1\nb: {n64}9\n", f"r.yaml:2: a number of 65 characters (at most 64): {'9' * 20}..."),
+        (f"a: 1\nb: [1, {f64}5]\n", "r.yaml:2: a number of 65 characters (at most 64): 1.555555555555555555..."),
+    ]:
+        with pytest.raises(InputError) as info:
+            load_yaml(text, "r.yaml")
+        assert str(info.value) == message
