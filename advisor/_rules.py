@@ -291,6 +291,8 @@ def _compile_value(candidate: str, name: str, value: Any, *, scale: bool) -> Cal
     allowed = PARAMS[candidate]
     if name not in allowed:
         raise RuleError(f"{candidate} has no hyperparameter {name!r}; allowed: {', '.join(allowed) or 'none'}")
+    if scale and allowed[name] != NUMBER:  # a multiplier on a flag or a list would be ignored: say so instead
+        raise RuleError(f"{candidate}.{name} is a {allowed[name]}; only number hyperparameters can be scaled")
     expected = NUMBER if scale else allowed[name]
     if isinstance(value, str) and not value.startswith("="):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string: accept it as the number it is

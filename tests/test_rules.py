@@ -559,3 +559,50 @@ def test_fact_types_are_read_off_the_profile_fields():
     assert fact_types() == expect
     assert list(fact_types()) == list(expect)  # the fields' order
     assert FACT_TYPES == expect
+
+
+_KNOWN = ("Adam, AdamW, SGD, RMSprop, Adagrad, Adam8bit, AdamW8bit, SGD8bit, RMSprop8bit, MSELoss, HuberLoss, "
+          "CrossEntropyLoss, MultiMarginLoss, HingeLoss")
+_FACTS_BAD = {"task": "regression", "n_samples": -1, "n_features": -1, "n_classes": -5}
+EXACT = [
+    (rule(then={"params": {"Adamax": {"lr": 0.1}}}), f"unknown candidate 'Adamax'; known: {_KNOWN}"),
+    (rule(then={"params": {"SGD": {"learning_rate": 0.1}}}),
+     "SGD has no hyperparameter 'learning_rate'; allowed: lr, momentum, dampening, weight_decay, nesterov"),
+    (rule(then={"params": {"MSELoss": {"x": 1}}}), "MSELoss has no hyperparameter 'x'; allowed: none"),
+    (rule(then={"params": {"SGD": {"lr": "fast"}}}),
+     "SGD.lr: a string value must be an expression starting with '=' (got 'fast')"),
+    (rule(then={"params": {"SGD": {"lr": "=task"}}}), "SGD.lr: expression '=task' gives a str, expected number"),
+    (rule(then={"params": {"SGD": {"nesterov": "=n_samples"}}}),
+     "SGD.nesterov: expression '=n_samples' gives a number, expected bool"),
+    (rule(then={"params": {"SGD": {"lr": True}}}), "SGD.lr: expected a number, got True"),
+    (rule(then={"params": {"SGD": {"nesterov": 1.0}}}), "SGD.nesterov: expected a bool, got 1.0"),
+    (rule(then={"scale": {"SGD": {"lr": "=n_samples > 3"}}}),
+     "SGD.lr: expression '=n_samples > 3' gives a bool, expected number"),
+    (rule(then={"scale": {"SGD": {"nesterov": 0.0}}}),
+     "SGD.nesterov is a bool; only number hyperparameters can be scaled"),
+    (rule(then={"scale": {"Adam": {"betas": 2.0}}}),
+     "Adam.betas is a list[number]; only number hyperparameters can be scaled"),
+    (rule(examples=[{"facts": {**_FACTS_BAD, "target_outlier_fraction": 3}, "fires": True}]),
+     "example 1: invalid facts: n_samples: Input should be greater than or equal to 1; n_features: Input should "
+     "be greater than or equal to 1; n_classes: Input should be greater than or equal to 2 (and 1 more)"),
+    (rule(examples=[{"facts": {"task": "regression"}, "fires": True}, {"facts": _FACTS_BAD, "fires": True}]),
+     "example 2: invalid facts: n_samples: Input should be greater than or equal to 1; n_features: Input should "
+     "be greater than or equal to 1; n_classes: Input should be greater than or equal to 2"),
+    (rule(examples=[{"facts": 5, "fires": True}]), "examples.0.facts: Input should be a valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("bad, message", EXACT, ids=[m[:40] for _, m in EXACT])
+def test_bad_rule_values_are_refused_word_for_word(tmp_path, bad, message):
+    """What the rule loader says, whole: the file and line, the rule, the candidate and hyperparameter, what
+    was expected and what it got; pydantic's errors for an example's facts, three at most and a count."""
+    path = write(tmp_path, yaml_of(bad))
+    with pytest.raises(RuleError) as info:
+        load_rules([path])
+    assert str(info.value) == f"{path}:2: rule r1: {message}"
+
+
+def test_a_yaml_1_1_number_string_is_read_as_the_number(tmp_path):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; as a value it is the number it spells."""
+    path = write(tmp_path, yaml_of(rule(then={"optimizer": {"SGD": 100}, "params": {"SGD": {"lr": "1e-3"}}})))
+    assert advise(task="regression", extra_rules=[path]).optimizer.params["lr"] == 0.001
