@@ -606,3 +606,34 @@ def test_a_yaml_1_1_number_string_is_read_as_the_number(tmp_path):
     """YAML 1.1 reads ``1e-3`` (no dot) as a string; as a value it is the number it spells."""
     path = write(tmp_path, yaml_of(rule(then={"optimizer": {"SGD": 100}, "params": {"SGD": {"lr": "1e-3"}}})))
     assert advise(task="regression", extra_rules=[path]).optimizer.params["lr"] == 0.001
+
+
+def test_ruleset_get_finds_a_rule_by_id():
+    rules = load_rules()
+    assert rules.get("huber-for-outliers").id == "huber-for-outliers"
+    assert rules.get("no-such-rule") is None
+
+
+def test_the_builtin_rulebook_is_found_installed_or_in_a_checkout_and_missing_is_said(tmp_path, monkeypatch):
+    """Installed, the rulebook is the package data ``advisor.rules``; from a source checkout that is not
+    installed, the repository's ``rules/`` beside ``advisor/``; neither holding a rule file is an error."""
+    import importlib.resources
+
+    from advisor import _rules, builtin_rule_files
+
+    checkout = tmp_path / "checkout"
+    (checkout / "rules").mkdir(parents=True)
+    (checkout / "rules" / "b.yaml").write_text("rules: []\n")
+    (checkout / "rules" / "a.yaml").write_text("rules: []\n")
+
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+    monkeypatch.setattr(importlib.resources, "files", not_installed)
+    monkeypatch.setattr(_rules, "__file__", str(checkout / "advisor" / "_rules.py"))
+    assert builtin_rule_files() == [checkout / "rules" / "a.yaml", checkout / "rules" / "b.yaml"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(importlib.resources, "files", lambda name: empty if name == "advisor.rules" else None)
+    with pytest.raises(RuleError) as info:
+        builtin_rule_files()
+    assert str(info.value) == f"the built-in rulebook is missing: no *.yaml in {empty}"
