@@ -637,3 +637,37 @@ def test_the_builtin_rulebook_is_found_installed_or_in_a_checkout_and_missing_is
     with pytest.raises(RuleError) as info:
         builtin_rule_files()
     assert str(info.value) == f"the built-in rulebook is missing: no *.yaml in {empty}"
+
+
+@pytest.mark.parametrize("base, extra, message", [
+    ([], None, "no rule files given"),
+    (["rules:\n  - {id: r1, enabled: false}\n"], None,
+     "{0}: 'enabled: false' entries (r1) belong in extra rule files"),
+    (None, ["rules:\n  - {id: nope, enabled: false}\n"], "{0}: rule nope: cannot disable an unknown rule"),
+    (None, ["rules:\n  - {id: huber-for-outliers, enabled: false}\n  - {id: huber-for-outliers, enabled: false}\n"],
+     "{0}: rule huber-for-outliers: duplicate rule id in this file"),
+    ([yaml_of(rule()) + "x: 1\ny: 2\n"], None, "{0}:1: unknown top-level keys ['x', 'y'] (only 'rules')"),
+    ([yaml_of(rule()), yaml_of(rule())], None, "{1}:2: rule r1: duplicate rule id (also at {0}:2)"),
+    ([yaml_of(rule(examples=[{"facts": {"task": "regression"}, "fires": False}]))], None,
+     "{0}:2: rule r1: example 1 expects fires: false, but the condition is true for {{'task': 'regression'}}"),
+    ([yaml_of(rule(when="task == 'classification'"))], None,
+     "{0}:2: rule r1: example 1 expects fires: true, but the condition is false for {{'task': 'regression'}}"),
+    ([yaml_of(rule(when="n_samples > 10"))], None,
+     "{0}:2: rule r1: example 1 expects fires: true, but the condition is unknown for {{'task': 'regression'}}"),
+    ([yaml_of(rule()).replace("  when:", "  when: 'false'\n  when:")], None,
+     "{0}:5: duplicate key 'when' (first at line 4); YAML would silently keep only the last one"),
+])
+def test_rule_files_are_refused_word_for_word(tmp_path, base, extra, message):
+    """load_rules' own refusals, whole; {0}, {1}: the files in the order given (base files, then extra)."""
+    files = [write(tmp_path, text, f"f{i}.yaml") for i, text in enumerate((base or []) + (extra or []))]
+    base_files = None if base is None else files[:len(base)]
+    with pytest.raises(RuleError) as info:
+        load_rules(base_files, files[len(base or []):] or None)
+    assert str(info.value) == message.format(*files)
+
+
+def test_a_rule_written_disabled_is_listed_as_disabled(tmp_path):
+    path = write(tmp_path, yaml_of(rule(enabled=False), rule(id="r2")))
+    rules = load_rules([path])
+    assert [r.id for r in rules.rules] == ["r2"] and rules.disabled == ("r1",)
+    assert rules.get("r2").origin == f"{path}:15"
