@@ -113,6 +113,15 @@ def test_json_and_yaml_readers_bound_numbers_and_keys_word_for_word():
         with pytest.raises(InputError) as info:
             load_json(text, "h.json")
         assert str(info.value) == message
+    assert load_yaml("a: " + "[" * 63 + "]" * 63, "r.yaml")[0]["a"] is not None  # 64 levels with the mapping
+    for text, message in [
+        ("a: " + "[" * 64 + "]" * 64, "r.yaml:1: nested more than 64 levels deep"),
+        ("a: &x [1]\nb: *x\n", "r.yaml:2: YAML aliases (*x) are not allowed: write the value out (an alias can "
+                                 "make a small file expand without bound)"),
+    ]:
+        with pytest.raises(InputError) as info:
+            load_yaml(text, "r.yaml")
+        assert str(info.value) == message
     data, _ = load_yaml(f"a: {n64}\nb: {f64}\n", "r.yaml")
     assert data == {"a": int(n64), "b": float(f64)} and type(data["a"]) is int
     for text, message in [

@@ -656,6 +656,10 @@ def test_the_builtin_rulebook_is_found_installed_or_in_a_checkout_and_missing_is
      "{0}:2: rule r1: example 1 expects fires: true, but the condition is unknown for {{'task': 'regression'}}"),
     ([yaml_of(rule()).replace("  when:", "  when: 'false'\n  when:")], None,
      "{0}:5: duplicate key 'when' (first at line 4); YAML would silently keep only the last one"),
+    (["rules:\n  - 5\n"], None, "{0}:2: rule ?: rule: Input should be a valid dictionary or instance of Rule"),
+    (["rules:\n  - {description: d}\n"], None,
+     "{0}:2: rule ?: id: Field required; when: Field required; then: Field required (and 3 more)"),
+    (None, ["rules:\n  - {id: 5, enabled: false}\n"], "{0}:2: rule 5: id: Input should be a valid string"),
 ])
 def test_rule_files_are_refused_word_for_word(tmp_path, base, extra, message):
     """load_rules' own refusals, whole; {0}, {1}: the files in the order given (base files, then extra)."""
@@ -671,3 +675,10 @@ def test_a_rule_written_disabled_is_listed_as_disabled(tmp_path):
     rules = load_rules([path])
     assert [r.id for r in rules.rules] == ["r2"] and rules.disabled == ("r1",)
     assert rules.get("r2").origin == f"{path}:15"
+
+
+def test_an_extra_file_disables_and_adds_in_one_go(tmp_path):
+    text = "rules:\n- {id: huber-for-outliers, enabled: false}\n" + yaml_of(rule(id="r9")).split("\n", 1)[1]
+    rules = load_rules(None, [write(tmp_path, text)])
+    assert rules.disabled == ("huber-for-outliers",) and rules.get("r9") is not None
+    assert rules.get("huber-for-outliers") is None
