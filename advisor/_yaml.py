@@ -71,17 +71,25 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _bounded_number(kind):
-    def construct(loader, node):
-        if len(node.value) > MAX_NUMBER_CHARS:
-            raise _Refused(node.start_mark, f"a number of {len(node.value)} characters "
-                                            f"(at most {MAX_NUMBER_CHARS}): {node.value[:20]}...")
-        return kind(loader, node)
-    return construct
+def _bounded_length(node) -> None:
+    if len(node.value) > MAX_NUMBER_CHARS:
+        raise _Refused(node.start_mark, f"a number of {len(node.value)} characters "
+                                        f"(at most {MAX_NUMBER_CHARS}): {node.value[:20]}...")
 
 
-_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _bounded_number(yaml.SafeLoader.construct_yaml_int))
-_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _bounded_number(yaml.SafeLoader.construct_yaml_float))
+def _bounded_int(loader, node):
+    _bounded_length(node)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+def _bounded_float(loader, node):
+    _bounded_length(node)
+    return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+# registered once at import; the checks themselves run (and are tested) at each load
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _bounded_float)
 
 
 def read_text(path: str | Path, what: str) -> str:

@@ -131,3 +131,29 @@ def test_json_and_yaml_readers_bound_numbers_and_keys_word_for_word():
         with pytest.raises(InputError) as info:
             load_yaml(text, "r.yaml")
         assert str(info.value) == message
+
+
+def test_read_text_and_malformed_yaml_say_what_and_where(tmp_path):
+    """A file of exactly 4 MiB is read, one byte more is refused; a byte that is not UTF-8 is named with its line
+    and offset; an unreadable path says why; malformed YAML and a control character name their line."""
+    from advisor._yaml import MAX_BYTES, InputError, load_yaml, read_text
+
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"a" * MAX_BYTES)
+    assert len(read_text(path, "rule file")) == MAX_BYTES
+    for content, message in [(b"a" * (MAX_BYTES + 1), f"{path}: rule file larger than 4 MiB"),
+                             (b"a: 1\nb: \xff\n", f"{path}:2: rule file is not UTF-8 text (byte 0xff at offset 8)")]:
+        path.write_bytes(content)
+        with pytest.raises(InputError) as info:
+            read_text(path, "rule file")
+        assert str(info.value) == message
+    with pytest.raises(InputError) as info:
+        read_text(tmp_path, "rule file")
+    assert str(info.value) == f"{tmp_path}: cannot read rule file: Is a directory"
+    for text, message in [("a: 1\nb: [1,\n", "r.yaml:3: malformed YAML: expected the node content, but found "
+                                             "'<stream end>'"),
+                          ("a: 1\nb: \x07\n", "r.yaml:2: character 0x7 is not allowed in YAML"),
+                          ("a: 1\n  b: 2\n", "r.yaml:2: malformed YAML: mapping values are not allowed here")]:
+        with pytest.raises(InputError) as info:
+            load_yaml(text, "r.yaml")
+        assert str(info.value) == message
