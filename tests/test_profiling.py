@@ -329,7 +329,7 @@ def test_feature_sparsity_counts_exact_zeros_among_known_values():
 def _h(loss, grad=None, val=None, lr=0.01):
     rows = []
     for i, v in enumerate(loss):
-        row = {"step": i, "train_loss": v, "lr": lr}
+        row = {"step": i, "train_loss": v, "lr": lr[i] if isinstance(lr, list) else lr}
         g = 1.0 if grad is None else grad[i]
         if g is not None:
             row["grad_norm"] = g
@@ -407,6 +407,15 @@ DIAGNOSES = {
             ("plateau", [15, 19], {"start": 1.0, "end": 1.0},
              "over the last 5 records (steps 15-19) the smoothed loss moved from 1 to 1 (< 1% better)")]),
     "three validation records are too few": (_h(_DOWN, val={4: 1.0, 8: 1.2, 12: 1.3}), set(), _QUIET, []),
+    "no finite gradient norm": (_h(_DOWN, grad=[_INF] * 20), {"exploding_gradients"}, {"last_lr": 0.01}, [
+        ("exploding_gradients", list(range(10)), {"median": _NAN, "p90": _NAN},
+         "gradient norm above 10x its median nan (or not finite) at 20 steps, first 0; clip at about the 90th "
+         "percentile nan")]),
+    "the last positive learning rate": (_h(_DOWN, lr=[0.1] * 10 + [0.05] * 8 + [0.01, 0.0]), set(), _QUIET, []),
+    "steady, exactly 20% in all": (_h([5.0, 5.0] + [4.95 - 0.05 * i for i in range(16)] + [4.0, 4.0]), set(),
+                                   _QUIET, []),
+    "slow but up and down (4 of 11 smoothed steps down)": (
+        _h([1.0 - 0.004 * i + (0.03 if (i // 2) % 2 else 0.0) for i in range(20)]), set(), _QUIET, []),
 }
 _ALL_FACTS = ("diverged", "exploding_gradients", "plateau", "noisy_loss", "overfitting", "loss_rising", "lr_too_low")
 
@@ -417,7 +426,7 @@ def test_diagnose_at_each_threshold_names_its_evidence(case):
     d = diagnose(history)
     assert d.facts == {**{f: f in found for f in _ALL_FACTS}, **numbers}, d.explain()
     got = [(f.fact, f.steps, f.numbers, f.message) for f in d.findings]
-    assert got == [(fact, steps, pytest.approx(nums), msg) for fact, steps, nums, msg in findings]
+    assert got == [(fact, steps, pytest.approx(nums, nan_ok=True), msg) for fact, steps, nums, msg in findings]
     assert d.n_records == len(history)
 
 
