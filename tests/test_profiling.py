@@ -218,7 +218,7 @@ def test_monitor_roundtrip_and_advice(tmp_path):
     rec = advise(task="regression", history=again)
     assert rec.diagnosis.facts["diverged"] and rec.optimizer.params["lr"] == pytest.approx(0.001)
     assert "diverged" in rec.explain()
-    with pytest.raises(ValueError, match="no train_loss"):
+    with pytest.raises(ValueError, match="^diagnose: the history has no train_loss values$"):
         diagnose([{"step": 1, "val_loss": 1.0}])
     with pytest.raises(ValueError, match="unknown metric"):
         m.log(1, accuracy=0.5)
@@ -414,6 +414,22 @@ DIAGNOSES = {
     "the last positive learning rate": (_h(_DOWN, lr=[0.1] * 10 + [0.05] * 8 + [0.01, 0.0]), set(), _QUIET, []),
     "steady, exactly 20% in all": (_h([5.0, 5.0] + [4.95 - 0.05 * i for i in range(16)] + [4.0, 4.0]), set(),
                                    _QUIET, []),
+    "low only in the warm-up: not divergence": (_h([0.5, 0.5] + [2.5] * 18), {"plateau"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 2.5, "end": 2.5},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 2.5 to 2.5 (< 1% better)")]),
+    "from zero at mid-run: no rise measured, no divergence": (_h([0.0] * 15 + [1.0] * 5), {"plateau"}, _QUIET, [
+        ("plateau", [15, 19], {"start": 1.0, "end": 1.0},
+         "over the last 5 records (steps 15-19) the smoothed loss moved from 1 to 1 (< 1% better)")]),
+    "up 20% but back down at the last record": (_h([1.0] * 15 + [1.2] * 4 + [0.9]), set(), _QUIET, []),
+    "training ends between its last two values before the validation minimum": (
+        _h(_DOWN[:5] + [1.82] * 15, val={0: 1.1, 4: 1.0, 8: 1.2, 12: 1.3}), {"plateau"}, _QUIET, [
+            ("plateau", [15, 19], {"start": 1.82, "end": 1.82},
+             "over the last 5 records (steps 15-19) the smoothed loss moved from 1.82 to 1.82 (< 1% better)")]),
+    "validation recorded after the last training record": (
+        _h(_DOWN, val={0: 1.1, 4: 1.0, 8: 1.2}) + [{"step": 25, "val_loss": 1.3}], {"overfitting"}, _QUIET, [
+            ("overfitting", [4, 25], {"val_min": 1.0, "val_end": 1.3},
+             "validation loss rose from its minimum 1 (step 4) to 1.3 (step 25) while training loss fell from 1.8 "
+             "to 1.05: stop early or regularize")]),
     "slow but up and down (4 of 11 smoothed steps down)": (
         _h([1.0 - 0.004 * i + (0.03 if (i // 2) % 2 else 0.0) for i in range(20)]), set(), _QUIET, []),
 }
@@ -468,6 +484,7 @@ def test_monitor_log_takes_numbers_and_refuses_what_it_cannot_record():
      ": record 2: TrainingMonitor.log: unknown metric(s) ['accuracy']; known: train_loss, val_loss, grad_norm, lr"),
     ("h.json", '[{"step": 0, "train_loss": 1', ":1: malformed JSON: Expecting ',' delimiter"),
     ("h.csv", "step,train_loss\n0,1\n1,x\n", ": record 2: could not convert string to float: 'x'"),
+    ("h.csv", "step,train_loss\n0," + "1" * 200_000 + "\n", ": malformed CSV: field larger than field limit (131072)"),
     ("h.csv", "step,train_loss\n0,1\n\n2,1\n2.5,1\n", ": record 3: step must be a finite integer (got '2.5')"),
 ])
 def test_monitor_load_names_the_file_and_record(tmp_path, name, text, message):
