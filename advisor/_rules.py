@@ -93,7 +93,7 @@ class Then(BaseModel):
     params: dict[str, dict[str, Value]] = Field(
         default_factory=dict, description="hyperparameter values per candidate; a string '=expr' is computed")
     scale: dict[str, dict[str, Union[float, str]]] = Field(  # noqa: UP007
-        default_factory=dict, description="hyperparameter multipliers per candidate")
+        default_factory=dict, description="multipliers of number hyperparameters per candidate")
     notes: list[str] = Field(default_factory=list, description="advice that is not a choice")
 
 
