@@ -12,7 +12,7 @@ def check_lr(lr: float | torch.Tensor) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def check_selectors(name: str, *, capturable: bool = False, differentiable: bool = False) -> None:
+def check_selectors(name: str, *, differentiable: bool, capturable: bool = False) -> None:
     """torch's implementation selectors: ``foreach`` is ignored by the callers; these two change semantics
     we do not implement, so they are refused rather than silently ignored."""
     if capturable:
