@@ -94,6 +94,11 @@ _SPACES = {
                 dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
 }
 
+
+#: running under `mutmut run`: its trampolines add a frame to every call (warnings' stack levels point elsewhere)
+#: and torch.compile cannot trace them (code they reach runs eager)
+UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
+
 OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, e.cls, e.torch_class(), *_SPACES[e.name])
                    for e in kernels.catalog.optimizers() if e.name in _SPACES}
 OPTIMIZERS = {name: (c.ours, c.torch) for name, c in OPTIMIZER_CASES.items()}

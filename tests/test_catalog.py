@@ -2,11 +2,11 @@
 
 import dataclasses
 import inspect
-import os
 import warnings
 
 import pytest
 import torch
+from strategies import UNDER_MUTMUT
 
 import kernels
 from advisor import advise
@@ -247,7 +247,7 @@ def test_loss_arguments_and_attributes_are_torchs(entry):
                 # torch's deprecation warning, word for word, pointing at the caller's line (this file)
                 assert [(w.category, str(w.message)) for w in ours_said] == \
                     [(w.category, str(w.message)) for w in torch_said], kw
-                if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames to every call
+                if not UNDER_MUTMUT:
                     assert all(w.filename == __file__ for w in ours_said), kw
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64)

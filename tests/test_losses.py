@@ -1,7 +1,6 @@
 """kernels' losses against torch.nn.functional: values and gradients (random upstream gradient), bad input."""
 
 import inspect
-import os
 import warnings
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import LOSS_CASES, examples
+from strategies import LOSS_CASES, UNDER_MUTMUT, examples
 
 import kernels
 
@@ -994,5 +993,5 @@ def test_deprecated_reduction_arguments_warn_at_the_users_line(cls):
     assert w.category is UserWarning
     assert str(w.message) == ("size_average and reduce args will be deprecated, please use reduction='sum' "
                               "instead.")
-    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames to every call
+    if not UNDER_MUTMUT:
         assert (w.filename, w.lineno) == (__file__, line)

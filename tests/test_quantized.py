@@ -5,7 +5,6 @@ the torch-op path alike), checkpoints both ways, memory, and bad input."""
 from __future__ import annotations
 
 import copy
-import os
 import re
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from q8reference import Reference, _f32, _padded, _sqrt32, assert_bits, assert_matches, shapes
-from strategies import examples, make_grads, make_params, with_threshold
+from strategies import UNDER_MUTMUT, examples, make_grads, make_params, with_threshold
 
 import kernels
 from kernels import _native
@@ -23,7 +22,7 @@ NATIVE = _native.library() is not None
 # fused=True (a compile failure raises instead of falling back to eager) for the torch-op paths that use the 8-bit
 # math (``_q8math``); under `mutmut run` that math is mutated, torch.compile cannot trace mutmut's trampolines,
 # and these tests run with the default (the eager fallback) and check the values only
-STRICT = None if "MUTANT_UNDER_TEST" in os.environ else True
+STRICT = None if UNDER_MUTMUT else True
 
 
 PATHS = ["native", "torch-ops"] if NATIVE else ["torch-ops"]
