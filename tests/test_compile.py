@@ -161,8 +161,13 @@ def test_a_configuration_is_compiled_once_then_called_directly(fresh):
     assert torch.equal(p, expected)
     p64, g64 = _exact(6, dtype=torch.float64), _exact(6, dtype=torch.float64)
     assert _compile.run_fused(_axpy, (True,), (p64, g64), scalars, strict=True) == (True, None)
-    assert fresh.tags == ["1_cpu_float32", "0_cpu_float32", "1_cpu_float64"]
-    assert len({id(k) for k in _compile._compiled.values()}) == 3
+    pbf, gbf = _exact(6, dtype=torch.bfloat16), _exact(6, dtype=torch.bfloat16)
+    assert _compile.run_fused(_axpy, (True,), (pbf, gbf), scalars, strict=True) == (True, None)
+    assert torch.equal(p64, _exact(6, dtype=torch.float64) * 3) and torch.equal(pbf, p64.bfloat16())
+    assert fresh.tags == ["1_cpu_float32", "0_cpu_float32", "1_cpu_float64", "1_cpu_bfloat16"]
+    assert len({id(k) for k in _compile._compiled.values()}) == 4
+    for k in _compile._compiled.values():  # each dtype's graph was checked on inputs of its own dtype
+        assert k.direct is not None and k.direct[0].__name__ != "<lambda>", "inductor's entry point not found"
 
 
 def test_tags_name_every_flag_and_no_flags(fresh):
@@ -202,6 +207,7 @@ def test_absent_optional_tensors_are_part_of_the_plan(fresh):
     assert torch.equal(p, _exact(8) + _exact(8).flip(0) * 2)
     kernel = _kernel(_maybe, (), p)
     assert kernel.direct is not None and kernel.direct[4] == (True, True, False)
+    assert kernel.direct[0].__name__ != "<lambda>"  # inductor's entry point, checked with the None in place
     guarded = []
     inner = kernel.guarded
     kernel.guarded = lambda *a: guarded.append(1) or inner(*a)
@@ -511,6 +517,20 @@ def test_inductors_graph_is_found_under_wrappers_closures_and_attributes():
     assert find(a) is None  # a cycle ends
     a.compiled_fn = target
     assert find(b) is target
+    visits = []
+
+    class Counted(_Layer):
+        def __getattribute__(self, name):
+            if name == "__closure__":
+                visits.append(id(self))
+            return object.__getattribute__(self, name)
+
+    hub = [Counted(attr, None) for attr in ("__wrapped__", "compiled_fn", "_inner_compiled_fn", "fn")]
+    for layer in hub:  # every layer points at every layer: a search without memory would take 4**8 paths
+        for attr in ("__wrapped__", "compiled_fn", "_inner_compiled_fn", "fn"):
+            setattr(layer, attr, hub[("__wrapped__", "compiled_fn", "_inner_compiled_fn", "fn").index(attr)])
+    assert find(hub[0]) is None
+    assert sorted(visits) == sorted(map(id, hub))  # each searched once
     holder = type("Holder", (), {"fn": target})  # a class's attributes are not its wrapped function
     assert find(holder) is None
     assert find(_Layer("fn", "not callable")) is None
