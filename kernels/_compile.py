@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from ._private import (
 
 ENV_VAR = "OPTADVISOR_COMPILE"
 _INT32_LIMIT = 1 << 31
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 _compiled: dict[tuple, "_Kernel"] = {}
 _broken: dict[tuple, str] = {}
@@ -205,9 +209,19 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
             raise RuntimeError(f"fused=True but compiling the update failed: {_broken[key]}") from exc
         warnings.warn(f"optadvisor: compiling {fn.__name__} failed ({_broken[key]}); using the eager "
                       f"path for this configuration. Set {ENV_VAR}=0 to silence this.", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=_user_stacklevel())
         return False, None
     return True, result
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller point at the first frame
+    outside this package and torch: the user's ``opt.step()`` or loss call (callers sit at different depths:
+    an optimizer's step, torch's step hooks, a module's ``__call__``)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_compile_failure(exc: BaseException) -> bool:

@@ -337,16 +337,12 @@ def test_under_a_user_mode_the_call_steps_aside(fresh):
     assert torch.equal(p, _exact(5) * 2)
 
 
-def _via_optimizer_step(*args, **kwargs):
-    return _compile.run_fused(*args, **kwargs)
-
-
 def test_a_configuration_that_cannot_compile_falls_back_once_with_a_warning(fresh):
     p = _exact(5)
     scalars = torch.tensor([1.0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _via_optimizer_step(_breaks, (), (p,), scalars, strict=False) == (False, None)
+        assert _compile.run_fused(_breaks, (), (p,), scalars, strict=False) == (False, None)
     assert torch.equal(p, _exact(5))  # nothing was written
     key = ("_breaks", (), p.device, p.dtype)
     assert list(_compile._broken) == [key] and key not in _compile._compiled
@@ -375,6 +371,38 @@ def test_a_configuration_that_cannot_compile_falls_back_once_with_a_warning(fres
     assert type(info.value.__cause__).__name__ == "Unsupported"
     assert list(_compile._broken) == [key, ("_breaks", (), p64.device, torch.float64)]
     assert torch.equal(p64, _exact(5, dtype=torch.float64)) and not _compile._compiled
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_the_fallback_warning_points_at_the_users_step(fresh, monkeypatch, name):
+    """Steps reach the compiled call through torch's step hooks and our buckets, at depths that differ by
+    optimizer: the warning names the user's ``opt.step()`` line, and the step still matches torch."""
+    import kernels
+
+    monkeypatch.setattr(_compile, "_Kernel", _failing_kernel(InductorError("no compiler")))
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, ref = getattr(kernels, name)([p], lr=0.1), getattr(torch.optim, name)([q], lr=0.1, foreach=False)
+    p.grad, q.grad = torch.ones(10), torch.ones(10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours.step()
+    ref.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert [str(w.message) for w in caught] == [
+        f"optadvisor: compiling _{name.lower()}_fused failed (InductorError: no compiler); using the eager path "
+        "for this configuration. Set OPTADVISOR_COMPILE=0 to silence this."]
+    if not UNDER_MUTMUT:  # mutmut's trampolines are frames outside the package: the walk stops there
+        line = _step_line(test_the_fallback_warning_points_at_the_users_step)
+        assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def _step_line(fn):
+    import inspect
+
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, line in enumerate(lines) if line.strip() == "ours.step()")
 
 
 def _failing_kernel(exc):
