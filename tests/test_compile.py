@@ -177,11 +177,15 @@ def test_tags_name_every_flag_and_no_flags(fresh):
     def _mixed(scalars, a, b, c, p):
         p.add_(scalars[0] * c if a and not b else scalars[0])
 
+    def _named(scalars, mode, p):
+        p.add_(scalars[0] if mode == "add" else -scalars[0])
+
     p = _exact(4)
     _compile.run_fused(_noflags, (), (p,), torch.tensor([1.0]), strict=True)
     _compile.run_fused(_mixed, (True, False, 3), (p,), torch.tensor([1.0]), strict=True)
-    assert torch.equal(p, _exact(4) + 4)
-    assert fresh.tags == ["plain_cpu_float32", "1_0_3_cpu_float32"]
+    _compile.run_fused(_named, ("add",), (p,), torch.tensor([1.0]), strict=True)
+    assert torch.equal(p, _exact(4) + 5)
+    assert fresh.tags == ["plain_cpu_float32", "1_0_3_cpu_float32", "add_cpu_float32"]
 
 
 def test_a_graph_that_returns_something_is_never_called_directly(fresh):
@@ -219,6 +223,33 @@ def test_absent_optional_tensors_are_part_of_the_plan(fresh):
     assert torch.equal(p, _exact(5) + (0.5 + _exact(5)) * 2) and guarded == [1]
 
 
+def _square_add(scalars, p, g):
+    p.add_(g * g * scalars[0])
+
+
+def _bf16_case(n):
+    gen = torch.Generator().manual_seed(n)
+    p, g = (torch.randn(n, generator=gen).bfloat16() for _ in range(2))
+    scalars = torch.tensor([1.0, 0.0])  # two: dynamo specializes a length of 1, and such a graph stays guarded
+    expected = p.clone().add_(g * g * scalars[0])  # eager rounds each product to bfloat16, then adds
+    return p, g, scalars, expected
+
+
+@pytest.mark.parametrize("capturing", [True, False])
+def test_bfloat16_gives_eagers_bits_and_one_graph_serves_every_size(fresh, monkeypatch, capturing):
+    """Whether or not the capturing backend is there (a torch without it compiles with plain options):
+    inductor emulates eager's bfloat16 rounding of each op (a fused multiply-add rounded once differs), and
+    the graph has dynamic sizes (a graph per size would exceed dynamo's recompile limit and fail)."""
+    if not capturing:
+        monkeypatch.setattr(_compile, "capturing_backend", lambda kernel, options: None)
+    for n in (1000, 7, 5, 9, 11, 13, 17, 19, 23, 29, 31, 37, 1000):
+        p, g, scalars, expected = _bf16_case(n)
+        assert _compile.run_fused(_square_add, (), (p, g), scalars, strict=True) == (True, None)
+        assert torch.equal(p, expected), n
+    assert len(fresh.tags) == 1
+    assert (_kernel(_square_add, (), p).direct is not None) is capturing
+
+
 def test_without_the_capturing_backend_every_call_is_guarded_and_the_same(fresh, monkeypatch):
     monkeypatch.setattr(_compile, "capturing_backend", lambda kernel, options: None)
     scalars = torch.tensor([2.0, 3.0])
@@ -228,6 +259,24 @@ def test_without_the_capturing_backend_every_call_is_guarded_and_the_same(fresh,
         assert _compile.run_fused(_axpy, (True,), (p, g), scalars, strict=True) == (True, None)
         assert torch.equal(p, expected)
     assert _kernel(_axpy, (True,), p).direct is None
+    with pytest.raises(RuntimeError, match="^fused=True but compiling the update failed: Unsupported: "):
+        _compile.run_fused(_breaks, (), (p,), scalars, strict=True)  # still one whole graph or nothing
+    assert torch.equal(p, _exact(7) + _exact(7).flip(0) * 2)
+
+
+def test_without_inductors_entry_point_the_wrapped_graph_is_called_directly(fresh, monkeypatch):
+    monkeypatch.setattr(_compile, "innermost", lambda *args: None)
+    scalars = torch.tensor([2.0, 3.0])
+    kernel = None
+    for n in (7, 5, 300):
+        p, g = _exact(n), _exact(n).flip(0)
+        expected = p + g * 2
+        assert _compile.run_fused(_axpy, (True,), (p, g), scalars, strict=True) == (True, None)
+        assert torch.equal(p, expected), n
+        if kernel is None:
+            kernel = _kernel(_axpy, (True,), p)
+            assert kernel.direct is not None and kernel.direct[0].__name__ == "<lambda>"
+            kernel.guarded = None  # from here on only the direct call can do the update
 
 
 def test_a_graph_whose_plan_cannot_be_read_stays_guarded(fresh, monkeypatch):
@@ -655,7 +704,7 @@ def _size_guard(scalars, p):
 
 
 def _scalars_guard(scalars, p):
-    if scalars.shape[0] > 1:
+    if scalars.shape[0] > 2:  # a guard on the scalars' length (> 1 would be assumed: sizes are >= 2)
         p.add_(scalars[1])
 
 
