@@ -352,6 +352,30 @@ def test_dtensor_local_value_refuses_a_plain_tensor_that_is_not_the_local_shard(
     assert not isinstance(out, DTensor) and torch.equal(out, torch.arange(12.).view(3, 4))
 
 
+def test_dtensor_state_from_another_sharding_is_redistributed_to_the_parameters(mesh, monkeypatch):
+    """On one rank every placement holds the whole tensor, so the values cannot tell whether a checkpoint's
+    DTensor was redistributed: the calls are watched instead (on several ranks a skipped redistribution
+    loads another rank's shard; tests/test_fsdp.py runs that)."""
+    from kernels._dtensor import local_value
+    calls = []
+    redistribute = DTensor.redistribute
+    monkeypatch.setattr(DTensor, "redistribute", lambda self, mesh_, placements, **kw: calls.append(
+        (mesh_, tuple(placements))) or redistribute(self, mesh_, placements, **kw))
+    p = distribute_tensor(torch.zeros(3, 4), mesh, [Shard(1)])
+    same = distribute_tensor(torch.arange(12.).view(3, 4), mesh, [Shard(1)])
+    assert torch.equal(local_value(same, p), torch.arange(12.).view(3, 4)) and calls == []
+    other = distribute_tensor(torch.arange(12.).view(3, 4), mesh, [Shard(0)])
+    assert torch.equal(local_value(other, p), torch.arange(12.).view(3, 4))
+    assert calls == [(p.device_mesh, (Shard(1),))]
+    del calls[:]
+    from torch.distributed.device_mesh import init_device_mesh
+    another_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("x",))
+    elsewhere = distribute_tensor(torch.arange(12.).view(3, 4), another_mesh, [Shard(1)])
+    assert elsewhere.device_mesh != p.device_mesh
+    local_value(elsewhere, p)
+    assert calls == [(p.device_mesh, (Shard(1),))]
+
+
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
 def test_dtensor_parameter_whose_shard_moved_is_updated_where_it_now_lies(mesh, name):
     """A parameter's local shard replaced (``p.data = ...``, as a resharding does): the next step updates the
