@@ -24,7 +24,8 @@ _names = itertools.count()
 @pytest.fixture
 def fresh(monkeypatch, request):
     """Empty kernel caches, and every code object compiled in this test named after it. Yields the tags
-    ``_fresh_copy`` was given (one per configuration compiled) and the options each ``_Kernel`` was built with."""
+    ``_fresh_copy`` was given (one per configuration compiled) and the options each ``_Kernel`` was built
+    with."""
     monkeypatch.setattr(_compile, "_compiled", {})
     monkeypatch.setattr(_compile, "_broken", {})
     monkeypatch.setenv(_compile.ENV_VAR, "1")
@@ -230,7 +231,7 @@ def _square_add(scalars, p, g):
 def _bf16_case(n):
     gen = torch.Generator().manual_seed(n)
     p, g = (torch.randn(n, generator=gen).bfloat16() for _ in range(2))
-    scalars = torch.tensor([1.0, 0.0])  # two: dynamo specializes a length of 1, and such a graph stays guarded
+    scalars = torch.tensor([1.0, 0.0])  # two: dynamo specializes a length of 1 (such a graph stays guarded)
     expected = p.clone().add_(g * g * scalars[0])  # eager rounds each product to bfloat16, then adds
     return p, g, scalars, expected
 
@@ -439,9 +440,9 @@ def test_the_fallback_warning_points_at_the_users_step(fresh, monkeypatch, name)
         ours.step()
     ref.step()
     torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert [str(w.message) for w in caught] == [
-        f"optadvisor: compiling _{name.lower()}_fused failed (InductorError: no compiler); using the eager path "
-        "for this configuration. Set OPTADVISOR_COMPILE=0 to silence this."]
+    assert [str(w.message) for w in caught] == [(
+        f"optadvisor: compiling _{name.lower()}_fused failed (InductorError: no compiler); using the eager "
+        "path for this configuration. Set OPTADVISOR_COMPILE=0 to silence this.")]
     if not UNDER_MUTMUT:  # mutmut's trampolines are frames outside the package: the walk stops there
         line = _step_line(test_the_fallback_warning_points_at_the_users_step)
         assert (caught[0].filename, caught[0].lineno) == (__file__, line)
@@ -481,7 +482,8 @@ def test_the_reason_is_the_failures_type_and_first_line(fresh, monkeypatch, exc,
     monkeypatch.setattr(_compile, "_Kernel", _failing_kernel(exc))
     p = _exact(3)
     with pytest.warns(RuntimeWarning):
-        assert _compile.run_fused(_axpy, (True,), (p, p), torch.tensor([1.0, 1.0]), strict=False) == (False, None)
+        done = _compile.run_fused(_axpy, (True,), (p, p), torch.tensor([1.0, 1.0]), strict=False)
+        assert done == (False, None)
     assert list(_compile._broken.values()) == [reason]
 
 
@@ -510,9 +512,9 @@ def test_compile_failures_by_name(name):
     assert _compile._is_compile_failure(outer)
 
 
-@pytest.mark.parametrize("module, failure", [("torch._dynamo", True), ("torch._dynamo.exc", True),
-                                             ("torch._inductor.codecache", True), ("torch._subclasses", False),
-                                             ("torch", False), ("builtins", False), ("mytorch._dynamo", False)])
+@pytest.mark.parametrize("module, failure", [
+    ("torch._dynamo", True), ("torch._dynamo.exc", True), ("torch._inductor.codecache", True),
+    ("torch._subclasses", False), ("torch", False), ("builtins", False), ("mytorch._dynamo", False)])
 def test_compile_failures_by_module(module, failure):
     assert _compile._is_compile_failure(_error("SomethingElse", module)) is failure
     outer = RuntimeError("outer")
