@@ -38,7 +38,7 @@ def test_main_keeps_the_full_coverage_and_restores_it(tmp_path, monkeypatch, cap
     assert ms.main(["kernels._layout", "--budget", "1"]) == 0
     restricted = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
     assert len(restricted["tests_by_mangled_function_name"]["kernels._layout.x_real"]) == 4
-    assert ms.main(["kernels._state", "--budget", "1"]) == 0  # restricts from the full coverage, keeps the rest
+    assert ms.main(["kernels._state", "--budget", "1"]) == 0  # from the full coverage; keeps the rest
     restricted = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
     assert len(restricted["tests_by_mangled_function_name"]["kernels._layout.x_real"]) == 4
     assert restricted["tests_by_mangled_function_name"]["kernels._state.x_g"] == []
