@@ -209,12 +209,12 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
             raise RuntimeError(f"fused=True but compiling the update failed: {_broken[key]}") from exc
         warnings.warn(f"optadvisor: compiling {fn.__name__} failed ({_broken[key]}); using the eager "
                       f"path for this configuration. Set {ENV_VAR}=0 to silence this.", RuntimeWarning,
-                      stacklevel=_user_stacklevel())
+                      stacklevel=user_stacklevel())
         return False, None
     return True, result
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by this function's caller point at the first frame
     outside this package and torch: the user's ``opt.step()`` or loss call (callers sit at different depths:
     an optimizer's step, torch's step hooks, a module's ``__call__``)."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._compile import compile_enabled_by_env, run_fused, transforms_active
+from ._compile import compile_enabled_by_env, run_fused, transforms_active, user_stacklevel
 from ._layout import device_scalars
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -209,6 +209,6 @@ def _legacy_reduction(name: str, size_average, reduce, reduction: str) -> str:
         reduction = ("mean" if size_average else "sum") if reduce else "none"
         # torch's words, pointing at the line that built the module
         warnings.warn(f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
-                      "instead.", UserWarning, stacklevel=3)
+                      "instead.", UserWarning, stacklevel=user_stacklevel())
     _check_reduction(name, reduction)
     return reduction
