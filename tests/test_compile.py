@@ -483,7 +483,7 @@ def test_the_reason_is_the_failures_type_and_first_line(fresh, monkeypatch, exc,
     p = _exact(3)
     with pytest.warns(RuntimeWarning):
         done = _compile.run_fused(_axpy, (True,), (p, p), torch.tensor([1.0, 1.0]), strict=False)
-        assert done == (False, None)
+    assert done == (False, None)
     assert list(_compile._broken.values()) == [reason]
 
 
