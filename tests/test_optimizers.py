@@ -781,3 +781,33 @@ def test_every_catalog_optimizer_many_instances_in_one_process():
             ref.step()
     for dtype, ours, ref, ours_p, ref_p in pairs:
         assert_same(ref, ours, ref_p, ours_p, dtype)
+
+
+@pytest.mark.parametrize("fused, calls", [(True, 3), (None, 3), (False, 0)])
+def test_every_run_of_a_step_is_compiled_unless_fused_is_false(monkeypatch, fused, calls):
+    """A step is one call for the small parameters' run and one per gradient read where it lies; each is
+    compiled (fused=True promises it; None compiles by default): a run that silently went eager would give
+    torch's numbers too, so the calls are counted."""
+    from kernels import _optimizer
+
+    monkeypatch.setenv("OPTADVISOR_COMPILE", "1")
+    seen = []
+    real_run_fused = _optimizer.run_fused
+    monkeypatch.setattr(_optimizer, "run_fused", lambda fn, flags, tensors, hp, **kw: seen.append(
+        (hp is not None, tensors[0].numel())) or real_run_fused(fn, flags, tensors, hp, **kw))
+    torch.manual_seed(0)
+    sizes = [3, 10, 2, 20, 4]  # 10 and 20 reach the threshold below: their gradients are read in place
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = with_threshold(kernels.Adam, 8)(params, lr=0.05, fused=fused)
+    ref = torch.optim.Adam(twins, lr=0.05, foreach=False)
+    for _ in range(3):
+        del seen[:]
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+        assert sorted(seen) == ([(True, 9), (True, 10), (True, 20)] if calls else [])
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1.3e-6, atol=1e-5)
