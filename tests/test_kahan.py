@@ -189,3 +189,27 @@ def test_the_compiled_update_runs_unless_fused_is_false(name, kwargs, monkeypatc
             p.grad = torch.randn(300).to(torch.bfloat16)
             opt.step()
         assert calls == [getattr(kernels, name)._kahan_update.__name__] * want, (fused, calls)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_read_in_place_take_the_kahan_update_too(fused):
+    """Large gradients are read where they lie, a call of their own per parameter: that call must take the
+    compensated update as the runs over the buffers do (same bits as with every gradient copied)."""
+    from strategies import with_threshold
+
+    torch.manual_seed(0)
+    init = [torch.randn(n).bfloat16() for n in (3, 10, 2, 20)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    direct = with_threshold(kernels.Adam, 8)(a, lr=1e-3, kahan_sum=True, fused=fused)
+    copied = kernels.Adam(b, lr=1e-3, kahan_sum=True, fused=fused)
+    for _ in range(5):
+        grads = [torch.randn(t.shape).bfloat16() for t in init]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        direct.step()
+        copied.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        assert torch.equal(direct.state[p]["kahan_comp"], copied.state[q]["kahan_comp"])
+    assert any(direct.state[p]["kahan_comp"].abs().sum() > 0 for p in a)
