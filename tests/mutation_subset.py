@@ -9,6 +9,7 @@ kills; only its survivors need the full selection. Usage (from the repository ro
     python tests/mutation_subset.py kernels._layout kernels._state   # restrict these modules' functions
     mutmut run "kernels._layout*" "kernels._state*"
     python tests/mutation_subset.py --restore                        # every covering test again
+    python tests/mutation_subset.py kernels._state --files tests/test_optimizer_checkpoints.py --budget 30
     mutmut run NAME ...                                              # the survivors, with the full selection
 
 The full coverage is kept beside it (``mutants/mutmut-stats.full.json``) until ``--restore``.
@@ -27,10 +28,12 @@ STATS = Path("mutants/mutmut-stats.json")
 FULL = Path("mutants/mutmut-stats.full.json")
 
 
-def restrict(stats: dict, prefixes: list[str], per_file: int, budget: float) -> dict[str, tuple[int, int]]:
+def restrict(stats: dict, prefixes: list[str], per_file: int, budget: float,
+             files: list[str] | None = None) -> dict[str, tuple[int, int]]:
     """Keep, for each function under ``prefixes``, the fastest covering tests of each test file in turn
     (round robin, at most ``per_file`` from one file) while their recorded time stays within ``budget``
-    seconds. Returns {function: (tests before, tests kept)}."""
+    seconds; with ``files``, only tests of those files (paths as in the test ids). Returns
+    {function: (tests before, tests kept)}."""
     durations = stats["duration_by_test"]
     changed = {}
     for function, tests in stats["tests_by_mangled_function_name"].items():
@@ -38,6 +41,8 @@ def restrict(stats: dict, prefixes: list[str], per_file: int, budget: float) -> 
             continue
         by_file = collections.defaultdict(list)
         for test in sorted(tests, key=lambda t: (durations.get(t, 0.0), t)):
+            if files is not None and test.split("::")[0] not in files:
+                continue
             by_file[test.split("::")[0]].append(test)
         keep, total = [], 0.0
         for rank in range(per_file):
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="module prefixes, e.g. kernels._layout")
     parser.add_argument("--per-file", type=int, default=12, help="at most this many tests from one file")
     parser.add_argument("--budget", type=float, default=4.0, help="recorded seconds of tests per function")
+    parser.add_argument("--files", nargs="+", metavar="FILE",
+                        help="only tests of these files (e.g. tests/test_optimizer_checkpoints.py): the ones "
+                             "that exercise a function on purpose, where the fastest tests only pass by")
     parser.add_argument("--restore", action="store_true", help="put the full coverage back")
     args = parser.parse_args(argv)
     if args.restore:
@@ -73,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(STATS, FULL)
     stats = json.loads(FULL.read_text())
     current = json.loads(STATS.read_text())
-    changed = restrict(stats, args.modules, args.per_file, args.budget)
+    if args.files:
+        known = {t.split("::")[0] for t in stats["duration_by_test"]}
+        unknown = [f for f in args.files if f not in known]
+        if unknown:
+            parser.error(f"--files: no recorded test in {', '.join(unknown)} (paths as in the test ids, "
+                         "e.g. tests/test_state.py)")
+    changed = restrict(stats, args.modules, args.per_file, args.budget, args.files)
     if not changed:
         print(f"no function of {', '.join(args.modules)} in {STATS}", file=sys.stderr)
         return 1

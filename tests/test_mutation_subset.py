@@ -45,3 +45,23 @@ def test_main_keeps_the_full_coverage_and_restores_it(tmp_path, monkeypatch, cap
     assert ms.main(["--restore"]) == 0
     assert json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text()) == _stats()
     assert ms.main(["--restore"]) == 1
+
+
+def test_files_keeps_only_the_tests_of_the_named_files(tmp_path, monkeypatch, capsys):
+    stats = _stats()
+    ms.restrict(stats, ["kernels._layout"], per_file=12, budget=100.0, files=["b.py", "c.py"])
+    assert stats["tests_by_mangled_function_name"]["kernels._layout.x_real"] == ["b.py::t2", "c.py::t1",
+                                                                                 "b.py::t1"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mutants").mkdir()
+    (tmp_path / "mutants" / "mutmut-stats.json").write_text(json.dumps(_stats()))
+    try:
+        ms.main(["kernels._layout", "--files", "b.py", "tests/nothing.py"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("an unknown file was accepted")
+    assert "--files: no recorded test in tests/nothing.py" in capsys.readouterr().err
+    assert ms.main(["kernels._layout", "--files", "c.py", "--budget", "100"]) == 0
+    restricted = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
+    assert restricted["tests_by_mangled_function_name"]["kernels._layout.x_real"] == ["c.py::t1"]
