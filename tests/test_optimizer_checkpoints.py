@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from strategies import OPTIMIZER_CASES, OPTIMIZERS, assert_same, make_params
+from strategies import OPTIMIZER_CASES, OPTIMIZERS, assert_same, make_params, with_threshold
 
 import kernels
 
@@ -112,6 +112,25 @@ def test_state_is_listed_in_torchs_order_whatever_the_buckets(name):
         ref.step()
         assert list(ours.state_dict()["state"]) == list(ref.state_dict()["state"]), step
     assert_same(ref, ours, b, a, torch.float32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("numels", [(20, 3), (20, 30, 3)])
+def test_state_made_in_a_buckets_order_that_differs_everywhere_is_put_in_torchs(name, numels):
+    """One bucket lists its small parameters first: with a large one before a small one, the state is made
+    in an order that differs from torch's at every position (two entries swapped, three rotated)."""
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    out = []
+    for cls, extra in ((with_threshold(ours_cls, 16), {}), (torch_cls, {"foreach": False})):
+        params = [torch.nn.Parameter(torch.full((n,), 0.5)) for n in numels]
+        opt = cls(params, **extra, **CONFIGS[name])
+        for p in params:
+            p.grad = torch.ones(p.shape)
+        opt.step()
+        assert [p for p in opt.state] == params
+        out.append(opt.state_dict())
+    assert list(out[0]["state"]) == list(out[1]["state"]) == list(range(len(numels)))
+    assert [list(e) for e in out[0]["state"].values()] == [list(e) for e in out[1]["state"].values()]
 
 
 @pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit"])
