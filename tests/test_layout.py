@@ -30,7 +30,8 @@ def default_dtype():
 # ---- step counts ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("default, expected", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                               (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+                                               (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float32)])
 def test_step_counts_are_float32_unless_the_default_dtype_is_float64_as_torch_keeps_them(
         default_dtype, default, expected):
     default_dtype(default)
@@ -78,7 +79,7 @@ def test_a_partial_state_loaded_at_step_one_leaves_the_stateless_parameter_at_it
     torch.testing.assert_close(ob, rb, rtol=1.3e-6, atol=1e-5)
 
 
-# ---- the update's scalars ------------------------------------------------------------------------------------
+# ---- the update's scalars --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64,
                                    torch.complex128])
@@ -140,7 +141,7 @@ def test_device_scalars_without_pinned_memory_copy_plainly(monkeypatch):
     assert _layout.device_scalars((0.2, 3.0), torch.device("cpu"), torch.float64).tolist() == [0.2, 3.0]
 
 
-# ---- buffers -------------------------------------------------------------------------------------------------
+# ---- buffers ---------------------------------------------------------------------------------------------
 
 # (numels in the group's order, direct_min, align) -> (order in the buffers, offsets, total)
 LAYOUTS = [
@@ -200,7 +201,8 @@ def test_state_buffers_start_at_their_initial_values(dtype):
     kept = bucket.flat_state["one"]
     bucket.ensure_state({"one": 5.0})  # made once: never refilled
     assert bucket.flat_state["one"] is kept and kept.real.max() == 1.0
-    assert bucket.state_view("one", 1.0, 1).shape == (6,) and bucket.state_view("scales", init["scales"], 1).shape == (2,)
+    assert bucket.state_view("one", 1.0, 1).shape == (6,)
+    assert bucket.state_view("scales", init["scales"], 1).shape == (2,)
 
 
 @pytest.mark.parametrize("initial", [0.0, 1.0, 0.5])
@@ -220,3 +222,16 @@ def test_a_runs_slices_are_made_once():
     assert bucket.slices(init, 0, 2) is run
     assert bucket.slices(init, 0, 1) is not run and bucket.slices(init, 0, 1, grad=False)["grad"] is None
     assert run["param"].numel() == run["grad"].numel() == run["exp_avg"].numel() == 7
+
+
+def test_a_buckets_buffers_are_made_on_its_parameters_device():
+    """Every buffer on the parameters' device (the meta device stands in for an accelerator here: the
+    CPU is also the default, where a buffer made without a device would land unnoticed)."""
+    params = [torch.nn.Parameter(torch.empty(n, device="meta")) for n in (3, 5)]
+    bucket = Bucket(0, params, [0, 1], align=4)
+    bucket.ensure_state({"exp_avg": 0.0, "sum": 1.0, "codes": Blockwise(0.0, torch.uint8)})
+    bucket.ensure_grad_buffer()
+    assert bucket.device.type == "meta" and all(p.device.type == "meta" for p in params)
+    for buf in (bucket.flat_param, bucket.flat_grad, *bucket.flat_state.values()):
+        assert buf.device.type == "meta"
+    assert buf.numel() == 12
