@@ -3,6 +3,7 @@ as, the update's scalars, the step counts' dtype. The optimizer tests run all of
 each decision down where a wrong one would hide there (a parameter of exactly the threshold's size, memory
 the code forgot to fill that happened to be zero, a scalar written with the wrong width)."""
 
+import copy
 import threading
 
 import pytest
@@ -52,31 +53,39 @@ def test_a_fresh_bucket_has_taken_no_step():
     assert bucket.flat_grad is None and bucket.flat_state == {} and bucket.run_cache == {}
 
 
-def test_a_partial_state_loaded_at_step_one_leaves_the_stateless_parameter_at_its_first_step():
-    """torch saves state only for parameters that have stepped: after one step where ``b`` had no gradient,
-    ``a`` is at step 1 and ``b`` at step 0. Loaded, the next step is ``a``'s second and ``b``'s first (a
-    bucket that took its stateless parameters for step 1 would bias-correct ``b`` as a second step)."""
+@pytest.mark.parametrize("stateless", [0, 1])
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_a_partial_state_loaded_at_step_one_leaves_the_stateless_parameter_at_its_first_step(name, stateless):
+    """torch saves state only for parameters that have stepped: after one step where one parameter had no
+    gradient, the other is at step 1 and it at step 0. Loaded, the next step is the first one's second and
+    its first (a bucket that took its stateless parameters for step 1 would bias-correct Adam's as a second
+    step; one that stopped adopting at the first stateless parameter would start the next one afresh)."""
     torch.manual_seed(0)
-    a0, b0 = torch.randn(5), torch.randn(4)
-    ga, gb = torch.randn(5), torch.randn(4)
-    saved_from = [torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())]
-    first = torch.optim.Adam(saved_from, lr=0.1, foreach=False)
-    saved_from[0].grad = ga.clone()
+    init = [torch.randn(5), torch.randn(4)]
+    grads = [torch.randn(5), torch.randn(4)]
+    kw = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+    saved_from = [torch.nn.Parameter(x.clone()) for x in init]
+    first = getattr(torch.optim, name)(saved_from, foreach=False, **kw)
+    saved_from[1 - stateless].grad = grads[1 - stateless].clone()
     first.step()
     saved = first.state_dict()
-    assert list(saved["state"]) == [0]
+    assert list(saved["state"]) == [1 - stateless]
     out = []
-    for cls, kw in ((torch.optim.Adam, {"foreach": False}), (kernels.Adam, {})):
-        params = [torch.nn.Parameter(saved_from[0].detach().clone()), torch.nn.Parameter(b0.clone())]
-        opt = cls(params, lr=0.1, **kw)
-        opt.load_state_dict(saved)
-        params[0].grad, params[1].grad = ga.clone(), gb.clone()
+    for cls, extra in ((getattr(torch.optim, name), {"foreach": False}), (getattr(kernels, name), {})):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in saved_from]
+        opt = cls(params, **extra, **kw)
+        opt.load_state_dict(copy.deepcopy(saved))  # torch's loads the CPU tensors themselves, steps them
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
         opt.step()
-        out.append([p.detach().clone() for p in params] + [float(opt.state[params[1]]["step"])])
-    (ra, rb, rstep), (oa, ob, ostep) = out
-    assert rstep == ostep == 1.0
-    torch.testing.assert_close(oa, ra, rtol=1.3e-6, atol=1e-5)
-    torch.testing.assert_close(ob, rb, rtol=1.3e-6, atol=1e-5)
+        out.append((params, opt.state_dict()["state"]))
+    (ref, ref_state), (ours, our_state) = out
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o.detach(), r.detach(), rtol=1.3e-6, atol=1e-5)
+    assert list(our_state) == list(ref_state) and sorted(ref_state) == [0, 1]  # the loaded one first
+    for i in (0, 1):
+        for key, value in ref_state[i].items():
+            torch.testing.assert_close(our_state[i][key], value, rtol=1.3e-6, atol=1e-5)
 
 
 # ---- the update's scalars --------------------------------------------------------------------------------
