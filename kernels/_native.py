@@ -31,6 +31,10 @@ ENV_VAR = "OPTADVISOR_NATIVE"
 SERIAL_BELOW = 1 << 16  # elements: below this a kernel runs on one thread (waking a team costs more)
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+# seconds: a compiler that does not return (a license server, a wedged mount) is killed after this long (for
+# the build with OpenMP, then again without), once per process; the torch-op path then runs, never a hang
+BUILD_TIMEOUT_S = 120
+VERSION_TIMEOUT_S = 30
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -63,7 +67,7 @@ def _build(compiler: str, out: Path, openmp: bool) -> bool:
     os.close(fd)
     try:
         done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                              timeout=120, check=False)
+                              timeout=BUILD_TIMEOUT_S, check=False)
         if done.returncode != 0:
             return False
         os.replace(tmp, out)  # atomic: a process building beside us never loads a half-written file
@@ -87,8 +91,8 @@ def library() -> ctypes.CDLL | None:
             return _loaded[compiler]
         lib = None
         try:
-            version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30,
-                                     check=False).stdout
+            version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                     timeout=VERSION_TIMEOUT_S, check=False).stdout
             source = _SOURCE.read_bytes()
             for openmp in (True, False):
                 key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(openmp).encode(),

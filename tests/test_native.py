@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,40 @@ def test_compiler_is_cc_then_gcc_and_keys_by_its_version(tries, monkeypatch, tmp
     assert by_one[0] == [one, one] and set(by_one[1]).isdisjoint(by_two[1])
     _fake_compiler(tmp_path / "one", "one 1.1")  # the same path, upgraded
     assert set(compilers()[1]).isdisjoint(by_one[1])
+
+
+def _slow_compiler(path: Path, on_version: bool) -> str:
+    """A stand-in compiler that answers after 20 s (``--version``, or a build that then succeeds): a
+    Python process of its own, so that a timeout kills it and nothing is left holding the pipes."""
+    path.write_text(f"#!{sys.executable}\nimport sys, time\nargs = sys.argv[1:]\n"
+                    f"if {on_version!r} or args != ['--version']:\n    time.sleep(20)\n"
+                    "if args == ['--version']:\n    print('slow 1.0')\n"
+                    "else:\n    open(args[args.index('-o') + 1], 'w').write('built')\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_hung_build_is_given_up(monkeypatch, tmp_path):
+    """A compiler that does not return (a license server, a wedged mount) is killed after BUILD_TIMEOUT_S
+    and the build fails (the torch-op path runs): a first step never hangs on it. The stand-in would
+    succeed after 20 s; the limit is set to 1 s."""
+    fake = _slow_compiler(tmp_path / "slow-cc", on_version=False)
+    monkeypatch.setattr(_native, "BUILD_TIMEOUT_S", 1)
+    out = tmp_path / "cache" / "k.so"
+    assert _native._build(fake, out, openmp=False) is False
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_hung_version_query_gives_no_library(tries, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", _slow_compiler(tmp_path / "slow-cc", on_version=True))
+    monkeypatch.setattr(_native, "VERSION_TIMEOUT_S", 1)
+    assert tries() == []  # given up before any build
+
+
+def test_a_compiler_whose_version_query_fails_still_builds(tries, monkeypatch, tmp_path):
+    """``--version`` only feeds the cache key: a compiler that refuses it is still tried (key: no version)."""
+    fake = tmp_path / "odd-cc"
+    fake.write_text("#!/bin/sh\necho 'unknown option' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert [(c, openmp) for c, _, openmp in tries()] == [(str(fake), True), (str(fake), False)]
