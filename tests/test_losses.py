@@ -917,13 +917,14 @@ def test_cross_entropy_with_masked_logits_is_torchs(reduction, smoothing, weight
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape,probs", [((3, 0), True), ((3, 0), False), ((0, 0), True), ((2, 0, 3), True)])
-def test_cross_entropy_with_no_classes_is_torchs(shape, probs, reduction):
+def test_cross_entropy_with_no_classes_is_torchs(shape, probs, reduction, dtype):
     """An input with zero classes (probability targets, or only ignored class indices): torch's zeros per
-    sample and its 0/0 mean, with an empty gradient; it once failed inside amax."""
-    x = torch.randn(shape)
-    t = torch.rand(shape) if probs else torch.full(shape[:1] + shape[2:], -100)
+    sample and its 0/0 mean, with an empty gradient, in the input's dtype; it once failed inside amax."""
+    x = torch.randn(shape, dtype=dtype)
+    t = torch.rand(shape, dtype=dtype) if probs else torch.full(shape[:1] + shape[2:], -100)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     got, ref = kernels.cross_entropy(a, t, reduction=reduction), F.cross_entropy(b, t, reduction=reduction)
     assert got.dtype == ref.dtype and got.shape == ref.shape
