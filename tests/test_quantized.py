@@ -389,6 +389,41 @@ def test_bad_arguments(kwargs, message):
         kernels.Adam8bit([torch.nn.Parameter(torch.zeros(10))], **kwargs)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_the_largest_block_size_equals_the_reference(path, monkeypatch):
+    """block_size=4096 is allowed (the C kernel keeps a block in two stack arrays of that many floats):
+    a parameter of one full block and a part of another, the same bits as the reference."""
+    params = make_params([((5000,), False, False), ((4096,), False, False)], torch.float32, 1)
+    grads = make_grads(params, 3, 1, none_prob=0.0, scale=0.1)
+    opt = kernels.Adam8bit(params, lr=1e-2, block_size=4096, min_8bit_size=0, fused=_configure(path, monkeypatch))
+    ref = Reference(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
+                    decoupled=False, block_size=4096)
+    for row in grads:
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+        ref.step(row)
+    assert_matches(opt, params, ref)
+    assert opt.state[params[0]]["exp_avg_absmax"].numel() == 2
+
+
+@pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit"])
+def test_min_8bit_size_is_the_smallest_quantized_parameter(name):
+    """A parameter of exactly ``min_8bit_size`` elements keeps 8-bit state; one element fewer, float32."""
+    kw = {"momentum": 0.9} if name in ("SGD8bit", "RMSprop8bit") else {}
+    at, below = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(99))
+    opt = getattr(kernels, name)([at, below], lr=1e-3, min_8bit_size=100, block_size=32, **kw)
+    for p in (at, below):
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    key = {"SGD8bit": "momentum_buffer", "RMSprop8bit": "square_avg"}.get(name, "exp_avg")
+    assert opt.state[at][key].dtype in (torch.int8, torch.uint8) and key + "_absmax" in opt.state[at]
+    assert opt.state[below][key].dtype == torch.float32 and key + "_absmax" not in opt.state[below]
+    for block in (1, 4096):  # the bounds themselves are allowed
+        assert getattr(kernels, name)([torch.nn.Parameter(torch.zeros(3))], block_size=block, min_8bit_size=0,
+                                      **kw).defaults["block_size"] == block
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
 def test_float64_and_complex_parameters_are_refused(dtype):
     ok = torch.nn.Parameter(torch.zeros(10))
