@@ -395,7 +395,8 @@ def test_the_largest_block_size_equals_the_reference(path, monkeypatch):
     a parameter of one full block and a part of another, the same bits as the reference."""
     params = make_params([((5000,), False, False), ((4096,), False, False)], torch.float32, 1)
     grads = make_grads(params, 3, 1, none_prob=0.0, scale=0.1)
-    opt = kernels.Adam8bit(params, lr=1e-2, block_size=4096, min_8bit_size=0, fused=_configure(path, monkeypatch))
+    opt = kernels.Adam8bit(params, lr=1e-2, block_size=4096, min_8bit_size=0,
+                           fused=_configure(path, monkeypatch))
     ref = Reference(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
                     decoupled=False, block_size=4096)
     for row in grads:
