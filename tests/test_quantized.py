@@ -408,6 +408,21 @@ def test_the_largest_block_size_equals_the_reference(path, monkeypatch):
     assert opt.state[params[0]]["exp_avg_absmax"].numel() == 2
 
 
+@pytest.mark.parametrize("fused, strict", [(True, True), (None, False)])
+def test_the_compiled_8bit_update_is_strict_only_when_fused_is_true(monkeypatch, fused, strict):
+    """fused=True: a compile failure raises (it is asked for); the default falls back to eager ops. Under
+    mutmut the tests run with the default (its trampolines do not compile), so this is checked by call."""
+    from kernels import _quantized
+    calls = []
+    monkeypatch.setattr(_quantized, "run_fused",
+                        lambda fn, flags, tensors, hp, strict: calls.append((hp.tolist(), strict)) or (False, None))
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.float16))  # float16: the torch ops, compiled
+    opt = kernels.Adam8bit([p], lr=1e-2, min_8bit_size=0, block_size=32, fused=fused)
+    p.grad = torch.randn(64, dtype=torch.float16)
+    opt.step()
+    assert [c[1] for c in calls] == [strict] and len(calls[0][0]) == 9  # and the step's 9 scalars
+
+
 @pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit"])
 def test_min_8bit_size_is_the_smallest_quantized_parameter(name):
     """A parameter of exactly ``min_8bit_size`` elements keeps 8-bit state; one element fewer, float32."""
