@@ -187,6 +187,15 @@ class RMSpropReference(_PerParameter):
 KEYS = {"cb": ("momentum_buffer",), "cv": ("square_avg", "exp_avg_sq"), "cm": ("exp_avg",)}
 
 
+def step_both(opt, ref, params, grads):
+    """Each row of ``grads`` as the parameters' gradients, then a step of ``opt`` and of the reference."""
+    for row in grads:
+        for p, g in zip(params, row):
+            p.grad = g
+        opt.step()
+        ref.step(row)
+
+
 def assert_bits(a, b, what):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 

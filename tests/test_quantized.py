@@ -11,7 +11,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from q8reference import Reference, _f32, _padded, _sqrt32, assert_bits, assert_matches, shapes
+from q8reference import (
+    Reference,
+    _f32,
+    _padded,
+    _sqrt32,
+    assert_bits,
+    assert_matches,
+    shapes,
+    step_both,
+)
 from strategies import UNDER_MUTMUT, examples, make_grads, make_params, with_threshold
 
 import kernels
@@ -115,11 +124,7 @@ def test_updates_equal_the_reference(path, dtype, monkeypatch, specs, seed, bloc
               fused=_configure(path, monkeypatch))
     ref = Reference(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, maximize=maximize,
                     decoupled=decoupled, block_size=block)
-    for row in grads:
-        for p, g in zip(params, row):
-            p.grad = g
-        opt.step()
-        ref.step(row)
+    step_both(opt, ref, params, grads)
     assert_matches(opt, params, ref)
 
 
@@ -129,11 +134,7 @@ def test_float16_parameters_follow_the_reference_closely():
     params = make_params([((300,), False, False), ((17, 5), False, False)], torch.float16, 3)
     opt = kernels.AdamW8bit(params, lr=1e-2, min_8bit_size=0, block_size=64, fused=STRICT)
     ref = Reference(params, lr=1e-2, weight_decay=1e-2, decoupled=True, block_size=64)
-    for row in make_grads(params, 5, 3, none_prob=0.0, scale=0.1):
-        for p, g in zip(params, row):
-            p.grad = g
-        opt.step()
-        ref.step(row)
+    step_both(opt, ref, params, make_grads(params, 5, 3, none_prob=0.0, scale=0.1))
     for p, r in zip(params, ref.params):
         torch.testing.assert_close(p.detach(), r, rtol=1e-3, atol=2 ** -8)
 
@@ -399,11 +400,7 @@ def test_the_largest_block_size_equals_the_reference(path, monkeypatch):
                            fused=_configure(path, monkeypatch))
     ref = Reference(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
                     decoupled=False, block_size=4096)
-    for row in grads:
-        for p, g in zip(params, row):
-            p.grad = g
-        opt.step()
-        ref.step(row)
+    step_both(opt, ref, params, grads)
     assert_matches(opt, params, ref)
     assert opt.state[params[0]]["exp_avg_absmax"].numel() == 2
 

@@ -12,7 +12,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from q8reference import Reference, RMSpropReference, SGDReference, assert_bits, assert_matches, shapes
+from q8reference import (
+    Reference,
+    RMSpropReference,
+    SGDReference,
+    assert_bits,
+    assert_matches,
+    shapes,
+    step_both,
+)
 from strategies import examples, make_grads, make_params, with_threshold
 
 import kernels
@@ -20,14 +28,6 @@ from kernels import _native
 from kernels._q8math import dequantize, quantize
 
 PATHS = ["native", "torch-ops"] if _native.library() is not None else ["torch-ops"]
-def _run(opt, ref, params, grads):
-    for row in grads:
-        for p, g in zip(params, row):
-            p.grad = g
-        opt.step()
-        ref.step(row)
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -47,7 +47,7 @@ def test_sgd8bit_equals_the_reference(path, dtype, specs, seed, block, lr, momen
     opt = with_threshold(kernels.SGD8bit, direct)(params, block_size=block, min_8bit_size=0,
                                                   fused=None if path == "native" else False, **kw)
     ref = SGDReference(params, block_size=block, **kw)
-    _run(opt, ref, params, grads)
+    step_both(opt, ref, params, grads)
     assert_matches(opt, params, ref)
 
 
@@ -66,7 +66,7 @@ def test_rmsprop8bit_equals_the_reference(path, dtype, specs, seed, block, lr, a
     opt = with_threshold(kernels.RMSprop8bit, direct)(params, block_size=block, min_8bit_size=0,
                                                       fused=None if path == "native" else False, **kw)
     ref = RMSpropReference(params, block_size=block, **kw)
-    _run(opt, ref, params, grads)
+    step_both(opt, ref, params, grads)
     assert_matches(opt, params, ref)
     for p in params:  # the keys torch.optim.RMSprop has, in its order, each followed by its scales
         if opt.state.get(p):
@@ -86,7 +86,7 @@ def test_float16_parameters_follow_the_reference_closely(cls, ref_cls, kw):
     params = make_params([((300,), False, False), ((17, 5), False, False)], torch.float16, 3)
     opt = cls(params, min_8bit_size=0, block_size=64, **kw)
     ref = ref_cls(params, block_size=64, **kw)
-    _run(opt, ref, params, make_grads(params, 5, 3, none_prob=0.0, scale=0.1))
+    step_both(opt, ref, params, make_grads(params, 5, 3, none_prob=0.0, scale=0.1))
     for p, r in zip(params, ref.params):
         torch.testing.assert_close(p.detach(), r, rtol=1e-3, atol=2 ** -8)
 
@@ -97,7 +97,7 @@ def test_the_torch_op_path_serves_when_no_kernel_can_be_built(cls, ref_cls, kw, 
     assert _native.library() is None
     params = make_params([((3000,), False, False), ((70,), False, False)], torch.float32, 5)
     opt, ref = cls(params, min_8bit_size=0, **kw), ref_cls(params, **kw)
-    _run(opt, ref, params, make_grads(params, 3, 5, none_prob=0.0))
+    step_both(opt, ref, params, make_grads(params, 3, 5, none_prob=0.0))
     assert_matches(opt, params, ref)
 
 
@@ -153,7 +153,7 @@ def test_many_8bit_optimizers_in_one_process_keep_their_own_state():
                      ref_cls(params, block_size=block, **kw), make_grads(params, 4, k, none_prob=0.2)))
     for step in range(4):
         for params, opt, ref, grads in runs:
-            _run(opt, ref, params, [grads[step]])
+            step_both(opt, ref, params, [grads[step]])
     for params, opt, ref, _ in runs:
         if isinstance(ref, Reference):
             for i, p in enumerate(params):
