@@ -41,9 +41,9 @@ def restrict(stats: dict, prefixes: list[str], per_file: int, budget: float,
             continue
         by_file = collections.defaultdict(list)
         for test in sorted(tests, key=lambda t: (durations.get(t, 0.0), t)):
-            if files is not None and test.split("::")[0] not in files:
-                continue
-            by_file[test.split("::")[0]].append(test)
+            file = test.split("::")[0]
+            if files is None or file in files:
+                by_file[file].append(test)
         keep, total = [], 0.0
         for rank in range(per_file):
             for file in sorted(by_file):
