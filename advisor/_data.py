@@ -191,8 +191,12 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
         evidence["feature_sparsity"] = (f"{zeros_x / entries_x:.1%} of the {entries_x:,} known feature values "
                                         "are exactly zero")
     if task is None:
-        if n_distinct == 2:
+        if n_distinct == 2 and integral:
             task, why = "classification", "the target has exactly 2 distinct values: binary classification"
+        elif n_distinct == 2:
+            task, why = "regression", ("the target has exactly 2 distinct values, not integers: read as a quantity "
+                                       "to predict (if they are two classes, encode them as 0 and 1, or pass "
+                                       "task='classification' with integer labels)")
         elif integral and n_distinct <= max(20, int(math.sqrt(n))) and n_distinct < n:
             task, why = "classification", (f"the target takes {n_distinct} distinct integer values "
                                            f"(<= max(20, sqrt(n)) = {max(20, int(math.sqrt(n)))}): classes")
@@ -207,7 +211,8 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
     class_labels = None
     if task == "classification":
         if not integral or n_distinct > _DISTINCT_CAP:
-            raise ValueError("profile_data: task='classification' needs integer class labels in the target")
+            raise ValueError("profile_data: task='classification' needs integer class labels in the target" + (
+                "" if integral else " (it has non-integer values: encode the classes as 0, 1, ...)"))
         labels = sorted(counts)
         class_counts = [counts[c] for c in labels]  # class index i is the i-th smallest label
         if labels != list(range(len(labels))):

@@ -151,6 +151,30 @@ def _fail(message: str) -> int:
 _MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})  # cells read as missing values (NaN)
 
 
+def _delimiter(path: Path, text: str) -> str:
+    """The CSV's delimiter: a comma unless the header line has none and one of ``;``, tab or ``|`` splits it
+    into the same number of cells on the first lines (a semicolon-separated file was read as one column named
+    'sqft;rooms;age;price'). csv.Sniffer guesses from the first lines; its guess is kept only if it is one of
+    those and it splits the header."""
+    import csv
+
+    head = text[:64 * 1024]
+    first = head.split("\n", 1)[0]
+    if "," in first:
+        return ","
+    try:
+        found = csv.Sniffer().sniff(head, delimiters=";\t|").delimiter
+    except csv.Error:
+        found = None
+    if found and found in first:
+        return found
+    for other in (";", "\t", "|"):
+        if other in first:
+            raise ValueError(f"{path}: the header has no comma but contains {other!r}; cannot tell whether "
+                             f"{other!r} separates the columns (the rows disagree on how many cells it gives)")
+    return ","
+
+
 def _load_csv(path: Path, target: str | None):
     """(X, y) from a CSV with a header row. Empty cells (and NA, N/A, NaN, null, None) are missing values:
     NaN, which ``profile_data`` counts and reports. A target column with any non-numeric value other than a
@@ -159,7 +183,8 @@ def _load_csv(path: Path, target: str | None):
 
     import numpy as np
 
-    reader = csv.reader(io.StringIO(read_text(path, "CSV file"), newline=""))
+    text = read_text(path, "CSV file")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text))
     rows, lines = [], []
     try:
         for r in reader:

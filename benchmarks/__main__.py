@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import torch
@@ -109,28 +108,6 @@ def _training_row(depth: int, width: int, batch: int, rounds: int, device: str, 
             f"{t['torch fused'] * 1e3:.2f} ms | **{t['ours'] / t['torch fused']:.2f}** | params equal: {same} |")
 
 
-COMPILE_SNIPPET = textwrap.dedent("""
-    import sys, time, torch, kernels
-    p = [torch.nn.Parameter(torch.randn(1000, device=sys.argv[1])) for _ in range(10)]
-    for q in p: q.grad = torch.randn_like(q)
-    opt = kernels.Adam(p)
-    t = time.perf_counter(); opt.step(); print(time.perf_counter() - t)
-""")
-
-
-def compile_times(device: str, quick: bool) -> tuple[float, float]:
-    """First-step time of kernels.Adam in a fresh process with an empty, then a warm, inductor cache
-    (--quick: the warm one only, with the user's cache)."""
-    def first_step(env: dict) -> float:
-        return float(subprocess.run([sys.executable, "-c", COMPILE_SNIPPET, device], env=env,
-                                    capture_output=True, text=True, check=True).stdout.split()[-1])
-    if quick:
-        return float("nan"), first_step(dict(os.environ))
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        return first_step(env), first_step(env)
-
-
 def loss_rows(quick: bool, rounds: int, device: str, results: list[dict]) -> list[str]:
     from .losses import loss_cases, loss_table, make_case, _step
 
@@ -179,8 +156,8 @@ def chart(results: list[dict], path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install '.[plots]'): no chart."
-    labels = [f"{r['case']} | {r.get('workload', '')}".strip(" |") for r in results if "case" in r]
-    ratios = [r["ratio"] for r in results if "case" in r]
+    labels = [f"{r['case']} | {r.get('workload', '')}".strip(" |") for r in results if "case" in r and "ratio" in r]
+    ratios = [r["ratio"] for r in results if "case" in r and "ratio" in r]
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(labels) + 1.5))
     colors = ["tab:green" if x <= 1 else "tab:red" for x in ratios]
     ax.barh(range(len(labels)), ratios, color=colors)
@@ -211,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip-losses", action="store_true")
     ap.add_argument("--skip-pytest", action="store_true", help="do not run the pytest-benchmark suite")
+    ap.add_argument("--skip-first-step", action="store_true",
+                    help="do not measure the first step and the 300-step loop in fresh processes")
     ap.add_argument("--cases", nargs="+", choices=list(OPTIMIZER_CASES), help="only these optimizer cases")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -236,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     sections = [optimizer_rows(args.quick, rounds, args.device, results, args.cases), [""],
                 training_rows(args.quick, rounds, args.device, results)]
     print("\n".join(sections[-1]), flush=True)
-    cold, warm = compile_times(args.device, args.quick)
-    sections.append(["", f"First step of kernels.Adam (compile): {cold:.1f} s with an empty inductor cache, "
-                         f"{warm:.1f} s with a warm one."])
-    print(sections[-1][-1], flush=True)
+    if args.device == "cpu" and not args.skip_first_step:
+        from .first_step import DESCRIPTION, rows as first_step_rows
+
+        sections += [["", DESCRIPTION, ""], first_step_rows(args.quick, results)]
     if not args.skip_losses:
         sections += [[""], loss_rows(args.quick, rounds, args.device, results)]
     os.makedirs(args.out, exist_ok=True)

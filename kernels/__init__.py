@@ -18,6 +18,7 @@ from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from ._margin import HingeLoss, MultiMarginLoss, hinge_loss, multi_margin_loss
 from . import _catalog as catalog
 from ._compile import ENV_VAR as COMPILE_ENV_VAR
+from ._warmup import warmup
 
 __all__ = [
                       "COMPILE_ENV_VAR",
@@ -44,4 +45,5 @@ __all__ = [
                       "linear_cross_entropy",
                       "mse_loss",
                       "multi_margin_loss",
+                      "warmup",
 ]

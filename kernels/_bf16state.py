@@ -110,6 +110,22 @@ class BF16State:
             old = {**old, "kahan_comp": torch.zeros_like(bucket.params[i])}
         return super()._import_state(bucket, i, old, init, group)
 
+    def _step_bucket(self, bucket: Any) -> None:
+        if not getattr(bucket, "kahan", False):
+            super()._step_bucket(bucket)
+            return
+        # an in-place edit of a parameter through autograd's view of it (under torch.no_grad(): a clamp, a
+        # projection, reset_parameters(), model.load_state_dict()) bumps its version counter; our own writes go
+        # through the flat buffer and do not. The edited parameter's compensation belongs to the old values.
+        versions = [p._version for p in bucket.params]
+        seen = getattr(bucket, "kahan_versions", None)
+        if seen is not None:
+            for p, now, then in zip(bucket.params, versions, seen):
+                if now != then and "kahan_comp" in self.state.get(p, {}):
+                    self.state[p]["kahan_comp"].zero_()
+        super()._step_bucket(bucket)
+        bucket.kahan_versions = versions
+
     def _apply(self, s: Any, hp: Any, flags: tuple, run: dict[str, torch.Tensor], bucket: Bucket) -> None:
         if getattr(bucket, "bf16_state", False):
             step_bf16_state(self, s, flags, run, bucket)
@@ -142,7 +158,7 @@ def _native_sgd_rmsprop(s: Any, flags: tuple, run: dict[str, torch.Tensor], star
     p, g = run["param"], run["grad"]
     if p.device.type != "cpu" or g.dtype != torch.float32 or not g.is_contiguous():
         return False
-    lib = _native.library()
+    lib = _native.available()
     if lib is None:
         return False
     n = g.numel()
@@ -175,7 +191,7 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
     start = p.storage_offset() - bucket.flat_param.storage_offset()
     g, m, v = run["grad"], run["exp_avg"], run["exp_avg_sq"]
     if opt._fused and p.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous():
-        lib = _native.library()
+        lib = _native.available()
         if lib is not None:
             n = g.numel()
             hp32 = _native.floats(q)
@@ -226,6 +242,15 @@ def bf16_state_update(fused_update: Any, hp: torch.Tensor, flags: tuple, p, g, s
             t.copy_(stochastic_round(f, bits))
 
 
+def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` (bfloat16 or float16) at float32 values ``x`` that are ``dtype``'s: the
+    exponent's power of two (read from float32's bits) over the mantissa's width, at least the smallest
+    subnormal (zero, subnormals)."""
+    mbits, tiny = (7, 2.0 ** -133) if dtype == torch.bfloat16 else (10, 2.0 ** -24)
+    top = (x.abs().view(torch.int32) & 0x7F800000).view(torch.float32)
+    return torch.clamp_min(top * 2.0 ** -mbits, tiny) * 0.5
+
+
 def kahan_update(update: Any, hp: Any, flags: tuple, p, g, states: tuple, comp) -> None:
     """Any optimizer's update (``update(hp, *flags, p, g, *states)``, its compiled or eager one) of a
     bfloat16/float16 parameter ``p`` with Kahan compensation ``comp`` (same dtype): the float32 update runs
@@ -233,7 +258,11 @@ def kahan_update(update: Any, hp: Any, flags: tuple, p, g, states: tuple, comp) 
     rounded to nearest, ``comp`` what that rounding lost, and the state is rounded to nearest. ``p + comp`` thus
     carries about twice ``p``'s significant bits, so updates smaller than half an ulp of ``p`` accumulate
     instead of vanishing (Kahan 1965; Zamirai et al. 2020 for bfloat16 training)."""
-    pf = p.float() + comp.float()
+    p32, c32 = p.float(), comp.float()
+    # a compensation larger than half an ulp of ``p`` is not what rounding ``p`` left: ``p`` was edited since
+    # the last step (weight clipping, a projection, ``p.data`` assigned into); its stale residue is dropped.
+    # In normal steps it never is: the residue of rounding to nearest is at most half an ulp.
+    pf = p32 + torch.where(c32.abs() <= half_ulp(p32, p.dtype), c32, 0.0)
     f32 = [t.float() for t in states]
     update(hp, *flags, pf, g.float(), *f32)
     p.copy_(pf)

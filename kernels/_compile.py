@@ -8,13 +8,35 @@ dtypes would otherwise exceed its recompile limit and silently fall back to eage
 
 Scalars (lr, betas, bias corrections, ...) are passed as one small tensor, never as Python floats: a float
 is baked into the graph, and torch 2.13's FX graph cache can hand back a graph holding a stale value.
+
+**No step waits for the compiler** (``OPTADVISOR_COMPILE`` unset or on: the default). Compiling one update
+takes 1-3 s with a warm inductor cache and 10-35 s cold on 2 cores, where an eager step of a small model
+takes microseconds; torch's own paths have no such cost. So a configuration is compiled by one background
+thread, on scratch tensors of the same dtypes, layouts and 0/1-size pattern as the call that asked for it,
+while the caller runs its eager update (the same math, op for op torch's for-loop path); the compiled
+kernel serves every call from the next one after it is ready. The compile starts once a configuration has
+run ``COMPILE_AFTER_ELEMENTS`` element updates eagerly (ski rental: about what the compile costs, so a short
+run never pays for one, and a long one pays at most about twice the better choice in hindsight). Calls
+under ``COMPILE_MIN_NUMEL`` elements never ask: measured on 2 cores (torch 2.13), the compiled Adam saves 0.05-0.09 ms a step at 128k-256k
+elements and 1.7 ms at 512k (eager's temporaries leave the cache there), so below 512k a compile (3-30 s of
+a core) repays itself only after 30,000-300,000 steps. A background thread barely slows the eager steps
+(10k-element Adam: 110 us a step while compiling against 99 us alone). Compiled and eager results agree
+within torch's tolerances but not bit for bit, and the switch happens when the compiler is done: for
+runs that must repeat bit for bit, compile first (:func:`warmup`, ``OPTADVISOR_COMPILE=sync``,
+``fused=True``) or not at all (``OPTADVISOR_COMPILE=0``, ``fused=False``); under
+``torch.use_deterministic_algorithms(True)`` updates compile at first use, as with ``sync``.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
+import logging
 import os
+import queue
 import sys
+import threading
+import time
 import types
 import warnings
 from collections.abc import Callable
@@ -33,17 +55,46 @@ from ._private import (
 
 ENV_VAR = "OPTADVISOR_COMPILE"
 _INT32_LIMIT = 1 << 31
+#: elements: a call smaller than this never starts a background compile (see the module docstring); a kernel
+#: compiled for a larger call of the same configuration serves it too
+COMPILE_MIN_NUMEL = 1 << 19
+#: element updates run eagerly in one configuration before its compile starts (~2-4 s of eager Adam on 2
+#: cores, about what the compile itself costs warm): 100 steps of a 10M-parameter model, 900 of a 1.2M one
+COMPILE_AFTER_ELEMENTS = 1 << 30
+_SYNC_WORDS = {"sync", "wait", "block"}
+log = logging.getLogger("optadvisor.kernels")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 _compiled: dict[tuple, "_Kernel"] = {}
 _broken: dict[tuple, str] = {}
+#: background mode: kernels ready to serve, by (configuration key, call signature)
+_ready: dict[tuple, "_Kernel"] = {}
+_ready_keys: set[tuple] = set()  # the configuration keys of _ready
+_eager_work: dict[tuple, int] = {}  # (key, signature) -> elements updated eagerly so far
+#: configurations (key, signature) handed to the background thread and not yet ready (or given up)
+_scheduled: set[tuple] = set()
+#: failures of the background thread, warned about once, from the caller's thread (so the warning names
+#: the user's line, not a worker's)
+_unwarned: dict[tuple, str] = {}
+_jobs: "queue.Queue[tuple]" = queue.Queue()
+_worker: threading.Thread | None = None
+_worker_lock = threading.Lock()
+_local = threading.local()  # .warming: kernels.warmup is compiling in this thread, now
+_serial = itertools.count()
 
 
 def compile_enabled_by_env() -> bool:
     """False when ``OPTADVISOR_COMPILE`` is set to ``0``, ``false``, ``no`` or ``off``."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def compile_synchronously() -> bool:
+    """True when updates compile at first use, blocking the call (today's default before background
+    compilation): ``OPTADVISOR_COMPILE=sync`` (or ``wait``/``block``), or deterministic algorithms on."""
+    return (os.environ.get(ENV_VAR, "1").strip().lower() in _SYNC_WORDS
+            or torch.are_deterministic_algorithms_enabled())
 
 
 def resolve_fused(fused: bool | None) -> bool:
@@ -168,10 +219,14 @@ class _Kernel:
 
 
 def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor | None, ...],
-              scalars: torch.Tensor, *, strict: bool) -> tuple[bool, Any]:
+              scalars: torch.Tensor, *, strict: bool, min_numel: int | None = None) -> tuple[bool, Any]:
     """Run ``fn(scalars, *flags, *tensors)`` compiled: ``(True, its result)``, or ``(False, None)`` (nothing
-    was written) when compiling is impossible here, so the caller runs its eager path; raises instead when
-    ``strict``."""
+    was written) when no compiled kernel serves this call now, so the caller runs its eager path; raises
+    instead when ``strict`` (``fused=True``: compiled at first use, blocking, or an error).
+
+    By default a configuration without a ready kernel is handed to the background thread (calls of
+    ``min_numel`` elements or more; default ``COMPILE_MIN_NUMEL``) and this call runs eagerly; ``strict``, :func:`compile_synchronously`
+    and :func:`warmup` compile it here and now instead."""
     ref = tensors[0]
     if modes_active():
         # torch.compile does not trace under a user's dispatch/function mode (FlopCounterMode, a debug
@@ -184,34 +239,184 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
                                "outside the mode, eager inside it) or fused=False")
         return False, None
     key = (fn.__qualname__, flags, ref.device, ref.dtype)
+    if _unwarned:
+        _warn_background_failure(fn, key)
     if key in _broken:
         if strict:
             raise RuntimeError(f"fused=True but the compiled update is unavailable: {_broken[key]}")
         return False, None
-    kernel = _compiled.get(key)
+    if strict or compile_synchronously():
+        kernel = _compiled.get(key)
+        if kernel is None:
+            kernel = _compiled[key] = _new_kernel(fn, key, "")
+        return _call(kernel, fn, key, scalars, flags, tensors, strict, lambda: _compiled.pop(key, None))
+    warming = getattr(_local, "warming", False)
+    small = _numel(tensors) < (COMPILE_MIN_NUMEL if min_numel is None else min_numel)
+    if small and key not in _ready_keys and not warming:
+        return False, None  # the usual small step: decided without building its signature (allocations)
+    sig = _signature(tensors, scalars)
+    kernel = _ready.get((key, sig))
     if kernel is None:
-        tag = "_".join(str(int(f)) if isinstance(f, bool) else str(f) for f in flags) or "plain"
-        kernel = _Kernel(_fresh_copy(fn, f"{tag}_{ref.device.type}_{str(ref.dtype)[6:]}"),
-                         {"emulate_precision_casts": True,
-                          # a parallel loop whatever size the first call had: the kernel serves
-                          # every size (dynamic shapes), so the size hint of its first call must
-                          # not make it single-threaded
-                          "cpp.dynamic_threads": True})
-        _compiled[key] = kernel
+        if warming:
+            kernel = _ready[(key, sig)] = _new_kernel(fn, key, f"_s{next(_serial)}")
+            _ready_keys.add(key)
+        else:
+            if not small and (key, sig) not in _scheduled:
+                # ski rental: run eagerly until the work done that way is about what a compile costs, then
+                # compile; a short run (a script, a test, 300 steps of a 1M-parameter model) never pays for it
+                done = _eager_work.get((key, sig), 0) + _numel(tensors)
+                _eager_work[(key, sig)] = done
+                if done >= COMPILE_AFTER_ELEMENTS:
+                    _schedule(fn, key, sig, flags, tensors, scalars)
+            return False, None
+    return _call(kernel, fn, key, scalars, flags, tensors, strict, lambda: _ready.pop((key, sig), None))
+
+
+def _new_kernel(fn: Callable[..., Any], key: tuple, suffix: str) -> "_Kernel":
+    _, flags, device, dtype = key
+    tag = "_".join(str(int(f)) if isinstance(f, bool) else str(f) for f in flags) or "plain"
+    return _Kernel(_fresh_copy(fn, f"{tag}_{device.type}_{str(dtype)[6:]}{suffix}"),
+                   {"emulate_precision_casts": True,
+                    # a parallel loop whatever size the first call had: the kernel serves every size
+                    # (dynamic shapes), so the size hint of its first call must not make it single-threaded
+                    "cpp.dynamic_threads": True})
+
+
+def _call(kernel: "_Kernel", fn: Callable[..., Any], key: tuple, scalars: torch.Tensor, flags: tuple,
+          tensors: tuple, strict: bool, forget: Callable[[], Any]) -> tuple[bool, Any]:
     try:
         result = kernel(scalars, flags, tensors)
     except Exception as exc:  # compile failures surface at the first call, before anything is written
         if not _is_compile_failure(exc):
             raise
-        _broken[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        _compiled.pop(key, None)
+        _broken[key] = _describe(exc)
+        forget()
         if strict:
             raise RuntimeError(f"fused=True but compiling the update failed: {_broken[key]}") from exc
-        warnings.warn(f"optadvisor: compiling {fn.__name__} failed ({_broken[key]}); using the eager "
-                      f"path for this configuration. Set {ENV_VAR}=0 to silence this.", RuntimeWarning,
-                      stacklevel=user_stacklevel())
+        _warn_failed(fn, _broken[key])
         return False, None
     return True, result
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _warn_failed(fn: Callable[..., Any], why: str) -> None:
+    warnings.warn(f"optadvisor: compiling {fn.__name__} failed ({why}); using the eager "
+                  f"path for this configuration. Set {ENV_VAR}=0 to silence this.", RuntimeWarning,
+                  stacklevel=user_stacklevel())
+
+
+def _warn_background_failure(fn: Callable[..., Any], key: tuple) -> None:
+    why = _unwarned.pop(key, None)
+    if why is not None:
+        _warn_failed(fn, why)
+
+
+def _numel(tensors: tuple) -> int:
+    return max((t.numel() for t in tensors if t is not None), default=0)
+
+
+def _signature(tensors: tuple, scalars: torch.Tensor) -> tuple:
+    """What a compiled graph is specialized on beyond the configuration key (dynamo's guards): which tensors
+    are present, their dtypes, ranks, contiguity and which sizes are 0 or 1 (specialized; every other size
+    is dynamic), the scalars' length and dtype, and the thread's grad and inference modes."""
+    return (scalars.shape[0], scalars.dtype, scalars.device, torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            tuple(None if t is None else (t.dtype, t.dim(), t.is_contiguous(), t.requires_grad,
+                                          tuple(min(n, 2) for n in t.shape)) for t in tensors))
+
+
+def _scratch_sizes(tensors: tuple) -> dict[int, int]:
+    """Sizes for the background compile's scratch inputs: 0 and 1 kept (dynamo specializes them), sizes up to
+    4096 kept, larger ones mapped to 4097, 4098, ... in order (equal sizes stay equal, unequal ones unequal,
+    and a reduction over more than 4096 elements stays one), so a 10M-element update compiles on ~4k."""
+    sizes = sorted({n for t in tensors if t is not None for n in t.shape})
+    large = [n for n in sizes if n > 4096]
+    return {**{n: n for n in sizes if n <= 4096}, **{n: 4097 + i for i, n in enumerate(large)}}
+
+
+def _schedule(fn: Callable[..., Any], key: tuple, sig: tuple, flags: tuple, tensors: tuple,
+              scalars: torch.Tensor) -> None:
+    global _worker
+    sizes = _scratch_sizes(tensors)
+    specs = tuple(None if t is None else (tuple(sizes[n] for n in t.shape), t.dtype, t.device, t.requires_grad)
+                  for t in tensors)
+    _scheduled.add((key, sig))
+    log.info("optadvisor: compiling %s (%s, %s) in the background; calls run eagerly (the same math) until "
+             "it is ready", fn.__name__, key[3], key[2].type)
+    _jobs.put((fn, key, sig, flags, specs, scalars.detach().clone(), torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(), time.perf_counter()))
+    with _worker_lock:
+        if _worker is None or not _worker.is_alive():
+            _worker = threading.Thread(target=_work, name="optadvisor-compile", daemon=True)
+            _worker.start()
+
+
+def _scratch(spec: tuple | None, gen: torch.Generator) -> torch.Tensor | None:
+    if spec is None:
+        return None
+    shape, dtype, device, requires_grad = spec
+    if dtype.is_floating_point:
+        # positive values: an update may take the square root of a state (a variance)
+        t = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
+    else:
+        t = torch.zeros(shape, dtype=dtype, device=device)  # class 0, code 0, a zero salt: valid everywhere
+    return t.requires_grad_(requires_grad)
+
+
+def _work() -> None:
+    while True:
+        job = _jobs.get()
+        try:
+            _compile_job(*job)
+        finally:
+            _jobs.task_done()
+
+
+def _compile_job(fn: Callable[..., Any], key: tuple, sig: tuple, flags: tuple, specs: tuple,
+                 scalars: torch.Tensor, grad: bool, inference: bool, asked: float) -> None:
+    try:
+        if key in _broken:
+            return
+        kernel = _new_kernel(fn, key, f"_s{next(_serial)}")
+        gen = torch.Generator().manual_seed(0)
+        tensors = tuple(_scratch(spec, gen) for spec in specs)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            kernel(scalars, flags, tensors)
+        _ready[(key, sig)] = kernel
+        _ready_keys.add(key)
+        log.info("optadvisor: compiled %s (%s, %s) is ready after %.1f s; later calls use it", fn.__name__,
+                 key[3], key[2].type, time.perf_counter() - asked)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path goes on and says why once
+        why = _describe(exc) if _is_compile_failure(exc) else f"{_describe(exc)} (in the background compile)"
+        _broken[key] = why
+        _unwarned[key] = why
+    finally:
+        _scheduled.discard((key, sig))
+
+
+def wait_for_background(timeout: float | None = None) -> bool:
+    """Block until every compile handed to the background thread so far is done (ready or given up); False
+    if ``timeout`` seconds passed first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while _jobs.unfinished_tasks:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class warming:
+    """Within this context, calls in this thread that have no ready kernel compile one now (``warmup``)."""
+
+    def __enter__(self) -> None:
+        self._before = getattr(_local, "warming", False)
+        _local.warming = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.warming = self._before
 
 
 def user_stacklevel() -> int:

@@ -55,8 +55,11 @@ def gather_grads(bucket: Bucket, owner: str) -> tuple[list[bool] | None, dict[in
     lo, hi = bucket.param_memory
     for i in range(bucket.n_small, len(grads)):
         g = grads[i]
+        # read in place only when of the buffer's dtype: a gradient kept in another dtype (``p.grad_dtype``:
+        # float32 accumulation for bfloat16 weights) is cast into the buffer by the copy, as a small one is
+        # (the kernels read a pointer as the parameter's dtype: float32 bytes read as bfloat16 were garbage)
         if (g is not None and g is not views[i] and g.layout is torch.strided and g.is_contiguous()
-                and not lo <= g.data_ptr() < hi):
+                and g.dtype == bucket.dtype and not lo <= g.data_ptr() < hi):
             if direct is None:
                 direct = {}
             direct[i] = g.view(-1)
@@ -77,7 +80,9 @@ def _native_plan(bucket: Bucket) -> Any:
     if plan is NOT_PLANNED:
         plan = None
         if bucket.device.type == "cpu" and bucket.dtype in _NATIVE_COPY_DTYPES:
-            lib = _native.library()
+            lib = _native.available()
+            if lib is None and _native.building():
+                return None  # asked again at the next step: the library is being built or loaded
             if lib is not None:
                 size = bucket.flat_grad.element_size()
                 plan = (lib, array("q", [o * size for o in bucket.offsets]),

@@ -152,7 +152,7 @@ def _compiled(fn: Callable, flags: tuple, tensors: tuple, scalars: list[float], 
     impossible here and the caller computes eagerly. Callers first check :func:`_worth_compiling`."""
     device = tensors[0].device
     hp = torch.tensor(scalars, dtype=dtype) if device.type == "cpu" else device_scalars(scalars, device, dtype)
-    return run_fused(fn, flags, tensors, hp, strict=False)
+    return run_fused(fn, flags, tensors, hp, strict=False, min_numel=0)  # _worth_compiling decided the size
 
 
 def _grad_buffer(need: bool, like: Tensor, dtype: torch.dtype) -> Tensor | None:

@@ -156,7 +156,7 @@ class Blockwise8bit:
         state = tuple(v for k, v in run.items() if k not in ("param", "grad"))
         block = bucket.align
         if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
-            lib = _native.library()
+            lib = _native.available()
             if lib is not None:
                 ptrs = [t.data_ptr() for t in state] + [None] * (4 - len(state))
                 n = g.numel()

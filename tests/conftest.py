@@ -13,6 +13,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# The tests prove both paths of every update, the compiled and the eager, call by call: each configuration
+# compiles at its first call, as OPTADVISOR_COMPILE=sync does. The default mode (compiled in the background,
+# eager meanwhile, small calls never compiled) is tested on its own in tests/test_background_compile.py.
+os.environ.setdefault("OPTADVISOR_COMPILE", "sync")
+
 # CI runs a fixed, derandomized set of examples so that a green run is reproducible; set
 # HYPOTHESIS_PROFILE=explore (and EXAMPLES_SCALE=10) to search new random examples.
 settings.register_profile("default", derandomize=True, deadline=None)

@@ -15,12 +15,16 @@ def test_benchmark_report_quick(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for needle in ("| Adam |", "| RMSprop |", "training loop", "First step of kernels.Adam", "cross_entropy",
+    for needle in ("| Adam |", "| RMSprop |", "training loop", "First step and a short real loop",
+                   "| Adam, digits, 300 steps | cold |", "| Adam, digits, 300 steps | warm |", "cross_entropy",
                    "linear_cross_entropy", "hinge_loss"):
         assert needle in report, needle
+    assert "error:" not in report
     results = json.loads((out / "results.json").read_text())["results"]
-    assert {r["kind"] for r in results} == {"optimizer", "training_loop", "loss"}
-    assert all(r["ratio"] > 0 for r in results)
+    assert {r["kind"] for r in results} == {"optimizer", "training_loop", "loss", "first_step", "first_call"}
+    assert all(r["ratio"] > 0 for r in results if "ratio" in r)
+    first = [r for r in results if r["kind"] == "first_step"]
+    assert all(r[who][temp]["first"] > 0 for r in first for who in ("ours", "torch") for temp in ("cold", "warm"))
     bench = json.loads((out / "pytest-benchmark.json").read_text())
     assert len(bench["benchmarks"]) > 20
 

@@ -58,9 +58,33 @@ def _run(tmp_path, capsys, argv, suffix, content: bytes) -> tuple[int, str]:
 def test_hostile_files_get_exit_2_and_a_message(tmp_path, capsys, argv, suffix, content):
     rc, err = _run(tmp_path, capsys, argv, suffix, content)
     assert rc in (0, 2)
+    assert (rc == 2) == bool(err.strip()), (rc, err)  # an error message means exit 2; exit 0 prints none
     if rc == 2:
         assert err.startswith("advise: error: ") and "Traceback" not in err
         assert "input" in err  # the message names the file
+
+
+@pytest.mark.parametrize("content", [b"[1, 2, 3]", b"null", b"", b"- a\n- b\n", b"42\n"])
+def test_a_facts_file_that_is_not_a_mapping_is_exit_2(tmp_path, capsys, content):
+    rc, err = _run(tmp_path, capsys, ["--profile"], ".yaml", content)
+    assert rc == 2 and err.startswith("advise: error: ") and "input.yaml" in err
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_csv_delimiters_are_sniffed(tmp_path, capsys, sep):
+    """A semicolon- (tab-, pipe-) separated table was read as one column named 'sqft;rooms;age;price'."""
+    path = tmp_path / "houses.csv"
+    rows = ["sqft,rooms,age,price", "100,3,10,200", "150,4,5,300", "80,2,20,150", "120,3,8,250"]
+    path.write_text("\n".join(r.replace(",", sep) for r in rows) + "\n")
+    assert main(["profile", str(path), "--target", "price"]) == 0
+    assert "n_features: 3 features per example" in capsys.readouterr().out
+
+
+def test_a_header_split_by_no_clear_delimiter_is_refused(tmp_path, capsys):
+    path = tmp_path / "odd.csv"
+    path.write_text("a;b;y\n1;2\n3\n")
+    assert main(["profile", str(path), "--target", "y"]) == 2
+    assert "contains ';'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,suffix", FILE_INPUTS)

@@ -28,7 +28,13 @@ def fresh(monkeypatch, request):
     with."""
     monkeypatch.setattr(_compile, "_compiled", {})
     monkeypatch.setattr(_compile, "_broken", {})
-    monkeypatch.setenv(_compile.ENV_VAR, "1")
+    monkeypatch.setattr(_compile, "_ready", {})
+    monkeypatch.setattr(_compile, "_ready_keys", set())
+    monkeypatch.setattr(_compile, "_scheduled", set())
+    monkeypatch.setattr(_compile, "_eager_work", {})
+    monkeypatch.setattr(_compile, "_unwarned", {})
+    # compiled at the first call, in this thread (the background mode: tests/test_background_compile.py)
+    monkeypatch.setenv(_compile.ENV_VAR, "sync")
     tags, options = [], []
     fresh_copy = _compile._fresh_copy
     unique = f"{request.node.name}_{next(_names)}".replace("[", "_").replace("]", "").replace("-", "_")

@@ -157,8 +157,8 @@ def test_the_copy_plan_is_made_once_per_bucket(monkeypatch):
     """The plan (the library, byte offsets and sizes) is made at the first step and kept: looking the library
     up (a compiler search) every step would cost more than the copy saves."""
     looked_up = []
-    real = _native.library
-    monkeypatch.setattr(_native, "library", lambda: looked_up.append(1) or real())
+    real = _native.available  # what a step asks (it never builds in the caller's thread)
+    monkeypatch.setattr(_native, "available", lambda: looked_up.append(1) or real())
     ours, _, op, _ = _twins(kernels.SGD, [(3, 4), (5,)], torch.float32, lr=0.1)
     for _ in range(3):
         for p in op:
@@ -181,3 +181,28 @@ def test_complex_gradients_with_the_conjugate_bit_are_resolved(dtype, native_cal
         ref.step()
     assert native_calls == [False, False]
     assert_same(ref, ours, rp, op, torch.float64 if dtype == torch.complex128 else dtype, exact=True)
+
+
+@pytest.mark.parametrize("name, kw", [("Adam", {}), ("Adam8bit", {}), ("SGD8bit", {"momentum": 0.9}),
+                                      ("RMSprop8bit", {}), ("AdamW", {"kahan_sum": True}),
+                                      ("SGD", {"momentum": 0.9, "state_dtype": torch.bfloat16})])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_large_gradient_of_another_dtype_is_cast_never_read_as_the_parameters(name, kw, fused):
+    """A bfloat16 parameter of 70,000 elements (its gradient read in place when of its dtype) keeping a
+    float32 gradient (``grad_dtype``: fp32 accumulation): the step equals the one given the gradient cast to
+    bfloat16 first, as a small parameter's is, and is finite (float32 bytes read as bfloat16 left 140
+    non-finite elements)."""
+    cls = getattr(kernels, name)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(70_000, generator=gen).to(torch.bfloat16)
+    ours, twin = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ours.grad_dtype = torch.float32
+    opt_ours, opt_twin = cls([ours], lr=1e-2, fused=fused, **kw), cls([twin], lr=1e-2, fused=fused, **kw)
+    for _ in range(3):
+        g = torch.randn(70_000, generator=gen)
+        ours.grad = g
+        twin.grad = g.to(torch.bfloat16)
+        opt_ours.step()
+        opt_twin.step()
+    assert torch.isfinite(ours).all()
+    assert torch.equal(ours, twin)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels
+from kernels._bf16state import half_ulp
 
 CASES = [("SGD", dict(lr=1e-2)), ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
          ("Adam", dict(lr=1e-3)), ("AdamW", dict(lr=1e-3, weight_decay=0.1)),
@@ -213,3 +214,78 @@ def test_gradients_read_in_place_take_the_kahan_update_too(fused):
         assert torch.equal(p, q)
         assert torch.equal(direct.state[p]["kahan_comp"], copied.state[q]["kahan_comp"])
     assert any(direct.state[p]["kahan_comp"].abs().sum() > 0 for p in a)
+
+
+def _trained(name, kwargs, seed=0, steps=20):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(50, 20).to(torch.bfloat16)
+    opt = getattr(kernels, name)(model.parameters(), kahan_sum=True, **kwargs)
+    x = torch.randn(64, 50).to(torch.bfloat16)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _zero_grad_step(model, opt):
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+
+
+EDITS = ["data-clamp", "no-grad-clamp", "data-projection", "reset_parameters", "load_state_dict"]
+KAHAN_OPTIMIZERS = [("SGD", dict(lr=1e-2)), ("AdamW", dict(lr=0.0)), ("Adam", dict(lr=0.0)),
+                    ("RMSprop", dict(lr=0.0))]
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("name, kwargs", KAHAN_OPTIMIZERS, ids=[n for n, _ in KAHAN_OPTIMIZERS])
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edit_of_the_weights_drops_their_stale_compensation(edit, name, kwargs, fused):
+    """After 20 steps, the weights are edited in place; a step that cannot move them (a zero gradient; lr 0
+    for the adaptive ones) leaves them exactly as edited, as torch.optim's step does — the compensation of
+    the old weights is not added to the new ones (it moved clipped weights by up to 77% of the clip bound)."""
+    model, opt = _trained(name, {**kwargs, "fused": fused})
+    w = model.weight
+    if edit == "data-clamp":
+        w.data.clamp_(-0.01, 0.01)
+    elif edit == "no-grad-clamp":
+        with torch.no_grad():
+            w.clamp_(-0.01, 0.01)
+    elif edit == "data-projection":
+        w.data.div_(w.data.float().norm().to(torch.bfloat16) * 4)
+    elif edit == "reset_parameters":
+        model.reset_parameters()
+    else:
+        other = torch.nn.Linear(50, 20).to(torch.bfloat16)
+        model.load_state_dict(other.state_dict())
+    edited = [p.detach().clone() for p in model.parameters()]
+    _zero_grad_step(model, opt)
+    if edit in ("data-clamp", "data-projection"):
+        # the edit went around autograd (p.data): what tells it is the residue itself, larger than half an ulp
+        # of the edited weights where they shrank. A residue of at most half an ulp is kept (it may be the
+        # weight's own, untouched by the edit): a tie then rounds to the even neighbour, one ulp, with
+        # param + compensation unchanged. Nothing moves further.
+        e = edited[0].float()
+        ulp = 2 * half_ulp(e, torch.bfloat16)
+        assert ((w.float() - e).abs() <= ulp).all()
+        if edit == "data-clamp":
+            assert w.abs().max() <= 0.01 and torch.equal(w[e.abs() >= 0.01], edited[0][e.abs() >= 0.01])
+    else:
+        for p, e in zip(model.parameters(), edited):
+            assert torch.equal(p, e)
+        touched = [w] if edit == "no-grad-clamp" else list(model.parameters())
+        assert not any(opt.state[p]["kahan_comp"].any() for p in touched)
+
+
+def test_compensation_survives_steps_that_do_not_edit():
+    """Without an edit, the residue is kept step to step (the version check does not fire on our own writes):
+    updates below half an ulp still accumulate."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    opt = kernels.SGD([p], lr=1.0, kahan_sum=True)
+    for _ in range(100):
+        p.grad = torch.full((1000,), -2.0 ** -12, dtype=torch.bfloat16)  # an eighth of an ulp at 1.0
+        opt.step()
+    assert torch.equal(p.float() + opt.state[p]["kahan_comp"].float(), torch.full((1000,), 1 + 100 * 2 ** -12))

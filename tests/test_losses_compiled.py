@@ -23,7 +23,7 @@ SETTINGS = settings(max_examples=examples(8), deadline=None,
 @pytest.fixture(autouse=True)
 def always_compile(monkeypatch):
     monkeypatch.setattr(_loss_base, "_COMPILE_MIN_NUMEL", 1)
-    monkeypatch.setenv(_compile.ENV_VAR, "1")
+    monkeypatch.setenv(_compile.ENV_VAR, "sync")  # compiled at the first call (the default: in the background)
     yield
     assert not _compile._broken, _compile._broken  # it really ran compiled, never fell back
 
@@ -35,8 +35,8 @@ def ran(monkeypatch):
     calls: list[str] = []
     real = _loss_base.run_fused
 
-    def recording(fn, flags, tensors, hp, *, strict):
-        ok, out = real(fn, flags, tensors, hp, strict=strict)
+    def recording(fn, flags, tensors, hp, *, strict, **kw):
+        ok, out = real(fn, flags, tensors, hp, strict=strict, **kw)
         if ok:
             calls.append(fn.__name__)
         return ok, out

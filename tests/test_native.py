@@ -98,6 +98,7 @@ def tries(cc, monkeypatch, tmp_path):
 
     def attempt():
         _native._loaded.clear()
+        _native._compilers.clear()  # the compiler is looked up once per process: look again
         tried.clear()
         assert _native.library() is None
         return list(tried)
@@ -308,3 +309,136 @@ def test_a_compiler_whose_version_query_fails_still_builds(tries, monkeypatch, t
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     assert [(c, openmp) for c, _, openmp in tries()] == [(str(fake), True), (str(fake), False)]
+
+
+# -- who may have written the library we load ---------------------------------------------------------------
+
+@pytest.fixture
+def real_library():
+    lib = _native.library()
+    if lib is None:
+        pytest.skip("the C library does not build here")
+    return lib
+
+
+@pytest.fixture
+def planted(real_library, monkeypatch, tmp_path):
+    """A cache holding, under this machine's key, a library that is not the real one (a copy of the real
+    library: loading it would succeed); ``_build`` records instead of compiling."""
+    monkeypatch.setenv("OPTADVISOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setattr(_native, "_private_dir", [])
+    built: list[Path] = []
+
+    def build(compiler, out, openmp):
+        built.append(out)
+        return False
+
+    monkeypatch.setattr(_native, "_build", build)
+    assert _native.library() is None  # the key's paths, asked for once
+    (path, path2) = built
+    built.clear()
+    return path, built
+
+
+def test_the_cache_directory_is_made_private(planted, tmp_path):
+    path, _ = planted
+    assert path.parent == tmp_path / "cache"
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_library_in_a_directory_others_can_write_is_never_loaded(planted, real_library, tmp_path):
+    """A shared cache (mode 0777) holding a library under this machine's key: not loaded, built privately
+    instead, with one warning naming the directory."""
+    path, built = planted
+    shutil.copyfile(real_library._name, path)
+    path.chmod(0o600)
+    path.parent.chmod(0o777)
+    _native._loaded.clear()
+    with pytest.warns(RuntimeWarning, match=r"kernel cache .*cache is not a directory owned by this user"):
+        assert _native.library() is None
+    assert built and all(out.parent != path.parent for out in built)  # a private directory instead
+    assert all(out.parent.stat().st_mode & 0o777 == 0o700 for out in built)
+
+
+@pytest.mark.parametrize("how", ["group-writable", "world-writable", "symlink"])
+def test_a_cached_file_others_could_have_written_is_never_loaded(planted, real_library, tmp_path, how):
+    path, built = planted
+    if how == "symlink":
+        target = tmp_path / "elsewhere.so"
+        shutil.copyfile(real_library._name, target)
+        path.symlink_to(target)
+    else:
+        shutil.copyfile(real_library._name, path)
+        path.chmod(0o620 if how == "group-writable" else 0o602)
+    _native._loaded.clear()
+    with pytest.warns(RuntimeWarning, match="is not a regular file owned by this user"):
+        assert _native.library() is None
+    assert built and built[0].name == path.name and built[0].parent != path.parent
+
+
+def test_a_trusted_cached_library_is_loaded(planted, real_library):
+    path, built = planted
+    shutil.copyfile(real_library._name, path)
+    path.chmod(0o600)
+    _native._loaded.clear()
+    lib = _native.library()
+    assert lib is not None and Path(lib._name) == path and built == []
+
+
+def test_trust_is_ownership_and_write_bits():
+    import os
+
+    mine, root, other = os.getuid(), 0, os.getuid() + 12345
+
+    def st(uid, mode):
+        return os.stat_result((mode, 0, 0, 1, uid, 0, 0, 0, 0, 0))
+
+    assert _native._trusted(st(mine, 0o100755)) and _native._trusted(st(root, 0o100644))
+    assert not _native._trusted(st(other, 0o100600))
+    assert not _native._trusted(st(mine, 0o100620)) and not _native._trusted(st(mine, 0o100602))
+
+
+# -- no step waits for the build ----------------------------------------------------------------------------
+
+def test_available_never_builds_in_the_callers_thread(monkeypatch, tmp_path):
+    """``available()`` (what a step asks) returns while a build held by the test runs in the background
+    (had it waited, the build would be over: it is released only after); the step path meanwhile gets
+    None (the torch ops); a second call starts no second build."""
+    import threading
+    import time
+
+    monkeypatch.setenv(_native.ENV_VAR, "1")
+    monkeypatch.setenv("OPTADVISOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setattr(_native, "_compilers", {})
+    monkeypatch.setattr(_native, "_building", set())
+    release = threading.Event()
+    calls = []
+
+    def slow_build(compiler, out, openmp):
+        calls.append(out)
+        release.wait(20)
+        return False
+
+    monkeypatch.setattr(_native, "_build", slow_build)
+    assert _native.available() is None
+    assert _native.available() is None
+    assert _native.building() and not release.is_set()
+    release.set()
+    deadline = time.monotonic() + 20
+    while _native.building() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _native.building()
+    assert len(calls) == 2  # one background load: OpenMP, then without, once
+    assert _native.available() is None  # the build failed: the torch ops, for good, and no retry
+    assert len(calls) == 2
+
+
+def test_the_compiler_is_looked_up_once_per_process(monkeypatch):
+    monkeypatch.setattr(_native, "_compilers", {})
+    looked = []
+    monkeypatch.setattr(_native.shutil, "which", lambda name: looked.append(name) or "/usr/bin/cc")
+    for _ in range(5):
+        assert _native._compiler() == "/usr/bin/cc"
+    assert looked == ["cc"]

@@ -408,3 +408,17 @@ def test_label_mappings_show_six(n_classes, shown):
 def test_class_count_evidence_shows_ten(counts, text):
     y = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
     assert profile_data(torch.zeros(len(y), 1), y).evidence["class_counts"] == text
+
+
+def test_two_non_integer_values_are_a_quantity_not_a_refusal():
+    """{0.1, 0.9} was refused with a message about task='classification', which the caller never passed:
+    two distinct non-integer values are read as a quantity (and the evidence says how to make them classes);
+    asked for classes, the refusal says what is wrong with them."""
+    y = torch.tensor([0.1, 0.9] * 50)
+    prof = profile_data(torch.randn(100, 3), y)
+    assert prof.facts.task == "regression"
+    assert prof.evidence["task"].startswith("regression: the target has exactly 2 distinct values, not integers")
+    with pytest.raises(ValueError, match=r"^profile_data: task='classification' needs integer class labels in the "
+                                         r"target \(it has non-integer values: encode the classes as 0, 1, ...\)$"):
+        profile_data(torch.randn(100, 3), y, task="classification")
+    assert profile_data(torch.randn(100, 3), (y > 0.5).long()).facts.task == "classification"

@@ -861,7 +861,7 @@ def test_8bit_step_takes_the_c_kernel_where_it_applies(name, kind, monkeypatch):
     8-bit bucket (the small parameters' float state is not its business); float16 parameters, fused=False and
     OPTADVISOR_NATIVE=0 take the torch ops."""
     recording = _Recording(_native.library())
-    monkeypatch.setattr(_native, "library", lambda: recording)
+    monkeypatch.setattr(_native, "available", lambda: recording)  # what a step asks
     kw = {"momentum": 0.9} if name in ("SGD8bit", "RMSprop8bit") else {}
     cls = getattr(kernels, name)
 
@@ -891,7 +891,7 @@ def test_bf16_state_step_takes_the_c_kernel_where_it_applies(name, function, kwa
     buffer and the step count (the random bits' inputs), a gradient read where it lies included; fused=False
     and OPTADVISOR_NATIVE=0 take the torch ops (same bits: test_bf16_state_c_kernels_give_the_torch_op_paths_bits)."""
     recording = _Recording(_native.library())
-    monkeypatch.setattr(_native, "library", lambda: recording)
+    monkeypatch.setattr(_native, "available", lambda: recording)  # what a step asks
 
     def steps(**extra):
         recording.calls.clear()
@@ -909,5 +909,5 @@ def test_bf16_state_step_takes_the_c_kernel_where_it_applies(name, function, kwa
     assert calls == [(function, 301, 0, 1), (function, 70_001, start, 1),
                      (function, 301, 0, 2), (function, 70_001, start, 2)]
     assert steps(fused=False)[0] == []
-    monkeypatch.setattr(_native, "library", lambda: None)
+    monkeypatch.setattr(_native, "available", lambda: None)
     assert steps()[0] == []
