@@ -15,12 +15,14 @@ takes microseconds; torch's own paths have no such cost. So a configuration is c
 thread, on scratch tensors of the same dtypes, layouts and 0/1-size pattern as the call that asked for it,
 while the caller runs its eager update (the same math, op for op torch's for-loop path); the compiled
 kernel serves every call from the next one after it is ready. The compile starts once a configuration has
-run ``COMPILE_AFTER_ELEMENTS`` element updates eagerly (ski rental: about what the compile costs, so a short
-run never pays for one, and a long one pays at most about twice the better choice in hindsight). Calls
-under ``COMPILE_MIN_NUMEL`` elements never ask: measured on 2 cores (torch 2.13), the compiled Adam saves 0.05-0.09 ms a step at 128k-256k
-elements and 1.7 ms at 512k (eager's temporaries leave the cache there), so below 512k a compile (3-30 s of
-a core) repays itself only after 30,000-300,000 steps. A background thread barely slows the eager steps
-(10k-element Adam: 110 us a step while compiling against 99 us alone). Compiled and eager results agree
+run ``COMPILE_AFTER_ELEMENTS`` (2^30) element updates eagerly — ski rental: about what the compile costs, so
+a short run never pays for one (a 1.2M-parameter model gets there after ~900 steps, a 10M one after ~100)
+and a long one pays at most about twice the better choice in hindsight. Calls under ``COMPILE_MIN_NUMEL`` (64k)
+elements never count: measured on 2 cores (torch 2.13), the compiled Adam saves 0.01-0.04 ms a call at
+4k-64k elements, 0.05-0.09 ms at 128k-256k and 1.7 ms at 512k (eager's temporaries leave the cache there),
+so below 64k a compile (3-30 s of a core) repays itself only after 100,000-3,000,000 calls. While it runs,
+the compile shares the cores (2 here): an eager 10k-element Adam step took 110 us against 99 alone, a
+2M-element one 60-120 ms against 7.5. Compiled and eager results agree
 within torch's tolerances but not bit for bit, and the switch happens when the compiler is done: for
 runs that must repeat bit for bit, compile first (:func:`warmup`, ``OPTADVISOR_COMPILE=sync``,
 ``fused=True``) or not at all (``OPTADVISOR_COMPILE=0``, ``fused=False``); under
@@ -57,7 +59,7 @@ ENV_VAR = "OPTADVISOR_COMPILE"
 _INT32_LIMIT = 1 << 31
 #: elements: a call smaller than this never starts a background compile (see the module docstring); a kernel
 #: compiled for a larger call of the same configuration serves it too
-COMPILE_MIN_NUMEL = 1 << 19
+COMPILE_MIN_NUMEL = 1 << 16
 #: element updates run eagerly in one configuration before its compile starts (~2-4 s of eager Adam on 2
 #: cores, about what the compile itself costs warm): 100 steps of a 10M-parameter model, 900 of a 1.2M one
 COMPILE_AFTER_ELEMENTS = 1 << 30
@@ -72,7 +74,7 @@ _broken: dict[tuple, str] = {}
 #: background mode: kernels ready to serve, by (configuration key, call signature)
 _ready: dict[tuple, "_Kernel"] = {}
 _ready_keys: set[tuple] = set()  # the configuration keys of _ready
-_eager_work: dict[tuple, int] = {}  # (key, signature) -> elements updated eagerly so far
+_eager_work: dict[tuple, int] = {}  # configuration key -> elements updated eagerly so far
 #: configurations (key, signature) handed to the background thread and not yet ready (or given up)
 _scheduled: set[tuple] = set()
 #: failures of the background thread, warned about once, from the caller's thread (so the warning names
@@ -251,9 +253,19 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
             kernel = _compiled[key] = _new_kernel(fn, key, "")
         return _call(kernel, fn, key, scalars, flags, tensors, strict, lambda: _compiled.pop(key, None))
     warming = getattr(_local, "warming", False)
-    small = _numel(tensors) < (COMPILE_MIN_NUMEL if min_numel is None else min_numel)
-    if small and key not in _ready_keys and not warming:
-        return False, None  # the usual small step: decided without building its signature (allocations)
+    n = _numel(tensors)
+    floor = COMPILE_MIN_NUMEL if min_numel is None else min_numel
+    if not warming and key not in _ready_keys:
+        # decided without building the call's signature (allocations that the collector counts): a small
+        # call never asks; a larger one runs eagerly until this configuration's eager work is about what a
+        # compile costs (ski rental: a short run never pays for a compile, a long one at most about twice
+        # the better choice in hindsight)
+        if n < floor:
+            return False, None
+        done = _eager_work.get(key, 0) + n
+        _eager_work[key] = done
+        if done < COMPILE_AFTER_ELEMENTS:
+            return False, None
     sig = _signature(tensors, scalars)
     kernel = _ready.get((key, sig))
     if kernel is None:
@@ -261,13 +273,8 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
             kernel = _ready[(key, sig)] = _new_kernel(fn, key, f"_s{next(_serial)}")
             _ready_keys.add(key)
         else:
-            if not small and (key, sig) not in _scheduled:
-                # ski rental: run eagerly until the work done that way is about what a compile costs, then
-                # compile; a short run (a script, a test, 300 steps of a 1M-parameter model) never pays for it
-                done = _eager_work.get((key, sig), 0) + _numel(tensors)
-                _eager_work[(key, sig)] = done
-                if done >= COMPILE_AFTER_ELEMENTS:
-                    _schedule(fn, key, sig, flags, tensors, scalars)
+            if n >= floor and (key, sig) not in _scheduled:
+                _schedule(fn, key, sig, flags, tensors, scalars)
             return False, None
     return _call(kernel, fn, key, scalars, flags, tensors, strict, lambda: _ready.pop((key, sig), None))
 
