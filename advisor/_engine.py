@@ -303,12 +303,23 @@ def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
     opt, opt_alts = pick("optimizer", OPTIMIZERS)
     loss, loss_alts = pick("loss", LOSSES_FOR_TASK[profile.task])
 
-    def settle(cand: str) -> dict[str, Any]:
+    def own(cand: str) -> dict[str, Any]:
         out = {}
         for (c, pname), (value, _) in sorted(values.items()):
             if c == cand:
                 factor = scales.get((c, pname))
                 out[pname] = value * factor if factor is not None and not isinstance(value, (bool, list)) else value
+        return out
+
+    def settle(cand: str) -> dict[str, Any]:
+        """The candidate's hyperparameters: those rules set for it, then those set for its float32 twin
+        (AdamW for AdamW8bit) that it takes too — a rule that picks AdamW8bit for memory must not drop the
+        learning rate the rules chose for AdamW."""
+        out = own(cand)
+        twin = _twin(cand)
+        if twin is not None:
+            accepted = catalog.entry(cand).params
+            out.update({k: v for k, v in own(twin).items() if k not in out and k in accepted})
         return out
 
     optimizers, losses = ({name: Choice(name=name, params=settle(name), score=scores[kind].get(name, 0.0))
@@ -317,6 +328,17 @@ def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
     return Recommendation(
         facts=profile, optimizer=optimizers[opt], loss=losses[loss], reasons=reasons,
         alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown, optimizers=optimizers, losses=losses)
+
+
+@functools.lru_cache(maxsize=None)
+def _twin(name: str) -> str | None:
+    """The catalog optimizer that is ``name``'s float32 form (the same torch counterpart, named after it):
+    AdamW for AdamW8bit, SGD for SGD8bit; None for an optimizer that is its own."""
+    e = catalog.entry(name)
+    twin = e.torch.rpartition(".")[2] if e.torch else None
+    if twin is None or twin == name or twin not in {o.name for o in catalog.optimizers()}:
+        return None
+    return twin
 
 
 def _beats(challenger: CompiledRule, holder: CompiledRule) -> bool:

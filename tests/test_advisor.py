@@ -158,3 +158,30 @@ def test_invalid_facts_are_rejected_naming_the_field(facts, field):
 def test_profile_derives_classes_and_imbalance_from_counts():
     p = TaskProfile(task="classification", class_counts=[300, 100, 30])
     assert p.n_classes == 3 and p.class_imbalance == 10
+
+
+def test_an_8bit_choice_takes_the_hyperparameters_set_for_its_float32_twin():
+    """A 7B-parameter transformer: the memory rule picks AdamW8bit; it got no learning rate at all ('nothing
+    for the chosen pair'). Every value the rules set for AdamW that AdamW8bit takes comes with it, and one set
+    for AdamW8bit itself wins."""
+    from advisor import advise
+
+    facts = dict(task="classification", model_kind="transformer", n_params=7_000_000_000, n_samples=10_000_000,
+                 n_classes=50257, batch_size=512, memory_gb=80)
+    rec = advise(**facts)
+    assert rec.optimizer.name == "AdamW8bit"
+    assert rec.optimizer.params == {k: v for k, v in rec.optimizers["AdamW"].params.items()}
+    assert "lr" in rec.optimizer.params
+    policy = {"rules": [{"id": "ours", "description": "d", "when": "n_params > 1e9",
+                         "then": {"params": {"AdamW8bit": {"lr": 1e-4}}}, "because": "b", "source": "s",
+                         "priority": 5, "examples": [{"facts": {"task": "classification", "n_params": 2e9},
+                                                       "fires": True}]}]}
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(policy, fh)
+    mine = advise(**facts, extra_rules=[fh.name])
+    assert mine.optimizer.params["lr"] == 1e-4
+    assert mine.optimizer.params["weight_decay"] == rec.optimizers["AdamW"].params["weight_decay"]
