@@ -251,7 +251,8 @@ def _read_file(path: Path) -> list[CompiledRule | str]:
         try:
             rule = Rule.model_validate(raw)
         except ValidationError as exc:
-            raise RuleError(f"{where}: rule {rule_id}: {_first_error(exc)}") from None
+            problems = [_first_error(exc, limit=None)] + _condition_errors(raw)
+            raise RuleError(f"{where}: rule {rule_id}: {'; '.join(problems)}") from None
         try:
             out.append(compile_rule(rule, where))
         except RuleError as exc:
@@ -259,14 +260,31 @@ def _read_file(path: Path) -> list[CompiledRule | str]:
     return out
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc: ValidationError, limit: int | None = 3) -> str:
     errors = exc.errors()
     parts = []
-    for err in errors[:3]:
+    for err in errors[:limit]:
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "union")))
         parts.append(f"{loc or 'rule'}: {err['msg']}")
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    more = f" (and {len(errors) - limit} more)" if limit is not None and len(errors) > limit else ""
     return "; ".join(parts) + more
+
+
+def _condition_errors(raw: Any) -> list[str]:
+    """The problems of a rule's ``when`` on its own, for a rule refused for another reason (a missing
+    ``examples:`` must not hide an unknown fact in the condition): every error of a rule at once."""
+    if not isinstance(raw, dict) or "when" not in raw:
+        return []
+    try:
+        when = Rule.model_fields["when"].annotation
+        from pydantic import TypeAdapter
+
+        _compile_condition(TypeAdapter(when).validate_python(raw["when"]), set())
+    except ValidationError:
+        return []  # already among the model's errors
+    except RuleError as exc:
+        return [f"when: {exc}"]
+    return []
 
 
 def _compile_condition(cond: Any, facts: set[str]) -> Callable[[dict], Any]:
@@ -347,10 +365,11 @@ def _check_conflicts(rules: list[CompiledRule], all_ids: set[str]) -> None:
         for i, a in enumerate(rs):
             for b in rs[i + 1:]:
                 if a.rule.priority == b.rule.priority and a.rule.overrides != b.id and b.rule.overrides != a.id:
+                    above = max(r.rule.priority for r in rs) + 1
                     raise RuleError(
                         f"{b.origin}: rule {b.id}: sets {cand}.{name}, which rule {a.id} ({a.origin}) also sets "
-                        f"at the same priority {a.rule.priority}; give one a higher priority or declare "
-                        f"'overrides: {a.id}'")
+                        f"at the same priority {a.rule.priority}; give one a higher priority (priority {above} "
+                        f"is above every rule that sets {cand}.{name}) or declare 'overrides: {a.id}'")
 
 
 def rule_file_schema() -> dict[str, Any]:

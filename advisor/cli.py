@@ -103,7 +103,10 @@ def _rules(argv: list[str]) -> int:
     sub.add_parser("list", help="the rules in use, with priorities and sources")
     check = sub.add_parser("check", help="validate rule files and run their examples")
     check.add_argument("files", type=Path, nargs="+")
-    check.add_argument("--extra", action="store_true", help="check them as extra rules over the built-in book")
+    check.add_argument("--extra", action="store_true", help="(the default) check them as extra rules over the "
+                       "built-in book, with every check --extra-rules makes")
+    check.add_argument("--alone", action="store_true", help="check them as a rule book of their own, without the "
+                       "built-in one")
     sub.add_parser("schema", help="the JSON Schema of a rule file")
     args = ap.parse_args(argv)
     if args.command == "schema":
@@ -115,7 +118,9 @@ def _rules(argv: list[str]) -> int:
             for r in ruleset:
                 print(f"{r.id:34s} priority {r.rule.priority:>3}  {r.rule.description}  [{r.origin}]")
             return 0
-        ruleset = load_rules(None, args.files) if args.extra else load_rules(args.files)
+        # by default exactly what `advise --extra-rules FILE` will load: a policy file that passes here
+        # loads there (it used to be checked alone, and a conflict with a built-in rule surfaced only then)
+        ruleset = load_rules(args.files) if args.alone else load_rules(None, args.files)
         failures = check_examples(ruleset)
     except RuleError as exc:
         return _fail(str(exc))

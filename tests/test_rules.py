@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 import textwrap
 
 import pytest
@@ -294,13 +295,13 @@ def test_cli(tmp_path, capsys):
     bad = write(tmp_path, yaml_of(rule(when="task > 3")), "bad.yaml")
     assert main(["--task", "regression", "--extra-rules", str(bad)]) == 2
     assert "bad.yaml:2: rule r1: type mismatch" in capsys.readouterr().err
-    assert main(["rules", "check", str(write(tmp_path, GOOD))]) == 0
+    assert main(["rules", "check", "--alone", str(write(tmp_path, GOOD))]) == 0
     assert main(["rules", "list"]) == 0
     assert "huber-for-outliers" in capsys.readouterr().out
     assert main(["rules", "schema"]) == 0
     json.loads(capsys.readouterr().out)
     wrong = write(tmp_path, GOOD.replace("expect: {optimizer: SGD}", "expect: {optimizer: Adam}"), "wrong.yaml")
-    assert main(["rules", "check", str(wrong)]) == 2
+    assert main(["rules", "check", "--alone", str(wrong)]) == 2
 
 
 @pytest.mark.parametrize("source,message", [
@@ -658,7 +659,8 @@ def test_the_builtin_rulebook_is_found_installed_or_in_a_checkout_and_missing_is
      "{0}:5: duplicate key 'when' (first at line 4); YAML would silently keep only the last one"),
     (["rules:\n  - 5\n"], None, "{0}:2: rule ?: rule: Input should be a valid dictionary or instance of Rule"),
     (["rules:\n  - {description: d}\n"], None,
-     "{0}:2: rule ?: id: Field required; when: Field required; then: Field required (and 3 more)"),
+     "{0}:2: rule ?: id: Field required; when: Field required; then: Field required; because: Field required; "
+     "source: Field required; examples: Field required"),
     (None, ["rules:\n  - {id: 5, enabled: false}\n"], "{0}:2: rule 5: id: Input should be a valid string"),
 ])
 def test_rule_files_are_refused_word_for_word(tmp_path, base, extra, message):
@@ -682,3 +684,46 @@ def test_an_extra_file_disables_and_adds_in_one_go(tmp_path):
     rules = load_rules(None, [write(tmp_path, text)])
     assert rules.disabled == ("huber-for-outliers",) and rules.get("r9") is not None
     assert rules.get("huber-for-outliers") is None
+
+
+POLICY_CLASH = """
+rules:
+  - id: our-adamw-decay
+    description: our weight decay for AdamW
+    when: "task == 'regression'"
+    then:
+      params: {AdamW: {weight_decay: 0.05}}
+    because: team policy
+    source: our wiki
+    examples:
+      - facts: {task: regression}
+        fires: true
+"""
+
+
+def test_rules_check_makes_the_checks_loading_makes(tmp_path, capsys):
+    """`rules check` said ok, then `--extra-rules` refused the same file (a clash with a built-in rule at the
+    same priority): check runs what loading runs, and the message names a priority that resolves it."""
+    from advisor.cli import main
+
+    path = write(tmp_path, POLICY_CLASH)
+    assert main(["--task", "regression", "--extra-rules", str(path)]) == 2
+    loading = capsys.readouterr().err
+    assert main(["rules", "check", str(path)]) == 2
+    checking = capsys.readouterr().err
+    assert "sets AdamW.weight_decay, which rule" in checking and checking == loading
+    above = int(re.search(r"\(priority (\d+) is above every rule that sets AdamW.weight_decay\)", checking)[1])
+    fixed = write(tmp_path, POLICY_CLASH.replace("    because:", f"    priority: {above}\n    because:"), "p.yaml")
+    assert main(["rules", "check", str(fixed)]) == 0
+    assert main(["--task", "regression", "--extra-rules", str(fixed)]) == 0
+    assert main(["rules", "check", "--alone", str(path)]) == 0  # on its own it clashes with nothing
+
+
+def test_every_error_of_a_rule_is_reported_at_once(tmp_path):
+    """A missing `examples:` hid the real error (an unknown fact in the condition) behind 'Field required'."""
+    text = POLICY_CLASH.replace("task == 'regression'", "tsk == 'regression'")
+    text = text[:text.index("    examples:")]
+    with pytest.raises(RuleError) as info:
+        load_rules(None, [write(tmp_path, text)])
+    message = str(info.value)
+    assert "examples: Field required" in message and "when: unknown fact 'tsk'" in message
