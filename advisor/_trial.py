@@ -711,7 +711,7 @@ class _Search:
                 continue  # diverged on another seed: not a candidate
             curves = [[tuple(p) for p in _outcome(r)["curve"]] for r in runs]
             keys = [[(st, k) for (st, _), k in zip(c, _outcome(r)["keys"])] for c, r in zip(curves, runs)]
-            best_step, best_key = min(_mean_curve(keys), key=lambda sv: (sv[1], sv[0]))
+            best_step, best_key = best_point(keys)
             values = [dict(c)[best_step] for c in curves]
             best_mean = statistics.fmean(values)
             params = {**self.rec.optimizers[cfg["optimizer"]].params, "lr": cfg["lr"]}
@@ -769,6 +769,12 @@ class _Search:
 
 def _outcome(t: Any) -> dict[str, Any]:
     return t.user_attrs.get("outcome", {})
+
+
+def best_point(curves: list[list[tuple[int, Any]]]) -> tuple[int, Any]:
+    """The evaluated step where the seeds' mean curve is lowest (the earliest of equal ones) and that mean:
+    where to stop training. Curves are (step, value) lists; only steps every seed evaluated count."""
+    return min(_mean_curve(curves), key=lambda sv: (sv[1], sv[0]))
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:

@@ -811,3 +811,38 @@ def test_every_run_of_a_step_is_compiled_unless_fused_is_false(monkeypatch, fuse
         assert sorted(seen) == ([(True, 9), (True, 10), (True, 20)] if calls else [])
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1.3e-6, atol=1e-5)
+
+
+# Group options that choose the update's form (its flags) edited after the first step: read anew each step.
+# An audit planted "flags cached at the first step" and no test noticed (weight_decay 0 -> 0.5 after step 1
+# then differs from torch by 0.29).
+FLAG_EDITS = [
+    ("SGD", dict(lr=0.1, momentum=0.9), [("weight_decay", 0.5), ("maximize", True), ("nesterov", True),
+                                         ("dampening", 0.0)]),
+    ("Adam", dict(lr=0.05), [("weight_decay", 0.5), ("maximize", True)]),
+    ("AdamW", dict(lr=0.05, weight_decay=0.0), [("weight_decay", 0.5), ("maximize", True)]),
+    ("RMSprop", dict(lr=0.01, momentum=0.5), [("weight_decay", 0.5), ("maximize", True)]),
+    ("Adagrad", dict(lr=0.1), [("weight_decay", 0.5), ("maximize", True)]),
+]
+
+
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("name, kwargs, edits", FLAG_EDITS, ids=[n for n, _, _ in FLAG_EDITS])
+def test_flag_options_edited_after_stepping_take_effect(name, kwargs, edits, fused):
+    for option, value in edits:
+        torch.manual_seed(0)
+        shapes = [(5, 3), (4,), (70_000,)]
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ours = getattr(kernels, name)(params, fused=fused, **kwargs)
+        ref = getattr(torch.optim, name)(twins, foreach=False, **kwargs)
+        for step in range(4):
+            if step == 1:
+                for opt in (ours, ref):
+                    opt.param_groups[0][option] = value
+            for p, q in zip(params, twins):
+                p.grad = torch.randn(p.shape)
+                q.grad = p.grad.clone()
+            ours.step()
+            ref.step()
+        assert_same(ref, ours, twins, params, torch.float32, exact=fused is False)
