@@ -47,27 +47,50 @@ def load_example(name: str) -> dict[str, Any]:
         raise ValueError(f"unknown example {name!r}: one of {', '.join(EXAMPLES)}")
     X, y = loaders[name](return_X_y=True)
     task = "regression" if name.startswith("diabetes") else "classification"
-    X = torch.tensor(X, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.float32 if task == "regression" else torch.int64)
+    data = split_table(torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float64), task, name=name)
+    gen = data.pop("generator")
+    if name == "diabetes_outliers":
+        # the split's generator, drawn on: the planted outliers are the ones the cached grid saw
+        ytr = data["train"][1]
+        k = len(ytr) // 10
+        idx = torch.randperm(len(ytr), generator=gen)[:k]
+        sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+        ytr[idx] += sign * (8 + 8 * torch.rand(k, generator=gen))
+    return data
+
+
+def split_table(X: torch.Tensor, y: torch.Tensor, task: str, name: str = "data",
+                val_fraction: float = 0.25) -> dict[str, Any]:
+    """The examples' protocol on any table: a fixed split (seed 0; ``val_fraction`` to validation), features
+    standardized with the training split's mean and std, regression targets too, class labels as indices
+    (the i-th smallest label is class i). Rows with a missing (NaN) value are dropped first."""
+    X, y = X.to(torch.float32), y.to(torch.float64)
+    keep = ~(torch.isnan(X).any(1) | torch.isnan(y))
+    X, y = X[keep], y[keep]
+    if len(y) < 8:
+        raise ValueError(f"{name}: {len(y)} complete rows; a trial needs at least 8")
+    if task == "classification":
+        labels = torch.unique(y)
+        y = torch.searchsorted(labels, y).to(torch.int64)
+    else:
+        y = y.to(torch.float32)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(y), generator=gen)
-    n = int(0.75 * len(y))
+    n = int((1 - val_fraction) * len(y))
+    if not 0 < n < len(y):
+        raise ValueError(f"{name}: val_fraction {val_fraction} leaves no training or no validation rows")
     tr, va = perm[:n], perm[n:]
     mu, sd = X[tr].mean(0), X[tr].std(0)
-    sd[sd == 0] = 1.0
+    sd[~(sd > 0)] = 1.0
     X = (X - mu) / sd
     ytr, yva = y[tr].clone(), y[va].clone()
     if task == "regression":
         m, s = ytr.mean(), ytr.std()
+        s = s if s > 0 else torch.tensor(1.0)
         ytr, yva = (ytr - m) / s, (yva - m) / s
-        if name == "diabetes_outliers":
-            k = len(ytr) // 10
-            idx = torch.randperm(len(ytr), generator=gen)[:k]
-            sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
-            ytr[idx] += sign * (8 + 8 * torch.rand(k, generator=gen))
     outputs = 1 if task == "regression" else int(y.max()) + 1
     return {"name": name, "task": task, "train": (X[tr], ytr), "val": (X[va], yva), "n_features": X.shape[1],
-            "outputs": outputs}
+            "outputs": outputs, "rows_dropped": int((~keep).sum()), "generator": gen}
 
 
 def example_task(name: str) -> tuple[Callable[[], torch.nn.Module], tuple, tuple]:

@@ -6,7 +6,7 @@
     advise rules list | check FILE... | schema
     advise profile DATA.(csv|npz|pt) --target COLUMN      # profile the data, then advise
     advise diagnose HISTORY.(csv|json)                     # what the training curves show
-    advise trial --example digits [--storage URL]          # search around the advice on a validation set
+    advise trial DATA --target COL | --example digits [--storage URL]   # search around the advice on a validation split
 
 Exit codes: 0 ok, 2 bad input (invalid facts, rule errors, failing rule examples).
 """
@@ -60,7 +60,9 @@ def _bool(s: str) -> bool:
 def _advise(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="advise", description="Recommend an optimizer and a loss, with reasons.",
                                  epilog="Subcommands: advise rules list | check FILE... | schema; advise profile DATA "
-                                        "--target COLUMN; advise diagnose HISTORY")
+                                        "--target COLUMN; advise diagnose HISTORY; advise trial DATA --target "
+                                        "COLUMN (or --example NAME): search around the advice on a validation "
+                                        "split")
     _fact_flags(ap)
     ap.add_argument("--profile", type=Path, help="read facts from a YAML or JSON file (flags override it)")
     ap.add_argument("--example", action="store_true", help="advise on a built-in example task")
@@ -302,16 +304,46 @@ def _diagnose(argv: list[str]) -> int:
     return 0
 
 
+def _user_task(path: Path, target: str | None, task: str | None, val_fraction: float):
+    """(model_fn, train, val) for a table of the user's: the examples' protocol (split, standardization,
+    class indices) and their MLP sized from the data."""
+    import torch
+
+    from ._data import profile_data
+    from ._examples import MLP, split_table
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    X, y = _load_table(path, target)
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    if X.dim() != 2 or y.dim() != 1 or len(X) != len(y):
+        raise ValueError(f"{path}: expected X of shape (rows, features) and y of shape (rows,) "
+                         f"(got {tuple(X.shape)} and {tuple(y.shape)})")
+    task = task or profile_data(X, y).facts.task
+    data = split_table(X, y, task, name=str(path), val_fraction=val_fraction)
+    if data["rows_dropped"]:
+        print(f"{path}: {data['rows_dropped']} rows with a missing value left out", file=sys.stderr)
+    n_features, outputs = data["n_features"], data["outputs"]
+    return (lambda: MLP(n_features, outputs)), data["train"], data["val"]
+
+
 def _trial_cmd(argv: list[str]) -> int:
     from ._data import profile_data
     from ._examples import EXAMPLES, example_task
     from ._train import METRICS
     from ._trial import trial
 
-    ap = argparse.ArgumentParser(prog="advise trial", description="Profile a built-in example task, advise, then "
-                                 "search around the advice on its validation set (an Optuna study). Run the same "
-                                 "command with the same --storage URL on several machines to share the work.")
-    ap.add_argument("--example", choices=EXAMPLES, required=True)
+    ap = argparse.ArgumentParser(prog="advise trial", description="Profile a table (yours, or a built-in example), "
+                                 "advise, then search around the advice on a validation split (an Optuna study) "
+                                 "with an MLP n_features-64-64-outputs. Run the same command with the same "
+                                 "--storage URL on several machines to share the work.")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("data", nargs="?", type=Path, help="a .csv (header row), .npz or .pt table")
+    source.add_argument("--example", choices=EXAMPLES)
+    ap.add_argument("--target", help="the target column (CSV) or array (.npz); default 'y' for .npz/.pt")
+    ap.add_argument("--task", choices=["regression", "classification"], help="default: inferred, as profile")
+    ap.add_argument("--val-fraction", type=float, default=0.25,
+                    help="rows held out for validation, by a fixed seed (default %(default)s)")
     ap.add_argument("--n-trials", type=int, default=60, help="configurations searched (default %(default)s)")
     ap.add_argument("--top-k", type=int, default=5, help="finalists trained on every seed besides the rules' own")
     ap.add_argument("--budget-steps", type=int, default=300)
@@ -321,9 +353,15 @@ def _trial_cmd(argv: list[str]) -> int:
     ap.add_argument("--study-name")
     ap.add_argument("--plot", help="save the finalists' validation curves (PNG/SVG)")
     args = ap.parse_args(argv)
+    if args.data is not None and args.data.suffix == ".csv" and not args.target:
+        return _fail(f"{args.data}: --target must name the target column")
     try:
-        model_fn, train, val = example_task(args.example)
-        rec = evaluate(load_rules(), profile_data(*train, model=model_fn()).facts)
+        if args.example:
+            model_fn, train, val = example_task(args.example)
+        else:
+            model_fn, train, val = _user_task(args.data, args.target, args.task, args.val_fraction)
+        rec = evaluate(load_rules(), profile_data(*train, model=model_fn(),
+                                                  **({"task": args.task} if args.task else {})).facts)
         res = trial(model_fn, train, val, rec, top_k=args.top_k, budget_steps=args.budget_steps, metric=args.metric,
                     n_trials=args.n_trials, seeds=tuple(range(args.seeds)), storage=args.storage,
                     study_name=args.study_name)

@@ -181,3 +181,35 @@ def test_read_text_and_malformed_yaml_say_what_and_where(tmp_path):
         with pytest.raises(InputError) as info:
             load_yaml(text, "r.yaml")
         assert str(info.value) == message
+
+
+def test_trial_runs_on_the_users_own_table(tmp_path, capsys):
+    """`advise trial DATA --target COL` (it ran the built-in examples only): a semicolon CSV with class names
+    and a missing value; the MLP is sized from the data, the split is the examples' protocol."""
+    import random
+
+    rng = random.Random(0)
+    lines = ["a;b;c;kind"]
+    for i in range(80):
+        a, b = rng.gauss(0, 1), rng.gauss(0, 1)
+        lines.append(f"{a:.3f};{b:.3f};{'' if i == 5 else rng.random():.3};{'yes' if a + b > 0 else 'no'}")
+    path = tmp_path / "table.csv"
+    path.write_text("\n".join(lines) + "\n")
+    argv = ["trial", str(path), "--target", "kind", "--n-trials", "3", "--top-k", "1", "--seeds", "2",
+            "--budget-steps", "20", "--storage", str(tmp_path / "t.db")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "winner:" in out and "CrossEntropyLoss" in out
+    assert "1 rows with a missing value left out" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-trials", "3"], "--target must name the target column"),
+    (["--target", "kind", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1 (got 1.5)"),
+    (["--target", "nope"], "--target must name one of the columns"),
+])
+def test_trial_on_a_table_refuses_bad_arguments(tmp_path, capsys, argv, message):
+    path = tmp_path / "t.csv"
+    path.write_text("a,kind\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    assert main(["trial", str(path), *argv]) == 2
+    assert message in capsys.readouterr().err
