@@ -113,10 +113,11 @@ class TrialResult(BaseModel):
         """Validation curves of every finalist and seed (PNG/SVG; needs matplotlib)."""
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
-        for c in self.ranked:
-            for j, curve in enumerate(c.curves):
+        for i, c in enumerate(self.ranked):
+            for j, curve in enumerate(c.curves):  # one colour per finalist, its seeds' lines alike: one entry
                 xs, ys = zip(*curve) if curve else ((), ())
-                ax.plot(xs, ys, alpha=0.8, label=f"{c.optimizer.name} {c.lr:.2g} + {c.loss.name}" if j == 0 else None)
+                ax.plot(xs, ys, alpha=0.8, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+                        label=f"{c.optimizer.name} {c.lr:.2g} + {c.loss.name}" if j == 0 else None)
         return save_figure(plt, fig, ax, path, "step", self.metric)
 
 

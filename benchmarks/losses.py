@@ -22,17 +22,24 @@ from .cases import interleaved, peak_extra_mb
 
 
 def loss_cases(quick: bool) -> dict[str, dict]:
+    """Each case named by the sizes it runs (--quick divides them by 16, and says so in the names)."""
     s = 16 if quick else 1
-    return {
-        "cross_entropy (8192, 32000)": dict(kind="ce", n=8192 // s, c=32000 // s),
-        "cross_entropy (65536, 10)": dict(kind="ce", n=65536 // s, c=10),
-        "linear_cross_entropy h(4096,1024) W(32000,1024)": dict(kind="lce", n=4096 // s, d=1024 // s,
-                                                               v=32000 // s),
-        "mse_loss 10M": dict(kind="mse", n=10_000_000 // s),
-        "huber_loss 10M": dict(kind="huber", n=10_000_000 // s),
-        "multi_margin_loss (8192, 1000)": dict(kind="mm", n=8192 // s, c=1000 // s),
-        "hinge_loss 10M": dict(kind="hinge", n=10_000_000 // s),
-    }
+    specs = [dict(kind="ce", n=8192 // s, c=32000 // s), dict(kind="ce", n=65536 // s, c=10),
+             dict(kind="lce", n=4096 // s, d=1024 // s, v=32000 // s), dict(kind="mse", n=10_000_000 // s),
+             dict(kind="huber", n=10_000_000 // s), dict(kind="mm", n=8192 // s, c=1000 // s),
+             dict(kind="hinge", n=10_000_000 // s)]
+    return {_name(spec): spec for spec in specs}
+
+
+def _name(spec: dict) -> str:
+    def count(n: int) -> str:
+        return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k" if n >= 10_000 else str(n)
+    kind = spec["kind"]
+    if kind in ("ce", "mm"):
+        return f"{'cross_entropy' if kind == 'ce' else 'multi_margin_loss'} ({spec['n']}, {spec['c']})"
+    if kind == "lce":
+        return f"linear_cross_entropy h({spec['n']},{spec['d']}) W({spec['v']},{spec['d']})"
+    return f"{dict(mse='mse_loss', huber='huber_loss', hinge='hinge_loss')[kind]} {count(spec['n'])}"
 
 
 def make_case(spec: dict):
