@@ -1,6 +1,6 @@
 """optadvisor's advisor: which optimizer, which loss, which hyperparameters — and why.
 
->>> from advisor import advise
+>>> from optadvisor.advisor import advise
 >>> rec = advise(task="regression", n_samples=2_000, n_features=8, target_outlier_fraction=0.12)
 >>> rec.loss.name, rec.optimizer.name
 ('HuberLoss', 'Adam')

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from kernels import catalog
+from optadvisor.kernels import catalog
 
 from ._expr import UNKNOWN
 from ._monitor import Diagnosis, TrainingMonitor, diagnose

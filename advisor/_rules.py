@@ -39,7 +39,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kernels import catalog
+from optadvisor.kernels import catalog
 
 from ._expr import NUMBER, NUMBERS, UNKNOWN, Expression, RuleError, combine_all, combine_any, negate
 from ._profile import FACT_TYPES, TaskProfile
@@ -177,7 +177,7 @@ class RuleSet:
 def builtin_rule_files() -> list[Path]:
     """The rulebook shipped with the package (the repository's rules/, installed as ``advisor.rules``)."""
     try:
-        folder = Path(str(importlib.resources.files("advisor.rules")))
+        folder = Path(str(importlib.resources.files(__name__.rpartition(".")[0] + ".rules")))
     except ModuleNotFoundError:  # advisor imported from a source checkout that is not installed
         folder = Path(__file__).resolve().parent.parent / "rules"
     files = sorted(folder.glob("*.yaml"))

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from kernels import catalog
+from optadvisor.kernels import catalog
 
 from ._engine import Choice, Note, Reason, Recommendation, build_loss, build_optimizer
 from ._lr import lr_range_test, pyplot, save_figure

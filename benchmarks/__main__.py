@@ -97,7 +97,7 @@ def training_rows(quick: bool, rounds: int, device: str, results: list[dict]) ->
 
 
 def _training_row(depth: int, width: int, batch: int, rounds: int, device: str, results: list[dict]) -> str:
-    import kernels
+    from optadvisor import kernels
 
     ours, m1 = training_loop(lambda p: kernels.Adam(p, lr=1e-4), depth, width, batch, device=device)
     ref, m2 = training_loop(lambda p: torch.optim.Adam(p, lr=1e-4, fused=True), depth, width, batch, device=device)

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from advisor._examples import EXAMPLES, MLP, load_example
-from kernels import catalog
+from optadvisor.advisor._examples import EXAMPLES, MLP, load_example
+from optadvisor.kernels import catalog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID_PATH = os.path.join(HERE, "advice_grid.json")
@@ -71,8 +71,8 @@ def metric_for(task: str) -> str:
 def protocol_run(data: dict[str, Any], optimizer: dict, loss: dict, lr: float, seed: int,
                  steps: int = STEPS) -> list[tuple[int, float]]:
     """One run of the protocol; its validation curve (the last point is the run's result)."""
-    from advisor import Choice
-    from advisor._train import train_run
+    from optadvisor.advisor import Choice
+    from optadvisor.advisor._train import train_run
 
     res = train_run(model_fn_for(data), seed, Choice(name=optimizer["name"], params=optimizer["params"], score=0),
                     Choice(name=loss["name"], params=loss["params"], score=0), lr, data["train"], data["val"],
@@ -134,7 +134,7 @@ def judge(data: dict[str, Any], optimizer: dict, loss: dict, steps: int = STEPS)
 
 
 def advise_for(data: dict[str, Any], trial_kwargs: dict[str, Any], storage: str) -> dict[str, Any]:
-    from advisor import advise, profile_data, trial
+    from optadvisor.advisor import advise, profile_data, trial
 
     model_fn = model_fn_for(data)
     rec = advise(profile_data(*data["train"], model=model_fn()))
@@ -202,7 +202,7 @@ def _row_md(r: dict) -> str:
 
 def chart(rows: list[dict], path: str) -> str:
     try:
-        from advisor._lr import pyplot
+        from optadvisor.advisor._lr import pyplot
         plt = pyplot()
     except ImportError:
         return "chart: skipped (pip install '.[plots]')"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-import kernels
+from optadvisor import kernels
 
 def _torch_paths(torch_cls: type) -> tuple[str, ...]:
     """torch's implementations of the optimizer: its for-loop and foreach paths, and fused where it has one."""

@@ -19,7 +19,7 @@ def history(n: int, seed: int = 0) -> list[dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from advisor import diagnose
+    from optadvisor.advisor import diagnose
 
     sizes = [int(a) for a in (sys.argv[1:] if argv is None else argv)] or [10_000, 100_000, 1_000_000]
     print("| records | diagnose s |\n|---|---|")

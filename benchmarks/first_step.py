@@ -30,7 +30,7 @@ LOOP = textwrap.dedent("""
         X = torch.tensor(X / 16.0, dtype=torch.float32); y = torch.tensor(y)
     except ImportError:  # the same shapes without scikit-learn
         X, y = torch.rand(1797, 64), torch.randint(0, 10, (1797,))
-    import kernels
+    from optadvisor import kernels
     hidden = [64, 64] if workload == "digits" else [1024, 1024]
     layers, width = [], 64
     for h in hidden:
@@ -65,7 +65,7 @@ LOSS = textwrap.dedent("""
     import json, sys, time
     import torch
     which, name = sys.argv[1], sys.argv[2]
-    import kernels
+    from optadvisor import kernels
     torch.manual_seed(0)
     if name == "cross_entropy":
         x, t = torch.randn(4096, 1000, requires_grad=True), torch.randint(0, 1000, (4096,))

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import kernels
+from optadvisor import kernels
 
 from .cases import interleaved, peak_extra_mb
 

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-import kernels
+from optadvisor import kernels
 
 from .cases import gpt_shapes, interleaved, make_optimizer, resnet50_shapes
 

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from kernels import _grads
+from optadvisor.kernels import _grads
 
 from .cases import interleaved, make_optimizer
 

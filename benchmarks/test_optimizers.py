@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-import kernels
+from optadvisor import kernels
 from benchmarks.cases import OPTIMIZER_CASES, make_optimizer, training_loop, workloads
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"

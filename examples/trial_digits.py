@@ -12,8 +12,8 @@ import tempfile
 
 import torch
 
-from advisor import advise, profile_data, trial
-from advisor._examples import example_task
+from optadvisor.advisor import advise, profile_data, trial
+from optadvisor.advisor._examples import example_task
 
 out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(tempfile.gettempdir(), "optadvisor-digits")
 os.makedirs(out, exist_ok=True)

@@ -5,8 +5,8 @@
 
 import torch
 
-import kernels
-from advisor import TrainingMonitor, advise, lr_range_test
+from optadvisor import kernels
+from optadvisor.advisor import TrainingMonitor, advise, lr_range_test
 
 torch.manual_seed(0)
 X, y = torch.randn(2000, 10), torch.randn(2000)

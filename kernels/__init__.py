@@ -1,6 +1,6 @@
 """optadvisor's fused, from-scratch optimizers and losses: drop-ins for torch.optim and torch.nn.
 
->>> from kernels import Adam
+>>> from optadvisor.kernels import Adam
 >>> opt = Adam(model.parameters(), lr=1e-3)   # exactly torch.optim.Adam's signature and defaults
 
 Each class registers itself in the catalog (``kernels.catalog``) as its module is imported; the import order

@@ -72,7 +72,9 @@ class Adagrad(FusedOptimizer):
 
     Example::
 
-        >>> import torch, kernels
+        >>> import torch
+
+        >>> from optadvisor import kernels
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = kernels.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.1)
         >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()

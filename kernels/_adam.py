@@ -106,7 +106,9 @@ class Adam(BF16State, FusedOptimizer):
 
     Example::
 
-        >>> import torch, kernels
+        >>> import torch
+
+        >>> from optadvisor import kernels
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = kernels.Adam(model.parameters(), lr=1e-3)
         >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()

@@ -224,7 +224,9 @@ class Adam8bit(Blockwise8bit, Adam):
 
     Example::
 
-        >>> import torch, kernels
+        >>> import torch
+
+        >>> from optadvisor import kernels
         >>> model = torch.nn.Linear(128, 64)
         >>> opt = kernels.Adam8bit(model.parameters(), lr=1e-3)
         >>> model(torch.randn(8, 128)).pow(2).mean().backward(); opt.step(); opt.zero_grad()

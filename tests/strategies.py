@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-import kernels
+from optadvisor import kernels
 
 EXAMPLES_SCALE = int(os.environ.get("EXAMPLES_SCALE", "1"))
 

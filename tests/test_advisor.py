@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-import kernels
-from advisor import Recommendation, TaskProfile, advise, builtin_rule_files, load_rules
-from advisor.cli import check_examples
+from optadvisor import kernels
+from optadvisor.advisor import Recommendation, TaskProfile, advise, builtin_rule_files, load_rules
+from optadvisor.advisor.cli import check_examples
 
 # facts -> (optimizer, loss, expected hyperparameters subset): the advisor's behaviour as a data table
 ADVICE = [
@@ -164,7 +164,7 @@ def test_an_8bit_choice_takes_the_hyperparameters_set_for_its_float32_twin():
     """A 7B-parameter transformer: the memory rule picks AdamW8bit; it got no learning rate at all ('nothing
     for the chosen pair'). Every value the rules set for AdamW that AdamW8bit takes comes with it, and one set
     for AdamW8bit itself wins."""
-    from advisor import advise
+    from optadvisor.advisor import advise
 
     facts = dict(task="classification", model_kind="transformer", n_params=7_000_000_000, n_samples=10_000_000,
                  n_classes=50257, batch_size=512, memory_gb=80)

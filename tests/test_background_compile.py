@@ -16,8 +16,8 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels import _compile
+from optadvisor import kernels
+from optadvisor.kernels import _compile
 
 _names = itertools.count()
 
@@ -249,7 +249,7 @@ WARMUP_CASES = [(kernels.Adam, dict(lr=0.01), torch.float32),
                                                                    "AdamW-kahan"])
 def test_warmup_compiles_what_the_first_step_uses_and_changes_nothing(background, monkeypatch, cls, kwargs,
                                                                       dtype):
-    from kernels import _native
+    from optadvisor.kernels import _native
 
     if cls is kernels.AdamW8bit or "state_dtype" in kwargs:
         monkeypatch.setenv(_native.ENV_VAR, "0")  # their torch-op form is the one compiled (else C)
@@ -288,7 +288,7 @@ def test_fused_false_and_compile_off_never_start_a_compile(background, monkeypat
 
 
 def test_warmup_loads_the_c_kernels(background, monkeypatch):
-    from kernels import _native
+    from optadvisor.kernels import _native
 
     monkeypatch.setenv(_native.ENV_VAR, "1")
     if _native.library() is None:

@@ -8,11 +8,11 @@ import pytest
 import torch
 from strategies import UNDER_MUTMUT
 
-import kernels
-from advisor import advise
-from advisor._engine import Choice, build_loss, build_optimizer
-from advisor._rules import LOSSES_FOR_TASK, OPTIMIZERS, PARAMS
-from kernels import catalog
+from optadvisor import kernels
+from optadvisor.advisor import advise
+from optadvisor.advisor._engine import Choice, build_loss, build_optimizer
+from optadvisor.advisor._rules import LOSSES_FOR_TASK, OPTIMIZERS, PARAMS
+from optadvisor.kernels import catalog
 
 
 def test_order_is_the_advisors_tie_break_order():
@@ -80,7 +80,7 @@ def test_bad_registrations_are_refused_by_name():
 def test_registering_again_now_gives_the_import_times_catalog(monkeypatch):
     """register(), hyperparameters() and the listings run at import; here they run again inside the test on
     every catalog class (mutation testing sees only what runs in a test), and must rebuild the same table."""
-    from kernels import _catalog
+    from optadvisor.kernels import _catalog
     before = list(_catalog._ENTRIES.values())
     monkeypatch.setattr(_catalog, "_ENTRIES", {})
     for e in before:
@@ -162,7 +162,7 @@ def test_adagrad_is_advised_for_sparse_features_only():
 def test_a_recommendation_saved_with_one_candidates_dict_still_loads():
     """Before optimizers and losses were kept apart, a Recommendation serialized one ``candidates`` dict:
     such a file loads, each candidate where the catalog puts it; an unknown name is refused by name."""
-    from advisor import Recommendation
+    from optadvisor.advisor import Recommendation
 
     rec = advise(task="regression", n_samples=300)
     old = rec.model_dump(mode="json")

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advisor.cli import main
+from optadvisor.advisor.cli import main
 
 # (subcommand argv before the file, the file's suffix)
 FILE_INPUTS = [
@@ -122,7 +122,7 @@ def test_json_and_yaml_readers_bound_numbers_and_keys_word_for_word():
     """The readers' own refusals, exactly (the CLI test above sees only the exit code): a number of at most 64
     characters is read (an integer stays an int, ``1E3`` is a float), one more is refused with where it is;
     a JSON duplicate key and malformed JSON name the file (and the line)."""
-    from advisor._yaml import InputError, load_json, load_yaml
+    from optadvisor.advisor._yaml import InputError, load_json, load_yaml
 
     n64, f64 = "9" * 64, "1." + "5" * 62
     got = load_json(f"[{n64}, {f64}, 1E3, 7, -2.5e-1]", "h.json")
@@ -160,7 +160,7 @@ def test_json_and_yaml_readers_bound_numbers_and_keys_word_for_word():
 def test_read_text_and_malformed_yaml_say_what_and_where(tmp_path):
     """A file of exactly 4 MiB is read, one byte more is refused; a byte that is not UTF-8 is named with its line
     and offset; an unreadable path says why; malformed YAML and a control character name their line."""
-    from advisor._yaml import MAX_BYTES, InputError, load_yaml, read_text
+    from optadvisor.advisor._yaml import MAX_BYTES, InputError, load_yaml, read_text
 
     path = tmp_path / "r.yaml"
     path.write_bytes(b"a" * MAX_BYTES)

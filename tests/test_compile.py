@@ -16,7 +16,7 @@ import torch
 from strategies import UNDER_MUTMUT
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import _compile, _private
+from optadvisor.kernels import _compile, _private
 
 _names = itertools.count()
 
@@ -433,7 +433,7 @@ def test_a_configuration_that_cannot_compile_falls_back_once_with_a_warning(fres
 def test_the_fallback_warning_points_at_the_users_step(fresh, monkeypatch, name):
     """Steps reach the compiled call through torch's step hooks and our buckets, at depths that differ by
     optimizer: the warning names the user's ``opt.step()`` line, and the step still matches torch."""
-    import kernels
+    from optadvisor import kernels
 
     monkeypatch.setattr(_compile, "_Kernel", _failing_kernel(InductorError("no compiler")))
     torch.manual_seed(0)

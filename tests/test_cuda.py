@@ -21,7 +21,7 @@ from strategies import (
 )
 from test_optimizers import COMPILED_CONFIGS
 
-import kernels
+from optadvisor import kernels
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m cuda on one)")]

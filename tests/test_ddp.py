@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from strategies import free_port
 
-import kernels
+from optadvisor import kernels
 
 
 def _model():

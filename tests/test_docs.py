@@ -5,8 +5,8 @@ import doctest
 import pytest
 import torch
 
-import kernels
-from kernels import catalog
+from optadvisor import kernels
+from optadvisor.kernels import catalog
 
 OBJECTS = [obj for e in (*catalog.optimizers(), *catalog.losses()) for obj in (e.cls, e.functional) if obj]
 

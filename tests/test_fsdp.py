@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from strategies import free_port
 
-import kernels
+from optadvisor import kernels
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard"):

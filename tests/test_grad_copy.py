@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import assert_same, examples, with_threshold
 
-import kernels
-from kernels import _grads, _native
+from optadvisor import kernels
+from optadvisor.kernels import _grads, _native
 
 pytestmark = pytest.mark.skipif(_native.library() is None, reason="no C compiler: the copy is torch's")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from strategies import assert_same
 
-import kernels
-from kernels import _layout
-from kernels._layout import Blockwise, Bucket, compute_dtype, scalar_dtype, scalars_tensor
+from optadvisor import kernels
+from optadvisor.kernels import _layout
+from optadvisor.kernels._layout import Blockwise, Bucket, compute_dtype, scalar_dtype, scalars_tensor
 
 
 def _dirty_heap(nbytes: int) -> None:

@@ -13,8 +13,8 @@ from strategies import examples
 import test_losses
 from test_losses import compare
 
-import kernels
-from kernels import _compile, _loss_base
+from optadvisor import kernels
+from optadvisor.kernels import _compile, _loss_base
 
 SETTINGS = settings(max_examples=examples(8), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

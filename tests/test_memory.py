@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import _memory
+from optadvisor.kernels import _memory
 
 HUGE = 2 << 20
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import _native
+from optadvisor.kernels import _native
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000

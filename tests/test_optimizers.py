@@ -19,7 +19,7 @@ from strategies import (
     twin_models,
 )
 
-import kernels
+from optadvisor import kernels
 
 NAMES = list(OPTIMIZERS)
 EAGER_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
@@ -217,7 +217,7 @@ def test_partial_steps_make_runs_with_different_step_counts():
 
 def test_runs_cut_at_missing_gradients_and_step_changes():
     """One update call per run of neighbours that all have gradients and share a step count."""
-    from kernels._layout import runs
+    from optadvisor.kernels._layout import runs
     assert runs(None, [2, 2, 2]) == [(0, 3)]
     assert runs(None, [1, 2, 2]) == [(0, 1), (1, 3)]
     assert runs([True, False, True], [1, 1, 1]) == [(0, 1), (2, 3)]
@@ -474,7 +474,7 @@ def test_compiled_update_is_called_directly_after_the_first_step():
     """After its first (guarded) call a configuration's compiled graph is called directly, skipping
     dynamo's per-call guard check, whatever the length; lengths dynamo would specialize (0 and 1) and a
     changed global state (grad mode) go back through the guarded path. Results match torch throughout."""
-    from kernels import _compile
+    from optadvisor.kernels import _compile
 
     torch.manual_seed(1)
     sizes = [(7,), (1,), (300,), (2, 2)]
@@ -728,7 +728,7 @@ def test_private_torch_apis_still_work(monkeypatch):
     name in one process records no plan (seen; a configuration is compiled once per process otherwise)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from kernels import _compile, _private
+    from optadvisor.kernels import _compile, _private
 
     assert not _private.modes_active() and not _private.transforms_active()
 
@@ -788,7 +788,7 @@ def test_every_run_of_a_step_is_compiled_unless_fused_is_false(monkeypatch, fuse
     """A step is one call for the small parameters' run and one per gradient read where it lies; each is
     compiled (fused=True promises it; None compiles by default): a run that silently went eager would give
     torch's numbers too, so the calls are counted."""
-    from kernels import _optimizer
+    from optadvisor.kernels import _optimizer
 
     monkeypatch.setenv("OPTADVISOR_COMPILE", "sync")  # the default compiles in the background, eager meanwhile
     seen = []

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-import advisor._data as data
-from advisor import profile_data
+import optadvisor.advisor._data as data
+from optadvisor.advisor import profile_data
 
 
 # ---- the model: its kind, trainable size and free memory ------------------------------------------------------

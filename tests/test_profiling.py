@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import examples
 
-import kernels
-from advisor import TrainingMonitor, advise, diagnose, lr_range_test, profile_data
+from optadvisor import kernels
+from optadvisor.advisor import TrainingMonitor, advise, diagnose, lr_range_test, profile_data
 
 SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -115,7 +115,7 @@ def test_labels_other_than_0_to_k_keep_the_imbalance(labels):
 def test_csv_empty_cells_are_missing_values(tmp_path, capsys):
     """One empty target cell once turned a regression column into string class labels (0% outliers,
     MSE): empty cells are missing values, counted and reported, and the rest is profiled."""
-    from advisor.cli import main
+    from optadvisor.advisor.cli import main
 
     g = torch.Generator().manual_seed(0)
     y = torch.randn(500, generator=g) * 2.5
@@ -250,7 +250,7 @@ def test_lr_range_test_on_least_squares_stays_in_the_stable_range():
 def test_lr_range_test_does_not_collapse_on_outlier_targets(opt, loss):
     """10% of the training targets 8-16 standard deviations off: the suggestion stays near the clean data's
     (before the trailing median it collapsed to 1.5e-5 here, 1,000x below: a model that barely moves)."""
-    from advisor._examples import example_task
+    from optadvisor.advisor._examples import example_task
 
     def suggestion(name):
         model_fn, train, _ = example_task(name)
@@ -279,7 +279,7 @@ def test_lr_range_test_refuses_with_too_few_points():
 
 
 def test_cli_profile_and_diagnose(tmp_path, capsys):
-    from advisor.cli import main
+    from optadvisor.advisor.cli import main
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(300, 2, generator=g)
@@ -565,7 +565,7 @@ def test_running_median_is_the_windows_median(values, window):
     quadratic, 21-45 s for 60k-80k records)."""
     import statistics
 
-    from advisor._monitor import _running_median
+    from optadvisor.advisor._monitor import _running_median
 
     half = max(1, window // 2)
     want = [statistics.median(values[max(0, i - half): i + half + 1]) for i in range(len(values))]

@@ -23,9 +23,9 @@ from q8reference import (
 )
 from strategies import examples, make_grads, make_params, with_threshold
 
-import kernels
-from kernels import _native
-from kernels._q8math import dequantize, quantize
+from optadvisor import kernels
+from optadvisor.kernels import _native
+from optadvisor.kernels._q8math import dequantize, quantize
 
 PATHS = ["native", "torch-ops"] if _native.library() is not None else ["torch-ops"]
 @pytest.mark.parametrize("path", PATHS)

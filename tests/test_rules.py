@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import examples
 
-from advisor import RuleError, advise, load_rules, rule_file_schema
-from advisor._expr import FUNCTIONS, UNKNOWN, Expression
-from advisor._profile import FACT_TYPES
-from advisor.cli import main
+from optadvisor.advisor import RuleError, advise, load_rules, rule_file_schema
+from optadvisor.advisor._expr import FUNCTIONS, UNKNOWN, Expression
+from optadvisor.advisor._profile import FACT_TYPES
+from optadvisor.advisor.cli import main
 
 GOOD = """
 rules:
@@ -509,7 +509,7 @@ def test_evaluate_edge_cases_exactly(tmp_path):
 
 
 def test_advise_bad_arguments_are_refused_with_their_message(tmp_path):
-    from advisor import TaskProfile, load_rules
+    from optadvisor.advisor import TaskProfile, load_rules
 
     with pytest.raises(TypeError) as info:
         advise(TaskProfile(task="regression"), n_samples=3)
@@ -547,7 +547,7 @@ def test_conclusions_show_values_when_fired_and_expressions_when_undecided(tmp_p
 def test_fact_types_are_read_off_the_profile_fields():
     """Each TaskProfile field's rule-language type, derived at call time (FACT_TYPES is this, computed at
     import): Literal -> str, bool -> bool, int/float (optional or not) -> number, list -> list[number]."""
-    from advisor._profile import fact_types
+    from optadvisor.advisor._profile import fact_types
 
     expect = {"task": "str", "n_samples": "number", "n_features": "number", "feature_sparsity": "number",
               "n_classes": "number", "class_counts": "list[number]", "class_imbalance": "number",
@@ -620,7 +620,7 @@ def test_the_builtin_rulebook_is_found_installed_or_in_a_checkout_and_missing_is
     installed, the repository's ``rules/`` beside ``advisor/``; neither holding a rule file is an error."""
     import importlib.resources
 
-    from advisor import _rules, builtin_rule_files
+    from optadvisor.advisor import _rules, builtin_rule_files
 
     checkout = tmp_path / "checkout"
     (checkout / "rules").mkdir(parents=True)
@@ -634,7 +634,8 @@ def test_the_builtin_rulebook_is_found_installed_or_in_a_checkout_and_missing_is
     assert builtin_rule_files() == [checkout / "rules" / "a.yaml", checkout / "rules" / "b.yaml"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(importlib.resources, "files", lambda name: empty if name == "advisor.rules" else None)
+    monkeypatch.setattr(importlib.resources, "files",
+                        lambda name: empty if name == "optadvisor.advisor.rules" else None)
     with pytest.raises(RuleError) as info:
         builtin_rule_files()
     assert str(info.value) == f"the built-in rulebook is missing: no *.yaml in {empty}"
@@ -704,7 +705,7 @@ rules:
 def test_rules_check_makes_the_checks_loading_makes(tmp_path, capsys):
     """`rules check` said ok, then `--extra-rules` refused the same file (a clash with a built-in rule at the
     same priority): check runs what loading runs, and the message names a priority that resolves it."""
-    from advisor.cli import main
+    from optadvisor.advisor.cli import main
 
     path = write(tmp_path, POLICY_CLASH)
     assert main(["--task", "regression", "--extra-rules", str(path)]) == 2

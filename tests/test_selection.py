@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from advisor._lr import _suggest
-from advisor._trial import best_point
+from optadvisor.advisor._lr import _suggest
+from optadvisor.advisor._trial import best_point
 
 
 def test_the_best_step_is_where_the_mean_curve_is_lowest_mid_run():

@@ -17,9 +17,9 @@ import optuna
 import pytest
 import torch
 
-from advisor import advise, profile_data, trial
-from advisor._examples import example_task
-from advisor._train import evaluate
+from optadvisor.advisor import advise, profile_data, trial
+from optadvisor.advisor._examples import example_task
+from optadvisor.advisor._train import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))

@@ -22,8 +22,8 @@ SMALL = {"budget_steps": 90, "n_trials": 14, "seeds": (0, 1), "top_k": 2, "lr_st
 
 
 def small_study():
-    from advisor import advise, profile_data
-    from advisor._examples import example_task
+    from optadvisor.advisor import advise, profile_data
+    from optadvisor.advisor._examples import example_task
 
     model_fn, train, val = example_task("iris")
     return model_fn, train, val, advise(profile_data(*train, model=model_fn()))
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--grace", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from advisor import _trial, trial
+    from optadvisor.advisor import _trial, trial
 
     model_fn, train, val, rec = small_study()
     if args.remote:
