@@ -618,7 +618,7 @@ def test_param_groups_edited_by_hand_train_as_in_torch(name):
                 p.grad = torch.full_like(p, 0.1 * (i + 1) * (step + 1))
             opt.step()
         runs[lib.__name__] = [p.detach().clone() for p in everything]
-    for ours, ref in zip(runs["kernels"], runs["torch.optim"]):
+    for ours, ref in zip(runs["optadvisor.kernels"], runs["torch.optim"]):
         torch.testing.assert_close(ours, ref, rtol=1.3e-6, atol=1e-5)
 
 
