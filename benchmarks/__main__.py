@@ -1,7 +1,7 @@
 """``python -m benchmarks``: optadvisor's kernels against torch, in one run, as a report.
 
-    python -m benchmarks              # full sizes (~10 minutes on 2 cores)
-    python -m benchmarks --quick      # tiny sizes, ~3 minutes on 2 cores: checks that everything runs, not speed
+    python -m benchmarks              # full sizes (25-50 minutes on 2 cores)
+    python -m benchmarks --quick      # tiny sizes, 4-10 minutes on 2 cores: checks that everything runs, not speed
     python -m benchmarks --device cuda
     python -m benchmarks advice       # does the advice beat the naive default? (see benchmarks/advice.py)
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return quality_main(args_in[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, ~3 minutes on 2 cores (checks it runs, not speed)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 4-10 minutes on 2 cores (checks it runs, not speed)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (median taken)")
     ap.add_argument("--out", default="benchmark-report", help="directory for the report (default: %(default)s)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
