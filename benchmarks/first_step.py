@@ -126,29 +126,29 @@ def rows(quick: bool, results: list[dict]) -> list[str]:
         for name in names:
             r = _pair(LOOP, [name, workload], repeats)
             results.append({"kind": "first_step", "case": name, "workload": workload, **r})
-            for temp in ("cold", "warm"):
-                o, t = r["ours"][temp], r["torch"][temp]
-                if "error" in o or "error" in t:
-                    table.append(f"| {name}, {workload} | {temp} | error: {o.get('error') or t.get('error')} | | |")
-                    continue
-                table.append(f"| {name}, {workload}, 300 steps | {temp} | {o['first'] * 1e3:.1f} / "
-                             f"{t['first'] * 1e3:.1f} | {o['loop']:.3f} / {t['loop']:.3f} | "
-                             f"**{o['loop'] / t['loop']:.2f}** |")
-            print(table[-2], table[-1], sep="\n", flush=True)
+            table += _cold_and_warm(r, f"{name}, {workload}, 300 steps", lambda o, t: (
+                f"{o['first'] * 1e3:.1f} / {t['first'] * 1e3:.1f} | {o['loop']:.3f} / {t['loop']:.3f} | "
+                f"**{o['loop'] / t['loop']:.2f}**"))
     table += ["", "| loss, first call (forward + backward) | | ours / torch (ms) | difference (ms) |",
               "|---|---|---|---|"]
     for name in LOSSES[:1] if quick else LOSSES:
         r = _pair(LOSS, [name], repeats)
         results.append({"kind": "first_call", "case": name, **r})
-        for temp in ("cold", "warm"):
-            o, t = r["ours"][temp], r["torch"][temp]
-            if "error" in o or "error" in t:
-                table.append(f"| {name} | {temp} | error: {o.get('error') or t.get('error')} | |")
-                continue
-            table.append(f"| {name} | {temp} | {o['first'] * 1e3:.1f} / {t['first'] * 1e3:.1f} | "
-                         f"{(o['first'] - t['first']) * 1e3:+.1f} |")
-        print(table[-2], table[-1], sep="\n", flush=True)
+        table += _cold_and_warm(r, name, lambda o, t: (
+            f"{o['first'] * 1e3:.1f} / {t['first'] * 1e3:.1f} | {(o['first'] - t['first']) * 1e3:+.1f}"))
     return table
+
+
+def _cold_and_warm(r: dict, label: str, cells) -> list[str]:
+    """A row for the cold and one for the warm measurement (an error in place of the numbers, if one failed),
+    printed as they come."""
+    out = []
+    for temp in ("cold", "warm"):
+        o, t = r["ours"][temp], r["torch"][temp]
+        body = f"error: {o.get('error') or t.get('error')}" if "error" in o or "error" in t else cells(o, t)
+        out.append(f"| {label} | {temp} | {body} |")
+    print(*out, sep="\n", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

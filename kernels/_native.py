@@ -84,20 +84,14 @@ def _trusted(st: os.stat_result) -> bool:
     return st.st_uid in (os.getuid(), 0) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _trusted_dir(path: Path) -> bool:
+def _trusted_path(path: Path, is_kind) -> bool:
+    """``path`` itself (not a link) is of the kind ``is_kind`` tells (``stat.S_ISDIR``/``S_ISREG``) and
+    trusted."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and _trusted(st)
-
-
-def _trusted_file(path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and _trusted(st)
+    return is_kind(st.st_mode) and _trusted(st)
 
 
 def _usable_cache_dir() -> Path:
@@ -107,7 +101,7 @@ def _usable_cache_dir() -> Path:
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError:
         pass
-    if _trusted_dir(cache):
+    if _trusted_path(cache, stat.S_ISDIR):
         return cache
     return _private(f"the kernel cache {cache} is not a directory owned by this user and closed to others")
 
@@ -224,7 +218,7 @@ def library() -> ctypes.CDLL | None:
                 key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(openmp).encode(),
                                                  version.encode(), _cpu_identity().encode()])).hexdigest()
                 path = cache / f"kernels-{key[:24]}.so"
-                if os.path.lexists(path) and not _trusted_file(path):
+                if os.path.lexists(path) and not _trusted_path(path, stat.S_ISREG):
                     path = _private(f"the cached kernel library {path} is not a regular file owned by this "
                                     "user and closed to others") / path.name
                 if path.exists() or _build(compiler, path, openmp):

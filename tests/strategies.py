@@ -274,3 +274,13 @@ _W = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
 
 LOSS_CASES = {e.name: LossCase(e.name, e.cls, e.functional, *_LOSS_SPECS[e.name])
               for e in kernels.catalog.losses() if e.name in _LOSS_SPECS}
+
+
+def reset_compile_state(monkeypatch, mode: str) -> None:
+    """Empty kernel caches of ``kernels._compile`` for one test, and OPTADVISOR_COMPILE set to ``mode``."""
+    from optadvisor.kernels import _compile
+
+    for name, empty in (("_compiled", {}), ("_broken", {}), ("_ready", {}), ("_ready_keys", set()),
+                        ("_scheduled", set()), ("_eager_work", {}), ("_unwarned", {})):
+        monkeypatch.setattr(_compile, name, empty)
+    monkeypatch.setenv(_compile.ENV_VAR, mode)

@@ -14,6 +14,7 @@ import threading
 import warnings
 
 import pytest
+from strategies import reset_compile_state
 import torch
 
 from optadvisor import kernels
@@ -24,14 +25,7 @@ _names = itertools.count()
 
 @pytest.fixture
 def background(monkeypatch, request):
-    monkeypatch.setattr(_compile, "_compiled", {})
-    monkeypatch.setattr(_compile, "_broken", {})
-    monkeypatch.setattr(_compile, "_ready", {})
-    monkeypatch.setattr(_compile, "_ready_keys", set())
-    monkeypatch.setattr(_compile, "_scheduled", set())
-    monkeypatch.setattr(_compile, "_eager_work", {})
-    monkeypatch.setattr(_compile, "_unwarned", {})
-    monkeypatch.setenv(_compile.ENV_VAR, "1")
+    reset_compile_state(monkeypatch, "1")
     monkeypatch.setattr(_compile, "COMPILE_AFTER_ELEMENTS", 0)  # compile at the first call (its own test below)
     unique = f"{request.node.name}_{next(_names)}".replace("[", "_").replace("]", "").replace("-", "_")
     fresh_copy = _compile._fresh_copy

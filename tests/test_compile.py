@@ -12,6 +12,7 @@ import types
 import warnings
 
 import pytest
+from strategies import reset_compile_state
 import torch
 from strategies import UNDER_MUTMUT
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,15 +27,8 @@ def fresh(monkeypatch, request):
     """Empty kernel caches, and every code object compiled in this test named after it. Yields the tags
     ``_fresh_copy`` was given (one per configuration compiled) and the options each ``_Kernel`` was built
     with."""
-    monkeypatch.setattr(_compile, "_compiled", {})
-    monkeypatch.setattr(_compile, "_broken", {})
-    monkeypatch.setattr(_compile, "_ready", {})
-    monkeypatch.setattr(_compile, "_ready_keys", set())
-    monkeypatch.setattr(_compile, "_scheduled", set())
-    monkeypatch.setattr(_compile, "_eager_work", {})
-    monkeypatch.setattr(_compile, "_unwarned", {})
     # compiled at the first call, in this thread (the background mode: tests/test_background_compile.py)
-    monkeypatch.setenv(_compile.ENV_VAR, "sync")
+    reset_compile_state(monkeypatch, "sync")
     tags, options = [], []
     fresh_copy = _compile._fresh_copy
     unique = f"{request.node.name}_{next(_names)}".replace("[", "_").replace("]", "").replace("-", "_")
