@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 LOOP = textwrap.dedent("""
     import json, sys, time
@@ -102,6 +103,29 @@ def _run(code: str, args: list[str], env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _wait_for_builds(cache: str, timeout: float = 600.0) -> None:
+    """Block until no build of the C kernels holds a lock in ``cache`` (a build outlives the short process
+    that started it, at the lowest priority; measuring beside it, or deleting its folder under it, would
+    measure it too)."""
+    import fcntl
+    import glob
+
+    for path in glob.glob(os.path.join(cache, "*.lock")):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+        finally:
+            os.close(fd)
+
+
 def _pair(code: str, args: list[str], repeats: int) -> dict:
     """ours and torch's, each cold (fresh cache directories) then warm (``repeats`` processes, median)."""
     out = {}
@@ -110,6 +134,7 @@ def _pair(code: str, args: list[str], repeats: int) -> dict:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor, "OPTADVISOR_CACHE_DIR": ours + "/c"}
             env.pop("OPTADVISOR_COMPILE", None)  # the default a user gets
             cold = _run(code, [which, *args], env)
+            _wait_for_builds(ours + "/c")  # the C kernels' build the cold run left running: done before timing
             warm = [_run(code, [which, *args], env) for _ in range(repeats)]
         keys = [k for k in cold if k != "loss"]
         out[which] = {"cold": cold, "warm": {k: statistics.median(w[k] for w in warm) for k in keys}

@@ -29,6 +29,7 @@ directory for this process instead, with one warning.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -129,6 +131,35 @@ _BUILD_SCRIPT = ('tmp="$1"; out="$2"; shift 2; trap \'rm -f "$tmp"; exit 1\' HUP
 def _build(compiler: str, out: Path, openmp: bool) -> bool:
     flags = [*_FLAGS, "-fopenmp"] if openmp else _FLAGS
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # One build of a library at a time, across processes: the build holds a lock on KEY.lock (inherited by the
+    # compiler, so it is held until the build ends even when this process ends first). Short scripts run one
+    # after another each started a build before the first had finished: ten niced compilers at once.
+    lock = os.open(out.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        if not _lock_or_wait(lock, BUILD_TIMEOUT_S):
+            return False
+        if out.exists():  # another process built it while we waited
+            return True
+        return _compile(compiler, flags, out, lock)
+    finally:
+        os.close(lock)
+
+
+def _lock_or_wait(fd: int, timeout: float) -> bool:
+    """Takes the lock, waiting (this runs on the build's background thread, never in a step) for a build of
+    another process to end, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def _compile(compiler: str, flags: list[str], out: Path, lock: int) -> bool:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     nice = shutil.which("nice")
@@ -136,7 +167,8 @@ def _build(compiler: str, out: Path, openmp: bool) -> bool:
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {}
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", _BUILD_SCRIPT, "sh", tmp, str(out), *command],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(lock,), **group)
     except OSError:
         os.unlink(tmp)
         return False

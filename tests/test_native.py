@@ -8,6 +8,7 @@ compiler, the flags and the source, and the cache must be where the documented v
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import sys
@@ -178,7 +179,7 @@ def test_build_writes_a_loadable_library_atomically(cc, monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "_SOURCE", src)
     out = tmp_path / "deep" / "cache" / "probe.so"
     assert _native._build(cc, out, openmp=False) is True
-    assert sorted(p.name for p in out.parent.iterdir()) == ["probe.so"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["probe.lock", "probe.so"]  # the build's lock stays
     assert ctypes.CDLL(str(out)).optadvisor_probe(41) == 42
 
 
@@ -190,9 +191,9 @@ def test_build_failures_return_false_and_leave_nothing(cc, monkeypatch, tmp_path
     monkeypatch.setattr(_native, "_SOURCE", src)
     out = tmp_path / "cache" / "broken.so"
     assert _native._build(cc, out, openmp=False) is False  # the compiler refuses the source
-    assert list(out.parent.iterdir()) == []
+    assert [p.name for p in out.parent.iterdir()] == [out.with_suffix(".lock").name]  # the lock, nothing else
     assert _native._build(str(tmp_path / "no-such-compiler"), out, openmp=False) is False  # OSError
-    assert list(out.parent.iterdir()) == []
+    assert [p.name for p in out.parent.iterdir()] == [out.with_suffix(".lock").name]  # the lock, nothing else
     assert capfd.readouterr() == ("", "")
 
 
@@ -215,7 +216,7 @@ def test_build_passes_the_documented_flags(monkeypatch, tmp_path):
         assert ("-fopenmp" in argv) is openmp and "-ffast-math" not in argv
         assert argv[-4] == str(_native._SOURCE) and argv[-3] == "-o" and argv[-1] == "-lm"
         assert Path(argv[-2]).parent == out.parent and argv[-2] != str(out)  # a temporary, then renamed
-    assert out.read_text() == "built\n" and sorted(p.name for p in out.parent.iterdir()) == ["k.so"]
+    assert out.read_text() == "built\n" and sorted(p.name for p in out.parent.iterdir()) == ["k.lock", "k.so"]
 
 
 @pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("yes", True), ("", True), ("0", False),
@@ -293,7 +294,7 @@ def test_a_hung_build_is_given_up(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "BUILD_TIMEOUT_S", 1)
     out = tmp_path / "cache" / "k.so"
     assert _native._build(fake, out, openmp=False) is False
-    assert list(out.parent.iterdir()) == []
+    assert [p.name for p in out.parent.iterdir()] == [out.with_suffix(".lock").name]  # the lock, nothing else
 
 
 def test_a_hung_version_query_gives_no_library(tries, monkeypatch, tmp_path):
@@ -442,3 +443,37 @@ def test_the_compiler_is_looked_up_once_per_process(monkeypatch):
     for _ in range(5):
         assert _native._compiler() == "/usr/bin/cc"
     assert looked == ["cc"]
+
+
+
+def test_one_build_at_a_time_across_processes(cc, monkeypatch, tmp_path):
+    """A build of the same library already running (its lock held, here by the test) is waited for and its
+    result used, never a second compiler started beside it; one that outlasts the wait is given up."""
+    import fcntl
+    import threading
+
+    src = tmp_path / "probe.c"
+    src.write_text(TINY_C)
+    monkeypatch.setattr(_native, "_SOURCE", src)
+    out = tmp_path / "cache" / "probe.so"
+    out.parent.mkdir()
+    held = os.open(out.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    compiled = []
+    monkeypatch.setattr(_native, "_compile", lambda *a: compiled.append(a) or False)
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(_native._build(cc, out, openmp=False)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not compiled  # waiting for the other build
+    out.write_bytes(b"built by the other process")
+    os.close(held)  # the other build ends
+    waiter.join(10)
+    assert result == [True] and not compiled
+    monkeypatch.setattr(_native, "BUILD_TIMEOUT_S", 0.3)
+    again = os.open(out.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(again, fcntl.LOCK_EX)
+    try:
+        assert _native._build(cc, tmp_path / "cache" / "probe.so", openmp=False) is False and not compiled
+    finally:
+        os.close(again)
