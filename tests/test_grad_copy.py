@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(_native.library() is None, reason="no C compiler
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """What each step's gradient copy did: True (the C kernel copied), False (torch's copy did)."""
+    """What each step's gradient copy did: True (the C kernel copied), False (torch's copy did). The tests'
+    buckets are small: the C copy is asked for from one parameter on (32 by default)."""
+    monkeypatch.setattr(_grads, "NATIVE_COPY_MIN_PARAMS", 1)
     calls = []
     real = _grads._native_copy
 
@@ -62,9 +64,10 @@ def test_gradients_copied_as_torch_would(shapes, dtype, name, direct, kinds):
     kw = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": {}, "RMSprop": dict(momentum=0.5)}[name]
     ours, ref, op, rp = _twins(getattr(kernels, name), shapes, dtype, direct, **kw)
     gen = torch.Generator().manual_seed(1)
-    real = _grads._native_copy
+    real, min_params = _grads._native_copy, _grads.NATIVE_COPY_MIN_PARAMS
     calls = []
     _grads._native_copy = lambda *a: calls.append(real(*a)) or calls[-1]
+    _grads.NATIVE_COPY_MIN_PARAMS = 1  # these buckets are small: the C copy from one parameter on
     try:
         for row in kinds:
             copied_plain = []
@@ -79,7 +82,7 @@ def test_gradients_copied_as_torch_would(shapes, dtype, name, direct, kinds):
             if copied_plain and not all(p.grad is None for p in op):
                 assert calls == [all(copied_plain)]
     finally:
-        _grads._native_copy = real
+        _grads._native_copy, _grads.NATIVE_COPY_MIN_PARAMS = real, min_params
     assert_same(ref, ours, rp, op, dtype, exact=dtype in (torch.float32, torch.float64))
 
 
@@ -153,7 +156,7 @@ def test_empty_and_zero_dim_gradients(native_calls):
     assert_same(ref, ours, rp, op, torch.float32, exact=True)
 
 
-def test_the_copy_plan_is_made_once_per_bucket(monkeypatch):
+def test_the_copy_plan_is_made_once_per_bucket(monkeypatch, native_calls):
     """The plan (the library, byte offsets and sizes) is made at the first step and kept: looking the library
     up (a compiler search) every step would cost more than the copy saves."""
     looked_up = []
@@ -206,3 +209,24 @@ def test_a_large_gradient_of_another_dtype_is_cast_never_read_as_the_parameters(
         opt_twin.step()
     assert torch.isfinite(ours).all()
     assert torch.equal(ours, twin)
+
+
+
+def test_a_small_bucket_never_asks_for_the_c_library(monkeypatch):
+    """Fewer than NATIVE_COPY_MIN_PARAMS parameters: torch's multi-tensor copy, and the C library is not asked
+    for (a small model starts no compiler in the background)."""
+    asked = []
+    monkeypatch.setattr(_native, "available", lambda: asked.append(1))
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(_grads.NATIVE_COPY_MIN_PARAMS - 1)]
+    opt = kernels.Adam(params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(5)
+        opt.step()
+    assert asked == []
+    big = [torch.nn.Parameter(torch.randn(5)) for _ in range(_grads.NATIVE_COPY_MIN_PARAMS)]
+    opt = kernels.Adam(big)
+    for p in big:
+        p.grad = torch.randn(5)
+    opt.step()
+    assert asked == [1]
