@@ -44,7 +44,9 @@ def venv(tmp_path_factory):
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     # the running environment's packages (torch, pydantic, ...) after the fresh one's own
     Path(purelib, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    installed = _run([*_pip(python), "install", "--no-deps", "-q", str(wheel)])
+    # --ignore-installed: the borrowed environment has optadvisor too (this checkout's), which pip would take
+    # as "already satisfied" and install nothing here
+    installed = _run([*_pip(python), "install", "--no-deps", "--ignore-installed", "-q", str(wheel)])
     assert installed.returncode == 0, installed.stderr[-2000:]
     return python, Path(purelib)
 
@@ -56,7 +58,8 @@ p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
 kernels.AdamW([p], lr=0.1).step()
 assert float(p.sum()) < 3, p
 assert advise(task="regression", n_samples=100).optimizer.name
-print("optadvisor ok", kernels.__name__)
+import optadvisor
+print("optadvisor ok", kernels.__name__, optadvisor.__file__)
 """
 
 
@@ -70,6 +73,7 @@ def test_the_wheel_installs_no_top_level_kernels_or_advisor(venv):
     assert probe.returncode != 0 and "No module named 'kernels'" in probe.stderr, probe.stderr
     smoke = _run([str(python), "-c", SMOKE], cwd=purelib.parent)
     assert smoke.returncode == 0 and "optadvisor ok optadvisor.kernels" in smoke.stdout, smoke.stderr[-2000:]
+    assert f"{purelib}/optadvisor/__init__.py" in smoke.stdout  # the wheel's, not the borrowed one
 
 
 def test_hugging_faces_kernels_installs_beside_it(venv):
