@@ -151,8 +151,13 @@ def _by_step(records: list[Mapping[str, float]]) -> list[Mapping[str, float]]:
 
 
 def _series(history: list[Mapping[str, float]], key: str) -> tuple[list[int], list[float]]:
-    rows = [(int(r["step"]), float(r[key])) for r in history if key in r and r[key] is not None]
-    return [s for s, _ in rows], [v for _, v in rows]
+    steps, values = [], []
+    for r in history:  # one pass, no tuples: a million records are read four times
+        v = r.get(key)
+        if v is not None:
+            steps.append(int(r["step"]))
+            values.append(float(v))
+    return steps, values
 
 
 def _running_median(values: list[float], window: int) -> list[float]:
@@ -200,7 +205,8 @@ def _running_median(values: list[float], window: int) -> list[float]:
         else:
             push(high, x)
             sizes[1] += 1
-        balance()
+        if sizes[0] > sizes[1] + 1 or sizes[0] < sizes[1]:
+            balance()
 
     for x in values[:min(n, half)]:
         add(x)
@@ -220,7 +226,8 @@ def _running_median(values: list[float], window: int) -> list[float]:
                 sizes[1] -= 1
                 if x == high[0]:
                     prune(high, 1)
-            balance()
+            if sizes[0] > sizes[1] + 1 or sizes[0] < sizes[1]:
+                balance()
         append(-low[0] if (sizes[0] + sizes[1]) % 2 else (-low[0] + high[0]) / 2)
     return out
 
