@@ -8,6 +8,7 @@ step. Each decision is driven with small update functions compiled under code na
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -21,6 +22,30 @@ from optadvisor import kernels
 from optadvisor.kernels import _compile
 
 _names = itertools.count()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def logged():
+    """The records of the logger ``optadvisor.kernels`` at INFO (not pytest's log-capture fixture: mutmut runs
+    the tests with pytest's logging plugin off)."""
+    logger, handler = logging.getLogger("optadvisor.kernels"), _Records()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture
@@ -52,16 +77,16 @@ def _call(fn, tensors, min_numel=None, scalars=(0.5,)):
     return _compile.run_fused(fn, (), tensors, torch.tensor(scalars), strict=False, min_numel=min_numel)
 
 
-def test_a_first_call_runs_eagerly_and_the_next_after_the_compile_is_compiled(background, caplog):
+def test_a_first_call_runs_eagerly_and_the_next_after_the_compile_is_compiled(background):
     p, g = torch.zeros(6), torch.arange(6.0)
-    with caplog.at_level(logging.INFO, logger="optadvisor.kernels"):
+    with logged() as records:
         assert _call(_axpy, (p, g), min_numel=0) == (False, None)  # nothing written: the caller runs eagerly
         assert torch.equal(p, torch.zeros(6))
         assert _call(_axpy, (p, g), min_numel=0) == (False, None)  # asked once: no second job
         assert _compile.wait_for_background(120)
         assert _call(_axpy, (p, g), min_numel=0) == (True, None)
     assert torch.equal(p, g * 0.5)
-    messages = [r.getMessage() for r in caplog.records if r.name == "optadvisor.kernels"]
+    messages = [r.getMessage() for r in records]
     assert len(messages) == 2
     assert messages[0].startswith("optadvisor: compiling _axpy (torch.float32, cpu) in the background")
     assert messages[1].startswith("optadvisor: compiled _axpy (torch.float32, cpu) is ready after ")
@@ -85,25 +110,25 @@ def test_the_kernel_compiled_on_scratch_inputs_serves_other_sizes_and_views(back
     assert list(_compile._ready.values()) == [kernel]
 
 
-def test_small_calls_never_start_a_compile(background, caplog):
-    with caplog.at_level(logging.INFO, logger="optadvisor.kernels"):
+def test_small_calls_never_start_a_compile(background):
+    with logged() as records:
         for _ in range(3):
             assert _call(_axpy, (torch.zeros(100), torch.ones(100)), min_numel=101) == (False, None)
-    assert not _compile._scheduled and not _compile._ready and not caplog.records
+    assert not _compile._scheduled and not _compile._ready and not records
     assert _compile.COMPILE_MIN_NUMEL == 1 << 16  # the measured crossover (kernels/_compile.py)
 
 
-def test_a_compile_starts_once_the_eager_work_would_pay_for_it(background, monkeypatch, caplog):
+def test_a_compile_starts_once_the_eager_work_would_pay_for_it(background, monkeypatch):
     """Ski rental: a configuration runs eagerly until it has updated COMPILE_AFTER_ELEMENTS elements (here
     100, in calls of 30), then its compile starts; a short run never starts one."""
     monkeypatch.setattr(_compile, "COMPILE_AFTER_ELEMENTS", 100)
     p, g = torch.zeros(30), torch.ones(30)
-    with caplog.at_level(logging.INFO, logger="optadvisor.kernels"):
+    with logged() as records:
         for _ in range(3):
             assert _call(_axpy, (p, g), min_numel=0) == (False, None)
-        assert not _compile._scheduled and not caplog.records
+        assert not _compile._scheduled and not records
         assert _call(_axpy, (p, g), min_numel=0) == (False, None)  # 120 >= 100
-    assert len(caplog.records) == 1 and "in the background" in caplog.records[0].getMessage()
+    assert len(records) == 1 and "in the background" in records[0].getMessage()
     assert _compile.wait_for_background(120)
     assert _call(_axpy, (p, g), min_numel=0) == (True, None)
 
