@@ -7,16 +7,19 @@ How it searches (the defaults; every number is an argument):
    search covers ``centre x 10^-2.5 .. centre x 10^0.5`` on a log scale — the validation optimum of a short
    run on small data is often one or two decades below where the training loss falls fastest.
 2. **A plan of configurations fixed up front** (``n_trials``, on the first seed): the rules-only advice
-   itself first (never pruned), then the three best-ranked optimizer/loss pairs of the rules at half a decade
+   itself first, the naive default (Adam 1e-3 with MSE or cross-entropy) second (both never pruned), then the three best-ranked optimizer/loss pairs of the rules at half a decade
    and a decade and a half below their centre (the best one also two and a half decades below), then a scrambled Sobol sequence over (optimizer, loss, log
    learning rate, log weight decay for AdamW).
 3. **Successive halving** (Optuna's ``SuccessiveHalvingPruner``, reduction factor 3) on the best validation
    value so far, evaluated every ``budget_steps // 10`` steps: about a third of the configurations survive
    each rung (at 1/10, 3/10 and 9/10 of the budget), so many configurations cost little more than a few.
-4. **Finalists on every seed**: the rules-only advice and the ``top_k`` best configurations that ran the
-   whole budget are trained on the other seeds; the winner is the lowest mean validation curve, at its best
-   step (**early stopping**: ``recommendation.train_steps``). The rules-only advice is always a finalist, so
-   the winner is never worse than not running a trial, on the trial's own yardstick.
+4. **Finalists on fresh seeds**: the rules-only advice (the *incumbent*), the naive default and the ``top_k``
+   best configurations that ran the whole budget are trained on the other seeds (``seeds[1:]``, three by
+   default), which did not select them. Each one's stopping step is the latest step within one standard
+   error of its best mean on those seeds (**early stopping**: ``recommendation.train_steps``); a challenger
+   replaces the incumbent only when its fresh mean is better by more than the noise (Dunnett's one-sided
+   many-to-one test at 5%, see ``_select.py``). The winner's reported value is its fresh seeds' mean: an
+   unbiased estimate, not the search's luckiest point.
 
 Every run is an Optuna trial in one study (an SQLite file by default, any Optuna storage URL for several
 machines). The study is named after a fingerprint of everything that determines its results (the data, the
@@ -48,16 +51,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
-
 from optadvisor.kernels import catalog
+from pydantic import BaseModel, ConfigDict
 
 from ._engine import Choice, Note, Reason, Recommendation, build_loss, build_optimizer
 from ._lr import lr_range_test, pyplot, save_figure
-from ._train import (CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, RunResult, default_metric, fused_for,
-                     is_pair, train_run)
+from ._select import choose, robust_step
+from ._train import (
+    CLASSIFICATION_METRICS,
+    METRICS,
+    REGRESSION_METRICS,
+    RunResult,
+    default_metric,
+    fused_for,
+    is_pair,
+    train_run,
+)
 
-PLAN_VERSION = "2"
+PLAN_VERSION = "3"
+NAIVE_ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
+NAIVE_LOSS = {"regression": "MSELoss", "classification": "CrossEntropyLoss"}
 LR_DECADES = (-2.5, 0.5)       # the learning-rate range around the range test's centre, in decades
 WD_DECADES = (-4.0, -1.0)      # AdamW's decoupled weight decay
 SEEDED_OFFSETS = (-0.5, -1.5)  # the rules' best pairs start here (decades below the centre)
@@ -79,6 +92,8 @@ class CandidateResult(BaseModel):
     mean: float
     spread: float
     curves: list[list[tuple[int, float]]]
+    seeds: list[int] = []
+    search_value: float | None = None
 
 
 class TrialResult(BaseModel):
@@ -88,6 +103,7 @@ class TrialResult(BaseModel):
     metric: str
     ranked: list[CandidateResult]
     winner: CandidateResult
+    verdict: str = ""
     recommendation: Recommendation
     study_name: str
     storage: str
@@ -122,7 +138,7 @@ class TrialResult(BaseModel):
 
 
 def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: Any, rec: Recommendation,
-          top_k: int = 5, budget_steps: int = 300, metric: str | None = None, **options: Any) -> TrialResult:
+          top_k: int = 4, budget_steps: int = 300, metric: str | None = None, **options: Any) -> TrialResult:
     """Search the configurations around ``rec`` on ``val_data``; return the ranking and the updated advice.
 
     ``model_fn()`` builds a fresh model (seeded by us before each call); ``train_data``/``val_data``: an
@@ -130,7 +146,8 @@ def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: An
     error rate for classification (``val_balanced_error`` when the largest class is over 3x the smallest),
     the MSE for regression — or one of ``val_loss`` (the recommended loss), ``val_mse``, ``val_mae``,
     ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (60 configurations), ``seeds``
-    ((0, 1, 2)), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage`` (an SQLite path, default
+    ((0, 1, 2, 3): the search on the first, the finalists judged on the others; fewer than three leave the
+    choice unverified, with a warning), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage`` (an SQLite path, default
     ``optadvisor-trials.db``, or an Optuna storage URL), ``study_name`` (default: from the fingerprint),
     ``progress`` (a tqdm bar), ``heartbeat_interval`` (10 s) and ``grace_period`` (60 s).
 
@@ -333,7 +350,7 @@ class _RunRecord:
 
 class _Search:
     def __init__(self, model_fn, train_data, val_data, rec: Recommendation, top_k: int, budget_steps: int,
-                 metric: str | None, *, n_trials: int = 60, seeds: Sequence[int] = (0, 1, 2), batch_size: int = 64,
+                 metric: str | None, *, n_trials: int = 60, seeds: Sequence[int] = (0, 1, 2, 3), batch_size: int = 64,
                  lr_steps: int = 60, storage: str | None = None, study_name: str | None = None,
                  progress: bool = True, heartbeat_interval: int = 10, grace_period: int = 60,
                  poll_seconds: float = 0.2):
@@ -372,7 +389,12 @@ class _Search:
             self.skipped.append(f"{max(0, n_trials - fits)} configurations: budget too small to prune")
             n_trials = min(n_trials, fits)
         self.n_trials = n_trials
-        self.total_slots = n_trials + (top_k + 1) * (len(seeds) - 1)  # the search, then the finalists' seeds
+        if len(seeds) < 3:
+            warnings.warn(f"trial: {len(seeds)} seed(s): the finalists are judged on {len(seeds) - 1} fresh seed(s), "
+                          "too few to tell a better configuration from a luckier one; the choice is unverified. "
+                          "Pass seeds with 3 or more entries (default (0, 1, 2, 3))", UserWarning, stacklevel=3)
+        # the search, then the finalists' fresh seeds: the rules' advice, the naive default, the top_k
+        self.total_slots = n_trials + (top_k + 2) * (len(seeds) - 1)
         # the candidate pairs, from kernels' catalog: every optimizer the catalog searches by default plus any
         # other a rule scored (Adagrad when features are sparse), and every loss for the task that can be
         # trialled automatically
@@ -471,6 +493,9 @@ class _Search:
         plan = [self._config(rec.optimizer.name, self.yardstick_choice.name, float(rec.optimizer.params.get("lr", 1e-3)),
                              None, "rules", exempt=True)]
         plan[0]["lr_why"] = "the rules' learning rate"
+        naive = self._naive()
+        if naive is not None and len(plan) < self.n_trials:
+            plan.append(naive)
         opts = self.optimizers
         pairs = sorted(((o, lo) for o in opts for lo in self.losses),
                        key=lambda p: (-(rec.optimizers[p[0]].score + rec.losses[p[1]].score),
@@ -488,6 +513,26 @@ class _Search:
             wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if o == "AdamW" else None
             plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, wd, "search", off))
         return plan
+
+    def _naive(self) -> dict[str, Any] | None:
+        """The naive default (Adam at torch's defaults, lr 1e-3, with MSE or plain cross-entropy), a finalist
+        always: None when it is the rules' advice itself or is not a candidate here."""
+        loss = NAIVE_LOSS.get(self.rec.facts.task or "regression")
+        if "Adam" not in self.optimizers or loss not in self.losses:
+            return None
+        rules = self.rec.optimizer
+        same_opt = rules.name == "Adam" and _normal({**NAIVE_ADAM, "lr": 1e-3}) == _normal({**NAIVE_ADAM, **rules.params})
+        if same_opt and self.yardstick_choice.name == loss and not self.yardstick_choice.params:
+            return None
+        cfg = self._config("Adam", loss, 1e-3, None, "naive", exempt=True)
+        cfg.update(plain=True, lr_why="the naive default: what a user picks without advice")
+        return cfg
+
+    def _choices(self, cfg: dict[str, Any]) -> tuple[Choice, Choice]:
+        """The optimizer and loss choices a configuration trains with (the naive default's: bare)."""
+        if cfg.get("plain"):
+            return Choice(name=cfg["optimizer"], params={}, score=0), Choice(name=cfg["loss"], params={}, score=0)
+        return self.rec.optimizers[cfg["optimizer"]], self.rec.losses[cfg["loss"]]
 
     def _config(self, opt: str, loss: str, lr: float, wd: float | None, origin: str, offset: float | None = None,
                 exempt: bool = False) -> dict[str, Any]:
@@ -563,14 +608,16 @@ class _Search:
         return {**self.plan[finalists[j]], "exempt": True, "of": finalists[j]}, self.seeds[k + 1]
 
     def _finalist_slots(self) -> list[int]:
-        """The rules' configuration and the top_k best complete search runs (waits for the search to end; then
-        final, so kept). Fewer complete runs than top_k leave the last finalist slots void."""
+        """The rules' configuration, the naive default and the top_k best complete search runs (waits for the
+        search to end; then final, so kept). Fewer complete runs than top_k leave the last finalist slots
+        void."""
         if self._finalists is None:
             by_slot = self._wait(range(self.n_trials))
             TS = self.optuna.trial.TrialState
-            complete = [(by_slot[s][-1].value, s) for s in range(1, self.n_trials)
-                        if by_slot[s][-1].state == TS.COMPLETE]
-            self._finalists = [0] + [s for _, s in sorted(complete)[:self.top_k]]
+            exempt = [s for s in range(self.n_trials) if self.plan[s]["exempt"]]
+            complete = [(by_slot[s][-1].value, s) for s in range(self.n_trials)
+                        if s not in exempt and by_slot[s][-1].state == TS.COMPLETE]
+            self._finalists = exempt + [s for _, s in sorted(complete)[:self.top_k]]
         return self._finalists
 
     def _live_slots(self) -> list[int]:
@@ -641,8 +688,7 @@ class _Search:
             return False
 
         try:
-            res: RunResult = train_run(self.model_fn, seed, self.rec.optimizers[cfg["optimizer"]],
-                                       self.rec.losses[cfg["loss"]], cfg["lr"], self.train_data, self.val_data,
+            res: RunResult = train_run(self.model_fn, seed, *self._choices(cfg), cfg["lr"], self.train_data, self.val_data,
                                        self.budget, batch_size=self.batch_size, eval_every=self.eval_every,
                                        metric=self.metric, yardstick=self.yardstick, on_eval=on_eval,
                                        weight_decay=cfg["weight_decay"], tiebreak=self.tiebreak)
@@ -704,31 +750,38 @@ class _Search:
         TS = self.optuna.trial.TrialState
         finalists = self._finalist_slots()
         latest = {s: ts[-1] for s, ts in by_slot.items()}
-        rows = []
+        fresh = len(self.seeds) > 1
+        rows: list[CandidateResult] = []
         for j, s in enumerate(finalists):
-            runs = [latest[s]] + [latest[self._seed_slot(j, k)] for k in range(len(self.seeds) - 1)]
+            runs = [latest[self._seed_slot(j, k)] for k in range(len(self.seeds) - 1)] if fresh else [latest[s]]
             cfg = self.plan[s]
-            if any(r.state != TS.COMPLETE for r in runs):
-                continue  # diverged on another seed: not a candidate
+            if any(r.state != TS.COMPLETE for r in runs) or latest[s].state != TS.COMPLETE:
+                continue  # diverged on some seed: not a candidate
             curves = [[tuple(p) for p in _outcome(r)["curve"]] for r in runs]
-            keys = [[(st, k) for (st, _), k in zip(c, _outcome(r)["keys"])] for c, r in zip(curves, runs)]
-            best_step, best_key = best_point(keys)
-            values = [dict(c)[best_step] for c in curves]
-            best_mean = statistics.fmean(values)
-            params = {**self.rec.optimizers[cfg["optimizer"]].params, "lr": cfg["lr"]}
+            best_step, values = robust_step(curves)
+            opt, loss = self._choices(cfg)
+            params = {**opt.params, "lr": cfg["lr"]}
             if cfg["weight_decay"] is not None:
                 params["weight_decay"] = cfg["weight_decay"]
-            opt = self.rec.optimizers[cfg["optimizer"]].model_copy(update={"params": params})
-            rows.append((best_key, CandidateResult(
-                optimizer=opt, loss=self.rec.losses[cfg["loss"]], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                origin=cfg["origin"], lr_reasoning=cfg.get("lr_why", ""), best_step=best_step, values=values,
-                mean=best_mean, spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves)))
+            rows.append(CandidateResult(
+                optimizer=opt.model_copy(update={"params": params}), loss=loss, lr=cfg["lr"],
+                weight_decay=cfg["weight_decay"], origin=cfg["origin"], lr_reasoning=cfg.get("lr_why", ""),
+                best_step=best_step, values=values, mean=statistics.fmean(values),
+                spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves,
+                seeds=[int(r.user_attrs["run"]["seed"]) for r in runs],
+                search_value=min(_outcome(latest[s])["keys"])))
         if not rows:
             raise RuntimeError("trial: every finalist diverged on some seed; see the failed runs in the study "
                                f"{self.name!r} ({self.url})")
-        ranked = [r for _, r in sorted(rows, key=lambda kr: (kr[0], kr[1].origin != "rules", kr[1].optimizer.name,
-                                                               kr[1].loss.name, kr[1].lr))]
-        winner = ranked[0]
+        # the incumbent: the rules' advice (or, when it diverged, the naive default; else the search's best)
+        order = sorted(range(len(rows)), key=lambda i: ({"rules": 0, "naive": 1}.get(rows[i].origin, 2),
+                                                        rows[i].search_value))
+        names = [f"{rows[i].optimizer.name} {rows[i].lr:.3g} + {rows[i].loss.name} ({rows[i].origin})" for i in order]
+        decision = choose([rows[i].values for i in order])
+        winner = rows[order[decision.winner]]
+        verdict = decision.text(names)
+        ranked = [winner] + sorted((r for r in rows if r is not winner),
+                                   key=lambda r: (r.mean, r.origin != "rules", r.optimizer.name, r.loss.name, r.lr))
         trials = [t for t in self.study.get_trials(deepcopy=False) if "run" in t.user_attrs]
         searched = [latest[s] for s in range(self.n_trials)]
         failed = []
@@ -741,43 +794,39 @@ class _Search:
         steps_total = range_steps + sum(int(_outcome(t).get("steps", 0)) for t in trials)
         rules_row = next((c for c in ranked if c.origin == "rules"), None)
         wd = f", weight decay {winner.weight_decay:.2g}" if winner.weight_decay else ""
+        judged = list(self.seeds[1:]) if fresh else [self.seeds[0]]
+        se = winner.spread * math.sqrt(len(winner.values) / max(len(winner.values) - 1, 1)) / math.sqrt(len(winner.values))
         evidence = Reason(
             rule_id="trial", priority=100,
             concluded=[f"{winner.optimizer.name} (lr {winner.lr:.3g}{wd}) + {winner.loss.name} won; "
-                       f"train {winner.best_step} steps"],
+                       f"train {winner.best_step} steps; {self.metric} {winner.mean:.4g} ± {se:.2g} (standard error "
+                       f"over seeds {judged})", verdict],
             matched={f"{c.optimizer.name} {c.lr:.3g} + {c.loss.name}": round(c.mean, 6) for c in ranked},
-            because=(f"measured on the validation data ({self.metric}, mean over seeds {list(self.seeds)}, at the "
-                     f"best step of {self.budget}): {len(searched)} configurations searched on seed {self.seeds[0]} "
-                     f"with successive halving ({sum(1 for t in searched if t.state == TS.PRUNED)} pruned), the "
-                     f"finalists on every seed: " + "; ".join(
+            because=(f"measured on the validation data ({self.metric}): {len(searched)} configurations searched on seed "
+                     f"{self.seeds[0]} with successive halving ({sum(1 for t in searched if t.state == TS.PRUNED)} "
+                     f"pruned); the finalists judged on seeds {judged}, which did not select them, each at the latest "
+                     "step within one standard error of its best mean: " + "; ".join(
                          f"{c.optimizer.name} {c.lr:.3g} + {c.loss.name} {c.mean:.4g} ± {c.spread:.2g} "
-                         f"(step {c.best_step}, {c.origin})" for c in ranked) +
-                     (f". The rules' own advice scored {rules_row.mean:.4g}." if rules_row else "")),
+                         f"(step {c.best_step}, {c.origin})" for c in ranked) + f". {verdict}." +
+                     (f" The rules' own advice scored {rules_row.mean:.4g}." if rules_row else "")),
             source=f"Optuna study {self.name!r} in {self.url}")
         note = Note(rule_id="trial", text=f"Train for about {winner.best_step} steps of batch {self.batch_size} "
-                    f"(the validation {self.metric} was best there in the trial; later it got worse or stopped "
-                    "improving): stop early on a validation set.")
+                    f"(the validation {self.metric} was within the noise of its best there on fresh seeds; later "
+                    "it got worse or stopped improving): stop early on a validation set.")
         updated = self.rec.model_copy(update={"optimizer": winner.optimizer, "loss": winner.loss,
                                               "reasons": [evidence, *self.rec.reasons],
                                               "notes": [note, *self.rec.notes], "train_steps": winner.best_step},
                                       deep=True)
-        return TrialResult(metric=self.metric, ranked=ranked, winner=winner, recommendation=updated,
+        return TrialResult(metric=self.metric, ranked=ranked, winner=winner, verdict=verdict, recommendation=updated,
                            study_name=self.name, storage=self.url, configs_tried=len(searched),
                            pruned=sum(1 for t in searched if t.state == TS.PRUNED), failed=failed,
                            skipped=self.skipped, steps_run=self.steps_run, steps_total=steps_total,
                            train_seconds=self.train_seconds, wall_seconds=wall)
 
 
+def _normal(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
 def _outcome(t: Any) -> dict[str, Any]:
     return t.user_attrs.get("outcome", {})
-
-
-def best_point(curves: list[list[tuple[int, Any]]]) -> tuple[int, Any]:
-    """The evaluated step where the seeds' mean curve is lowest (the earliest of equal ones) and that mean:
-    where to stop training. Curves are (step, value) lists; only steps every seed evaluated count."""
-    return min(_mean_curve(curves), key=lambda sv: (sv[1], sv[0]))
-
-
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    return [(s, statistics.fmean(dict(c)[s] for c in curves)) for s in steps]

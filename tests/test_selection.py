@@ -1,5 +1,7 @@
 """The choices the trial and the range test make from curves, on synthetic curves whose answer is known:
-where to stop (the trial's best step) and which learning rate to suggest (steepest, valley, min/10, cap).
+where to stop (the trial's robust step), which finalist wins (Dunnett's test against the incumbent: a pure-
+noise challenger must not win more often than its error rate, a real 10% improvement must win), and which
+learning rate to suggest (steepest, valley, min/10, cap).
 An audit planted "the last common step instead of the best" and "max for min in the cap" and "steepest
 ascent": nothing failed; these do."""
 
@@ -10,20 +12,76 @@ import math
 import pytest
 
 from optadvisor.advisor._lr import _suggest
-from optadvisor.advisor._trial import best_point
+import torch
+
+from optadvisor.advisor._select import choose, critical_value, robust_step
 
 
-def test_the_best_step_is_where_the_mean_curve_is_lowest_mid_run():
-    # two seeds; the mean is lowest at step 30 (0.5), not at the end (0.9) nor at either seed's own minimum
-    a = [(10, 1.0), (20, 0.7), (30, 0.5), (40, 0.6), (50, 0.9)]
-    b = [(10, 1.2), (20, 0.4), (30, 0.5), (40, 0.7), (50, 0.9)]
-    assert best_point([a, b]) == (30, pytest.approx(0.5))
+def test_the_stop_is_the_latest_step_within_one_standard_error_of_the_best_mean():
+    # three seeds; the mean is lowest at step 30 (0.5, standard error 0.1 / sqrt(3) = 0.058); step 40's mean
+    # 0.55 is within it, step 50's 0.56 is not: stop at 40, not at the noisy minimum
+    a = [(10, 1.0), (20, 0.7), (30, 0.4), (40, 0.54), (50, 0.56)]
+    b = [(10, 1.2), (20, 0.8), (30, 0.5), (40, 0.56), (50, 0.56)]
+    c = [(10, 1.1), (20, 0.9), (30, 0.6), (40, 0.55), (50, 0.56)]
+    assert robust_step([a, b, c]) == (40, [0.54, 0.56, 0.55])
+    # tighter seeds (standard error 0.01): the best step itself
+    a2, b2, c2 = ([(s, v + d) if s == 30 else (s, v) for s, v in x] for x, d in ((b, -0.01), (b, 0.0), (b, 0.01)))
+    assert robust_step([a2, b2, c2])[0] == 30
 
 
-def test_the_best_step_counts_only_steps_every_seed_evaluated_and_takes_the_earliest_tie():
+def test_the_stop_counts_only_steps_every_seed_evaluated_and_without_spread_takes_the_latest_best():
     a = [(10, 0.3), (20, 0.5), (30, 0.5)]
     b = [(20, 0.5), (30, 0.5), (40, 0.1)]  # step 10 and 40: one seed only
-    assert best_point([a, b]) == (20, pytest.approx(0.5))
+    assert robust_step([a, b]) == (30, [0.5, 0.5])  # equal means, no spread: the latest within it
+    assert robust_step([[(10, 0.2), (20, 0.1), (30, 0.1), (40, 0.11)]]) == (30, [0.1])
+
+
+def test_dunnetts_critical_value_matches_the_t_quantile_for_one_challenger():
+    # one challenger, pooled over two groups of 3: a t statistic with 4 degrees of freedom; t_0.95(4) = 2.132
+    assert critical_value(1, 3) == pytest.approx(2.132, abs=0.03)
+    # more challengers need a larger margin; more seeds a smaller one
+    assert critical_value(1, 3) < critical_value(4, 3) < critical_value(8, 3)
+    assert critical_value(4, 10) < critical_value(4, 3)
+    with pytest.raises(ValueError, match="needs >= 1 challenger and >= 2 seeds"):
+        critical_value(3, 1)
+
+
+def _draw(gen, means, noise, seeds=3):
+    return [[m + noise * float(torch.randn((), generator=gen)) for _ in range(seeds)] for m in means]
+
+
+def test_a_pure_noise_challenger_wins_no_more_often_than_the_tests_error_rate():
+    """1,000 draws of an incumbent and six challengers that are all equally good (noise 5% of the value):
+    a challenger replaces the incumbent in at most alpha = 5% of them (plus the Monte Carlo's slack)."""
+    gen = torch.Generator().manual_seed(0)
+    wins = sum(choose(_draw(gen, [1.0] * 7, 0.05)).winner != 0 for _ in range(1000))
+    assert wins <= 65, wins  # 5% of 1,000 is 50; 65 is three binomial standard deviations above
+    assert wins >= 20, wins  # and the test is not vacuous: it does sometimes switch under the null
+
+
+def test_a_ten_percent_better_challenger_wins():
+    """The same six challengers, one of them 10% better (noise 3% of the value, three fresh seeds): it wins in
+    at least 90% of 500 draws, and no other challenger ever does."""
+    gen = torch.Generator().manual_seed(1)
+    winners = [choose(_draw(gen, [1.0, 1.0, 1.0, 0.9, 1.0, 1.0, 1.0], 0.03)).winner for _ in range(500)]
+    assert winners.count(3) >= 450, winners.count(3)
+    assert set(winners) <= {0, 3}
+
+
+def test_a_worse_challenger_that_looked_better_in_the_search_does_not_win():
+    """The issue's case: the trial's pick, 0.234 / 0.214 / 0.266 on fresh seeds, against the rules' advice,
+    0.216 / 0.191 / 0.193: the incumbent stays, and the verdict says by how much the challenger was behind."""
+    d = choose([[0.216, 0.191, 0.193], [0.234, 0.214, 0.266]])
+    assert d.winner == 0 and d.verified and d.gain < 0
+    assert "no challenger beat rules by more than the noise" in d.text(["rules", "pick"])
+
+
+def test_choices_without_a_test():
+    assert choose([[0.5, 0.6]]).winner == 0  # the incumbent alone
+    one_seed = choose([[0.5], [0.4]])
+    assert one_seed.winner == 1 and not one_seed.verified and "without a test" in one_seed.text(["a", "b"])
+    exact = choose([[0.5, 0.5], [0.4, 0.4]])  # no seed noise at all: a strict improvement is real
+    assert exact.winner == 1 and exact.verified and "beat a by 0.1" in exact.text(["a", "b"])
 
 
 def _curve(n: int, log_step: float, steep_at: int = 15, lowest: int = 25):

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-SMALL = {"budget_steps": 90, "n_trials": 14, "seeds": (0, 1), "top_k": 2, "lr_steps": 30}
+SMALL = {"budget_steps": 90, "n_trials": 14, "seeds": (0, 1, 2), "top_k": 2, "lr_steps": 30}
 
 
 def small_study():
