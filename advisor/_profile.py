@@ -50,6 +50,8 @@ class TaskProfile(BaseModel):
         None, gt=0.0, description="Memory free for training where the model lives, in GiB (profile_data reads "
                                   "it: a CUDA device's free memory, or the host's available memory).")
     batch_size: int | None = Field(None, ge=1, description="Training batch size.")
+    budget_steps: int | None = Field(None, ge=1, description="How many optimizer steps the training will run "
+                                     "(the budget; with batch_size and n_samples it gives the epochs).")
     nonstationary: bool | None = Field(
         None, description="The data distribution shifts during training (online learning, RL, drift).")
     needs_probabilities: bool | None = Field(

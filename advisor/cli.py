@@ -347,7 +347,8 @@ def _trial_cmd(argv: list[str]) -> int:
     ap.add_argument("--n-trials", type=int, default=60, help="configurations searched (default %(default)s)")
     ap.add_argument("--top-k", type=int, default=5, help="finalists trained on every seed besides the rules' own")
     ap.add_argument("--budget-steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default %(default)s)")
+    ap.add_argument("--seeds", type=int, default=4, help="number of seeds: the search on the first, the finalists "
+                    "judged on the others (default %(default)s)")
     ap.add_argument("--metric", choices=METRICS, help="default: error rate (classification), MSE (regression)")
     ap.add_argument("--storage", help="SQLite file or Optuna storage URL (default optadvisor-trials.db)")
     ap.add_argument("--study-name")

@@ -238,17 +238,20 @@ def grid_point(g: dict[str, Any], task: str, optimizer: dict, loss: dict) -> flo
     return g["final"][key]
 
 
-def rules_advice(data: dict[str, Any]):
+def rules_advice(data: dict[str, Any], steps: int = STEPS, batch: int = BATCH, **extra: Any):
+    """The rules-only advice as a user gets it: the data's profile, plus the budget and batch size they train
+    with (``extra``: ``advise``'s keyword arguments, e.g. ``extra_rules``)."""
     from optadvisor.advisor import advise, profile_data
 
-    return advise(profile_data(*data["train"], model=model_fn_for(data)()))
+    prof = profile_data(*data["train"], model=model_fn_for(data)())
+    return advise({**prof.facts.known(), "batch_size": batch, "budget_steps": steps}, **extra)
 
 
 def advise_for(data: dict[str, Any], g: dict[str, Any], trial_kwargs: dict[str, Any] | None, storage: str,
                steps: int, batch: int) -> dict[str, Any]:
     from optadvisor.advisor import trial
 
-    rec = rules_advice(data)
+    rec = rules_advice(data, steps, batch)
     rules = {"optimizer": rec.optimizer.model_dump(), "loss": rec.loss.model_dump(),
              "fired": sorted({r.rule_id for r in rec.reasons})}
     cached = grid_point(g, data["task"], rules["optimizer"], rules["loss"])
@@ -272,35 +275,46 @@ def advise_for(data: dict[str, Any], g: dict[str, Any], trial_kwargs: dict[str, 
     return out
 
 
+def _table_job(args: tuple[str, dict[str, Any], dict[str, Any] | None, int, int, str]) -> dict[str, Any]:
+    """One table's row (or {"skipped": why}); runs in a worker process."""
+    name, grid, trial_kwargs, steps, batch, tmp = args
+    torch.set_num_threads(1)
+    try:
+        data = load(name)
+    except TableError as exc:
+        return {"skipped": str(exc)}
+    g = grid_summary(grid, name)
+    if g is None:
+        return {"skipped": f"{name}: not in the cached grid for {steps}x{batch} (run with --regen-grid)"}
+    adv = advise_for(data, g, trial_kwargs, os.path.join(tmp, f"{name}.db"), steps, batch)
+    return {"data": name, "half": split()[name], "kind": data["kind"], "task": data["task"],
+            "metric": g["metric"], "rows": len(data["train"][1]) + len(data["val"][1]),
+            "grid_best": g["best"], "grid_best_config": list(g["best_config"]),
+            "grid_best_early_stopped": g["best_early_stopped"], "naive": g["naive"],
+            "grid_steps": g["steps"], **adv}
+
+
 def run(names: tuple[str, ...], grid: dict[str, Any], trial_kwargs: dict[str, Any] | None, steps: int, batch: int,
-        skipped: list[str]) -> list[dict]:
+        skipped: list[str], workers: int = 1) -> list[dict]:
+    """Every table's row, in the order given (tables run ``workers`` at a time, one thread each)."""
     import tempfile
 
-    halves = split()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            torch.set_num_threads(1)
-            try:
-                data = load(name)
-            except TableError as exc:
-                skipped.append(str(exc))
-                print(f"skipped: {exc}", flush=True)
+        jobs = [(n, {"protocol": grid["protocol"], "tables": {n: grid["tables"][n]} if n in grid["tables"] else {}},
+                 trial_kwargs, steps, batch, tmp) for n in names]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(pool.map(_table_job, jobs))
+        else:
+            results = [_table_job(j) for j in jobs]
+        for res in results:
+            if "skipped" in res:
+                skipped.append(res["skipped"])
+                print(f"skipped: {res['skipped']}", flush=True)
                 continue
-            g = grid_summary(grid, name)
-            if g is None:
-                msg = f"{name}: not in the cached grid for {steps}x{batch} (run with --regen-grid)"
-                skipped.append(msg)
-                print(f"skipped: {msg}", flush=True)
-                continue
-            adv = advise_for(data, g, trial_kwargs, os.path.join(tmp, f"{name}.db"), steps, batch)
-            row = {"data": name, "half": halves[name], "kind": data["kind"], "task": data["task"],
-                   "metric": g["metric"], "rows": len(data["train"][1]) + len(data["val"][1]),
-                   "grid_best": g["best"], "grid_best_config": list(g["best_config"]),
-                   "grid_best_early_stopped": g["best_early_stopped"], "naive": g["naive"],
-                   "grid_steps": g["steps"], **adv}
-            rows.append(row)
-            print(_row_md(row), flush=True)
+            rows.append(res)
+            print(_row_md(res), flush=True)
     return rows
 
 
@@ -438,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--regen-grid", action="store_true",
                     help="compute the reference grid of the selected tables it lacks (saved after each table)")
     ap.add_argument("--force", action="store_true", help="with --regen-grid: recompute the selected tables too")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for --regen-grid")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="processes for --regen-grid and for the tables (default: the CPU count)")
     ap.add_argument("--out", default="benchmark-report", help="directory for the report (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.datasets:
@@ -468,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header + HEADER), flush=True)
     skipped: list[str] = []
     t0 = time.time()
-    rows = run(names, grid, None if args.no_trial else {}, args.steps, args.batch, skipped)
+    rows = run(names, grid, None if args.no_trial else {}, args.steps, args.batch, skipped,
+               1 if args.quick else args.workers)
     summ = summary_md(rows, skipped, len(names))
     summ.append(f"Wall time: {time.time() - t0:.0f} s (grid cached).")
     print("\n".join([""] + summ), flush=True)

@@ -129,8 +129,10 @@ def test_build_optimizer_and_loss_give_kernels_objects():
     loss = loss_fn(model(torch.randn(4, 3)), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     opt.step()
-    huber = advise(task="regression", target_outlier_fraction=0.3, target_scale=2.0).build_loss()
-    assert isinstance(huber, kernels.HuberLoss) and huber.delta == pytest.approx(2.69)
+    huber = advise(task="regression", target_outlier_fraction=0.3, target_scale=4.0).build_loss()
+    assert isinstance(huber, kernels.HuberLoss) and huber.delta == pytest.approx(5.38)
+    # near unit scale (standardized targets) Huber keeps its default delta 1 (rule huber-delta-from-scale)
+    assert advise(task="regression", target_outlier_fraction=0.3, target_scale=1.3).build_loss().delta == 1.0
     sgd = advise(task="regression", model_kind="linear").build_optimizer(torch.nn.Linear(2, 1).parameters())
     assert isinstance(sgd, kernels.SGD) and sgd.param_groups[0]["momentum"] == 0.9
 
