@@ -17,8 +17,8 @@ How it searches (the defaults; every number is an argument):
    best configurations that ran the whole budget are trained on the other seeds (``seeds[1:]``, three by
    default), which did not select them. Each one's stopping step is the latest step within one standard
    error of its best mean on those seeds (**early stopping**: ``recommendation.train_steps``); a challenger
-   replaces the incumbent only when its fresh mean is better by more than the noise (Dunnett's one-sided
-   many-to-one test at 5%, see ``_select.py``). The winner's reported value is its fresh seeds' mean: an
+   replaces the incumbent only when its fresh mean is better by more than the noise (a one-sided
+   many-to-one test at alpha 0.10, each pair with its own variance, see ``_select.py``). The winner's reported value is its fresh seeds' mean: an
    unbiased estimate, not the search's luckiest point.
 
 Every run is an Optuna trial in one study (an SQLite file by default, any Optuna storage URL for several
@@ -69,6 +69,7 @@ from ._train import (
 )
 
 PLAN_VERSION = "3"
+LOG_SCALE_METRICS = ("val_mse", "val_mae", "val_loss")  # compared as ratios (see _select.py)
 NAIVE_ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
 NAIVE_LOSS = {"regression": "MSELoss", "classification": "CrossEntropyLoss"}
 LR_DECADES = (-2.5, 0.5)       # the learning-rate range around the range test's centre, in decades
@@ -145,11 +146,13 @@ def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: An
     (X, y) pair of tensors or an iterable of (x, y) batches. ``metric``: ``None`` picks the default — the
     error rate for classification (``val_balanced_error`` when the largest class is over 3x the smallest),
     the MSE for regression — or one of ``val_loss`` (the recommended loss), ``val_mse``, ``val_mae``,
-    ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (60 configurations), ``seeds``
+    ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (50 configurations), ``seeds``
     ((0, 1, 2, 3): the search on the first, the finalists judged on the others; fewer than three leave the
     choice unverified, with a warning), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage`` (an SQLite path, default
     ``optadvisor-trials.db``, or an Optuna storage URL), ``study_name`` (default: from the fingerprint),
-    ``progress`` (a tqdm bar), ``heartbeat_interval`` (10 s) and ``grace_period`` (60 s).
+    ``progress`` (a tqdm bar), ``heartbeat_interval`` (10 s), ``grace_period`` (60 s) and ``cv_folds`` (None; k:
+    the finalists are judged by k-fold cross-validation over the training and validation rows together, one
+    fold per fresh seed, so ``seeds`` defaults to ``range(k + 1)``; (X, y) tensor pairs only).
 
     Example::
 
@@ -350,10 +353,10 @@ class _RunRecord:
 
 class _Search:
     def __init__(self, model_fn, train_data, val_data, rec: Recommendation, top_k: int, budget_steps: int,
-                 metric: str | None, *, n_trials: int = 60, seeds: Sequence[int] = (0, 1, 2, 3), batch_size: int = 64,
-                 lr_steps: int = 60, storage: str | None = None, study_name: str | None = None,
+                 metric: str | None, *, n_trials: int = 50, seeds: Sequence[int] | None = None,
+                 batch_size: int = 64, lr_steps: int = 60, storage: str | None = None, study_name: str | None = None,
                  progress: bool = True, heartbeat_interval: int = 10, grace_period: int = 60,
-                 poll_seconds: float = 0.2):
+                 poll_seconds: float = 0.2, cv_folds: int | None = None):
         task = rec.facts.task
         metric = metric or default_metric(task, rec.facts.class_imbalance)
         if metric not in METRICS:
@@ -366,7 +369,18 @@ class _Search:
                                  ("batch_size", batch_size, 1), ("lr_steps", lr_steps, 10)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"trial: {name} must be an integer >= {low} (got {value!r})")
-        seeds = tuple(seeds)
+        if cv_folds is not None:
+            if not isinstance(cv_folds, int) or isinstance(cv_folds, bool) or cv_folds < 2:
+                raise ValueError(f"trial: cv_folds must be an integer >= 2 or None (got {cv_folds!r})")
+            if not (is_pair(train_data) and is_pair(val_data)):
+                raise ValueError("trial: cv_folds needs train_data and val_data as (X, y) pairs of tensors (the folds "
+                                 "are drawn from their rows together)")
+            if seeds is None:
+                seeds = tuple(range(cv_folds + 1))
+            elif len(tuple(seeds)) != cv_folds + 1:
+                raise ValueError(f"trial: cv_folds={cv_folds} needs {cv_folds + 1} seeds, the search's and one per "
+                                 f"fold (got {len(tuple(seeds))}); leave seeds unset to get range({cv_folds + 1})")
+        seeds = tuple((0, 1, 2, 3) if seeds is None else seeds)
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"trial: seeds must be distinct integers, at least one (got {seeds!r})")
         if grace_period <= heartbeat_interval:
@@ -415,6 +429,9 @@ class _Search:
         self.tiebreak = None
         settings = {"budget_steps": budget_steps, "seeds": list(seeds), "batch_size": batch_size, "metric": metric,
                     "n_trials": n_trials, "top_k": top_k, "lr_steps": lr_steps}
+        if cv_folds is not None:  # (absent otherwise: the fingerprints of earlier studies stay valid)
+            settings["cv_folds"] = cv_folds
+        self.folds = _folds(train_data, val_data, cv_folds, seeds[0]) if cv_folds else None
         self.fingerprint, n_val = _fingerprint(model_fn, train_data, val_data, rec, settings)
         if metric in CLASSIFICATION_METRICS and "CrossEntropyLoss" in rec.losses:
             # error rates tie often on small validation sets: the validation cross-entropy breaks the ties,
@@ -513,6 +530,13 @@ class _Search:
             wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if o == "AdamW" else None
             plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, wd, "search", off))
         return plan
+
+    def _data_for(self, slot: int) -> tuple[Any, Any]:
+        """(train, val) of a run: the caller's split, except for a finalist's fresh run under ``cv_folds``,
+        which holds out its fold of the pooled rows."""
+        if self.folds is None or slot < self.n_trials:
+            return self.train_data, self.val_data
+        return self.folds[(slot - self.n_trials) % (len(self.seeds) - 1)]
 
     def _naive(self) -> dict[str, Any] | None:
         """The naive default (Adam at torch's defaults, lr 1e-3, with MSE or plain cross-entropy), a finalist
@@ -688,7 +712,7 @@ class _Search:
             return False
 
         try:
-            res: RunResult = train_run(self.model_fn, seed, *self._choices(cfg), cfg["lr"], self.train_data, self.val_data,
+            res: RunResult = train_run(self.model_fn, seed, *self._choices(cfg), cfg["lr"], *self._data_for(slot),
                                        self.budget, batch_size=self.batch_size, eval_every=self.eval_every,
                                        metric=self.metric, yardstick=self.yardstick, on_eval=on_eval,
                                        weight_decay=cfg["weight_decay"], tiebreak=self.tiebreak)
@@ -777,7 +801,7 @@ class _Search:
         order = sorted(range(len(rows)), key=lambda i: ({"rules": 0, "naive": 1}.get(rows[i].origin, 2),
                                                         rows[i].search_value))
         names = [f"{rows[i].optimizer.name} {rows[i].lr:.3g} + {rows[i].loss.name} ({rows[i].origin})" for i in order]
-        decision = choose([rows[i].values for i in order])
+        decision = choose([rows[i].values for i in order], log=self.metric in LOG_SCALE_METRICS)
         winner = rows[order[decision.winner]]
         verdict = decision.text(names)
         ranked = [winner] + sorted((r for r in rows if r is not winner),
@@ -795,16 +819,18 @@ class _Search:
         rules_row = next((c for c in ranked if c.origin == "rules"), None)
         wd = f", weight decay {winner.weight_decay:.2g}" if winner.weight_decay else ""
         judged = list(self.seeds[1:]) if fresh else [self.seeds[0]]
+        how = (f"seeds {judged}, one fold each of {len(judged)}-fold cross-validation over the training and "
+               "validation rows together" if self.folds else f"seeds {judged}")
         se = winner.spread * math.sqrt(len(winner.values) / max(len(winner.values) - 1, 1)) / math.sqrt(len(winner.values))
         evidence = Reason(
             rule_id="trial", priority=100,
             concluded=[f"{winner.optimizer.name} (lr {winner.lr:.3g}{wd}) + {winner.loss.name} won; "
                        f"train {winner.best_step} steps; {self.metric} {winner.mean:.4g} ± {se:.2g} (standard error "
-                       f"over seeds {judged})", verdict],
+                       f"over {how})", verdict],
             matched={f"{c.optimizer.name} {c.lr:.3g} + {c.loss.name}": round(c.mean, 6) for c in ranked},
             because=(f"measured on the validation data ({self.metric}): {len(searched)} configurations searched on seed "
                      f"{self.seeds[0]} with successive halving ({sum(1 for t in searched if t.state == TS.PRUNED)} "
-                     f"pruned); the finalists judged on seeds {judged}, which did not select them, each at the latest "
+                     f"pruned); the finalists judged on {how}, which did not select them, each at the latest "
                      "step within one standard error of its best mean: " + "; ".join(
                          f"{c.optimizer.name} {c.lr:.3g} + {c.loss.name} {c.mean:.4g} ± {c.spread:.2g} "
                          f"(step {c.best_step}, {c.origin})" for c in ranked) + f". {verdict}." +
@@ -822,6 +848,22 @@ class _Search:
                            pruned=sum(1 for t in searched if t.state == TS.PRUNED), failed=failed,
                            skipped=self.skipped, steps_run=self.steps_run, steps_total=steps_total,
                            train_seconds=self.train_seconds, wall_seconds=wall)
+
+
+def _folds(train_data: tuple, val_data: tuple, k: int, seed: int) -> list[tuple[tuple, tuple]]:
+    """k (train, val) pairs over the pooled rows: a seeded permutation cut into k near-equal folds."""
+    X = torch.cat([train_data[0], val_data[0]])
+    y = torch.cat([train_data[1], val_data[1]])
+    if len(y) < 2 * k:
+        raise ValueError(f"trial: cv_folds={k} needs at least {2 * k} rows (got {len(y)})")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for part in torch.tensor_split(perm, k):
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[part] = False
+        rest = perm[keep[perm]]  # the other rows, in the permutation's order (batches come in order)
+        out.append(((X[rest], y[rest]), (X[part], y[part])))
+    return out
 
 
 def _normal(params: dict[str, Any]) -> dict[str, Any]:

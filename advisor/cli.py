@@ -344,7 +344,7 @@ def _trial_cmd(argv: list[str]) -> int:
     ap.add_argument("--task", choices=["regression", "classification"], help="default: inferred, as profile")
     ap.add_argument("--val-fraction", type=float, default=0.25,
                     help="rows held out for validation, by a fixed seed (default %(default)s)")
-    ap.add_argument("--n-trials", type=int, default=60, help="configurations searched (default %(default)s)")
+    ap.add_argument("--n-trials", type=int, default=50, help="configurations searched (default %(default)s)")
     ap.add_argument("--top-k", type=int, default=5, help="finalists trained on every seed besides the rules' own")
     ap.add_argument("--budget-steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=4, help="number of seeds: the search on the first, the finalists "

@@ -1,5 +1,5 @@
 """The choices the trial and the range test make from curves, on synthetic curves whose answer is known:
-where to stop (the trial's robust step), which finalist wins (Dunnett's test against the incumbent: a pure-
+where to stop (the trial's robust step), which finalist wins (the many-to-one test against the incumbent: a pure-
 noise challenger must not win more often than its error rate, a real 10% improvement must win), and which
 learning rate to suggest (steepest, valley, min/10, cap).
 An audit planted "the last common step instead of the best" and "max for min in the cap" and "steepest
@@ -36,9 +36,11 @@ def test_the_stop_counts_only_steps_every_seed_evaluated_and_without_spread_take
     assert robust_step([[(10, 0.2), (20, 0.1), (30, 0.1), (40, 0.11)]]) == (30, [0.1])
 
 
-def test_dunnetts_critical_value_matches_the_t_quantile_for_one_challenger():
-    # one challenger, pooled over two groups of 3: a t statistic with 4 degrees of freedom; t_0.95(4) = 2.132
-    assert critical_value(1, 3) == pytest.approx(2.132, abs=0.03)
+def test_the_critical_value_matches_the_t_quantile_for_one_challenger():
+    # one challenger, two groups of 3: (m0 - m1) / sqrt((s0^2 + s1^2) / 3) is a t statistic with 4 degrees of
+    # freedom; t_0.90(4) = 1.533
+    assert critical_value(1, 3) == pytest.approx(1.533, abs=0.03)
+    assert critical_value(1, 3, alpha=0.05) == pytest.approx(2.132, abs=0.04)
     # more challengers need a larger margin; more seeds a smaller one
     assert critical_value(1, 3) < critical_value(4, 3) < critical_value(8, 3)
     assert critical_value(4, 10) < critical_value(4, 3)
@@ -52,20 +54,36 @@ def _draw(gen, means, noise, seeds=3):
 
 def test_a_pure_noise_challenger_wins_no_more_often_than_the_tests_error_rate():
     """1,000 draws of an incumbent and six challengers that are all equally good (noise 5% of the value):
-    a challenger replaces the incumbent in at most alpha = 5% of them (plus the Monte Carlo's slack)."""
+    a challenger replaces the incumbent in at most alpha = 10% of them (plus the sampling's slack)."""
     gen = torch.Generator().manual_seed(0)
     wins = sum(choose(_draw(gen, [1.0] * 7, 0.05)).winner != 0 for _ in range(1000))
-    assert wins <= 65, wins  # 5% of 1,000 is 50; 65 is three binomial standard deviations above
-    assert wins >= 20, wins  # and the test is not vacuous: it does sometimes switch under the null
+    assert wins <= 120, wins  # 10% of 1,000 is 100; 120 is two binomial standard deviations above
+    assert wins >= 60, wins  # and the test is not vacuous: it does switch under the null, about alpha of the time
 
 
 def test_a_ten_percent_better_challenger_wins():
     """The same six challengers, one of them 10% better (noise 3% of the value, three fresh seeds): it wins in
-    at least 90% of 500 draws, and no other challenger ever does."""
+    at least 85% of 500 draws (a simulation of the statistic gives 87%); an equal one wins in a few."""
     gen = torch.Generator().manual_seed(1)
     winners = [choose(_draw(gen, [1.0, 1.0, 1.0, 0.9, 1.0, 1.0, 1.0], 0.03)).winner for _ in range(500)]
-    assert winners.count(3) >= 450, winners.count(3)
-    assert set(winners) <= {0, 3}
+    assert winners.count(3) >= 425, winners.count(3)
+    assert sum(w not in (0, 3) for w in winners) < 25
+
+
+def test_a_noisy_finalist_does_not_hide_a_clean_improvement():
+    """Each pair is judged by its own variance: a challenger 2x better with 5% seed noise wins even when another
+    finalist's values scatter over a decade (the pooled variance hid it: gen_reg_clean_1k)."""
+    clean = [[0.0100, 0.0104, 0.0097], [0.0050, 0.0052, 0.0049], [0.02, 0.2, 0.05]]
+    assert choose(clean, log=True).winner == 1
+    assert "b beat a by 49.8%" in choose(clean, log=True).text(["a", "b", "c"])
+
+
+def test_a_five_percent_worse_challenger_almost_never_wins():
+    """The danger the issue measured: a worse configuration winning. One challenger 5% worse, five equal ones
+    (noise 3%): a worse one wins in under 1% of 1,000 draws."""
+    gen = torch.Generator().manual_seed(2)
+    winners = [choose(_draw(gen, [1.0, 1.05, 1.0, 1.0, 1.0, 1.0, 1.0], 0.03)).winner for _ in range(1000)]
+    assert winners.count(1) < 10, winners.count(1)
 
 
 def test_a_worse_challenger_that_looked_better_in_the_search_does_not_win():

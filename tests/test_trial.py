@@ -84,19 +84,22 @@ def test_advice_benchmark_quick_meets_the_targets(tmp_path):
     for row in rows:
         best, naive = row["grid_best"], row["naive"]
         trial_value, rules_value = row["trial"]["value"], row["rules"]["value"]
+        # the issue's targets: the trial near the grid's best, the rules-only advice never behind the naive
+        # default (no longer "within 10% of the best": that was met on diabetes by a rule fitted to diabetes,
+        # small-regression-lower-lr, dropped when the fitting half showed it worse on 3 of 7 tables)
         if row["task"] == "regression":
             assert trial_value <= 1.03 * best
-            assert rules_value <= 1.02 * naive and rules_value <= 1.10 * best
+            assert rules_value <= 1.02 * naive
         else:
             assert trial_value <= best + 0.005
-            assert rules_value <= naive + 0.005 and rules_value <= best + 0.015
+            assert rules_value <= naive + 0.005
         assert row["trial"]["steps_run"] <= row["grid_steps"] / 5
         assert row["half"] == "fit" and row["trial"]["finalists"][0] == row["trial"]["origin"]
     # on outlier-laden targets the advice is Huber, where the naive default (MSE) is 4x worse; the naive default
     # is a finalist there (on iris it is the rules' advice itself, so it is not run twice)
     assert rows[1]["rules"]["loss"]["name"] == "HuberLoss" and rows[1]["naive"] > 3 * rows[1]["grid_best"]
     assert "naive" in rows[1]["trial"]["finalists"] and "naive" not in rows[0]["trial"]["finalists"]
-    assert "Dunnett" in rows[1]["trial"]["verdict"]
+    assert "many-to-one" in rows[1]["trial"]["verdict"]
 
 
 def adv_text(res):
@@ -110,9 +113,9 @@ def test_the_rules_advice_is_always_a_finalist_so_the_winner_is_never_worse(tmp_
     assert len(rules) == 1
     assert rules[0].optimizer.name == rec.optimizer.name and rules[0].lr == rec.optimizer.params["lr"]
     assert res.winner is res.ranked[0] and res.winner.mean <= rules[0].mean
-    # judged on the seeds that did not select them (SMALL: search on 0, finalists on 1 and 2), by Dunnett's test
+    # judged on the seeds that did not select them (SMALL: search on 0, finalists on 1 and 2), by the many-to-one test
     assert all(c.seeds == [1, 2] and len(c.values) == 2 for c in res.ranked)
-    assert "Dunnett" in res.verdict and res.verdict in adv_text(res)
+    assert "many-to-one" in res.verdict and res.verdict in adv_text(res)
     assert res.configs_tried == SMALL["n_trials"] and 0 < res.pruned < res.configs_tried
     assert res.steps_total == res.steps_run  # one worker: everything ran here
     adv = res.recommendation
@@ -350,3 +353,25 @@ def test_candidate_optimizers_are_the_catalogs_defaults_plus_what_a_rule_scored(
     study = optuna.load_study(study_name=res.study_name, storage=res.storage)
     assert list(study.user_attrs["centres"]) == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
     assert study.user_attrs["plan"][0]["optimizer"] == "Adagrad"
+
+
+def test_cross_validated_finalists(tmp_path):
+    """cv_folds=3: the finalists' fresh runs hold out one fold each of the pooled train + validation rows (their
+    curves are measured on folds, not on the caller's validation split), the seeds default to range(4)."""
+    model_fn, train, val, rec = small_study()
+    small = {k: v for k, v in SMALL.items() if k != "seeds"}
+    res = trial(model_fn, train, val, rec, storage=str(tmp_path / "cv.db"), progress=False, cv_folds=3, **small)
+    assert all(c.seeds == [1, 2, 3] for c in res.ranked)
+    assert "3-fold cross-validation" in res.recommendation.explain()
+    # iris: 150 rows, folds of 50; the caller's validation split has 38 rows: error rates in 1/50 steps
+    values = [v for c in res.ranked for curve in c.curves for _, v in curve]
+    assert all(abs(v * 50 - round(v * 50)) < 1e-9 for v in values) and any(v > 0 for v in values)
+    # a different study from the plain one (the fingerprint has cv_folds)
+    plain = trial(model_fn, train, val, rec, storage=str(tmp_path / "cv.db"), progress=False, **SMALL)
+    assert plain.study_name != res.study_name
+    with pytest.raises(ValueError, match="cv_folds must be an integer >= 2"):
+        trial(model_fn, train, val, rec, storage=str(tmp_path / "cv.db"), progress=False, cv_folds=1)
+    with pytest.raises(ValueError, match=r"cv_folds=3 needs 4 seeds, the search's and one per fold \(got 3\)"):
+        trial(model_fn, train, val, rec, storage=str(tmp_path / "cv.db"), progress=False, cv_folds=3, seeds=(0, 1, 2))
+    with pytest.raises(ValueError, match=r"cv_folds needs train_data and val_data as \(X, y\) pairs"):
+        trial(model_fn, [train], val, rec, storage=str(tmp_path / "cv.db"), progress=False, cv_folds=3)
