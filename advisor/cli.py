@@ -345,7 +345,8 @@ def _trial_cmd(argv: list[str]) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.25,
                     help="rows held out for validation, by a fixed seed (default %(default)s)")
     ap.add_argument("--n-trials", type=int, default=50, help="configurations searched (default %(default)s)")
-    ap.add_argument("--top-k", type=int, default=5, help="finalists trained on every seed besides the rules' own")
+    ap.add_argument("--top-k", type=int, default=4, help="finalists judged on the fresh seeds besides the rules' "
+                    "advice and the naive default (default %(default)s)")
     ap.add_argument("--budget-steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=4, help="number of seeds: the search on the first, the finalists "
                     "judged on the others (default %(default)s)")
@@ -361,8 +362,9 @@ def _trial_cmd(argv: list[str]) -> int:
             model_fn, train, val = example_task(args.example)
         else:
             model_fn, train, val = _user_task(args.data, args.target, args.task, args.val_fraction)
-        rec = evaluate(load_rules(), profile_data(*train, model=model_fn(),
-                                                  **({"task": args.task} if args.task else {})).facts)
+        facts = profile_data(*train, model=model_fn(), **({"task": args.task} if args.task else {})).facts
+        # the budget the trial trains with is a fact the rules use (the learning rate falls with the epochs)
+        rec = evaluate(load_rules(), facts.model_copy(update={"budget_steps": args.budget_steps, "batch_size": 64}))
         res = trial(model_fn, train, val, rec, top_k=args.top_k, budget_steps=args.budget_steps, metric=args.metric,
                     n_trials=args.n_trials, seeds=tuple(range(args.seeds)), storage=args.storage,
                     study_name=args.study_name)

@@ -145,3 +145,66 @@ def test_too_few_points_suggest_nothing_and_say_why():
         "learning rate; sweep more steps or start lower"))
     assert _suggest(*_curve(12, 0.1, steep_at=5, lowest=7), stopped=True)[1] is not None  # 10 are enough
     assert all(math.isfinite(v) for v in smooth)
+
+
+def test_robust_step_with_two_seeds_and_without_a_common_step():
+    # two seeds: the standard error at the best step (values 0.4, 0.6) is 0.1; step 30's mean 0.525 is within
+    a = [(10, 1.0), (20, 0.4), (30, 0.5)]
+    b = [(10, 1.0), (20, 0.6), (30, 0.55)]
+    assert robust_step([a, b]) == (30, [0.5, 0.55])
+    with pytest.raises(ValueError, match="robust_step: the curves share no evaluated step"):
+        robust_step([[(10, 1.0)], [(20, 1.0)]])
+
+
+def test_every_field_of_the_decision():
+    import math
+
+    from optadvisor.advisor._select import Decision
+
+    assert choose([[0.5, 0.6]]) == Decision(0, None, None, None, 0.0, 0.0, None, False, False)
+    assert choose([[0.5, 0.6]]).text(["a"]) == "a stands alone (no challenger finished)"
+    # one seed each: the lowest mean, unverified, both ways
+    one = choose([[0.5], [0.4]], log=True)
+    assert (one.winner, one.best_challenger, one.statistic, one.critical, one.noise, one.needed, one.verified,
+            one.log) == (1, 1, None, None, 0.0, None, False, True)
+    assert one.gain == pytest.approx(math.log(0.5 / 0.4))
+    assert choose([[0.4], [0.5]]).winner == 0
+    # the log scale needs positive values: a zero falls back to differences
+    zero = choose([[0.0, 0.1], [0.05, 0.06]], log=True)
+    assert not zero.log and zero.gain == pytest.approx(0.05 - 0.055)
+    # no spread at all: a worse challenger loses outright, an equal one ties
+    assert choose([[0.4, 0.4], [0.5, 0.5]]).statistic == -math.inf
+    assert choose([[0.4, 0.4], [0.4, 0.4]]) == Decision(0, 1, 0.0, critical_value(1, 2), 0.0, 0.0, 0.0, True, False)
+    # a verified win: each number is the pair's own
+    inc, ch, other = [1.0, 1.1, 1.2], [0.5, 0.6, 0.7], [0.2, 3.0, 9.0]
+    d = choose([inc, ch, other])
+    var = 0.01  # both pairs' members have variance 0.01
+    assert d.winner == 1 and d.best_challenger == 1 and d.verified and not d.log
+    assert d.gain == pytest.approx(0.5) and d.noise == pytest.approx(math.sqrt(var))
+    assert d.statistic == pytest.approx(0.5 / math.sqrt(2 * var / 3))
+    assert d.critical == critical_value(2, 3) and d.needed == pytest.approx(d.critical * math.sqrt(2 * var / 3))
+    assert d.text(["i", "c", "o"]).startswith("c beat i by 0.5 (seed noise 0.1; one-sided many-to-one statistic")
+    # a loss states what the test needed
+    lost = choose([inc, [0.95, 1.05, 1.15]])
+    assert lost.winner == 0 and lost.needed == pytest.approx(critical_value(1, 3) * math.sqrt(2 * var / 3))
+    assert f"needed {lost.needed:.4g} (statistic {lost.statistic:.2f} < {lost.critical:.2f})" in lost.text(
+        ["i", "c"])
+
+
+def test_the_reported_challenger_is_the_winner_or_else_the_lowest_mean():
+    import math
+
+    inc = [1.00, 1.02, 0.98]             # variance 0.0004
+    noisy_low = [0.2, 1.4, 0.5]          # the lowest mean, but its spread hides it
+    tight = [0.90, 0.905, 0.895]         # 10% better with variance 0.000025: the significant one
+    d = choose([inc, [1.1, 1.1, 1.1], noisy_low, tight])
+    assert d.winner == 3 and d.best_challenger == 3 and d.gain == pytest.approx(0.1)
+    assert d.noise == pytest.approx(math.sqrt((0.0004 + 0.000025) / 2))
+    assert d.needed == pytest.approx(d.critical * math.sqrt((0.0004 + 0.000025) / 3))
+    # nobody passes: the verdict names the lowest mean, wherever it sits
+    lost = choose([inc, [1.1, 1.1, 1.1], noisy_low])
+    assert lost.winner == 0 and lost.best_challenger == 2 and lost.gain == pytest.approx(1.0 - 0.7)
+    # one seed: a tie keeps the incumbent
+    assert choose([[0.5], [0.5]]).winner == 0
+    # the log scale without a test keeps its flag
+    assert choose([[0.5, 0.6]], log=True).log and choose([[0.5, 0.6]], log=True).verified is False
