@@ -19,6 +19,7 @@ from ._margin import HingeLoss, MultiMarginLoss, hinge_loss, multi_margin_loss
 from . import _catalog as catalog
 from ._compile import ENV_VAR as COMPILE_ENV_VAR
 from ._warmup import warmup
+from ._factory import create_optimizer, list_optimizers, param_groups
 
 __all__ = [
                       "COMPILE_ENV_VAR",
@@ -38,12 +39,15 @@ __all__ = [
                       "RMSprop",
                       "RMSprop8bit",
                       "catalog",
+                      "create_optimizer",
                       "cross_entropy",
                       "dequantize_state_dict",
                       "hinge_loss",
                       "huber_loss",
                       "linear_cross_entropy",
+                      "list_optimizers",
                       "mse_loss",
                       "multi_margin_loss",
+                      "param_groups",
                       "warmup",
 ]

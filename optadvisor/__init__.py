@@ -51,7 +51,8 @@ _ADVISOR_NAMES = (
     "profile_data", "DataProfile", "TrainingMonitor", "diagnose", "Diagnosis", "Finding", "lr_range_test",
     "LRRangeResult", "trial", "TrialResult", "CandidateResult",
 )
-__all__ = ["kernels", "advisor", *_ADVISOR_NAMES]
+_KERNELS_NAMES = ("create_optimizer", "list_optimizers")
+__all__ = ["kernels", "advisor", *_KERNELS_NAMES, *_ADVISOR_NAMES]
 
 
 def __getattr__(name: str):
@@ -59,6 +60,8 @@ def __getattr__(name: str):
 
     if name in ("kernels", "advisor"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _KERNELS_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.kernels"), name)
     if name in _ADVISOR_NAMES:
         return getattr(importlib.import_module(f"{__name__}.advisor"), name)
     raise AttributeError(f"module 'optadvisor' has no attribute {name!r}")
