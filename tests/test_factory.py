@@ -129,3 +129,35 @@ def test_bad_input():
     model.no_weight_decay = lambda: "head.weight"
     with pytest.raises(TypeError, match=r"no_weight_decay\(\) must return names of parameters"):
         create_optimizer(model, "adamw")
+
+
+def test_nested_children_boundaries_and_exact_messages():
+    nested = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()), torch.nn.Linear(3, 1))
+    opt = create_optimizer(nested, "adam", lr=1.0, layer_decay=0.5, weight_decay=0.0)
+    layers = {id(p): g["layer"] for g in opt.param_groups for p in g["params"]}
+    assert layers[id(nested[0][0].weight)] == 1 and layers[id(nested[1].weight)] == 2
+    # without lr the optimizer's default is scaled too, in every layer
+    lrs = {g["layer"]: g["lr"] for g in create_optimizer(Net(), "adam", layer_decay=0.5).param_groups}
+    assert lrs == {0: pytest.approx(1e-3 / 8), 1: pytest.approx(1e-3 / 4), 2: pytest.approx(1e-3 / 2), 3: 1e-3}
+    assert {g["lr_scale"] for g in create_optimizer(Net(), "adam", layer_decay=1).param_groups} == {1.0}
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\] or None \(got 0\)"):
+        create_optimizer(Net(), "adam", layer_decay=0)
+    with pytest.raises(ValueError, match=r"^create_optimizer: unknown optimizer 'zzzzzz'\. Known: adagrad, adam, "):
+        create_optimizer(Net(), "zzzzzz")
+    with pytest.raises(ValueError, match=r"Did you mean 'adamw', 'adam', 'adamw8bit'\? Known"):
+        create_optimizer(Net(), "adamww")
+    with pytest.raises(TypeError, match=r"AdamW takes no argument momentum, nesterov$"):
+        create_optimizer(Net(), "adamw", momentum=0.9, nesterov=True)
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module \(got list\)"):
+        create_optimizer([], "adamw")
+    with pytest.raises(TypeError, match=r"pattern must be a string \(got int\)"):
+        list_optimizers(3)
+    model = Net()
+    model.no_weight_decay = lambda: {"nope", "zz"}
+    with pytest.raises(ValueError, match=r"Net.no_weight_decay\(\) names parameters the model does not have: nope, zz"):
+        create_optimizer(model, "adamw")
+    # with the grouping off the model's list is not read
+    assert len(create_optimizer(model, "adamw", no_decay_bias_and_norm=False).param_groups) == 1
+    model.no_weight_decay = lambda: "head.weight"
+    with pytest.raises(TypeError, match=r"Net\.no_weight_decay\(\) must return names of parameters"):
+        create_optimizer(model, "adamw")
