@@ -7,7 +7,8 @@ How it searches (the defaults; every number is an argument):
    search covers ``centre x 10^-2.5 .. centre x 10^0.5`` on a log scale — the validation optimum of a short
    run on small data is often one or two decades below where the training loss falls fastest.
 2. **A plan of configurations fixed up front** (``n_trials``, on the first seed): the rules-only advice
-   itself first, the naive default (Adam 1e-3 with MSE or cross-entropy) second (both never pruned), then the three best-ranked optimizer/loss pairs of the rules at half a decade
+   itself first, the naive default (Adam 1e-3 with MSE or cross-entropy) second (both never pruned), then
+   the three best-ranked optimizer/loss pairs of the rules at half a decade
    and a decade and a half below their centre (the best one also two and a half decades below), then a scrambled Sobol sequence over (optimizer, loss, log
    learning rate, log weight decay for AdamW).
 3. **Successive halving** (Optuna's ``SuccessiveHalvingPruner``, reduction factor 3) on the best validation
@@ -18,8 +19,8 @@ How it searches (the defaults; every number is an argument):
    default), which did not select them. Each one's stopping step is the latest step within one standard
    error of its best mean on those seeds (**early stopping**: ``recommendation.train_steps``); a challenger
    replaces the incumbent only when its fresh mean is better by more than the noise (a one-sided
-   many-to-one test at alpha 0.10, each pair with its own variance, see ``_select.py``). The winner's reported value is its fresh seeds' mean: an
-   unbiased estimate, not the search's luckiest point.
+   many-to-one test at alpha 0.10, each pair with its own variance, see ``_select.py``). The winner's
+   reported value is its fresh seeds' mean: an unbiased estimate, not the search's luckiest point.
 
 Every run is an Optuna trial in one study (an SQLite file by default, any Optuna storage URL for several
 machines). The study is named after a fingerprint of everything that determines its results (the data, the
@@ -148,8 +149,9 @@ def trial(model_fn: Callable[[], torch.nn.Module], train_data: Any, val_data: An
     the MSE for regression — or one of ``val_loss`` (the recommended loss), ``val_mse``, ``val_mae``,
     ``val_error``, ``val_balanced_error``. Keyword options: ``n_trials`` (50 configurations), ``seeds``
     ((0, 1, 2, 3): the search on the first, the finalists judged on the others; fewer than three leave the
-    choice unverified, with a warning), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage`` (an SQLite path, default
-    ``optadvisor-trials.db``, or an Optuna storage URL), ``study_name`` (default: from the fingerprint),
+    choice unverified, with a warning), ``batch_size`` (64), ``lr_steps`` (60, per range test), ``storage``
+    (an SQLite path, default ``optadvisor-trials.db``, or an Optuna storage URL), ``study_name`` (default: from
+    the fingerprint),
     ``progress`` (a tqdm bar), ``heartbeat_interval`` (10 s), ``grace_period`` (60 s) and ``cv_folds`` (None; k:
     the finalists are judged by k-fold cross-validation over the training and validation rows together, one
     fold per fresh seed, so ``seeds`` defaults to ``range(k + 1)``; (X, y) tensor pairs only).

@@ -24,7 +24,6 @@ Frozen parameters (``requires_grad=False``) are left out.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import inspect
 from typing import Any
@@ -114,6 +113,8 @@ def create_optimizer(model: torch.nn.Module, name: str, lr: float | None = None,
     constructor (``betas=...``, ``momentum=...``)."""
     reg = _registry()
     if not isinstance(name, str) or name.lower() not in reg:
+        import difflib  # only for the message
+
         close = difflib.get_close_matches(str(name).lower(), list(reg), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"create_optimizer: unknown optimizer {name!r}.{hint} Known: {', '.join(reg)}")
