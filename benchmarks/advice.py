@@ -2,27 +2,28 @@
 
 The protocol (fixed; every row below is trained and judged by it):
 
-- data and model: the built-in examples (``advisor/_examples.py``): scikit-learn's bundled tables (no
-  download) digits, breast cancer, wine, iris (classification), diabetes (regression), and diabetes with
-  10% outliers planted in the *training* targets (a random sign times 8-16 standard deviations; the
-  validation targets stay clean); a fixed 75/25 split (seed 0), features standardized with the training
-  split's mean and std, regression targets too; an MLP n_features-64-64-outputs with ReLU;
-- training: 300 steps of batch 64, seeds 0, 1 and 2, validation
-  metric averaged over the seeds; the metric: validation error rate (classification) or validation MSE on
-  standardized targets (regression) — the trial's default yardsticks;
+- data: the 53 tables of ``benchmarks/tables.py`` (real tables bundled in installable packages, none from R's
+  dataset collections, and generated families), each split 75/25 once (seed 0), features standardized with
+  the training split's mean and std, regression targets too; the tables themselves split once into a fitting
+  and a reporting half (``tables.split()``, recorded in ``benchmarks/advice_split.json``);
+- model and training: an MLP n_features-64-64-outputs with ReLU, ``--steps`` (300) steps of batch ``--batch``
+  (64), seeds 0, 1 and 2, the validation metric averaged over the seeds; the metric is the trial's default
+  yardstick for the table: the error rate (balanced when the largest class is over 3x the smallest) or the MSE
+  on standardized targets;
 - the reference grid: {SGD momentum 0.9, Adam, AdamW, RMSprop} x {MSE, Huber | cross-entropy,
-  multi-margin} x 7 learning rates 1e-4..1e-1 (half-decade steps), each at 300 steps; its best is the
-  yardstick. It is cached in ``benchmarks/advice_grid.json`` (``--regen-grid`` recomputes it: ~10 minutes on
-  2 cores);
+  multi-margin} x 7 learning rates 1e-4..1e-1 (half-decade steps); its best is the yardstick. Cached per
+  budget and table in ``benchmarks/advice_grid[_STEPSxBATCH].json`` (``--regen-grid`` computes the tables it
+  lacks, saving after each; ``--force`` recomputes);
 - naive default: Adam, lr 1e-3, MSE / cross-entropy (what a user picks without us; a grid point);
-- rules-only advice: ``advise(profile_data(X_train, y_train, model=net))`` as built (optimizer, loss and
-  their hyperparameters), trained by the protocol;
-- trial advice: ``trial(model_fn, train, val, rec)`` with its defaults (nothing tuned per data set); its
-  advice (optimizer, loss, lr, weight decay, and the number of steps to train: early stopping) is trained
-  again by the protocol on the same seeds and judged the same way. Compute is counted in training steps
-  (range tests, pruned runs and every seed included) against the grid's 50,400.
+- rules-only advice: ``advise`` on the table's profile plus ``budget_steps`` and ``batch_size``, as built
+  (optimizer, loss and their hyperparameters): read off the grid when it is a grid point, else trained;
+- trial advice: ``trial(model_fn, train, val, rec)`` with its defaults (nothing tuned per table) on seeds
+  100-103, none of the judging seeds; its advice (optimizer, loss, lr, weight decay, and the number of steps
+  to train) is trained again by the protocol on seeds 0/1/2 and judged the same way. Compute is counted in
+  training steps (range tests, pruned runs and every seed included) against the grid's 50,400 (at 300 steps).
 
-Writes DIR/advice.md, DIR/advice.json and DIR/advice.png (with matplotlib).
+A table that fails to load (its package missing, a loader error, a constant target) is skipped with its reason
+and counted ("Tables: N of M ran; K skipped"). Writes DIR/advice.md, DIR/advice.json and DIR/advice.png (with matplotlib).
 """
 
 from __future__ import annotations
