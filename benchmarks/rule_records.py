@@ -69,14 +69,11 @@ class Judge:
 
 def advice_rules() -> list[dict[str, Any]]:
     """The built-in rules that set an optimizer, a learning rate or a loss."""
-    from importlib.resources import files
+    from optadvisor.advisor import builtin_rule_files
 
-    folder = files("optadvisor.advisor.rules")
     out = []
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+    for entry in builtin_rule_files():
         fname = entry.name
-        if not fname.endswith(".yaml"):
-            continue
         doc = yaml.safe_load(entry.read_text())
         for r in doc.get("rules", []):
             then = r.get("then", {})
@@ -230,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in rec["skipped"]:
         print(f"skipped: {s}")
     if args.write:
-        from importlib.resources import files
+        from optadvisor.advisor import builtin_rule_files
 
-        rules_dir = str(files("optadvisor.advisor.rules"))
+        rules_dir = str(builtin_rule_files()[0].parent)
         sentences = {rid: record_sentence(h, args.steps, args.batch) for rid, h in rec["rules"].items()}
         for path in write_records(sentences, rules_dir):
             print(f"written: {path}")
