@@ -4,6 +4,7 @@
     python -m benchmarks --quick      # tiny sizes, 4-10 minutes on 2 cores: checks that everything runs, not speed
     python -m benchmarks --device cuda
     python -m benchmarks advice       # does the advice beat the naive default? (see benchmarks/advice.py)
+    python -m benchmarks peers        # heavyball, bitsandbytes, torchao beside ours (see benchmarks/peers.py)
 
 Writes DIR/report.md (Markdown tables: median time, ratio to torch's best path, multiple of the
 memory-bandwidth bound measured in the same rounds, peak extra memory), DIR/results.json, the
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in and args_in[0] == "advice":  # the advice benchmark: python -m benchmarks advice [--quick]
         from .advice import main as advice_main
         return advice_main(args_in[1:])
+    if args_in and args_in[0] == "peers":  # heavyball, bitsandbytes, torchao beside ours (benchmarks/peers.py)
+        from .peers import main as peers_main
+        return peers_main(args_in[1:])
     if args_in and args_in[0] == "quality":  # 8-bit state: memory, step time, training quality
         from .quality import main as quality_main
         return quality_main(args_in[1:])
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmark-report", help="directory for the report (default: %(default)s)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip-losses", action="store_true")
+    ap.add_argument("--skip-peers", action="store_true",
+                    help="no peers section (heavyball, bitsandbytes, torchao: benchmarks/peers.py)")
     ap.add_argument("--skip-pytest", action="store_true", help="do not run the pytest-benchmark suite")
     ap.add_argument("--skip-first-step", action="store_true",
                     help="do not measure the first step and the 300-step loop in fresh processes")
@@ -224,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         sections += [["", DESCRIPTION, ""], first_step_rows(args.quick, results)]
     if not args.skip_losses:
         sections += [[""], loss_rows(args.quick, rounds, args.device, results)]
+    if args.device == "cpu" and not args.skip_peers:
+        from .peers import section as peers_section
+
+        sections += [[""], peers_section(args.quick, rounds, results)]
     os.makedirs(args.out, exist_ok=True)
     extras = [chart(results, os.path.join(args.out, "ratios.png"))]
     if not args.skip_pytest:

@@ -11,6 +11,19 @@ from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# `python -m pytest` from the repository root puts the root first on sys.path, where our kernels/ folder (the
+# source of optadvisor.kernels) would be found as a top-level `kernels` package, shadowing Hugging Face's, which
+# transformers imports ("cannot import name 'CUDAProperties' from 'kernels'"). The tests import the installed
+# optadvisor (pip install -e . maps it onto these folders), so the root is dropped whenever it is installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if any(os.path.abspath(p or os.curdir) == _ROOT for p in sys.path):
+    import importlib.util
+
+    _saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+    if "optadvisor" not in sys.modules and importlib.util.find_spec("optadvisor") is None:
+        sys.path[:] = _saved  # not installed: the checkout's own folders are all there is
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # The tests prove both paths of every update, the compiled and the eager, call by call: each configuration

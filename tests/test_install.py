@@ -68,9 +68,18 @@ def test_the_wheel_installs_no_top_level_kernels_or_advisor(venv):
     assert not (purelib / "kernels").exists() and not (purelib / "advisor").exists()
     assert (purelib / "optadvisor" / "kernels" / "_native.c").exists()
     assert (purelib / "optadvisor" / "advisor" / "rules" / "optimizers.yaml").exists()
-    # what bitsandbytes' CPU backend runs at import: it must not find our package any more
-    probe = _run([str(python), "-c", "from kernels import get_kernel"], cwd=purelib.parent)
-    assert probe.returncode != 0 and "No module named 'kernels'" in probe.stderr, probe.stderr
+    # what bitsandbytes' CPU backend runs at import: it must not find our package any more — no top-level
+    # `kernels` at all, or Hugging Face's (transformers, a test dependency, installs it), never ours
+    probe = _run([str(python), "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                  "print(s.origin if s else 'none')"], cwd=purelib.parent)
+    origin = probe.stdout.strip()
+    ours = str(ROOT / "kernels" / "__init__.py")
+    assert probe.returncode == 0 and "optadvisor" not in origin and origin != ours, origin
+    get_kernel = _run([str(python), "-c", "from kernels import get_kernel"], cwd=purelib.parent)
+    if origin == "none":
+        assert get_kernel.returncode != 0 and "No module named 'kernels'" in get_kernel.stderr, get_kernel.stderr
+    else:
+        assert get_kernel.returncode == 0, get_kernel.stderr[-2000:]
     smoke = _run([str(python), "-c", SMOKE], cwd=purelib.parent)
     assert smoke.returncode == 0 and "optadvisor ok optadvisor.kernels" in smoke.stdout, smoke.stderr[-2000:]
     assert f"{purelib}/optadvisor/__init__.py" in smoke.stdout  # the wheel's, not the borrowed one
