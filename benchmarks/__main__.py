@@ -17,6 +17,7 @@ peak on a GPU).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -150,7 +151,9 @@ def pytest_benchmark_json(out: str, quick: bool) -> str:
         "pytest-benchmark run failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
 
 
-def chart(results: list[dict], path: str) -> str:
+def chart(results: list[dict], path: str, source: str | None = None) -> str:
+    """The ratios as bars on a log axis; ``source`` is recorded in the PNG (``python -m benchmarks readme``
+    checks that the README's chart was drawn from the results beside it)."""
     try:
         import matplotlib
 
@@ -171,7 +174,7 @@ def chart(results: list[dict], path: str) -> str:
     ax.set_xlabel("time, ours / torch's best path (< 1: ours is faster)")
     ax.set_title("optadvisor kernels vs torch")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Source": source} if source else None)
     plt.close(fig)
     return f"chart: {path}"
 
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in and args_in[0] == "advice":  # the advice benchmark: python -m benchmarks advice [--quick]
         from .advice import main as advice_main
         return advice_main(args_in[1:])
+    if args_in and args_in[0] == "readme":  # the README's figures from benchmarks/latest/ (benchmarks/readme.py)
+        from .readme import main as readme_main
+        return readme_main(args_in[1:])
     if args_in and args_in[0] == "peers":  # heavyball, bitsandbytes, torchao beside ours (benchmarks/peers.py)
         from .peers import main as peers_main
         return peers_main(args_in[1:])
@@ -235,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
 
         sections += [[""], peers_section(args.quick, rounds, results)]
     os.makedirs(args.out, exist_ok=True)
-    extras = [chart(results, os.path.join(args.out, "ratios.png"))]
+    extras = []
     if not args.skip_pytest:
         extras.append(pytest_benchmark_json(args.out, args.quick))
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump({"machine": where, "torch": torch.__version__, "rounds": rounds, "results": results}, fh,
                   indent=2, default=float)
+    with open(os.path.join(args.out, "results.json"), "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    extras.insert(0, chart(results, os.path.join(args.out, "ratios.png"), source=f"results.json sha256 {digest}"))
+    if any(r.get("kind") == "peer_speed" for r in results):
+        from .peers import chart as peers_chart
+
+        extras.insert(1, peers_chart(results, os.path.join(args.out, "peers.png")))
     with open(os.path.join(args.out, "report.md"), "w") as fh:
         fh.write("\n".join(header + [line for sec in sections for line in sec]) + "\n")
     print("\n".join(extras + [f"written: {os.path.join(args.out, 'report.md')}"]))

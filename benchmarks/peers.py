@@ -135,7 +135,7 @@ def speed_rows(quick: bool, rounds: int, contenders: dict[str, Callable], result
             b = state_bytes(opt) / n
             rows.append(f"| {wl} | {label} | {CONTENDERS[label][2]} | {t[label] * 1e3:.2f} | "
                         f"**{t[label] / t[REFERENCE]:.2f}** | {b:.2f} |")
-            results.append({"kind": "speed", "workload": wl, "optimizer": label, "ms": t[label] * 1e3,
+            results.append({"kind": "peer_speed", "workload": wl, "optimizer": label, "ms": t[label] * 1e3,
                             "ratio": t[label] / t[REFERENCE], "state_bytes_per_param": b})
             print(rows[-1], flush=True)
         del prepared
@@ -155,7 +155,7 @@ def quality_rows(quick: bool, contenders: dict[str, Callable], results: list[dic
     for label, v in finals.items():
         rel = (v - finals[REFERENCE]) / finals[REFERENCE] if REFERENCE in finals else math.nan
         rows.append(f"| {label} | {v:.4f} | {rel:+.2%} |")
-        results.append({"kind": "quality", "optimizer": label, "final_val_loss": v, "relative": rel})
+        results.append({"kind": "peer_quality", "optimizer": label, "final_val_loss": v, "relative": rel})
         print(rows[-1], flush=True)
     return rows
 
@@ -168,7 +168,7 @@ def chart(results: list[dict], path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install '.[plots]'): no peers.png."
-    speed = [r for r in results if r["kind"] == "speed"]
+    speed = [r for r in results if r["kind"] == "peer_speed"]
     workloads = list(dict.fromkeys(r["workload"] for r in speed))
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 3.2), squeeze=False)
     for ax, wl in zip(axes.flat, workloads):

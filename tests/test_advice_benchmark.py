@@ -12,7 +12,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the benchmarks package is run from the repository root, not installed
+sys.path.append(ROOT)  # the benchmarks package is run from the repository root, not installed; appended: first,
+# the root would make our kernels/ folder shadow Hugging Face's top-level `kernels` (transformers imports it)
 
 from benchmarks import advice, tables  # noqa: E402
 from benchmarks.rule_records import RECORD_PREFIX, advice_rules, record_line, write_records  # noqa: E402

@@ -37,3 +37,48 @@ def test_docstring_examples_run(obj):
 def test_optimizer_docstrings_state_math_and_references(entry):
     doc = entry.cls.__doc__
     assert ".. math::" in doc and "References:" in doc and "Example::" in doc, entry.name
+
+
+# ---- the README's figures are the reports' (python -m benchmarks readme) ------------------------------------
+def _readme_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "readme.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_readme_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readmes_tables_are_the_reports_tables():
+    readme = _readme_module()
+    text = (readme.ROOT / "README.md").read_text()
+    blocks = text.count("<!-- generated: ")
+    assert blocks >= 5, "the README's measured tables are generated blocks"
+    assert readme.render(text) == text, "README.md drifted from benchmarks/latest/: run python -m benchmarks readme"
+
+
+def test_the_readmes_chart_was_drawn_from_the_results_beside_it():
+    readme = _readme_module()
+    assert readme.chart_source() == readme.results_hash(), (
+        "benchmarks/latest/ratios.png was not drawn from results.json: run python -m benchmarks readme")
+
+
+def test_generated_blocks_refuse_what_they_cannot_find(tmp_path):
+    readme = _readme_module()
+    (tmp_path / "r.md").write_text("Machine: here\n\n| a | b |\n|---|---|\n| x | 1 |\n| y | 2 |\n\ntext\n")
+    ok = "<!-- generated: r.md | | a | b | -->\nold\n<!-- /generated -->\n"
+    assert readme.render(ok, tmp_path) == "<!-- generated: r.md | | a | b | -->\n| a | b |\n|---|---|\n| x | 1 |\n" \
+                                         "| y | 2 |\n<!-- /generated -->\n"
+    rows = '<!-- generated: r.md | | a | rows "| y |" + machine -->\n<!-- /generated -->'
+    assert readme.render(rows, tmp_path) == ('<!-- generated: r.md | | a | rows "| y |" + machine -->\nMachine: here\n\n'
+                                             "| a | b |\n|---|---|\n| y | 2 |\n<!-- /generated -->")
+    with pytest.raises(readme.DocError, match=r"README.md line 1: a generated block without its closing"):
+        readme.render("<!-- generated: r.md | | a | -->\n| a |\n", tmp_path)
+    with pytest.raises(readme.DocError, match=r"line 1: missing.md does not exist"):
+        readme.render("<!-- generated: missing.md | | a | -->\n<!-- /generated -->", tmp_path)
+    with pytest.raises(readme.DocError, match=r"line 1 \(r.md\): no table whose header starts with '\| c \|'"):
+        readme.render("<!-- generated: r.md | | c | -->\n<!-- /generated -->", tmp_path)
+    with pytest.raises(readme.DocError, match=r"no row of the r.md table contains '\| z \|'"):
+        readme.render('<!-- generated: r.md | | a | rows "| z |" -->\n<!-- /generated -->', tmp_path)

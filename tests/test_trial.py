@@ -23,7 +23,8 @@ from optadvisor.advisor._train import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, ROOT)  # the benchmarks package is run from the repository root, not installed
+sys.path.append(ROOT)  # the benchmarks package is run from the repository root, not installed; appended: first,
+# the root would make our kernels/ folder shadow Hugging Face's top-level `kernels` (transformers imports it)
 from trial_worker import SMALL, small_study, summary  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "trial_worker.py")
 
