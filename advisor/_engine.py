@@ -21,9 +21,10 @@ from pydantic import BaseModel, Field, model_validator
 
 from optadvisor.kernels import catalog
 
-from ._expr import UNKNOWN
+from ._expr import UNKNOWN, RuleError
 from ._monitor import Diagnosis, TrainingMonitor, diagnose
 from ._profile import HISTORY_FACTS, TaskProfile
+from ._recipe import Recipe, RecipeSpec
 from ._rules import LOSSES_FOR_TASK, OPTIMIZERS, CompiledRule, RuleSet, load_rules
 
 
@@ -84,6 +85,9 @@ class Recommendation(BaseModel):
                                           "hyperparameters and score (what advisor.trial builds its pairs from)")
     losses: dict[str, Choice] = Field(
         default_factory=dict, description="every candidate loss for the task, likewise")
+    recipe: RecipeSpec = Field(
+        default_factory=RecipeSpec, description="the training recipe around the optimizer: schedule, warmup, "
+                                                "clipping, weight-decay groups, batch scaling (rules' 'recipe')")
     train_steps: int | None = Field(
         default=None, description="how many optimizer steps to train (early stopping), when a trial measured it: "
                                   "the step at which the winner's mean validation metric was best")
@@ -115,6 +119,16 @@ class Recommendation(BaseModel):
         picks another candidate, ``overrides`` replace hyperparameters (e.g. ``lr=...``)."""
         return build_optimizer(choice or self.optimizer, params, **overrides)
 
+    def build(self, model: Any, total_steps: int, batch_size: int | None = None, **overrides: Any) -> Recipe:
+        """The whole recipe as ready objects: ``.optimizer`` (the recommended ``kernels`` optimizer over
+        ``model``'s trainable parameters in the advised weight-decay groups), ``.scheduler`` (a
+        ``torch.optim.lr_scheduler.LRScheduler``: call ``scheduler.step()`` after every ``optimizer.step()``),
+        ``.loss`` (the loss module) and ``.max_grad_norm`` (clip at it, or None; ``recipe.clip()`` does it).
+        ``batch_size``: the batch you will train with, when it is not the one advised for (the learning rate
+        follows ``recipe.batch_scaling``); ``overrides`` replace optimizer hyperparameters (``lr=...``)."""
+        from ._recipe import build
+        return build(self, model, total_steps, batch_size, **overrides)
+
     def for_hf_trainer(self, model: Any, num_training_steps: int, **overrides: Any):
         """``(optimizer, scheduler)`` for Hugging Face's ``Trainer(model, args, optimizers=...)``: the
         recommended optimizer over ``model`` without weight decay on biases and norms (``create_optimizer``'s
@@ -142,10 +156,11 @@ class Recommendation(BaseModel):
         lines += [
                  f"  optimizer  {_call(self.optimizer)}   (score {_fmt(self.optimizer.score)})",
                  f"  loss       {_call(self.loss)}   (score {_fmt(self.loss.score)})"]
+        lines.append(f"  recipe     {self.recipe.describe()}")
         if self.train_steps is not None:
             lines.append(f"  train for  {self.train_steps} steps (early stopping, measured by a trial)")
         lines += ["", "Why (rules that fired):"]
-        chosen = (self.optimizer.name, self.loss.name)
+        chosen = (self.optimizer.name, self.loss.name, "recipe")
         for i, r in enumerate(self.reasons, 1):
             matched = ", ".join(f"{k}={_fmt(v)}" for k, v in r.matched.items()) or "always"
             # hyperparameters of candidates that were not chosen are in r.concluded, not worth a line here
@@ -339,9 +354,17 @@ def evaluate(ruleset: RuleSet, profile: TaskProfile) -> Recommendation:
     optimizers, losses = ({name: Choice(name=name, params=settle(name), score=scores[kind].get(name, 0.0))
                            for name in names}
                           for kind, names in (("optimizer", OPTIMIZERS), ("loss", LOSSES_FOR_TASK[profile.task])))
+    recipe_values = own("recipe")
+    try:
+        recipe = RecipeSpec(**recipe_values)
+    except ValueError as exc:
+        setters = sorted({r.id for (c, _), (_, r) in values.items() if c == "recipe"})
+        raise RuleError(f"the recipe set by rule(s) {', '.join(setters)} is invalid for these facts "
+                        f"({recipe_values}): {exc}") from None
     return Recommendation(
         facts=profile, optimizer=optimizers[opt], loss=losses[loss], reasons=reasons,
-        alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown, optimizers=optimizers, losses=losses)
+        alternatives=opt_alts + loss_alts, notes=notes, unknown=unknown, optimizers=optimizers, losses=losses,
+        recipe=recipe)
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,7 +381,7 @@ def _twin(name: str) -> str | None:
 def _beats(challenger: CompiledRule, holder: CompiledRule) -> bool:
     if challenger.rule.priority != holder.rule.priority:
         return challenger.rule.priority > holder.rule.priority
-    return challenger.rule.overrides == holder.id
+    return holder.id in challenger.rule.overridden
 
 
 def _conclusions(rule: CompiledRule, facts: dict[str, Any], evaluate_values: bool = True) -> list[str]:

@@ -45,6 +45,8 @@ class TaskProfile(BaseModel):
                                       description="Estimated fraction of wrong labels.")
     model_kind: Literal["linear", "mlp", "cnn", "rnn", "transformer", "other"] | None = Field(
         None, description="The model family.")
+    pretrained: bool = Field(
+        False, description="The model starts from pretrained weights (fine-tuning); False: trained from scratch.")
     n_params: int | None = Field(None, ge=1, description="Number of trainable parameters.")
     memory_gb: float | None = Field(
         None, gt=0.0, description="Memory free for training where the model lives, in GiB (profile_data reads "
@@ -110,8 +112,11 @@ class TaskProfile(BaseModel):
         return self
 
     def known(self) -> dict[str, Any]:
-        """The facts that are known (not None)."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        """The facts that are known (not None), less those left at a default that is not None (``pretrained``:
+        False unless said)."""
+        fields = type(self).model_fields
+        return {k: v for k, v in self.model_dump().items()
+                if v is not None and (fields[k].default is None or fields[k].is_required() or v != fields[k].default)}
 
 
 def fact_types() -> dict[str, str]:

@@ -18,7 +18,7 @@ A rule file is ``rules: [ ... ]``; each rule::
       source: Huber (1964); ...
       priority: 0                       # higher wins ties and hyperparameter conflicts
       enabled: true
-      overrides: other-rule-id          # allowed to set the same hyperparameter at equal priority
+      overrides: other-rule-id          # allowed to set the same hyperparameter at equal priority (or a list)
       examples:                         # run at load: must hold, or the file is refused
         - facts: {task: regression, target_outlier_fraction: 0.12}
           fires: true
@@ -43,6 +43,7 @@ from optadvisor.kernels import catalog
 
 from ._expr import NUMBER, NUMBERS, UNKNOWN, Expression, RuleError, combine_all, combine_any, negate
 from ._profile import FACT_TYPES, TaskProfile
+from ._recipe import RECIPE_PARAMS
 from ._yaml import InputError, load_yaml, read_text
 
 # Every name, hyperparameter and type below is read from kernels' catalog (kernels/_catalog.py), which reads
@@ -55,6 +56,9 @@ LossName = Literal[tuple(e.name for e in catalog.losses() if e.tasks)]  # type: 
 PARAMS: dict[str, dict[str, str]] = {e.name: {n: p.type for n, p in e.params.items()}
                                      for e in (*catalog.optimizers(), *catalog.losses()) if e.tasks or
                                      e.kind == "optimizer"}
+# the training recipe around the optimizer (schedule, warmup, clipping, decay groups): the pseudo-candidate
+# ``recipe`` (advisor/_recipe.py); "choice:a|b" hyperparameters take one of the listed words
+PARAMS["recipe"] = dict(RECIPE_PARAMS)
 LOSSES_FOR_TASK: dict[str, tuple[str, ...]] = {task: tuple(e.name for e in catalog.losses(task))
                                                for task in catalog.tasks()}
 
@@ -118,7 +122,13 @@ class Rule(BaseModel):
     source: str = Field(min_length=1)
     priority: int = 0
     enabled: bool = True
-    overrides: str | None = None
+    overrides: Union[str, list[str], None] = None  # noqa: UP007
+
+    @property
+    def overridden(self) -> tuple[str, ...]:
+        """The ids this rule may override at its own priority (``overrides``: one id or a list)."""
+        o = self.overrides
+        return () if o is None else (o,) if isinstance(o, str) else tuple(o)
     examples: list[Example] = Field(min_length=1)
 
 
@@ -312,6 +322,11 @@ def _compile_value(candidate: str, name: str, value: Any, *, scale: bool) -> Cal
     if scale and allowed[name] != NUMBER:  # a multiplier on a flag or a list would be ignored: say so instead
         raise RuleError(f"{candidate}.{name} is a {allowed[name]}; only number hyperparameters can be scaled")
     expected = NUMBER if scale else allowed[name]
+    if expected.startswith("choice:"):
+        choices = expected[len("choice:"):].split("|")
+        if value not in choices:
+            raise RuleError(f"{candidate}.{name}: expected one of {', '.join(choices)}, got {value!r}")
+        return lambda f, v=value: v
     if isinstance(value, str) and not value.startswith("="):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string: accept it as the number it is
             value = float(value)
@@ -356,15 +371,16 @@ def compile_rule(rule: Rule, origin: str = "<memory>") -> CompiledRule:
 def _check_conflicts(rules: list[CompiledRule], all_ids: set[str]) -> None:
     setters: dict[tuple[str, str], list[CompiledRule]] = {}
     for r in rules:
-        if r.rule.overrides is not None and r.rule.overrides not in all_ids:
-            raise RuleError(f"{r.origin}: rule {r.id}: overrides unknown rule {r.rule.overrides!r}")
+        for target in r.rule.overridden:
+            if target not in all_ids:
+                raise RuleError(f"{r.origin}: rule {r.id}: overrides unknown rule {target!r}")
         for cand, ps in r.rule.then.params.items():
             for name in ps:
                 setters.setdefault((cand, name), []).append(r)
     for (cand, name), rs in setters.items():
         for i, a in enumerate(rs):
             for b in rs[i + 1:]:
-                if a.rule.priority == b.rule.priority and a.rule.overrides != b.id and b.rule.overrides != a.id:
+                if a.rule.priority == b.rule.priority and b.id not in a.rule.overridden and a.id not in b.rule.overridden:
                     above = max(r.rule.priority for r in rs) + 1
                     raise RuleError(
                         f"{b.origin}: rule {b.id}: sets {cand}.{name}, which rule {a.id} ({a.origin}) also sets "

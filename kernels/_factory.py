@@ -74,14 +74,19 @@ def _no_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_bias_and_norm: bool = True,
-                 layer_decay: float | None = None, lr: float | None = None) -> list[dict[str, Any]]:
+                 layer_decay: float | None = None, lr: float | None = None,
+                 no_decay_embeddings: bool = False) -> list[dict[str, Any]]:
     """The parameter groups ``create_optimizer`` builds (see the module's docstring); every trainable parameter
-    is in exactly one group."""
+    is in exactly one group. ``no_decay_embeddings``: the weights of ``nn.Embedding`` / ``nn.EmbeddingBag``
+    modules get no weight decay either (the usual transformer pre-training recipe)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"create_optimizer: model must be a torch.nn.Module (got {type(model).__name__})")
     if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
         raise ValueError(f"create_optimizer: layer_decay must be in (0, 1] or None (got {layer_decay!r})")
     skip = _no_decay_names(model) if no_decay_bias_and_norm else set()
+    # by identity: a weight tied to an embedding (a language model's head) is the embedding's, whatever its name
+    embeddings = {id(p) for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                  for p in m.parameters(recurse=False)} if no_decay_embeddings else set()
     children = [name for name, _ in model.named_children()]
     n_layers = len(children) + 1  # layer 0: parameters directly on the model
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
@@ -90,7 +95,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_bias_and_
             continue
         head = name.split(".", 1)[0]
         layer = children.index(head) + 1 if "." in name and head in children else 0
-        decay = not (no_decay_bias_and_norm and (p.ndim <= 1 or name in skip))
+        decay = not (no_decay_bias_and_norm and (p.ndim <= 1 or name in skip)) and id(p) not in embeddings
         key = (layer if layer_decay is not None else 0, decay)
         group = groups.setdefault(key, {"params": [], "param_names": [],
                                         "weight_decay": weight_decay if decay else 0.0})
@@ -107,10 +112,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_bias_and_
 
 
 def create_optimizer(model: torch.nn.Module, name: str, lr: float | None = None, weight_decay: float | None = None,
-                     no_decay_bias_and_norm: bool = True, layer_decay: float | None = None, **kwargs: Any):
+                     no_decay_bias_and_norm: bool = True, layer_decay: float | None = None,
+                     no_decay_embeddings: bool = False, **kwargs: Any):
     """A ``kernels`` optimizer named ``name`` over ``model``'s trainable parameters, grouped as the module's
-    docstring says. ``lr`` / ``weight_decay``: None keeps the optimizer's default; ``kwargs`` go to its
-    constructor (``betas=...``, ``momentum=...``)."""
+    docstring says (``no_decay_embeddings=True``: no weight decay on ``nn.Embedding`` weights either).
+    ``lr`` / ``weight_decay``: None keeps the optimizer's default; ``kwargs`` go to its constructor
+    (``betas=...``, ``momentum=...``)."""
     reg = _registry()
     if not isinstance(name, str) or name.lower() not in reg:
         import difflib  # only for the message
@@ -130,7 +137,7 @@ def create_optimizer(model: torch.nn.Module, name: str, lr: float | None = None,
     if weight_decay is None:
         weight_decay = signature["weight_decay"].default
     base_lr = signature["lr"].default if lr is None else lr
-    groups = param_groups(model, weight_decay, no_decay_bias_and_norm, layer_decay, base_lr)
+    groups = param_groups(model, weight_decay, no_decay_bias_and_norm, layer_decay, base_lr, no_decay_embeddings)
     for g in groups:
         del g["param_names"]
     options = {**variant, **kwargs, "weight_decay": weight_decay}

@@ -455,6 +455,7 @@ def test_explain_is_exactly_this_text(tmp_path):
         "",
         "  optimizer  Adam(betas=[0.9, 0.99], lr=0.001)   (score 2)",
         "  loss       HuberLoss(delta=0.25)   (score 1.5)",
+        "  recipe     constant; no clipping; no weight decay on biases and norms",
         "  train for  120 steps (early stopping, measured by a trial)",
         "",
         "Why (rules that fired):",
@@ -552,7 +553,7 @@ def test_fact_types_are_read_off_the_profile_fields():
     expect = {"task": "str", "n_samples": "number", "n_features": "number", "feature_sparsity": "number",
               "n_classes": "number", "class_counts": "list[number]", "class_imbalance": "number",
               "target_outlier_fraction": "number", "target_scale": "number", "label_noise": "number",
-              "model_kind": "str", "n_params": "number", "memory_gb": "number", "batch_size": "number", "budget_steps": "number",
+              "model_kind": "str", "pretrained": "bool", "n_params": "number", "memory_gb": "number", "batch_size": "number", "budget_steps": "number",
               "nonstationary": "bool", "needs_probabilities": "bool", "tuning_budget": "number", "goal": "str",
               "teacher_for_distillation": "bool", "diverged": "bool", "exploding_gradients": "bool",
               "plateau": "bool", "noisy_loss": "bool", "overfitting": "bool", "loss_rising": "bool",
@@ -563,7 +564,7 @@ def test_fact_types_are_read_off_the_profile_fields():
 
 
 _KNOWN = ("Adam, AdamW, SGD, RMSprop, Adagrad, Adam8bit, AdamW8bit, SGD8bit, RMSprop8bit, MSELoss, HuberLoss, "
-          "CrossEntropyLoss, MultiMarginLoss, HingeLoss")
+          "CrossEntropyLoss, MultiMarginLoss, HingeLoss, recipe")
 _FACTS_BAD = {"task": "regression", "n_samples": -1, "n_features": -1, "n_classes": -5}
 EXACT = [
     (rule(then={"params": {"Adamax": {"lr": 0.1}}}), f"unknown candidate 'Adamax'; known: {_KNOWN}"),
