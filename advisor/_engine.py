@@ -130,16 +130,16 @@ class Recommendation(BaseModel):
         return build(self, model, total_steps, batch_size, **overrides)
 
     def for_hf_trainer(self, model: Any, num_training_steps: int, **overrides: Any):
-        """``(optimizer, scheduler)`` for Hugging Face's ``Trainer(model, args, optimizers=...)``: the
-        recommended optimizer over ``model`` without weight decay on biases and norms (``create_optimizer``'s
-        groups), and a per-step scheduler (constant: no schedule is advised yet). The Trainer clips gradients
-        at ``args.max_grad_norm`` (1.0 by default) whatever the optimizer: set it to 0 for none."""
+        """``(optimizer, scheduler)`` for Hugging Face's ``Trainer(model, args, optimizers=...)``: those of
+        ``build(model, num_training_steps)``. The Trainer clips gradients at ``args.max_grad_norm`` (1.0 by
+        default) whatever the optimizer: set it to ``recipe.max_grad_norm``, or 0 for none."""
         from ._integrations import for_hf_trainer
         return for_hf_trainer(self, model, num_training_steps, **overrides)
 
     def lightning_optimizers(self, model: Any, total_steps: int, **overrides: Any) -> dict[str, Any]:
         """What ``LightningModule.configure_optimizers`` returns: ``{"optimizer": ..., "lr_scheduler":
-        {"scheduler": ..., "interval": "step", "frequency": 1}}``, the same objects as ``for_hf_trainer``."""
+        {"scheduler": ..., "interval": "step", "frequency": 1}}``, those of ``build(model, total_steps)``
+        (clipping: ``Trainer(gradient_clip_val=rec.recipe.max_grad_norm)``)."""
         from ._integrations import lightning_optimizers
         return lightning_optimizers(self, model, total_steps, **overrides)
 

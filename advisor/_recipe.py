@@ -85,7 +85,7 @@ class RecipeSpec(BaseModel):
         """One line for ``explain()``."""
         parts = [self.schedule if self.schedule == "constant" else f"{self.schedule} decay"]
         if self.schedule in ("cosine", "linear"):
-            parts[0] += f" to {self.final_lr_fraction:g}x the learning rate"
+            parts[0] += f" to {self.final_lr_fraction:g}x the learning rate" if self.final_lr_fraction else " to 0"
         if self.schedule == "step":
             parts[0] += f" (x{self.gamma:g} at {', '.join(f'{m:g}' for m in self.milestones)} of the steps)"
         if self.warmup_fraction:

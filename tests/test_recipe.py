@@ -128,6 +128,8 @@ def test_fine_tuning_lowers_the_rate_and_warms_up():
     assert rec.optimizer.name == "AdamW" and rec.optimizer.params["lr"] == 1e-4
     assert (rec.recipe.schedule, rec.recipe.warmup_fraction, rec.recipe.max_grad_norm) == ("linear", 0.06, 1.0)
     assert any("layer-wise learning-rate decay" in n.text for n in rec.notes)
+    assert "recipe     linear decay to 0; linear warmup over 0.06 of the steps; clip gradient norm at 1; no weight " \
+           "decay on biases and norms; sqrt learning-rate scaling with the batch size" in rec.explain()
     tf = advise(task="classification", model_kind="transformer", pretrained=True)
     assert tf.optimizer.params["lr"] == 5e-5 and tf.recipe.schedule == "linear"
     assert advise(task="regression", model_kind="rnn").recipe.max_grad_norm == 1.0
