@@ -181,11 +181,16 @@ class Recommendation(BaseModel):
         return "\n".join(lines)
 
 
+def optimizer_arguments(choice: Choice, **overrides: Any) -> dict[str, Any]:
+    """The choice's constructor arguments with ``overrides`` on top, coerced to the types the optimizer takes
+    (lists to tuples, ...), through kernels' catalog."""
+    entry = _entry(choice.name, "optimizer")
+    return {k: entry.params[k].coerce(v) if k in entry.params else v for k, v in {**choice.params, **overrides}.items()}
+
+
 def build_optimizer(choice: Choice, params: Any, **overrides: Any):
     """A ``kernels`` optimizer from a Choice (name and constructor arguments), through kernels' catalog."""
-    entry = _entry(choice.name, "optimizer")
-    kwargs = {**choice.params, **overrides}
-    return entry.cls(params, **{k: entry.params[k].coerce(v) if k in entry.params else v for k, v in kwargs.items()})
+    return _entry(choice.name, "optimizer").cls(params, **optimizer_arguments(choice, **overrides))
 
 
 def build_loss(choice: Choice):
@@ -197,8 +202,12 @@ def build_loss(choice: Choice):
 def _entry(name: str, kind: str):
     e = catalog.entry(name)
     if e.kind != kind:
-        raise ValueError(f"{name} is a {e.kind}, not a {kind}")
+        raise ValueError(f"{name} is {_a(e.kind)}, not {_a(kind)}")
     return e
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _fmt(v: Any) -> str:

@@ -163,6 +163,8 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
     from optadvisor.kernels import _catalog as catalog
     from optadvisor.kernels._factory import create_optimizer
 
+    from ._engine import optimizer_arguments
+
     steps = _positive_steps(total_steps, where, argument)
     spec = rec.recipe
     warmup = spec.warmup_steps(steps)
@@ -173,11 +175,11 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
         raise TypeError(f"{where}: model must be a torch.nn.Module (got {type(model).__name__}); for a list of "
                         "parameters use rec.build_optimizer(params)")
     choice = rec.optimizer
+    try:
+        kwargs = optimizer_arguments(choice, **overrides)
+    except ValueError as exc:  # a loss where the optimizer should be
+        raise ValueError(f"{where}: {exc}") from None
     entry = catalog.entry(choice.name)
-    if entry.kind != "optimizer":
-        raise ValueError(f"{where}: {choice.name} is a {entry.kind}, not an optimizer")
-    kwargs = {k: entry.params[k].coerce(v) if k in entry.params else v
-              for k, v in {**choice.params, **overrides}.items()}
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"{where}: batch_size must be a positive int; got {batch_size!r}")

@@ -1,6 +1,6 @@
 """``python -m benchmarks``: optadvisor's kernels against torch, in one run, as a report.
 
-    python -m benchmarks              # full sizes (25-50 minutes on 2 cores)
+    python -m benchmarks              # full sizes (~50 minutes on 2 cores, peers included)
     python -m benchmarks --quick      # tiny sizes, 4-10 minutes on 2 cores: checks that everything runs, not speed
     python -m benchmarks --device cuda
     python -m benchmarks advice       # does the advice beat the naive default? (see benchmarks/advice.py)

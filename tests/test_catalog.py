@@ -129,7 +129,7 @@ def test_build_optimizer_for_every_catalog_optimizer(entry):
     p = torch.nn.Parameter(torch.randn(3))
     opt = build_optimizer(Choice(name=entry.name, params={"lr": 0.01}, score=0.0), [p])
     assert type(opt) is entry.cls and opt.param_groups[0]["lr"] == 0.01
-    with pytest.raises(ValueError, match=f"{entry.name} is a optimizer, not a loss"):
+    with pytest.raises(ValueError, match=f"{entry.name} is an optimizer, not a loss"):
         build_loss(Choice(name=entry.name, params={}, score=0.0))
 
 
