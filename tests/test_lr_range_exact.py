@@ -210,3 +210,17 @@ def test_too_few_points_say_why(stopped, word):
         {}, None, f"only 11 points before {word} (9 after trimming the first and last 10%): too few to suggest a "
                   "learning rate; sweep more steps or start lower")
     assert _suggest([1e-3 * 2 ** i for i in range(15)], [1.0 - 0.01 * i for i in range(15)], stopped)[1] is not None
+
+
+def test_the_deepest_descent_wins_over_a_later_shallower_one():
+    from optadvisor.advisor._lr import _suggest
+
+    d = 1 / 64
+    smooth = _curve()
+    for i in range(86, 96):  # a second, shallower descent after the minimum: 10 steps of d/2
+        smooth[i] = smooth[85] - (i - 85) * d / 2
+    for i in range(96, 110):
+        smooth[i] = smooth[95] + (i - 95) * d
+    lrs = [10 ** (-8 + 0.1 * i) for i in range(len(smooth))]
+    suggestions, _, reasoning = _suggest(lrs, smooth, False)
+    assert suggestions["valley"] == lrs[60] and f"runs from {lrs[40]:.3g} to {lrs[70]:.3g}" in reasoning
