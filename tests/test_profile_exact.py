@@ -166,7 +166,7 @@ def test_regression_evidence_exactly():
     X = torch.tensor([[0.0, 1.0]] * 8)
     prof = profile_data(X, y)
     # quartiles 1.875 / 3.625 (IQR 1.75): the fence is [-3.375, 8.875]; 100 is beyond it; MAD 1.0
-    assert prof.facts.model_dump(exclude_none=True) == {
+    assert prof.facts.known() == {  # what profile_data found (pretrained stays at its default, False)
         "task": "regression", "n_samples": 8, "n_features": 2, "feature_sparsity": 0.5,
         "target_outlier_fraction": 0.125, "target_scale": 1.4826 * 1.0}
     assert prof.evidence == {
