@@ -146,11 +146,10 @@ class Recipe:
         return torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
 
 
-def _positive_steps(total_steps: Any, where: str, argument: str) -> int:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"{where}: {argument} must be a positive int (optimizer steps of the whole run); "
-                         f"got {total_steps!r}")
-    return total_steps
+def _positive_int(value: Any, where: str, argument: str, meaning: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {argument} must be a positive int{meaning}; got {value!r}")
+    return value
 
 
 def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_size: int | None = None,
@@ -165,7 +164,7 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
 
     from ._engine import optimizer_arguments
 
-    steps = _positive_steps(total_steps, where, argument)
+    steps = _positive_int(total_steps, where, argument, " (optimizer steps of the whole run)")
     spec = rec.recipe
     warmup = spec.warmup_steps(steps)
     if warmup >= steps:
@@ -181,8 +180,7 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
         raise ValueError(f"{where}: {exc}") from None
     entry = catalog.entry(choice.name)
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{where}: batch_size must be a positive int; got {batch_size!r}")
+        _positive_int(batch_size, where, "batch_size")
         advised = rec.facts.batch_size
         if spec.batch_scaling != "none" and "lr" not in overrides:
             if advised is None:

@@ -51,7 +51,6 @@ def _peer(module: str, attr: str) -> Callable[..., torch.optim.Optimizer]:
         for part in attr.split("."):
             obj = getattr(obj, part)
         return obj(params, **kw)
-    build.requirement = module.split(".")[0]  # type: ignore[attr-defined]
     return build
 
 

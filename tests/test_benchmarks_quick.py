@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the benchmarks package runs from the repository root, not installed; appended, not first (see conftest.py):
+# without it the in-process tests passed only when another test module had put the root on sys.path
+sys.path.append(ROOT)
 
 
 def test_benchmark_report_quick(tmp_path):
@@ -61,7 +64,6 @@ def test_separate_grads_comparison_runs(capsys):
 
 
 def _peers():
-    sys.path.append(ROOT)  # the benchmarks package runs from the repository root (appended: see conftest)
     from benchmarks import peers
     return peers
 
