@@ -12,6 +12,7 @@ from ._sgd import SGD
 from ._rmsprop import RMSprop
 from ._adagrad import Adagrad
 from ._quantized import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit, dequantize_state_dict
+from .optim.lion import Lion, Lion8bit
 from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from ._cross_entropy import CrossEntropyLoss, cross_entropy
 from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
@@ -33,6 +34,8 @@ __all__ = [
                       "CrossEntropyLoss",
                       "HingeLoss",
                       "HuberLoss",
+                      "Lion",
+                      "Lion8bit",
                       "LinearCrossEntropyLoss",
                       "MSELoss",
                       "MultiMarginLoss",

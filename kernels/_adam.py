@@ -6,10 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, check_kahan_sum, check_state_dtype, kahan_update
+from ._bf16state import BF16State, check_kahan_sum, check_state_dtype
 from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
+from .precision.codecs import kahan
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 
@@ -69,9 +70,6 @@ def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vma
     v.copy_(vf)
 
 
-def _adam_kahan(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, *rest):
-    # rest: the state, then kahan_comp
-    kahan_update(_adam_fused, hp, (amsgrad, maximize, wd_mode), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
@@ -157,7 +155,7 @@ class Adam(BF16State, FusedOptimizer):
     _code_dtypes = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
     _eager_update = staticmethod(_adam_eager)
     _fused_update = staticmethod(_adam_fused)
-    _kahan_update = staticmethod(_adam_kahan)
+    _kahan_update = staticmethod(kahan(_adam_fused))
 
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         if group.get("amsgrad", False):

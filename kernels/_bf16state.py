@@ -27,6 +27,7 @@ from ._compile import run_fused
 from ._dtensor import is_dtensor
 from ._layout import Blockwise, scalars_tensor
 from ._q8math import Q8Scalars, _sqrt, decayed
+from .precision.accelerators import accelerator
 
 if TYPE_CHECKING:
     from ._layout import Bucket
@@ -152,27 +153,42 @@ def _generic_step(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor], 
     fn(hp, *flags, *tensors)
 
 
-def _native_sgd_rmsprop(s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, step: int) -> bool:
-    """SGD's or RMSprop's bfloat16-state step by the C kernel (False where it cannot serve: not the CPU, a
-    gradient read where it lies that is not contiguous, no compiler)."""
+def _native_ok(run: dict[str, torch.Tensor]) -> Any:
+    """The C library where it can serve this run (the CPU, a contiguous float32 gradient), else None."""
     p, g = run["param"], run["grad"]
     if p.device.type != "cpu" or g.dtype != torch.float32 or not g.is_contiguous():
-        return False
-    lib = _native.available()
+        return None
+    return _native.available()
+
+
+def rmsprop_bf16_native(s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, step: int) -> bool:
+    """RMSprop's bfloat16-state step by the C kernel (an accelerator of ``_rmsprop_fused``; False where it
+    cannot serve)."""
+    lib = _native_ok(run)
     if lib is None:
         return False
-    n = g.numel()
+    n = run["grad"].numel()
     hp32 = _native.floats(tuple(s))
     ptr = {k: v.data_ptr() for k, v in run.items()}
-    if "square_avg" in run:  # RMSprop
-        maximize, decay, use_momentum, centered = flags
-        lib.rmsprop_bf16state(ptr["param"], ptr["grad"], ptr["square_avg"], ptr.get("momentum_buffer"),
-                              ptr.get("grad_avg"), n, start, step, ctypes.addressof(hp32), int(maximize),
-                              int(decay), int(use_momentum), int(centered), _native.threads(n))
-    else:  # SGD with momentum (without, there is no state and no bfloat16 bucket)
-        maximize, decay, _, nesterov = flags
-        lib.sgd_bf16state(ptr["param"], ptr["grad"], ptr["momentum_buffer"], n, start, step,
-                          ctypes.addressof(hp32), int(maximize), int(decay), int(nesterov), _native.threads(n))
+    maximize, decay, use_momentum, centered = flags
+    lib.rmsprop_bf16state(ptr["param"], ptr["grad"], ptr["square_avg"], ptr.get("momentum_buffer"),
+                          ptr.get("grad_avg"), n, start, step, ctypes.addressof(hp32), int(maximize),
+                          int(decay), int(use_momentum), int(centered), _native.threads(n))
+    return True
+
+
+def sgd_bf16_native(s: Any, flags: tuple, run: dict[str, torch.Tensor], start: int, step: int) -> bool:
+    """SGD-with-momentum's bfloat16-state step by the C kernel (an accelerator of ``_sgd_fused``; without
+    momentum there is no state and no bfloat16 bucket)."""
+    lib = _native_ok(run)
+    if lib is None:
+        return False
+    n = run["grad"].numel()
+    hp32 = _native.floats(tuple(s))
+    maximize, decay, _, nesterov = flags
+    lib.sgd_bf16state(run["param"].data_ptr(), run["grad"].data_ptr(), run["momentum_buffer"].data_ptr(), n,
+                      start, step, ctypes.addressof(hp32), int(maximize), int(decay), int(nesterov),
+                      _native.threads(n))
     return True
 
 
@@ -180,9 +196,10 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
     """One run's update: on the CPU the C kernel (``_native.c``, the same bits), else the torch ops,
     compiled when the optimizer's ``fused`` allows."""
     p = run["param"]
-    if type(opt)._bf16_update is not None:  # SGD, RMSprop: their own update on float32 copies
+    if type(opt)._bf16_update is not None:  # every optimizer but Adam: its own update on float32 copies
         start = p.storage_offset() - bucket.flat_param.storage_offset()
-        if not (opt._fused and _native_sgd_rmsprop(s, flags, run, start, bucket.current_step)):
+        native = accelerator(type(opt)._fused_update, "bf16")  # registered per update; None: torch ops
+        if not (opt._fused and native is not None and native(s, flags, run, start, bucket.current_step)):
             _generic_step(opt, s, flags, run, start, bucket)
         return
     _, maximize, wd_mode = flags
@@ -195,9 +212,10 @@ def step_bf16_state(opt: Any, s: Any, flags: tuple, run: dict[str, torch.Tensor]
         if lib is not None:
             n = g.numel()
             hp32 = _native.floats(q)
-            lib.adam_bf16state(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), n, start,
-                               bucket.current_step, ctypes.addressof(hp32), int(maximize), wd_mode,
-                               _native.threads(n))
+            if lib.adam_bf16state(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), n, start,
+                                  bucket.current_step, ctypes.addressof(hp32), int(maximize), wd_mode,
+                                  _native.threads(n)):
+                raise RuntimeError(f"adam_bf16state: no C kernel for weight-decay mode {wd_mode}")
             return
     hp = scalars_tensor(q, p)
     salt = torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device)

@@ -405,10 +405,13 @@ static const q8_kernel_t KERNELS[3][2][2][3][2] = {TABLE(adam), TABLE(sgd), TABL
  * kind: 0 Adam/AdamW (c1, s1: exp_avg; c2, s2: exp_avg_sq; extra unused), 1 SGD (c1, s1: momentum_buffer;
  * extra: nesterov), 2 RMSprop (c1, s1: square_avg; c2, s2: momentum_buffer when extra = momentum on).
  * wd_mode: 0 none, 1 L2 (added to the gradient), 2 decoupled (SGD and RMSprop use 0 and 1). hp: the kind's
- * scalars in float32 (products by reciprocals, as torch's CPU division by a scalar computes). */
-void q8_step(int kind, void *param, const void *grad, int bf16, void *c1, float *s1, void *c2, float *s2,
-             int64_t n, int64_t B, const float *hp, int maximize, int wd_mode, int extra, int nthreads) {
+ * scalars in float32 (products by reciprocals, as torch's CPU division by a scalar computes).
+ * Returns 0, or -1 (nothing written) for a kind or wd_mode outside the table. */
+int q8_step(int kind, void *param, const void *grad, int bf16, void *c1, float *s1, void *c2, float *s2,
+            int64_t n, int64_t B, const float *hp, int maximize, int wd_mode, int extra, int nthreads) {
+    if (kind < 0 || kind > 2 || wd_mode < 0 || wd_mode > 2) return -1;
     KERNELS[kind][bf16 != 0][maximize != 0][wd_mode][extra != 0](param, grad, c1, s1, c2, s2, n, B, hp, nthreads);
+    return 0;
 }
 
 /* ---- bfloat16 state for float32 parameters, stored with stochastic rounding ------------------------------- */
@@ -470,10 +473,12 @@ typedef void (*bf16_kernel_t)(float *, const float *, uint16_t *, uint16_t *, in
 static const bf16_kernel_t BF16_KERNELS[2][3] = {{s_0, s_1, s_2}, {s_m0, s_m1, s_m2}};
 
 /* hp as adam8bit's (its last entry unused); start: the position of p[0] in its buffer (the random bits'
- * index), step: the step count. */
-void adam_bf16state(float *p, const float *g, uint16_t *m, uint16_t *v, int64_t n, int64_t start, int64_t step,
-                    const float *hp, int maximize, int wd_mode, int nthreads) {
+ * index), step: the step count. Returns 0, or -1 (nothing written) for a wd_mode outside the table. */
+int adam_bf16state(float *p, const float *g, uint16_t *m, uint16_t *v, int64_t n, int64_t start, int64_t step,
+                   const float *hp, int maximize, int wd_mode, int nthreads) {
+    if (wd_mode < 0 || wd_mode > 2) return -1;
     BF16_KERNELS[maximize != 0][wd_mode](p, g, m, v, n, start, step, hp, nthreads);
+    return 0;
 }
 
 /* ---- SGD and RMSprop with bfloat16 state: kernels/_sgd.py's and _rmsprop.py's float32 fused updates on the

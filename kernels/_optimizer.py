@@ -212,7 +212,10 @@ class FusedOptimizer(Optimizer):
         return {**super().__getstate__(), "_fused": self._fused, "_fused_strict": self._fused_strict}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        own_defaults = set(state.get("defaults", self.__dict__.get("defaults", {})))
         super().__setstate__(state)
+        if "differentiable" not in own_defaults:  # torch's __setstate__ adds it; an optimizer without the option
+            self.defaults.pop("differentiable", None)  # (Lion) must not pass it to its groups on the next rebuild
         for group in self.param_groups:
             for key, value in self._legacy_group_defaults.items():
                 group.setdefault(key, value)

@@ -58,7 +58,10 @@ class Blockwise8bit:
     ``_q8_update`` (the same update in torch ops, ``_q8math``), ``_q8_scalars`` and ``_q8_flags``, and calls
     :meth:`_q8_setup` first thing in ``__init__``."""
 
-    _kind: ClassVar[int]
+    #: ``_native.c``'s ``q8_step`` kind (0 Adam, 1 SGD, 2 RMSprop), whose torch-op twin is ``_q8_update``;
+    #: None: no hand-written 8-bit update, and ``_q8_update`` is the codec around the declared update
+    #: (``precision.codecs.blockwise_8bit(cls._fused_update)``)
+    _kind: ClassVar[int | None] = None
     _q8_update: ClassVar[Callable[..., None]]
     _code_dtypes: ClassVar[dict[str, torch.dtype]]
 
@@ -150,28 +153,35 @@ class Blockwise8bit:
         if not getattr(bucket, "quantized", False):
             super()._apply(s, hp, flags, run, bucket)
             return
-        q = self._q8_scalars(s)
-        maximize, wd_mode, extra = self._q8_flags(flags)
         p, g = run["param"], run["grad"]
         state = tuple(v for k, v in run.items() if k not in ("param", "grad"))
         block = bucket.align
-        if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
-            lib = _native.available()
-            if lib is not None:
-                ptrs = [t.data_ptr() for t in state] + [None] * (4 - len(state))
-                n = g.numel()
-                hp32 = _native.floats(q)
-                lib.q8_step(self._kind, p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], *ptrs, n, block,
-                            ctypes.addressof(hp32), int(maximize), wd_mode, int(extra), _native.threads(n))
-                return
-        hp = scalars_tensor(q, p)
-        fn = type(self)._q8_update
+        if self._kind is None:
+            # no hand-written 8-bit update: the codec around the optimizer's declared one, in torch ops
+            # (compiled where ``fused`` allows)
+            signed = tuple(t.dtype == torch.int8 for t in state[0::2])
+            fn, fl, hp = type(self)._q8_update, (flags, block, signed), scalars_tensor(s, p)
+        else:
+            q = self._q8_scalars(s)
+            maximize, wd_mode, extra = self._q8_flags(flags)
+            if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
+                lib = _native.available()
+                if lib is not None:
+                    ptrs = [t.data_ptr() for t in state] + [None] * (4 - len(state))
+                    n = g.numel()
+                    hp32 = _native.floats(q)
+                    if lib.q8_step(self._kind, p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], *ptrs, n,
+                                   block, ctypes.addressof(hp32), int(maximize), wd_mode, int(extra),
+                                   _native.threads(n)):
+                        raise RuntimeError(f"{type(self).__name__}: the C kernel has no entry for kind "
+                                           f"{self._kind}, weight-decay mode {wd_mode}")
+                    return
+            fn, fl, hp = type(self)._q8_update, (maximize, wd_mode, extra, block), scalars_tensor(q, p)
         if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
-            done, _ = run_fused(fn, (maximize, wd_mode, extra, block), (p, g, *state), hp,
-                                strict=self._fused_strict)
+            done, _ = run_fused(fn, fl, (p, g, *state), hp, strict=self._fused_strict)
             if done:
                 return
-        fn(hp, maximize, wd_mode, extra, block, p, g, *state)
+        fn(hp, *fl, p, g, *state)
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)

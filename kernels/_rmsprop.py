@@ -6,10 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, bf16_state_update, check_kahan_sum, check_state_dtype, kahan_update
+from ._bf16state import BF16State, check_kahan_sum, check_state_dtype, rmsprop_bf16_native
 from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
+from .precision.accelerators import register_accelerator
+from .precision.codecs import bf16_state, kahan
 
 
 class RMSpropScalars(NamedTuple):
@@ -74,14 +76,6 @@ def _rmsprop_fused(hp, maximize: bool, decay: bool, use_momentum: bool, centered
         p.copy_(pf - s.lr * gf / avg)
 
 
-def _rmsprop_bf16_state(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, *rest):
-    # rest: square_avg[, momentum_buffer][, grad_avg], salt
-    bf16_state_update(_rmsprop_fused, hp, (maximize, decay, use_momentum, centered), p, g, rest[:-1], rest[-1])
-
-
-def _rmsprop_kahan(hp, maximize: bool, decay: bool, use_momentum: bool, centered: bool, p, g, *rest):
-    # rest: square_avg[, momentum_buffer][, grad_avg], kahan_comp
-    kahan_update(_rmsprop_fused, hp, (maximize, decay, use_momentum, centered), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
@@ -146,8 +140,8 @@ class RMSprop(BF16State, FusedOptimizer):
     _code_dtypes = {"square_avg": torch.uint8, "momentum_buffer": torch.int8}
     _eager_update = staticmethod(_rmsprop_eager)
     _fused_update = staticmethod(_rmsprop_fused)
-    _bf16_update = staticmethod(_rmsprop_bf16_state)
-    _kahan_update = staticmethod(_rmsprop_kahan)
+    _bf16_update = staticmethod(bf16_state(_rmsprop_fused))
+    _kahan_update = staticmethod(kahan(_rmsprop_fused))
 
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         init = {"square_avg": 0.0}
@@ -165,3 +159,6 @@ class RMSprop(BF16State, FusedOptimizer):
         alpha = float(group["alpha"])
         return RMSpropScalars(float(group["lr"]), alpha, 1 - alpha, float(group["eps"]),
                               float(group["weight_decay"]), float(group["momentum"]))
+
+
+register_accelerator(_rmsprop_fused, "bf16", rmsprop_bf16_native)

@@ -6,10 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, bf16_state_update, check_kahan_sum, check_state_dtype, kahan_update
+from ._bf16state import BF16State, check_kahan_sum, check_state_dtype, sgd_bf16_native
 from ._catalog import register
 from ._optimizer import FusedOptimizer, fused_prologue
 from ._validate import check_lr, check_selectors
+from .precision.accelerators import register_accelerator
+from .precision.codecs import bf16_state, kahan
 
 
 class SGDScalars(NamedTuple):
@@ -50,13 +52,6 @@ def _sgd_fused(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bo
     p.copy_(pf - s.lr * gf)
 
 
-def _sgd_bf16_state(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, buf, salt):
-    bf16_state_update(_sgd_fused, hp, (maximize, decay, use_momentum, nesterov), p, g, (buf,), salt)
-
-
-def _sgd_kahan(hp, maximize: bool, decay: bool, use_momentum: bool, nesterov: bool, p, g, *rest):
-    # rest: momentum_buffer (if momentum), then kahan_comp
-    kahan_update(_sgd_fused, hp, (maximize, decay, use_momentum, nesterov), p, g, rest[:-1], rest[-1])
 # pragma: no mutate end
 
 
@@ -116,8 +111,8 @@ class SGD(BF16State, FusedOptimizer):
 
     Scalars = SGDScalars
     _legacy_group_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None)
-    _bf16_update = staticmethod(_sgd_bf16_state)
-    _kahan_update = staticmethod(_sgd_kahan)
+    _bf16_update = staticmethod(bf16_state(_sgd_fused))
+    _kahan_update = staticmethod(kahan(_sgd_fused))
     _eager_update = staticmethod(_sgd_eager)
     _fused_update = staticmethod(_sgd_fused)
 
@@ -132,3 +127,6 @@ class SGD(BF16State, FusedOptimizer):
         momentum, first = float(group["momentum"]), step == 1
         return SGDScalars(float(group["lr"]), float(group["weight_decay"]), 0.0 if first else momentum,
                           1.0 if first else 1 - float(group["dampening"]), momentum, float(first))
+
+
+register_accelerator(_sgd_fused, "bf16", sgd_bf16_native)

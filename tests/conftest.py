@@ -23,6 +23,8 @@ if any(os.path.abspath(p or os.curdir) == _ROOT for p in sys.path):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
     if "optadvisor" not in sys.modules and importlib.util.find_spec("optadvisor") is None:
         sys.path[:] = _saved  # not installed: the checkout's own folders are all there is
+    else:  # last, so that a test module run alone still finds the (not installed) benchmarks package
+        sys.path.append(_ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

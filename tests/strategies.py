@@ -68,6 +68,12 @@ def _adagrad_space(lr, wd):
         maximize=st.booleans()))
 
 
+def _lion_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, betas=st.sampled_from([(0.9, 0.99), (0.95, 0.98), (0.0, 0.5), (0.9, 0.0)]), weight_decay=wd,
+        decoupled_weight_decay=st.booleans()))
+
+
 @dataclass(frozen=True)
 class OptimizerCase:
     """One optimizer as every generic test sees it: ours and torch's class (from the catalog), the space of
@@ -92,14 +98,29 @@ _SPACES = {
     "RMSprop": (_rmsprop_space, {"momentum": 0.9}, dict(lr=0.01, momentum=0.5, centered=True)),
     "Adagrad": (_adagrad_space, {"initial_accumulator_value": 0.1},
                 dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
+    "Lion": (_lion_space, {}, dict(lr=0.01, betas=(0.95, 0.98), weight_decay=0.1)),
 }
+
+
+def _reference(torch_cls: type) -> type:
+    """The class the generic tests compare with: torch's, or a reference package's that lacks torch's
+    implementation selector ``foreach`` (lion-pytorch's), which the tests pass to torch's for-loop path."""
+    import inspect
+
+    if "foreach" in inspect.signature(torch_cls).parameters:
+        return torch_cls
+
+    def __init__(self, params, *args, foreach=None, **kwargs):
+        torch_cls.__init__(self, params, *args, **kwargs)
+
+    return type(torch_cls.__name__, (torch_cls,), {"__init__": __init__, "__module__": torch_cls.__module__})
 
 
 #: running under `mutmut run`: its trampolines add a frame to every call (warnings' stack levels point elsewhere)
 #: and torch.compile cannot trace them (code they reach runs eager)
 UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
 
-OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, e.cls, e.torch_class(), *_SPACES[e.name])
+OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, e.cls, _reference(e.torch_class()), *_SPACES[e.name])
                    for e in kernels.catalog.optimizers() if e.name in _SPACES}
 OPTIMIZERS = {name: (c.ours, c.torch) for name, c in OPTIMIZER_CASES.items()}
 

@@ -1,6 +1,7 @@
 """state_dict interchange with torch.optim both ways, bad checkpoints, bad arguments, torch's optim_db."""
 
 import copy
+import inspect
 import io
 import pickle
 import re
@@ -171,7 +172,7 @@ def test_bad_state_dict_is_refused_and_leaves_the_optimizer_unchanged(name):
     fewer_params["param_groups"][0]["params"] = fewer_params["param_groups"][0]["params"][:-1]
     cases = [(bad_shape, "shape"), (fewer_groups, "parameter groups"), (fewer_params, "parameters"),
              ({"state": {}}, "param_groups")]
-    if name != "SGD":  # SGD's only state is the buffer: without it a param simply has no state yet
+    if name not in ("SGD", "Lion"):  # their only state is one buffer: without it a param has no state yet
         cases.append((missing, "lacks"))
     for bad, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -264,8 +265,9 @@ def test_bad_params_and_gradients(name):
             "some parameters appear more than once in the same parameter group; optadvisor's optimizers lay "
             "parameters out in one buffer and need each once") + "$"):
         ours_cls([p, p])
-    with pytest.raises(ValueError, match=f"^{name}: differentiable=True is not supported"):
-        ours_cls([p], differentiable=True)
+    if "differentiable" in inspect.signature(OPTIMIZERS[name][1]).parameters:  # (lion-pytorch has none)
+        with pytest.raises(ValueError, match=f"^{name}: differentiable=True is not supported"):
+            ours_cls([p], differentiable=True)
     for layout, sparse in (("sparse_coo", torch.eye(2).to_sparse()), ("sparse_csr", torch.eye(2).to_sparse_csr())):
         with pytest.raises(ValueError, match=rf"^{name} supports only dense \(strided\) parameters, got layout "
                                              rf"torch\.{layout}$"):
@@ -285,7 +287,7 @@ def test_bad_params_and_gradients(name):
 def test_unsupported_options_are_refused_by_the_optimizers_name(name):
     ours_cls = OPTIMIZERS[name][0]
     p = torch.nn.Parameter(torch.ones(2))
-    if name != "SGD":  # torch's SGD has no capturable
+    if "capturable" in inspect.signature(OPTIMIZERS[name][1]).parameters:  # torch's SGD, Lion: no capturable
         with pytest.raises(ValueError, match=f"^{name}: capturable=True \\(CUDA-graph capture\\) is not"):
             ours_cls([p], capturable=True)
     with pytest.raises(ValueError, match=f"^{name}: state_dtype must be None .* got torch.float16"):
@@ -453,11 +455,12 @@ LEGACY_KEYS = {"Adam": ["amsgrad", "maximize", "foreach", "capturable", "differe
                "RMSprop": ["momentum", "centered", "foreach", "maximize", "differentiable", "capturable"],
                "Adagrad": ["foreach", "maximize", "differentiable", "fused"]}
 LEGACY_KEYS["AdamW"] = LEGACY_KEYS["Adam"]
+LEGACY_KEYS["Lion"] = []  # lion-pytorch has added no option to its groups
 # built with options on, so that "the checkpoint predates the option: off" differs from "this optimizer's own"
 BUILT_WITH = {"Adam": dict(maximize=True, amsgrad=True), "AdamW": dict(maximize=True, amsgrad=True),
               "SGD": dict(maximize=True, momentum=0.9, nesterov=True), "RMSprop": dict(maximize=True, momentum=0.5,
                                                                                      centered=True),
-              "Adagrad": dict(maximize=True)}
+              "Adagrad": dict(maximize=True), "Lion": dict(weight_decay=0.1)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -621,7 +624,7 @@ def test_a_pickle_without_fused_gets_the_default(name):
 
 # SGD's float state is its momentum buffer alone: without it the state is empty, a parameter that has not
 # stepped yet, as torch reads it (and Adagrad has no kahan_sum)
-_LACKING = [(n, torch.float32, {}) for n in NAMES if n != "SGD"] + \
+_LACKING = [(n, torch.float32, {}) for n in NAMES if n not in ("SGD", "Lion")] + \
            [(n, torch.bfloat16, {"kahan_sum": True}) for n in NAMES if n != "Adagrad"]
 
 

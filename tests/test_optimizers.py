@@ -54,6 +54,8 @@ COMPILED_CONFIGS = [
     ("RMSprop", dict(lr=0.01, centered=True, maximize=True)),
     ("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
     ("Adagrad", dict(lr=0.05, weight_decay=0.1, eps=1e-3, maximize=True)),
+    ("Lion", dict(lr=0.01)),
+    ("Lion", dict(lr=0.01, betas=(0.95, 0.98), weight_decay=0.1, decoupled_weight_decay=True)),
 ]
 
 
@@ -714,8 +716,8 @@ def test_every_catalog_optimizer_has_a_case():
     """The test table is the catalog: an optimizer registered without a hyperparameter space here would
     silently escape every property test. The 8-bit optimizers are not torch's numbers: tests/test_quantized.py
     and test_quantized_sgd_rmsprop.py hold them to references of their own algorithms."""
-    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit"]
-    assert list(OPTIMIZERS) + quantized == [e.name for e in kernels.catalog.optimizers()]
+    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit", "Lion8bit"]
+    assert sorted(list(OPTIMIZERS) + quantized) == sorted(e.name for e in kernels.catalog.optimizers())
 
 
 def test_private_torch_apis_still_work(monkeypatch):
