@@ -27,7 +27,7 @@ import textwrap
 
 import torch
 
-from .cases import (BYTES_PER_ELEMENT, OPTIMIZER_CASES, bandwidth_probe, interleaved, make_optimizer,
+from .cases import (BYTES_PER_ELEMENT, MISSING_COUNTERPARTS, OPTIMIZER_CASES, bandwidth_probe, interleaved, make_optimizer,
                     peak_extra_mb, synchronized, training_loop, workloads)
 
 
@@ -84,6 +84,11 @@ def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict],
             results.append({"kind": "optimizer", "case": case, "workload": wl_name, "times_s": t,
                             "best_torch_path": best, "ratio": t["ours"] / t[best], "bound_s": bound,
                             "step_peak_mb": {"ours": mem_ours, best: mem_best}})
+            print(rows[-1], flush=True)
+    for case, ref in MISSING_COUNTERPARTS.items():
+        if not cases or case in cases:
+            rows.append(f"| {case} | not measured: its counterpart {ref} is not installed "
+                        "(pip install 'optadvisor[peers]') | | | | | | | | |")
             print(rows[-1], flush=True)
     return rows
 

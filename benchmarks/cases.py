@@ -12,15 +12,31 @@ import torch
 from optadvisor import kernels
 
 def _torch_paths(torch_cls: type) -> tuple[str, ...]:
-    """torch's implementations of the optimizer: its for-loop and foreach paths, and fused where it has one."""
-    fused = "fused" in inspect.signature(torch_cls).parameters
-    return ("forloop", "foreach", "fused") if fused else ("forloop", "foreach")
+    """The counterpart's implementations: torch's for-loop and foreach paths, and fused where it has one; a
+    reference package's one path (lion-pytorch's, called "forloop") where it has no ``foreach``."""
+    sig = inspect.signature(torch_cls).parameters
+    if "foreach" not in sig:
+        return ("forloop",)
+    return ("forloop", "foreach", "fused") if "fused" in sig else ("forloop", "foreach")
 
 
-# Every optimizer configuration in kernels' catalog: name -> (ours, torch class, kwargs, torch paths to
-# compare), and the bytes one fp32 step reads and writes per element (the bandwidth bound's numerator).
-OPTIMIZER_CASES = {c.name: (e.cls, e.torch_class(), c.kwargs, _torch_paths(e.torch_class()))
-                   for e in kernels.catalog.optimizers() for c in e.configs}
+def _counterpart(entry) -> type | None:
+    """The catalog entry's counterpart class, or None where its package is not installed (lion-pytorch, an
+    extra: ``pip install 'optadvisor[peers]'``); such cases are left out, and the report says so."""
+    try:
+        return entry.torch_class()
+    except ImportError:
+        return None
+
+
+# Every optimizer configuration in kernels' catalog whose counterpart is installed: name -> (ours, its
+# counterpart, kwargs, the counterpart's paths to compare), and the bytes one fp32 step reads and writes per
+# element (the bandwidth bound's numerator).
+OPTIMIZER_CASES = {c.name: (e.cls, ref, c.kwargs, _torch_paths(ref))
+                   for e in kernels.catalog.optimizers() if (ref := _counterpart(e)) is not None
+                   for c in e.configs}
+MISSING_COUNTERPARTS = {c.name: e.torch for e in kernels.catalog.optimizers() if _counterpart(e) is None
+                        for c in e.configs}
 BYTES_PER_ELEMENT = {c.name: c.bytes_per_element for e in kernels.catalog.optimizers() for c in e.configs}
 
 
@@ -79,6 +95,8 @@ def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: 
         opt = ours_cls(params, fused=False, **kw)
     else:
         selector = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+        if "foreach" not in inspect.signature(torch_cls).parameters:  # a reference package's one path
+            selector["forloop"] = {}
         opt = torch_cls(params, **selector[path], **kw)
     opt.step()  # warm-up: state allocated, compile done
     opt.step()

@@ -62,6 +62,8 @@ class Blockwise8bit:
     #: None: no hand-written 8-bit update, and ``_q8_update`` is the codec around the declared update
     #: (``precision.codecs.blockwise_8bit(cls._fused_update)``)
     _kind: ClassVar[int | None] = None
+    #: the codec stores signed state with stochastic rounding (``_kind`` None only; see ``blockwise_8bit``)
+    _q8_stochastic: ClassVar[bool] = False
     _q8_update: ClassVar[Callable[..., None]]
     _code_dtypes: ClassVar[dict[str, torch.dtype]]
 
@@ -161,6 +163,9 @@ class Blockwise8bit:
             # (compiled where ``fused`` allows)
             signed = tuple(t.dtype == torch.int8 for t in state[0::2])
             fn, fl, hp = type(self)._q8_update, (flags, block, signed), scalars_tensor(s, p)
+            if self._q8_stochastic:  # the rounding's seed: the step and p's place in its buffer
+                start = p.storage_offset() - bucket.flat_param.storage_offset()
+                state = (*state, torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device))
         else:
             q = self._q8_scalars(s)
             maximize, wd_mode, extra = self._q8_flags(flags)

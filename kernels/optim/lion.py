@@ -151,8 +151,9 @@ class Lion(BF16State, FusedOptimizer):
 @register("optimizer", torch="lion_pytorch.Lion", default_candidate=False,
           configs={"Lion8bit": (dict(lr=1e-4), 14)})
 class Lion8bit(Blockwise8bit, Lion):
-    r""":class:`Lion` with ``exp_avg`` stored as signed 8-bit codes with a float32 scale per block (the codes of
-    :class:`Adam8bit`'s first moment): 1 byte per parameter plus 4 per block instead of 4.
+    r""":class:`Lion` with ``exp_avg`` stored as signed 8-bit codes with a float32 scale per block (the map of
+    :class:`Adam8bit`'s first moment, stored with stochastic rounding: unbiased, reproducible — round to nearest
+    stalls Lion's slow average): 1 byte per parameter plus 4 per block instead of 4.
 
     .. math::
         c_t = \operatorname{sign}(\beta_1 \hat m_{t-1} + (1-\beta_1) g_t),\quad
@@ -171,7 +172,9 @@ class Lion8bit(Blockwise8bit, Lion):
     ICLR 2022.
     """
 
-    _q8_update = staticmethod(blockwise_8bit(_lion_fused))
+    # stochastic rounding: exp_avg is an average with beta2 = 0.99, which round to nearest stalls
+    _q8_update = staticmethod(blockwise_8bit(_lion_fused, stochastic=True))
+    _q8_stochastic = True
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False, decoupled_weight_decay: bool = False, *,
