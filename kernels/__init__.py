@@ -10,7 +10,7 @@ below is the catalog's order, which the advisor uses to break ties (Adam, AdamW,
 from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's order
 from ._sgd import SGD
 from ._rmsprop import RMSprop
-from ._adagrad import Adagrad
+from ._adagrad import Adagrad, Adagrad8bit
 from ._quantized import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit, dequantize_state_dict
 from .optim.lion import Lion, Lion8bit
 from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
@@ -27,6 +27,7 @@ __all__ = [
                       "SGD",
                       "SGD8bit",
                       "Adagrad",
+                      "Adagrad8bit",
                       "Adam",
                       "Adam8bit",
                       "AdamW",

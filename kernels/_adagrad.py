@@ -6,9 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._bf16state import BF16State, check_kahan_sum, check_state_dtype
 from ._catalog import register
 from ._optimizer import FusedOptimizer, as_real, fused_prologue
 from ._validate import check_lr, check_selectors
+from .precision.blockwise import Blockwise8bit
+from .precision.codecs import bf16_state, blockwise_8bit, kahan
 
 
 class AdagradScalars(NamedTuple):
@@ -46,7 +49,7 @@ def _adagrad_fused(hp, maximize: bool, decay: bool, p, g, state_sum):
 
 @register("optimizer", torch="torch.optim.Adagrad", default_candidate=False,
           configs={"Adagrad": (dict(lr=1e-2), 20)})
-class Adagrad(FusedOptimizer):
+class Adagrad(BF16State, FusedOptimizer):
     r"""Adagrad (Duchi, Hazan & Singer, 2011); a drop-in for :class:`torch.optim.Adagrad` (dense gradients).
 
     .. math::
@@ -81,9 +84,18 @@ class Adagrad(FusedOptimizer):
 
     References: J. Duchi, E. Hazan, Y. Singer, "Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization", JMLR 12 (2011).
+
+    ``state_dtype=torch.bfloat16`` (keyword-only, ours) keeps a float32 parameter's ``sum`` in bfloat16, stored
+    with stochastic rounding; ``kahan_sum=True`` (ours) compensates the rounding of bfloat16/float16
+    parameters (see :class:`kernels.Adam` for both). Neither is written here: the precision codecs derive them
+    from the one update below. For 8-bit state, :class:`Adagrad8bit`.
     """
 
     Scalars = AdagradScalars
+    # an 8-bit optimizer's checkpoint (kernels.Adagrad8bit) loads here dequantized
+    _code_dtypes = {"sum": torch.uint8}
+    _bf16_update = staticmethod(bf16_state(_adagrad_fused))
+    _kahan_update = staticmethod(kahan(_adagrad_fused))
     _legacy_group_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
     _eager_update = staticmethod(_adagrad_eager)
     _fused_update = staticmethod(_adagrad_fused)
@@ -92,7 +104,8 @@ class Adagrad(FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
@@ -103,9 +116,15 @@ class Adagrad(FusedOptimizer):
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         check_selectors(type(self).__name__, differentiable=differentiable)
+        check_state_dtype(type(self).__name__, state_dtype, False)
+        check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=False, fused=None)
+        if state_dtype is not None:  # only then in the groups: torch.optim.Adagrad loads our checkpoints
+            defaults["state_dtype"] = state_dtype
+        if kahan_sum:
+            defaults["kahan_sum"] = True
         super().__init__(params, defaults, fused)
 
     def share_memory(self) -> None:
@@ -124,3 +143,41 @@ class Adagrad(FusedOptimizer):
         lr = float(group["lr"])
         return AdagradScalars(lr / (1 + (step - 1) * float(group["lr_decay"])), float(group["weight_decay"]),
                               float(group["eps"]))
+
+
+@register("optimizer", torch="torch.optim.Adagrad", default_candidate=False,
+          configs={"Adagrad8bit": (dict(lr=1e-2), 14)})
+class Adagrad8bit(Blockwise8bit, Adagrad):
+    r""":class:`Adagrad` with ``sum`` stored as unsigned 8-bit codes with a float32 scale per block (the map of
+    :class:`Adam8bit`'s second moment, whose levels exclude zero), stored with stochastic rounding: 1 byte per
+    parameter plus 4 per block instead of 4.
+
+    .. math::
+        s_t = \hat s_{t-1} + g_t^2,\quad \theta_t = \theta_{t-1} - \tilde\gamma\, g_t / (\sqrt{s_t} + \epsilon),
+        \quad \hat s_t = \big((d+1)/256\big)^2 a
+
+    No update is written for it: the 8-bit codec (``kernels.precision.codecs.blockwise_8bit``) wraps
+    :class:`Adagrad`'s. Stochastic rounding, because ``sum`` only grows and late gradients add less than half
+    a level to it: rounded to nearest it would stop growing and the step size stop shrinking.
+    ``initial_accumulator_value`` is represented exactly (every code at the top of the map, the scale that
+    value). Args: as :class:`torch.optim.Adagrad`, plus keyword-only ``block_size=256`` and
+    ``min_8bit_size=4096`` (see :class:`Adam8bit`).
+
+    Example::
+
+        >>> opt = kernels.Adagrad8bit(model.parameters(), lr=0.1)
+
+    References: Duchi et al. 2011 (Adagrad); T. Dettmers et al., "8-bit Optimizers via Block-wise
+    Quantization", ICLR 2022.
+    """
+
+    _q8_update = staticmethod(blockwise_8bit(_adagrad_fused, stochastic=True))
+    _q8_stochastic = True
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
+                 foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, block_size: int = 256, min_8bit_size: int = 4096) -> None:
+        self._q8_setup(block_size, min_8bit_size)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
+                         maximize=maximize, differentiable=differentiable, fused=fused)

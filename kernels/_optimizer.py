@@ -75,6 +75,8 @@ class FusedOptimizer(Optimizer):
     _fused_update: ClassVar[Callable[..., None]]
     _step_in_state: ClassVar[bool] = True
     _state_at_construction: ClassVar[bool] = False
+    #: a checkpoint may lack ``step`` (its reference keeps none: lion-pytorch); it then loads as step 1
+    _step_optional: ClassVar[bool] = False
     #: on the CPU, gradients of at least this many elements are read where they lie (see ``_layout``)
     direct_grad_min_numel: ClassVar[int] = DIRECT_GRAD_MIN_NUMEL
     #: on an accelerator, never: one multi-tensor copy brings every gradient into the buffer (~0.05 ms for

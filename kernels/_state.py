@@ -43,7 +43,7 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
                     view.copy_(value.detach().reshape(view.shape))
                     new[k] = view
             if opt._step_in_state:
-                step = float(old["step"])
+                step = float(old["step"] if "step" in old or not opt._step_optional else 1)
                 bucket.steps[i].fill_(step)
                 new["step"] = bucket.steps[i]
                 bucket.host_steps[i] = int(step)
@@ -151,7 +151,7 @@ def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None
                                  f"shape {tuple(p.shape)} (got {getattr(comp, 'shape', type(comp).__name__)})")
             if opt._step_in_state:
                 s = st.get("step")
-                if s is None or (isinstance(s, torch.Tensor) and s.numel() != 1):
+                if (s is None and not opt._step_optional) or (isinstance(s, torch.Tensor) and s.numel() != 1):
                     raise ValueError(f"{where} lacks a scalar 'step'")
 
 

@@ -19,10 +19,10 @@ def test_order_is_the_advisors_tie_break_order():
     """The import order in kernels/__init__.py is the catalog's order; the advisor breaks ties by it (Adam
     first): reordering those imports would change advice, so it is pinned here."""
     assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad",
-                                                         "Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit",
-                                                         "Lion", "Lion8bit"]
-    assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adam8bit", "AdamW8bit", "SGD8bit",
-                          "RMSprop8bit", "Lion", "Lion8bit")
+                                                         "Adagrad8bit", "Adam8bit", "AdamW8bit", "SGD8bit",
+                                                         "RMSprop8bit", "Lion", "Lion8bit"]
+    assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adagrad8bit", "Adam8bit", "AdamW8bit",
+                          "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit")
     assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
                                "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
 

@@ -13,8 +13,9 @@ from optadvisor.kernels._bf16state import half_ulp
 
 CASES = [("SGD", dict(lr=1e-2)), ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
          ("Adam", dict(lr=1e-3)), ("AdamW", dict(lr=1e-3, weight_decay=0.1)),
-         ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True, maximize=True))]
-IDS = ["SGD", "SGD-nesterov-wd", "Adam", "AdamW", "RMSprop-centered-momentum"]
+         ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True, maximize=True)),
+         ("Adagrad", dict(lr=1e-2, initial_accumulator_value=0.125, weight_decay=1e-2))]  # (exact in 16 bits)
+IDS = ["SGD", "SGD-nesterov-wd", "Adam", "AdamW", "RMSprop-centered-momentum", "Adagrad"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -236,7 +237,7 @@ def _zero_grad_step(model, opt):
 
 EDITS = ["data-clamp", "no-grad-clamp", "data-projection", "reset_parameters", "load_state_dict"]
 KAHAN_OPTIMIZERS = [("SGD", dict(lr=1e-2)), ("AdamW", dict(lr=0.0)), ("Adam", dict(lr=0.0)),
-                    ("RMSprop", dict(lr=0.0))]
+                    ("RMSprop", dict(lr=0.0)), ("Adagrad", dict(lr=0.0))]
 
 
 @pytest.mark.parametrize("fused", [None, False])

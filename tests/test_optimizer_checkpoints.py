@@ -283,7 +283,7 @@ def test_bad_params_and_gradients(name):
         opt.step()
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "Adagrad"])  # Adagrad: no state_dtype, no kahan_sum
+@pytest.mark.parametrize("name", NAMES)
 def test_unsupported_options_are_refused_by_the_optimizers_name(name):
     ours_cls = OPTIMIZERS[name][0]
     p = torch.nn.Parameter(torch.ones(2))
@@ -623,9 +623,9 @@ def test_a_pickle_without_fused_gets_the_default(name):
 
 
 # SGD's float state is its momentum buffer alone: without it the state is empty, a parameter that has not
-# stepped yet, as torch reads it (and Adagrad has no kahan_sum)
+# stepped yet, as torch reads it (and so is Lion's exp_avg)
 _LACKING = [(n, torch.float32, {}) for n in NAMES if n not in ("SGD", "Lion")] + \
-           [(n, torch.bfloat16, {"kahan_sum": True}) for n in NAMES if n != "Adagrad"]
+           [(n, torch.bfloat16, {"kahan_sum": True}) for n in NAMES]
 
 
 @pytest.mark.parametrize("name, dtype, extra", _LACKING, ids=[f"{n}-{d}" for n, d, _ in _LACKING])

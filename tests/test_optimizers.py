@@ -716,7 +716,7 @@ def test_every_catalog_optimizer_has_a_case():
     """The test table is the catalog: an optimizer registered without a hyperparameter space here would
     silently escape every property test. The 8-bit optimizers are not torch's numbers: tests/test_quantized.py
     and test_quantized_sgd_rmsprop.py hold them to references of their own algorithms."""
-    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit", "Lion8bit"]
+    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit", "Lion8bit", "Adagrad8bit"]
     assert sorted(list(OPTIMIZERS) + quantized) == sorted(e.name for e in kernels.catalog.optimizers())
 
 

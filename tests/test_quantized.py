@@ -409,7 +409,7 @@ def test_the_largest_block_size_equals_the_reference(path, monkeypatch):
 def test_the_compiled_8bit_update_is_strict_only_when_fused_is_true(monkeypatch, fused, strict):
     """fused=True: a compile failure raises (it is asked for); the default falls back to eager ops. Under
     mutmut the tests run with the default (its trampolines do not compile), so this is checked by call."""
-    from optadvisor.kernels import _quantized
+    from optadvisor.kernels.precision import blockwise as _quantized  # (where the 8-bit step lives)
     calls = []
     monkeypatch.setattr(_quantized, "run_fused",
                         lambda fn, flags, tensors, hp, strict: calls.append((hp.tolist(), strict)) or (False, None))
@@ -648,7 +648,7 @@ def test_gradients_in_the_buffer_and_mixed_checkpoint_state():
 @pytest.mark.parametrize("name, kwargs", [
     ("SGD", dict(lr=0.1, momentum=0.9)), ("SGD", dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.01)),
     ("RMSprop", dict(lr=0.01)), ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True, maximize=True)),
-    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01)), ("Adagrad", dict(lr=0.05, initial_accumulator_value=0.125, weight_decay=0.01)),  # (exact in bf16)
 ])
 @pytest.mark.parametrize("fused", [None, False])
 def test_bf16_state_is_torchs_step_then_stochastic_rounding(name, kwargs, fused):
@@ -684,18 +684,26 @@ def test_bf16_state_is_torchs_step_then_stochastic_rounding(name, kwargs, fused)
 
 
 def test_codes_for_a_key_with_no_8bit_form_are_refused():
-    """A float-only optimizer given 8-bit codes for a key it has no 8-bit form of says so."""
+    """A float optimizer given 8-bit codes for a key it has no 8-bit form of (amsgrad's max_exp_avg_sq) says
+    so; codes of a key that has one (Adagrad's sum, since Adagrad8bit) load dequantized."""
     p = torch.nn.Parameter(torch.zeros(300))
-    adagrad = kernels.Adagrad([p], lr=0.1)
+    adam = kernels.Adam([p], lr=0.1, amsgrad=True)
     p.grad = torch.ones(300)
-    adagrad.step()
-    sd = adagrad.state_dict()
-    sd["state"][0]["sum"] = torch.zeros(300, dtype=torch.uint8)
-    sd["state"][0]["sum_absmax"] = torch.zeros(2)
+    adam.step()
+    sd = adam.state_dict()
+    sd["state"][0]["max_exp_avg_sq"] = torch.zeros(300, dtype=torch.uint8)
+    sd["state"][0]["max_exp_avg_sq_absmax"] = torch.zeros(2)
     sd["param_groups"][0]["block_size"] = 256
-    with pytest.raises(ValueError, match=r"'sum' holds torch.uint8 codes, but this optimizer stores "
-                                         r"'sum' only as floating point"):
-        adagrad.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"'max_exp_avg_sq' holds torch.uint8 codes, but this optimizer stores "
+                                         r"'max_exp_avg_sq' only as floating point"):
+        adam.load_state_dict(sd)
+    adagrad = kernels.Adagrad([p], lr=0.1)
+    sd = adagrad.state_dict()
+    sd["state"][0]["sum"] = torch.full((300,), 255, dtype=torch.uint8)
+    sd["state"][0]["sum_absmax"] = torch.tensor([0.5, 0.25])
+    sd["param_groups"][0]["block_size"] = 256
+    adagrad.load_state_dict(sd)
+    assert torch.equal(adagrad.state[p]["sum"], torch.cat([torch.full((256,), 0.5), torch.full((44,), 0.25)]))
 
 
 def test_block_size_one_round_trips():

@@ -21,7 +21,7 @@ from q8reference import (
     shapes,
     step_both,
 )
-from strategies import examples, make_grads, make_params, with_threshold
+from strategies import OPTIMIZERS, examples, make_grads, make_params, with_threshold
 
 from optadvisor import kernels
 from optadvisor.kernels import _native
@@ -219,9 +219,14 @@ def test_state_memory_is_about_a_quarter_of_fp32(cls, float_cls, kw):
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
+# the codec-made 8-bit optimizers (no update written for them) interchange checkpoints the same way
 CKPT = [(kernels.SGD8bit, kernels.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9), ["momentum_buffer"]),
         (kernels.RMSprop8bit, kernels.RMSprop, torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9),
-         ["square_avg", "momentum_buffer"])]
+         ["square_avg", "momentum_buffer"]),
+        (kernels.Adagrad8bit, kernels.Adagrad, torch.optim.Adagrad, dict(lr=1e-2, initial_accumulator_value=0.1),
+         ["sum"]),
+        (kernels.Lion8bit, kernels.Lion, OPTIMIZERS["Lion"][1], dict(lr=1e-3, weight_decay=0.1), ["exp_avg"])]
+CKPT_IDS = ["SGD8bit", "RMSprop8bit", "Adagrad8bit", "Lion8bit"]
 
 
 def _model():
@@ -238,7 +243,7 @@ def _train(model, opt, steps=3, seed=0):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("cls, float_cls, torch_cls, kw, keys", CKPT, ids=IDS)
+@pytest.mark.parametrize("cls, float_cls, torch_cls, kw, keys", CKPT, ids=CKPT_IDS)
 def test_state_dict_round_trip_is_exact(cls, float_cls, torch_cls, kw, keys, tmp_path):
     model = _model()
     opt = cls(model.parameters(), block_size=64, **kw)
@@ -257,7 +262,7 @@ def test_state_dict_round_trip_is_exact(cls, float_cls, torch_cls, kw, keys, tmp
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls, float_cls, torch_cls, kw, keys", CKPT, ids=IDS)
+@pytest.mark.parametrize("cls, float_cls, torch_cls, kw, keys", CKPT, ids=CKPT_IDS)
 def test_torch_checkpoints_load_both_ways(cls, float_cls, torch_cls, kw, keys):
     """torch.optim's fp32 checkpoint is quantized on load (as a step would store it); ours loads into
     kernels' float optimizer dequantized, and into torch.optim through dequantize_state_dict."""
@@ -269,7 +274,7 @@ def test_torch_checkpoints_load_both_ways(cls, float_cls, torch_cls, kw, keys):
     opt.load_state_dict(saved)
     w = model[0].weight
     for key in keys:
-        code_dtype = torch.int8 if key == "momentum_buffer" else torch.uint8
+        code_dtype = cls._code_dtypes[key]
         codes, scale = quantize(saved["state"][0][key], 256, code_dtype)
         assert torch.equal(opt.state[w][key], codes) and torch.equal(opt.state[w][key + "_absmax"], scale), key
         assert opt.state[model[0].bias][key].dtype == torch.float32  # small: float state, as saved
@@ -286,7 +291,7 @@ def test_torch_checkpoints_load_both_ways(cls, float_cls, torch_cls, kw, keys):
     _train(model, back, seed=2)
 
 
-@pytest.mark.parametrize("cls, float_cls, torch_cls, kw, keys", CKPT, ids=IDS)
+@pytest.mark.parametrize("cls, float_cls, torch_cls, kw, keys", CKPT, ids=CKPT_IDS)
 def test_a_checkpoint_missing_its_scales_is_refused(cls, float_cls, torch_cls, kw, keys):
     model = _model()
     opt = cls(model.parameters(), **kw)

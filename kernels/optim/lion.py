@@ -10,7 +10,7 @@ import torch
 from .._bf16state import BF16State, check_kahan_sum, check_state_dtype
 from .._catalog import register
 from .._optimizer import FusedOptimizer, fused_prologue
-from .._quantized import Blockwise8bit
+from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
 
 
@@ -175,6 +175,10 @@ class Lion8bit(Blockwise8bit, Lion):
     # stochastic rounding: exp_avg is an average with beta2 = 0.99, which round to nearest stalls
     _q8_update = staticmethod(blockwise_8bit(_lion_fused, stochastic=True))
     _q8_stochastic = True
+    # the rounding's draws depend on the step: kept in the state (lion-pytorch ignores it) so that a run
+    # resumed from a checkpoint draws what the uninterrupted run would have
+    _step_in_state = True
+    _step_optional = True  # lion-pytorch's checkpoints have none: they load as step 1
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False, decoupled_weight_decay: bool = False, *,

@@ -71,6 +71,21 @@ def encode_first_stochastic(m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Ten
     return c.to(torch.int8), am.view(-1)
 
 
+def encode_second_stochastic(v: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``_q8math.encode_second`` (uint8 codes of non-negative (blocks, block) values, levels
+    ``((d+1)/256)^2 absmax``), stochastically rounded between neighbouring levels by distance in value;
+    values below the smallest level take it (the map has no zero)."""
+    finite = v < float("inf")
+    av = torch.where(finite, v, 0.0).amax(1, keepdim=True)
+    kv = torch.where(av > 0, torch.full_like(av, 256.0) / _sqrt(av), 0.0)
+    x = _sqrt(v) * kv  # the level index plus one, continuous
+    lo = torch.floor(x)
+    span = 2.0 * lo + 1.0  # (lo + 1)^2 - lo^2
+    d = torch.where(u * span < x * x - lo * lo, lo, lo - 1.0).clamp(0.0, 255.0)
+    d = torch.where(finite, d, 0.0)
+    return d.to(torch.uint8), av.view(-1)
+
+
 def blockwise_8bit(update: Callable[..., Any], stochastic: bool = False) -> Callable[..., Any]:
     """``update`` on block-wise 8-bit state: ``(hp, flags, block, signed, p, g, *codes_and_scales)`` with
     ``flags`` the optimizer's own flags (a tuple), ``block`` the block size, ``signed`` one bool per state
@@ -78,7 +93,8 @@ def blockwise_8bit(update: Callable[..., Any], stochastic: bool = False) -> Call
     codes (1-D, a multiple of ``block`` long) followed by its scales (one per block). ``p`` is a multiple of
     ``block`` long; ``g`` may be shorter (the rest of its last block reads as zero).
 
-    ``stochastic=True``: signed state is stored with stochastic rounding (:func:`encode_first_stochastic`),
+    ``stochastic=True``: the state is stored with stochastic rounding (:func:`encode_first_stochastic`,
+    :func:`encode_second_stochastic`),
     its uniform draws the low half of ``_bf16state.random_bits`` of the element's position and the step,
     from a last argument ``salt`` = int64 ``[step, offset of p in its buffer]`` (reproducible). Round to
     nearest stalls a slow average: with ``beta = 0.99`` a step moves a moment by 1% of the gradient, often
@@ -99,10 +115,10 @@ def blockwise_8bit(update: Callable[..., Any], stochastic: bool = False) -> Call
         p.copy_(pflat)
         for j, ((codes, scales), sg, f) in enumerate(zip(pairs, signed, flat)):
             fb = f.view(-1, block)
-            if sg and salt is not None:
+            if salt is not None:
                 index = torch.arange(p.shape[0], device=p.device, dtype=torch.int64) + salt[1]
-                bits = random_bits(index, salt[0] + j * (1 << 30))[0]
-                c, a = encode_first_stochastic(fb, (bits.float() * (1.0 / 65536.0)).view(-1, block))
+                u = (random_bits(index, salt[0] + j * (1 << 30))[0].float() * (1.0 / 65536.0)).view(-1, block)
+                c, a = encode_first_stochastic(fb, u) if sg else encode_second_stochastic(fb.clamp_min(0.0), u)
             elif sg:
                 c, a = encode_first(fb)
             else:

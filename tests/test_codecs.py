@@ -1,0 +1,145 @@
+"""kernels.precision: the codecs that make every state variant from an optimizer's one declared update, and
+the accelerator table. Adagrad8bit is the codec around Adagrad's update, held here to a plain reference
+(decode, torch's float32 step, encode with stochastic rounding); Lion's variants are in test_lion.py."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from q8reference import _f32, _padded, _sqrt32, decode_unsigned
+from strategies import examples, make_params
+
+from optadvisor import kernels
+from optadvisor.kernels import _native
+from optadvisor.kernels._bf16state import random_bits
+from optadvisor.kernels.precision import accelerators, codecs
+
+SPECS = [((300,), False, False), ((7, 9), True, False), ((5000,), False, False)]
+
+
+def _encode_unsigned_stochastic(v, n, index, step):
+    """(blocks, block) non-negative values: uint8 codes d, levels ((d+1)/256)^2 absmax, rounded down or up by
+    distance in value with u = the documented hash's low 16 bits / 2^16; below the smallest level, code 0."""
+    u = (random_bits(index, torch.tensor(step))[0].float() / 65536).view(v.shape)
+    fv = v < float("inf")
+    av = torch.where(fv, v, 0.0).amax(1, keepdim=True)
+    kv = torch.where(av > 0, torch.full_like(av, 256.0) / _sqrt32(av), 0.0)
+    x = _sqrt32(v) * kv
+    lo = torch.floor(x)
+    d = torch.where(u * (2 * lo + 1) < x * x - lo * lo, lo, lo - 1).clamp(0.0, 255.0)
+    return torch.where(fv, d, 0.0).to(torch.uint8).reshape(-1)[:n], av.view(-1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(block=st.sampled_from([32, 256]), lr=st.sampled_from([1e-2, 0.1]), lr_decay=st.sampled_from([0.0, 0.01]),
+       wd=st.sampled_from([0.0, 0.01]), init=st.sampled_from([0.0, 0.1, 1.0]), eps=st.sampled_from([1e-10, 1e-3]),
+       steps=st.integers(2, 8), seed=st.integers(0, 2 ** 16))
+def test_adagrad8bit_is_the_adagrad_step_on_decoded_state(fused, block, lr, lr_decay, wd, init, eps, steps, seed):
+    """Per parameter: decode the uint8 sum, take torch's float32 Adagrad step in the order of our declared
+    update, encode with stochastic rounding; initial_accumulator_value decodes exactly. Eager: those bits;
+    compiled: float32 tolerance and codes within one level."""
+    params = make_params(SPECS, torch.float32, seed)
+    opt = kernels.Adagrad8bit(params, lr=lr, lr_decay=lr_decay, weight_decay=wd, initial_accumulator_value=init,
+                              eps=eps, block_size=block, min_8bit_size=0, fused=fused)
+    bucket = opt._buckets[0]
+    offsets = [bucket.offsets[[id(q) for q in bucket.params].index(id(p))] for p in params]
+    ref = []
+    for p in params:
+        nb = -(-p.numel() // block)
+        codes = torch.full((p.numel(),), 255 if init else 0, dtype=torch.uint8)
+        assert torch.equal(opt.state[p]["sum"].reshape(-1), codes)  # the state exists from construction
+        ref.append(dict(p=p.detach().clone(), c=codes, s=torch.full((nb,), float(init))))
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(1, steps + 1):
+        clr = _f32(lr / (1 + (t - 1) * lr_decay))
+        for p, r, off in zip(params, ref, offsets):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g
+            n = p.numel()
+            P, G = _padded(r["p"], block), _padded(g, block)
+            if wd:
+                G = G + _f32(wd) * P
+            s = decode_unsigned(r["c"], r["s"], block) + G * G
+            P = P - clr * G / (s.sqrt() + _f32(eps))
+            r["p"] = P.reshape(-1)[:n].view(p.shape)
+            r["c"], r["s"] = _encode_unsigned_stochastic(s, n, off + torch.arange(s.numel()), t)
+        opt.step()
+    for p, r in zip(params, ref):
+        st_ = opt.state[p]
+        if fused:
+            torch.testing.assert_close(p.detach(), r["p"], rtol=1.3e-6, atol=1e-5)
+            assert (st_["sum"].reshape(-1).int() - r["c"].int()).abs().max() <= 1
+        else:
+            assert torch.equal(p.detach(), r["p"])
+            assert torch.equal(st_["sum"].reshape(-1), r["c"]) and torch.equal(st_["sum_absmax"], r["s"])
+
+
+def test_each_codec_has_a_name_of_its_own():
+    """The compile cache keys kernels by name: two codecs of one update, or one codec of two updates, must
+    not share one (a Lion step would run an SGD kernel)."""
+    names = {kernels.Lion._bf16_update.__qualname__, kernels.Lion._kahan_update.__qualname__,
+             kernels.Lion8bit._q8_update.__qualname__, kernels.SGD._bf16_update.__qualname__,
+             kernels.SGD._kahan_update.__qualname__, kernels.Adagrad8bit._q8_update.__qualname__,
+             codecs.blockwise_8bit(kernels.Lion._fused_update).__qualname__}
+    assert len(names) == 7
+    assert kernels.Lion8bit._q8_update.__qualname__ == "blockwise_8bit_sr[_lion_fused]"
+
+
+def test_the_accelerator_table():
+    """Accelerators are found by (update, codec): SGD's and RMSprop's bf16-state C kernels are registered,
+    none for Lion or Adagrad (their torch-op path runs); a second registration or an unknown codec is
+    refused by name."""
+    assert accelerators.accelerator(kernels.SGD._fused_update, "bf16") is not None
+    assert accelerators.accelerator(kernels.RMSprop._fused_update, "bf16") is not None
+    assert accelerators.accelerator(kernels.Lion._fused_update, "bf16") is None
+    assert accelerators.accelerator(kernels.Adagrad._fused_update, "bf16") is None
+    with pytest.raises(ValueError, match=r"codec must be one of \('bf16', '8bit'\) \(got 'fp8'\)"):
+        accelerators.register_accelerator(kernels.Lion._fused_update, "fp8", lambda *a: False)
+    with pytest.raises(ValueError, match="_sgd_fused already has a bf16 accelerator"):
+        accelerators.register_accelerator(kernels.SGD._fused_update, "bf16", lambda *a: False)
+
+
+@pytest.mark.parametrize("cls, kw", [(kernels.Lion, dict(lr=1e-3)), (kernels.Adagrad, dict(lr=1e-2))])
+def test_bf16_state_without_an_accelerator_never_calls_another_optimizers_kernel(cls, kw, monkeypatch):
+    """Before the table, the bf16-state step sent every optimizer but Adam that had no ``square_avg`` to
+    SGD's C kernel: a Lion step would have run SGD's update. A library that records its calls sees none."""
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *a: calls.append(name) or 0
+
+    monkeypatch.setattr(_native, "available", lambda: Recorder())
+    p = torch.nn.Parameter(torch.randn(5000))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = cls([p], state_dtype=torch.bfloat16, **kw)
+    twin = cls([q], state_dtype=torch.bfloat16, fused=False, **kw)
+    for _ in range(3):
+        p.grad = torch.randn(5000)
+        q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert calls == []
+    torch.testing.assert_close(p, q, rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(_native.library() is None, reason="no C compiler: the C kernels are not built here")
+def test_the_c_tables_refuse_an_index_outside_them():
+    """q8_step and adam_bf16state check the kind and weight-decay mode before indexing their tables: -1, and
+    nothing written."""
+    lib = _native.library()
+    p, g = torch.zeros(256), torch.ones(256)
+    c, s = torch.zeros(256, dtype=torch.int8), torch.zeros(1)
+    hp = (ctypes.c_float * 9)(*([0.1] * 9))
+    for kind, wd_mode in ((3, 0), (-1, 0), (0, 3)):
+        assert lib.q8_step(kind, p.data_ptr(), g.data_ptr(), 0, c.data_ptr(), s.data_ptr(), c.data_ptr(),
+                           s.data_ptr(), 256, 256, ctypes.addressof(hp), 0, wd_mode, 0, 1) == -1
+    m = torch.zeros(256, dtype=torch.bfloat16)
+    assert lib.adam_bf16state(p.data_ptr(), g.data_ptr(), m.data_ptr(), m.data_ptr(), 256, 0, 1,
+                              ctypes.addressof(hp), 0, 7, 1) == -1
+    assert not p.any() and not c.any() and not m.any()
