@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from optadvisor import kernels
-from optadvisor.kernels._optimizer import FusedOptimizer
+from optadvisor.kernels._runtime.optimizer import FusedOptimizer
 
 from .cases import interleaved, resnet50_shapes
 

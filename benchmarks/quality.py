@@ -188,7 +188,7 @@ FAMILIES = {
                       "bf16 weights (torch.optim.AdamW)": (torch.optim.AdamW, torch.bfloat16),
                       "bf16 weights + kahan_sum": (functools.partial(kernels.AdamW, kahan_sum=True), torch.bfloat16)},
                      (1e-3, None)),  # a bfloat16 transformer runs ~15x slower than float32 on a CPU without bf16 units
-    # Adagrad: its 8-bit and bf16-state variants come from the codecs too (kernels/_adagrad.py)
+    # Adagrad: its 8-bit and bf16-state variants come from the codecs too (kernels/optim/adagrad.py)
     "Adagrad": ({"fp32 state": (kernels.Adagrad, torch.float32), "8-bit": (kernels.Adagrad8bit, torch.float32),
                  "bf16 state": (functools.partial(kernels.Adagrad, state_dtype=torch.bfloat16), torch.float32)},
                 (1e-2, 1e-2)),

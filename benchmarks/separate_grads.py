@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from optadvisor.kernels import _grads
+from optadvisor.kernels._runtime import grads as _grads
 
 from .cases import interleaved, make_optimizer
 

@@ -7,19 +7,19 @@ Each class registers itself in the catalog (``kernels.catalog``) as its module i
 below is the catalog's order, which the advisor uses to break ties (Adam, AdamW, SGD, RMSprop, ...).
 """
 
-from ._adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's order
-from ._sgd import SGD
-from ._rmsprop import RMSprop
-from ._adagrad import Adagrad, Adagrad8bit
-from ._quantized import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit, dequantize_state_dict
+from .optim.adam import Adam, AdamW  # noqa: I001 - the import order is the catalog's order
+from .optim.sgd import SGD
+from .optim.rmsprop import RMSprop
+from .optim.adagrad import Adagrad, Adagrad8bit
+from .optim.eightbit import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit, dequantize_state_dict
 from .optim.lion import Lion, Lion8bit
-from ._regression import HuberLoss, MSELoss, huber_loss, mse_loss
-from ._cross_entropy import CrossEntropyLoss, cross_entropy
-from ._linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
-from ._margin import HingeLoss, MultiMarginLoss, hinge_loss, multi_margin_loss
+from .losses.regression import HuberLoss, MSELoss, huber_loss, mse_loss
+from .losses.cross_entropy import CrossEntropyLoss, cross_entropy
+from .losses.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+from .losses.margin import HingeLoss, MultiMarginLoss, hinge_loss, multi_margin_loss
 from . import _catalog as catalog
-from ._compile import ENV_VAR as COMPILE_ENV_VAR
-from ._warmup import warmup
+from ._runtime.compile import ENV_VAR as COMPILE_ENV_VAR
+from ._runtime.warmup import warmup
 from ._factory import create_optimizer, list_optimizers, param_groups
 
 __all__ = [

@@ -6,10 +6,10 @@ killed whatever else runs, so a first pass with the fastest covering tests of ea
 kills; only its survivors need the full selection. Usage (from the repository root, after one
 ``mutmut run`` has written ``mutants/mutmut-stats.json``)::
 
-    python tests/mutation_subset.py kernels._layout kernels._state   # restrict these modules' functions
-    mutmut run "kernels._layout*" "kernels._state*"
+    python tests/mutation_subset.py kernels._runtime.layout kernels._runtime.state   # restrict these modules' functions
+    mutmut run "kernels._runtime.layout*" "kernels._runtime.state*"
     python tests/mutation_subset.py --restore                        # every covering test again
-    python tests/mutation_subset.py kernels._state --files tests/test_optimizer_checkpoints.py --budget 30
+    python tests/mutation_subset.py kernels._runtime.state --files tests/test_optimizer_checkpoints.py --budget 30
     mutmut run NAME ...                                              # the survivors, with the full selection
 
 The full coverage is kept beside it (``mutants/mutmut-stats.full.json``) until ``--restore``.
@@ -57,7 +57,7 @@ def restrict(stats: dict, prefixes: list[str], per_file: int, budget: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("modules", nargs="*", help="module prefixes, e.g. kernels._layout")
+    parser.add_argument("modules", nargs="*", help="module prefixes, e.g. kernels._runtime.layout")
     parser.add_argument("--per-file", type=int, default=12, help="at most this many tests from one file")
     parser.add_argument("--budget", type=float, default=4.0, help="recorded seconds of tests per function")
     parser.add_argument("--files", nargs="+", metavar="FILE",

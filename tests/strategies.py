@@ -298,8 +298,8 @@ LOSS_CASES = {e.name: LossCase(e.name, e.cls, e.functional, *_LOSS_SPECS[e.name]
 
 
 def reset_compile_state(monkeypatch, mode: str) -> None:
-    """Empty kernel caches of ``kernels._compile`` for one test, and OPTADVISOR_COMPILE set to ``mode``."""
-    from optadvisor.kernels import _compile
+    """Empty kernel caches of ``kernels._runtime.compile`` for one test, and OPTADVISOR_COMPILE set to ``mode``."""
+    from optadvisor.kernels._runtime import compile as _compile
 
     for name, empty in (("_compiled", {}), ("_broken", {}), ("_ready", {}), ("_ready_keys", set()),
                         ("_scheduled", set()), ("_eager_work", {}), ("_unwarned", {})):

@@ -19,7 +19,7 @@ from strategies import UNDER_MUTMUT, reset_compile_state
 import torch
 
 from optadvisor import kernels
-from optadvisor.kernels import _compile
+from optadvisor.kernels._runtime import compile as _compile
 
 _names = itertools.count()
 
@@ -115,7 +115,7 @@ def test_small_calls_never_start_a_compile(background):
         for _ in range(3):
             assert _call(_axpy, (torch.zeros(100), torch.ones(100)), min_numel=101) == (False, None)
     assert not _compile._scheduled and not _compile._ready and not records
-    assert _compile.COMPILE_MIN_NUMEL == 1 << 16  # the measured crossover (kernels/_compile.py)
+    assert _compile.COMPILE_MIN_NUMEL == 1 << 16  # the measured crossover (kernels/_runtime/compile.py)
 
 
 def test_a_compile_starts_once_the_eager_work_would_pay_for_it(background, monkeypatch):
@@ -269,7 +269,7 @@ WARMUP_CASES = [(kernels.Adam, dict(lr=0.01), torch.float32),
                                                                    "AdamW-kahan"])
 def test_warmup_compiles_what_the_first_step_uses_and_changes_nothing(background, monkeypatch, cls, kwargs,
                                                                       dtype):
-    from optadvisor.kernels import _native
+    from optadvisor.kernels._runtime import native as _native
 
     if cls is kernels.AdamW8bit or "state_dtype" in kwargs:
         monkeypatch.setenv(_native.ENV_VAR, "0")  # their torch-op form is the one compiled (else C)
@@ -308,7 +308,7 @@ def test_fused_false_and_compile_off_never_start_a_compile(background, monkeypat
 
 
 def test_warmup_loads_the_c_kernels(background, monkeypatch):
-    from optadvisor.kernels import _native
+    from optadvisor.kernels._runtime import native as _native
 
     monkeypatch.setenv(_native.ENV_VAR, "1")
     if _native.library() is None:
@@ -318,3 +318,27 @@ def test_warmup_loads_the_c_kernels(background, monkeypatch):
     assert _native.available() is None or _native._loaded  # not loaded yet, or loaded by now in the background
     kernels.warmup(opt)
     assert _native.available() is not None
+
+
+@pytest.mark.parametrize("cls, kwargs, dtype", [(kernels.Lion8bit, dict(lr=1e-3), torch.float32),
+                                                (kernels.Adagrad8bit, dict(lr=1e-2), torch.float32),
+                                                (kernels.AdamW8bit, dict(lr=1e-2), torch.float16)],
+                         ids=["Lion8bit", "Adagrad8bit", "AdamW8bit-fp16"])
+def test_a_blockwise_update_compiles_in_the_background(background, monkeypatch, cls, kwargs, dtype):
+    """A block-wise (8-bit) update views its buffers as (blocks, block): compiled on shrunken scratch sizes
+    (70,144 -> 4097) its trace failed and the run stayed eager for good, with a warning (seen on the character
+    LM). It compiles on the real sizes, without a warning, and the compiled steps run."""
+    monkeypatch.setattr(_compile, "COMPILE_MIN_NUMEL", 64)
+    monkeypatch.setattr(_compile, "COMPILE_AFTER_ELEMENTS", 0)
+    params = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in (70_000, 5000)]
+    opt = cls(params, min_8bit_size=0, **kwargs)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            assert _compile.wait_for_background(300)
+    assert not [w for w in seen if "optadvisor" in str(w.message)], [str(w.message) for w in seen]
+    assert _compile._ready and not _compile._broken
+    assert all(torch.isfinite(p).all() for p in params)

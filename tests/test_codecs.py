@@ -14,8 +14,8 @@ from q8reference import _f32, _padded, _sqrt32, decode_unsigned
 from strategies import examples, make_params
 
 from optadvisor import kernels
-from optadvisor.kernels import _native
-from optadvisor.kernels._bf16state import random_bits
+from optadvisor.kernels._runtime import native as _native
+from optadvisor.kernels.precision.bf16 import random_bits
 from optadvisor.kernels.precision import accelerators, codecs
 
 SPECS = [((300,), False, False), ((7, 9), True, False), ((5000,), False, False)]

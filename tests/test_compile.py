@@ -1,4 +1,4 @@
-"""kernels/_compile.py and kernels/_private.py on their own: the switch between compiled and eager, compile
+"""kernels/_runtime/compile.py and kernels/_runtime/private.py on their own: the switch between compiled and eager, compile
 failures, user modes, the guard-skipping direct call and what it checks before skipping the guards.
 
 The optimizer and loss tests run these paths end to end; here each decision is driven on purpose, with small
@@ -17,7 +17,7 @@ import torch
 from strategies import UNDER_MUTMUT
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from optadvisor.kernels import _compile, _private
+from optadvisor.kernels._runtime import compile as _compile, private as _private
 
 _names = itertools.count()
 
@@ -541,7 +541,7 @@ def test_the_cause_is_followed_before_the_context_and_cycles_end():
     assert _compile._is_compile_failure(a)
 
 
-# -- kernels/_private.py ------------------------------------------------------------------------------------
+# -- kernels/_runtime/private.py ------------------------------------------------------------------------------------
 
 def test_same_values_matches_nan_with_nan_only():
     nan = float("nan")

@@ -28,7 +28,7 @@ from strategies import (
 )
 
 from optadvisor import kernels
-from optadvisor.kernels import _native, _optimizer
+from optadvisor.kernels._runtime import native as _native, optimizer as _optimizer
 
 tensor_mod = pytest.importorskip("torch.distributed.tensor", reason="this torch has no DTensor")
 DTensor, Partial, Replicate, Shard = (tensor_mod.DTensor, tensor_mod.Partial, tensor_mod.Replicate,
@@ -339,7 +339,7 @@ def test_dtensor_plain_state_of_the_wrong_shape_is_refused_before_anything_chang
 
 
 def test_dtensor_local_value_refuses_a_plain_tensor_that_is_not_the_local_shard(mesh):
-    from optadvisor.kernels._dtensor import local_value
+    from optadvisor.kernels._runtime.dtensor import local_value
     p = distribute_tensor(torch.zeros(3, 4), mesh, [Shard(1)])
     with pytest.raises(ValueError, match=r"^a plain tensor of shape \(12,\) cannot be the state of a DTensor "
                                          r"parameter whose local shard has shape \(3, 4\) \(global \(3, 4\)\); "
@@ -356,7 +356,7 @@ def test_dtensor_state_from_another_sharding_is_redistributed_to_the_parameters(
     """On one rank every placement holds the whole tensor, so the values cannot tell whether a checkpoint's
     DTensor was redistributed: the calls are watched instead (on several ranks a skipped redistribution
     loads another rank's shard; tests/test_fsdp.py runs that)."""
-    from optadvisor.kernels._dtensor import local_value
+    from optadvisor.kernels._runtime.dtensor import local_value
     calls = []
     redistribute = DTensor.redistribute
     monkeypatch.setattr(DTensor, "redistribute", lambda self, mesh_, placements, **kw: calls.append(

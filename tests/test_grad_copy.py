@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from strategies import assert_same, examples, with_threshold
 
 from optadvisor import kernels
-from optadvisor.kernels import _grads, _native
+from optadvisor.kernels._runtime import grads as _grads, native as _native
 
 pytestmark = pytest.mark.skipif(_native.library() is None, reason="no C compiler: the copy is torch's")
 

@@ -66,7 +66,7 @@ print("optadvisor ok", kernels.__name__, optadvisor.__file__)
 def test_the_wheel_installs_no_top_level_kernels_or_advisor(venv):
     python, purelib = venv
     assert not (purelib / "kernels").exists() and not (purelib / "advisor").exists()
-    assert (purelib / "optadvisor" / "kernels" / "_native.c").exists()
+    assert (purelib / "optadvisor" / "kernels" / "_runtime" / "native.c").exists()
     assert (purelib / "optadvisor" / "advisor" / "rules" / "optimizers.yaml").exists()
     # what bitsandbytes' CPU backend runs at import: it must not find our package any more — no top-level
     # `kernels` at all, or Hugging Face's (transformers, a test dependency, installs it), never ours

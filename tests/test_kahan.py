@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optadvisor import kernels
-from optadvisor.kernels._bf16state import half_ulp
+from optadvisor.kernels.precision.kahan import half_ulp
 
 CASES = [("SGD", dict(lr=1e-2)), ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
          ("Adam", dict(lr=1e-3)), ("AdamW", dict(lr=1e-3, weight_decay=0.1)),
@@ -174,7 +174,7 @@ def test_the_compiled_update_runs_unless_fused_is_false(name, kwargs, monkeypatc
     """The compensated step takes the optimizer's compiled Kahan update (one call per step for one bucket)
     unless fused=False, which runs the eager one: the two agree (the test above), so only counting tells them
     apart."""
-    from optadvisor.kernels import _bf16state
+    from optadvisor.kernels.precision import bf16 as _bf16state
 
     calls = []
     real = _bf16state.run_fused

@@ -1,4 +1,4 @@
-"""kernels/_layout.py on its own: where each parameter lies in a bucket's flat buffers, what the buffers start
+"""kernels/_runtime/layout.py on its own: where each parameter lies in a bucket's flat buffers, what the buffers start
 as, the update's scalars, the step counts' dtype. The optimizer tests run all of it end to end; these pin
 each decision down where a wrong one would hide there (a parameter of exactly the threshold's size, memory
 the code forgot to fill that happened to be zero, a scalar written with the wrong width)."""
@@ -11,8 +11,8 @@ import torch
 from strategies import assert_same
 
 from optadvisor import kernels
-from optadvisor.kernels import _layout
-from optadvisor.kernels._layout import Blockwise, Bucket, compute_dtype, scalar_dtype, scalars_tensor
+from optadvisor.kernels._runtime import layout as _layout
+from optadvisor.kernels._runtime.layout import Blockwise, Bucket, compute_dtype, scalar_dtype, scalars_tensor
 
 
 def _dirty_heap(nbytes: int) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from optadvisor.kernels._bf16state import random_bits, stochastic_round
+from optadvisor.kernels.precision.bf16 import random_bits, stochastic_round
 from q8reference import _f32, _padded, _sqrt32, decode_signed, encode_signed
 from strategies import examples, make_params
 

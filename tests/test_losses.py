@@ -688,7 +688,7 @@ def test_each_module_argument_reaches_the_loss(case_id):
 def test_linear_cross_entropy_module_passes_every_option(monkeypatch):
     """chunk_size changes how the rows are split, not the value: the module is seen handing every option
     (and the bias) to the function."""
-    import optadvisor.kernels._linear_cross_entropy as lce_module
+    import optadvisor.kernels.losses.linear_cross_entropy as lce_module
     seen = []
     real = lce_module.linear_cross_entropy
     monkeypatch.setattr(lce_module, "linear_cross_entropy",
@@ -816,7 +816,7 @@ def test_low_precision_target_gradient_is_the_float32_one_rounded(dtype, name):
 
 
 def test_linear_cross_entropy_default_chunk_holds_about_8m_logits():
-    from optadvisor.kernels._linear_cross_entropy import default_chunk_rows
+    from optadvisor.kernels.losses.linear_cross_entropy import default_chunk_rows
     assert [default_chunk_rows(v) for v in (0, 1, 2, 32000, 128256, 1 << 23, 1 << 24)] == \
         [1 << 23, 1 << 23, 1 << 22, 262, 65, 1, 1]
 
@@ -878,7 +878,7 @@ def test_linear_cross_entropy_passes_over_the_logits(monkeypatch, dtype, reducti
     """One pass over the logits computes the loss and the gradients; only float16 (the gradient must be
     scaled by the upstream one before it is rounded) and reduction='none' defer the gradient to a second
     pass in backward. Without grad: one pass, no gradient."""
-    import optadvisor.kernels._linear_cross_entropy as lce_module
+    import optadvisor.kernels.losses.linear_cross_entropy as lce_module
     flags = []
     real = lce_module._ce_index_core
     monkeypatch.setattr(lce_module, "_ce_index_core", lambda *a: flags.append(a[-1]) or real(*a))
@@ -952,7 +952,8 @@ def test_cross_entropy_refusals_word_for_word():
 def test_which_inputs_take_the_compiled_cores(monkeypatch):
     """Below 64k elements every loss computes eagerly (a first-call compile costs seconds); from 64k the
     2-D cross-entropy, MSE, Huber and hinge take their compiled cores; an N-d cross-entropy stays eager."""
-    from optadvisor.kernels import _compile, _loss_base
+    from optadvisor.kernels._runtime import compile as _compile
+    from optadvisor.kernels.losses import base as _loss_base
     monkeypatch.setenv(_compile.ENV_VAR, "1")
     calls = []
     monkeypatch.setattr(_loss_base, "run_fused", lambda fn, *a, **k: calls.append(fn.__name__) or (False, None))

@@ -14,7 +14,8 @@ import test_losses
 from test_losses import compare
 
 from optadvisor import kernels
-from optadvisor.kernels import _compile, _loss_base
+from optadvisor.kernels._runtime import compile as _compile
+from optadvisor.kernels.losses import base as _loss_base
 
 SETTINGS = settings(max_examples=examples(8), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

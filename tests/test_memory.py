@@ -1,9 +1,9 @@
-"""kernels._memory: the flat buffers' huge-page advice and the per-parameter aliases."""
+"""kernels._runtime.memory: the flat buffers' huge-page advice and the per-parameter aliases."""
 
 import pytest
 import torch
 
-from optadvisor.kernels import _memory
+from optadvisor.kernels._runtime import memory as _memory
 
 HUGE = 2 << 20
 

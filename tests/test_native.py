@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from optadvisor.kernels import _native
+from optadvisor.kernels._runtime import native as _native
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000

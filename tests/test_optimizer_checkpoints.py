@@ -608,7 +608,7 @@ def test_a_copied_or_pickled_optimizer_keeps_fused_and_steps_as_the_original(nam
 def test_a_pickle_without_fused_gets_the_default(name):
     """An optimizer pickled before ``fused`` was saved (torch's ``__getstate__`` alone) loads with the default,
     as a new optimizer would get it, and steps as the original within tolerance."""
-    from optadvisor.kernels._compile import resolve_fused
+    from optadvisor.kernels._runtime.compile import resolve_fused
 
     ours_cls, _ = OPTIMIZERS[name]
     params = make_params(SPECS, torch.float32, 0)

@@ -219,7 +219,7 @@ def test_partial_steps_make_runs_with_different_step_counts():
 
 def test_runs_cut_at_missing_gradients_and_step_changes():
     """One update call per run of neighbours that all have gradients and share a step count."""
-    from optadvisor.kernels._layout import runs
+    from optadvisor.kernels._runtime.layout import runs
     assert runs(None, [2, 2, 2]) == [(0, 3)]
     assert runs(None, [1, 2, 2]) == [(0, 1), (1, 3)]
     assert runs([True, False, True], [1, 1, 1]) == [(0, 1), (2, 3)]
@@ -476,7 +476,7 @@ def test_compiled_update_is_called_directly_after_the_first_step():
     """After its first (guarded) call a configuration's compiled graph is called directly, skipping
     dynamo's per-call guard check, whatever the length; lengths dynamo would specialize (0 and 1) and a
     changed global state (grad mode) go back through the guarded path. Results match torch throughout."""
-    from optadvisor.kernels import _compile
+    from optadvisor.kernels._runtime import compile as _compile
 
     torch.manual_seed(1)
     sizes = [(7,), (1,), (300,), (2, 2)]
@@ -721,7 +721,7 @@ def test_every_catalog_optimizer_has_a_case():
 
 
 def test_private_torch_apis_still_work(monkeypatch):
-    """kernels/_private.py holds every private torch API the kernels use; each falls back to a slower public
+    """kernels/_runtime/private.py holds every private torch API the kernels use; each falls back to a slower public
     path when torch moves it. This fails loudly instead, so a torch upgrade cannot make us silently slower
     (or a mode/transform check silently blind). The kernel is compiled here, in an empty cache and under a
     code name of its own: one that an earlier test compiled would say nothing about this run's capture (and
@@ -730,7 +730,7 @@ def test_private_torch_apis_still_work(monkeypatch):
     name in one process records no plan (seen; a configuration is compiled once per process otherwise)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from optadvisor.kernels import _compile, _private
+    from optadvisor.kernels._runtime import compile as _compile, private as _private
 
     assert not _private.modes_active() and not _private.transforms_active()
 
@@ -754,7 +754,7 @@ def test_private_torch_apis_still_work(monkeypatch):
         opt.step()
     kernel = next(k for key, k in _compile._compiled.items() if key[0] == "_rmsprop_fused"
                   and key[1] == (False, False, False, True) and key[3] == torch.float32)
-    assert kernel.direct is not None, "no direct-call plan was recorded: kernels/_private.py needs updating"
+    assert kernel.direct is not None, "no direct-call plan was recorded: kernels/_runtime/private.py needs updating"
     assert getattr(kernel.direct[0], "__name__", "") != "<lambda>", "inductor's own entry point was not found"
 
 
@@ -790,7 +790,7 @@ def test_every_run_of_a_step_is_compiled_unless_fused_is_false(monkeypatch, fuse
     """A step is one call for the small parameters' run and one per gradient read where it lies; each is
     compiled (fused=True promises it; None compiles by default): a run that silently went eager would give
     torch's numbers too, so the calls are counted."""
-    from optadvisor.kernels import _optimizer
+    from optadvisor.kernels._runtime import optimizer as _optimizer
 
     monkeypatch.setenv("OPTADVISOR_COMPILE", "sync")  # the default compiles in the background, eager meanwhile
     seen = []

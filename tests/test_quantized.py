@@ -24,8 +24,8 @@ from q8reference import (
 from strategies import UNDER_MUTMUT, examples, make_grads, make_params, with_threshold
 
 from optadvisor import kernels
-from optadvisor.kernels import _native
-from optadvisor.kernels._q8math import dequantize, quantize
+from optadvisor.kernels._runtime import native as _native
+from optadvisor.kernels.precision.q8math import dequantize, quantize
 
 NATIVE = _native.library() is not None
 # fused=True (a compile failure raises instead of falling back to eager) for the torch-op paths that use the 8-bit
@@ -558,7 +558,7 @@ def test_bf16_state_equals_the_reference(fused, specs, seed, lr, wd, decoupled, 
 
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
-    from optadvisor.kernels._bf16state import random_bits, stochastic_round
+    from optadvisor.kernels.precision.bf16 import random_bits, stochastic_round
 
     x = torch.full((200_000,), 1.0 + 2 ** -10, dtype=torch.float32)  # a quarter of a bf16 ulp above 1
     out = stochastic_round(x, random_bits(torch.arange(200_000), torch.tensor(7))[1]).float()
@@ -655,7 +655,7 @@ def test_bf16_state_is_torchs_step_then_stochastic_rounding(name, kwargs, fused)
     """Each step, from the same (bfloat16) state: the parameters equal torch.optim's for-loop step within
     float32 tolerance, and each new state is torch's float32 state stochastically rounded with the
     documented bits (equal, or one bfloat16 ulp away where the float32 values straddle a rounding point)."""
-    from optadvisor.kernels._bf16state import random_bits, stochastic_round
+    from optadvisor.kernels.precision.bf16 import random_bits, stochastic_round
 
     torch.manual_seed(3)
     p = torch.nn.Parameter(torch.randn(3000))

@@ -24,8 +24,8 @@ from q8reference import (
 from strategies import OPTIMIZERS, examples, make_grads, make_params, with_threshold
 
 from optadvisor import kernels
-from optadvisor.kernels import _native
-from optadvisor.kernels._q8math import dequantize, quantize
+from optadvisor.kernels._runtime import native as _native
+from optadvisor.kernels.precision.q8math import dequantize, quantize
 
 PATHS = ["native", "torch-ops"] if _native.library() is not None else ["torch-ops"]
 @pytest.mark.parametrize("path", PATHS)

@@ -1,2 +1,2 @@
 """Optimizer algorithms, one module each: an optimizer declares its state, its scalars and its update once;
-the base class (``kernels._optimizer``) and the precision codecs (``kernels.precision``) do the rest."""
+the base class (``kernels._runtime.optimizer``) and the precision codecs (``kernels.precision``) do the rest."""

@@ -7,9 +7,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._bf16state import BF16State, check_kahan_sum, check_state_dtype
 from .._catalog import register
-from .._optimizer import FusedOptimizer, fused_prologue
+from .._runtime.optimizer import FusedOptimizer, fused_prologue
+from ..precision.bf16 import BF16State, check_state_dtype
+from ..precision.kahan import check_kahan_sum
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
 

@@ -2,9 +2,9 @@
 checkpoints in both directions, and the choice of path for a step (a C kernel registered for the
 optimizer, its hand-written torch-op twin, or the 8-bit codec around the optimizer's declared update).
 
-The codes and their maps are in ``kernels._q8math``; the codec in :mod:`.codecs`; the CPU kernels in
-``kernels/_native.c``. The optimizers built on it: ``kernels._quantized`` (Adam8bit, AdamW8bit, SGD8bit,
-RMSprop8bit), ``kernels._adagrad`` (Adagrad8bit), ``kernels.optim.lion`` (Lion8bit).
+The codes and their maps are in ``kernels.precision.q8math``; the codec in :mod:`.codecs`; the CPU kernels in
+``kernels/_runtime/native.c``. The optimizers built on it: ``kernels.optim.eightbit`` (Adam8bit, AdamW8bit, SGD8bit,
+RMSprop8bit), ``kernels.optim.adagrad`` (Adagrad8bit), ``kernels.optim.lion`` (Lion8bit).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import _native
-from .._compile import run_fused
-from .._dtensor import is_dtensor
-from .._layout import Blockwise, Bucket, scalars_tensor
-from .._q8math import CODE_DTYPES, quantize
-from .._state import import_float_state
+from .._runtime import native as _native
+from .._runtime.compile import run_fused
+from .._runtime.dtensor import is_dtensor
+from .._runtime.layout import Blockwise, Bucket, scalars_tensor
+from .._runtime.state import import_float_state
+from .q8math import CODE_DTYPES, quantize
 
 MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from .._bf16state import bf16_state_update, kahan_update, random_bits
-from .._q8math import INV_127_SQ, _blocks_in, _sqrt, decode_first, decode_second, encode_first, encode_second
+from .bf16 import bf16_state_update, random_bits
+from .kahan import kahan_update
+from .q8math import INV_127_SQ, _blocks_in, _sqrt, decode_first, decode_second, encode_first, encode_second
 
 
 def _named(fn: Callable[..., Any], codec: str, update: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,5 +128,6 @@ def blockwise_8bit(update: Callable[..., Any], stochastic: bool = False) -> Call
             codes.copy_(c.view(-1))
             scales.copy_(a)
 
+    run.exact_shapes = True  # (compile.py: its background compile keeps the sizes, which the block divides)
     return _named(run, "blockwise_8bit_sr" if stochastic else "blockwise_8bit", update)
 # pragma: no mutate end

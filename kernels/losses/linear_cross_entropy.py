@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._catalog import register
-from ._cross_entropy import _ce_index_core
-from ._loss_base import (
+from .._catalog import register
+from .base import (
     _check_float,
     _check_reduction,
     _check_smoothing,
@@ -17,7 +16,7 @@ from ._loss_base import (
     _entry,
     _run,
 )
-
+from .cross_entropy import _ce_index_core
 
 CHUNK_LOGITS = 1 << 23  # the default chunk holds about this many logits (32 MiB in float32)
 

@@ -6,12 +6,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, check_kahan_sum, check_state_dtype, rmsprop_bf16_native
-from ._catalog import register
-from ._optimizer import FusedOptimizer, as_real, fused_prologue
-from ._validate import check_lr, check_selectors
-from .precision.accelerators import register_accelerator
-from .precision.codecs import bf16_state, kahan
+from .._catalog import register
+from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
+from .._runtime.validate import check_lr, check_selectors
+from ..precision.accelerators import register_accelerator
+from ..precision.bf16 import BF16State, check_state_dtype, rmsprop_bf16_native
+from ..precision.kahan import check_kahan_sum
+from ..precision.codecs import bf16_state, kahan
 
 
 class RMSpropScalars(NamedTuple):

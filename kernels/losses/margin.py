@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._catalog import register
-from ._loss_base import (
+from .._catalog import register
+from .base import (
     _check_float,
     _check_reduction,
     _check_targets,

@@ -6,11 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, check_kahan_sum, check_state_dtype
-from ._catalog import register
-from ._optimizer import FusedOptimizer, as_real, fused_prologue
-from ._validate import check_lr, check_selectors
-from .precision.codecs import kahan
+from .._catalog import register
+from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
+from .._runtime.validate import check_lr, check_selectors
+from ..precision.bf16 import BF16State, check_state_dtype
+from ..precision.kahan import check_kahan_sum
+from ..precision.codecs import kahan
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 
@@ -93,7 +94,7 @@ class Adam(BF16State, FusedOptimizer):
 
     ``state_dtype=torch.bfloat16`` (keyword-only, ours; None: the parameters' dtype, as torch) keeps
     ``exp_avg``/``exp_avg_sq`` of float32 parameters in bfloat16 — half the state memory — computing in
-    float32 and storing with stochastic rounding (``kernels._bf16state``: unbiased, reproducible). For 8-bit
+    float32 and storing with stochastic rounding (``kernels.precision.bf16``: unbiased, reproducible). For 8-bit
     state see :class:`Adam8bit`.
 
     ``kahan_sum=True`` (keyword-only, ours) keeps a compensation buffer ``kahan_comp`` beside each bfloat16

@@ -6,12 +6,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._bf16state import BF16State, check_kahan_sum, check_state_dtype
-from ._catalog import register
-from ._optimizer import FusedOptimizer, as_real, fused_prologue
-from ._validate import check_lr, check_selectors
-from .precision.blockwise import Blockwise8bit
-from .precision.codecs import bf16_state, blockwise_8bit, kahan
+from .._catalog import register
+from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
+from .._runtime.validate import check_lr, check_selectors
+from ..precision.bf16 import BF16State, check_state_dtype
+from ..precision.kahan import check_kahan_sum
+from ..precision.blockwise import Blockwise8bit
+from ..precision.codecs import bf16_state, blockwise_8bit, kahan
 
 
 class AdagradScalars(NamedTuple):

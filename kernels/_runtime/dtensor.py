@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ._layout import StateBuffers, scalar_dtype, scalars_tensor
-from ._memory import flat_buffer
+from .layout import StateBuffers, scalar_dtype
+from .memory import flat_buffer
 
 _DTENSOR_MODULE = "torch.distributed.tensor"
 
@@ -156,49 +156,3 @@ def local_grads(bucket: ShardedBucket, owner: str) -> list[torch.Tensor | None]:
                                f"DTensor but its gradient is a plain {type(g).__name__}")
         out.append(g.to_local().reshape(-1))
     return out
-
-
-def step_sharded(self: Any, bucket: ShardedBucket) -> None:
-    """``FusedOptimizer.step`` for a ShardedBucket (``self``: the optimizer): small shards packed into one call,
-    the others updated where they lie, one call each."""
-    from ._state import expose_state  # (import cycle: _state reads shards through this module)
-
-    grads = local_grads(bucket, type(self).__name__)
-    if all(g is None for g in grads):
-        return
-    group = self.param_groups[bucket.group_index]
-    init, flags = self._state_init(group), self._flags(group)
-    stateless = not init and not self._step_in_state
-    bucket.ensure_state(init)
-    if bucket.common_step is not None:
-        bucket.host_steps = [bucket.common_step] * len(bucket.params)
-    steps = bucket.host_steps
-    k = bucket.n_small
-    packed = k > 1 and all(g is not None for g in grads[:k]) and steps[:k].count(steps[0]) == k
-    if packed:  # the small shards: in, one call, out
-        flat_p, flat_g, p_views, g_views = bucket.packed_buffers()
-        torch._foreach_copy_(p_views, bucket.local_flat[:k])
-        torch._foreach_copy_(g_views, grads[:k])
-        s = self._scalars(group, steps[0] + 1)
-        hp = scalars_tensor(s, flat_p) if self._fused else None
-        self._apply(s, hp, flags, {"param": flat_p, "grad": flat_g,
-                                   **{key: bucket.flat_state[key][:bucket.small_total] for key in init}}, bucket)
-        torch._foreach_copy_(bucket.local_flat[:k], p_views)
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        new_step = steps[i] + 1
-        if bucket.numels[i] and not (packed and i < k):
-            s = self._scalars(group, new_step)
-            hp = scalars_tensor(s, bucket.locals[i]) if self._fused else None
-            run = {"param": bucket.local_flat[i], "grad": g,
-                   **{k: bucket.local_state(k, i) for k in init}}
-            self._apply(s, hp, flags, run, bucket)
-        if self._step_in_state:
-            bucket.steps[i].add_(1)
-        if stateless:
-            continue
-        if steps[i] == 0:
-            expose_state(self, bucket, i, i + 1, init)
-        steps[i] = new_step
-    bucket.refresh_common_step()

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._catalog import register
-from ._loss_base import (
+from .._catalog import register
+from .base import (
     _check_reduction,
     _compiled,
     _compute_dtype,

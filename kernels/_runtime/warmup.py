@@ -1,6 +1,6 @@
 """``kernels.warmup``: compile now, blocking, what an optimizer's steps will use.
 
-By default no step waits for a compiler (``_compile``): updates run eagerly until their compiled kernels,
+By default no step waits for a compiler (``_runtime.compile``): updates run eagerly until their compiled kernels,
 prepared by a background thread, are ready. A benchmark (or a run that must repeat bit for bit) wants the
 compiled kernels from the first step: ``warmup(opt)`` compiles them before it, on a scratch twin of the
 optimizer (the same class, options and kinds of buckets, over zero-filled copies of the smallest and the
@@ -11,14 +11,13 @@ loads the C kernels of the 8-bit and bfloat16-state paths and of the gradient co
 from __future__ import annotations
 
 import collections
-from typing import Any
 
 import torch
 
-from . import _native
-from ._compile import wait_for_background, warming
-from ._dtensor import is_dtensor
-from ._optimizer import FusedOptimizer
+from . import native as _native
+from .compile import wait_for_background, warming
+from .dtensor import is_dtensor
+from .optimizer import FusedOptimizer
 
 
 def warmup(*optimizers: FusedOptimizer, timeout: float | None = None) -> None:

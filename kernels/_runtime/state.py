@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._dtensor import local_value
-from ._layout import Bucket
-from ._q8math import CODE_DTYPES, check_codes, dequantize
+from ..precision.q8math import CODE_DTYPES, check_codes, dequantize
+from .dtensor import local_value
+from .layout import Bucket
 
 if TYPE_CHECKING:
-    from ._optimizer import FusedOptimizer
+    from .optimizer import FusedOptimizer
 
 
 def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:

@@ -18,14 +18,13 @@ run in float32 and return float32, as torch's autocast runs its losses.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._compile import compile_enabled_by_env, run_fused, transforms_active, user_stacklevel
-from ._layout import device_scalars
+from .._runtime.compile import compile_enabled_by_env, run_fused, transforms_active, user_stacklevel
+from .._runtime.layout import device_scalars
 
 _REDUCTIONS = ("mean", "sum", "none")
 

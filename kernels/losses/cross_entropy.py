@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._catalog import register
-from ._loss_base import (
+from .._catalog import register
+from .base import (
     _check_float,
     _check_reduction,
     _check_smoothing,

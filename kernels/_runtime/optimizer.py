@@ -31,19 +31,19 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from ._compile import resolve_fused, run_fused
-from ._dtensor import ShardedBucket, check_params, is_dtensor, step_sharded
-from ._grads import adopt_grads, gather_grads
-from ._layout import DIRECT_GRAD_MIN_NUMEL, Bucket, real, runs, scalars_tensor
-from ._q8math import CODE_DTYPES
-from ._state import (
+from ..precision.q8math import CODE_DTYPES
+from .compile import resolve_fused, run_fused
+from .dtensor import ShardedBucket, check_params, is_dtensor
+from .grads import adopt_grads
+from .layout import DIRECT_GRAD_MIN_NUMEL, Bucket, real
+from .state import (
     adopt_state,
     check_groups,
-    expose_state,
     import_float_state,
     order_new_state,
     validate_state_dict,
 )
+from .step import step_flat, step_sharded
 
 
 def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -270,62 +270,7 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def _step_bucket(self, bucket: Bucket | ShardedBucket) -> None:
-        if isinstance(bucket, ShardedBucket):
-            step_sharded(self, bucket)
-            return
-        present, direct = gather_grads(bucket, type(self).__name__)
-        if present is not None and not any(present):
-            return
-        group = self.param_groups[bucket.group_index]
-        init = self._bucket_init(bucket, group)
-        flags = self._flags(group)
-        stateless = not init and not self._step_in_state  # SGD without momentum: torch keeps no state
-        common = bucket.common_step
-        if present is None and common is not None:
-            # the usual step: every parameter has a gradient and they share a step count
-            self._update_run(bucket, group, init, flags, 0, len(bucket.params), direct, common + 1)
-            if stateless:
-                return
-            if self._step_in_state:
-                bucket.steps.add_(1)
-            if common == 0:
-                expose_state(self, bucket, 0, len(bucket.params), init)
-            bucket.common_step = common + 1
-            return
-        bucket.ensure_state(init)
-        if common is not None:
-            bucket.host_steps = [common] * len(bucket.params)
-        steps = bucket.host_steps
-        for start, end in runs(present, steps):
-            new_step = steps[start] + 1
-            self._update_run(bucket, group, init, flags, start, end, direct, new_step)
-            if self._step_in_state:
-                bucket.steps[start:end].add_(1)
-            if stateless:
-                continue
-            if steps[start] == 0:
-                expose_state(self, bucket, start, end, init)
-            steps[start:end] = [new_step] * (end - start)
-        bucket.refresh_common_step()
-
-    def _update_run(self, bucket: Bucket, group: dict[str, Any], init: dict[str, float], flags: tuple,
-                    start: int, end: int, direct: dict[int, torch.Tensor] | None, step: int) -> None:
-        """Update parameters ``start:end`` of the bucket (all with gradients, all at the same step): one call
-        on the buffers' slices, except that each parameter in ``direct`` gets a call of its own that reads
-        its gradient where it lies."""
-        s = self._scalars(group, step)
-        hp = scalars_tensor(s, bucket.flat_param) if self._fused else None
-        bucket.current_step = step  # for an update that needs the count itself (bfloat16 state's rounding)
-        i0 = start
-        for i in (direct or ()):  # ascending: gather_grads fills it in index order
-            if i < start or i >= end:
-                continue
-            if bucket.span(i0, i):
-                self._apply(s, hp, flags, bucket.slices(init, i0, i), bucket)
-            self._apply(s, hp, flags, {**bucket.slices(init, i, i + 1, grad=False), "grad": direct[i]}, bucket)
-            i0 = i + 1
-        if bucket.span(i0, end):
-            self._apply(s, hp, flags, bucket.slices(init, i0, end), bucket)
+        (step_sharded if isinstance(bucket, ShardedBucket) else step_flat)(self, bucket)
 
     def _apply(self, s: NamedTuple, hp: torch.Tensor | None, flags: tuple, run: dict[str, torch.Tensor],
                bucket: Bucket) -> None:

@@ -4,8 +4,8 @@
 The names are bitsandbytes' (``bnb.optim.Adam8bit``, ``SGD8bit``, ``RMSprop8bit``; torchao's
 ``AdamW8bit``), and so are the two arguments beyond torch's signatures: ``block_size`` (elements per
 quantization block, 256) and ``min_8bit_size`` (bitsandbytes': parameters with fewer elements keep float
-state, 4096). The codes and their maps are in ``_q8math``; the CPU kernel is ``_native.c`` (loaded by
-``_native``). :class:`Blockwise8bit` holds what the four share: which parameters are quantized, the
+state, 4096). The codes and their maps are in ``precision.q8math``; the CPU kernel is ``_runtime/native.c`` (loaded
+by ``_runtime.native``). :class:`Blockwise8bit` (``precision.blockwise``) holds what the four share: which parameters are quantized, the
 block-aligned layout, checkpoints in both directions, and the choice of path for a step.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ._adam import Adam
-from ._catalog import register
-from ._layout import Bucket
-from ._q8math import (
+from .._catalog import register
+from .._runtime.layout import Bucket
+from ..precision.blockwise import Blockwise8bit
+from ..precision.q8math import (
     CODE_DTYPES,
     INV_127_SQ,
     Q8Scalars,
@@ -28,9 +28,10 @@ from ._q8math import (
     rmsprop8bit_update,
     sgd8bit_update,
 )
-from ._rmsprop import RMSprop
-from ._sgd import SGD
-from .precision.blockwise import Blockwise8bit
+from .adam import Adam
+from .rmsprop import RMSprop
+from .sgd import SGD
+
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
 def _adam8bit_update(hp, maximize, wd_mode, _unused, block, p, g, cm, sm, cv, sv):
@@ -56,7 +57,7 @@ class Adam8bit(Blockwise8bit, Adam):
 
     The update is Adam's (:class:`Adam`), in float32, on this step's moments; only what is kept between
     steps is quantized: 2 bytes per parameter plus 8 per block of ``block_size`` (fp32 Adam: 8 bytes), so
-    a step reads and writes 16 bytes per float32 parameter instead of 28. See ``kernels._q8math`` for the
+    a step reads and writes 16 bytes per float32 parameter instead of 28. See ``kernels.precision.q8math`` for the
     maps (square-root companding: the first moment signed, the second's levels exclude zero).
 
     Args: as :class:`torch.optim.Adam`, plus keyword-only ``block_size=256`` (1..4096; each parameter
@@ -77,7 +78,7 @@ class Adam8bit(Blockwise8bit, Adam):
     elements of its block, and other blocks, are unaffected.
 
     On the CPU (float32 and bfloat16 parameters) the step is one pass of a C kernel built on first use
-    (``kernels._native``; ``OPTADVISOR_NATIVE=0`` or no C compiler: the same math in torch ops, slower);
+    (``kernels._runtime.native``; ``OPTADVISOR_NATIVE=0`` or no C compiler: the same math in torch ops, slower);
     elsewhere, and with ``fused=False``, the torch-op path (compiled where ``fused`` allows).
 
     Example::
@@ -111,6 +112,7 @@ class Adam8bit(Blockwise8bit, Adam):
 
     _kind = 0
     _q8_update = staticmethod(_adam8bit_update)
+    _adam8bit_update.exact_shapes = True  # (see precision/q8math.py)
 
     def _q8_scalars(self, s: Any) -> tuple[float, ...]:
         return Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay,
@@ -269,7 +271,6 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
     def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
         maximize, decay, use_momentum, _ = flags
         return maximize, int(decay), use_momentum
-
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

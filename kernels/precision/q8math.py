@@ -235,3 +235,8 @@ def rmsprop8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, use_momen
         p.copy_((pf - s.lr * q).view(-1))
     _store_second(vn, root, cv, sv)
 # pragma: no mutate end
+
+
+# their background compile keeps the real sizes (``_runtime.compile._schedule``): they view buffers as blocks
+for _fn in (adam8bit_update, sgd8bit_update, rmsprop8bit_update):
+    _fn.exact_shapes = True

@@ -46,7 +46,7 @@ from pathlib import Path
 
 ENV_VAR = "OPTADVISOR_NATIVE"
 SERIAL_BELOW = 1 << 16  # elements: below this a kernel runs on one thread (waking a team costs more)
-_SOURCE = Path(__file__).with_name("_native.c")
+_SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 # seconds: a compiler that does not return (a license server, a wedged mount) is killed after this long (for
 # the build with OpenMP, then again without), once per process; the torch-op path then runs, never a hang

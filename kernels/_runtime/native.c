@@ -1,6 +1,6 @@
-/* The CPU kernels of optadvisor's smaller optimizer state, loaded by kernels/_native.py: 8-bit Adam/AdamW,
- * SGD and RMSprop (q8_step; the math in torch ops is kernels/_q8math.py) and Adam/AdamW with bfloat16 state
- * (adam_bf16state; kernels/_bf16state.py). The tests hold both to plain references; this file must compute
+/* The CPU kernels of optadvisor's smaller optimizer state, loaded by kernels/_runtime/native.py: 8-bit Adam/AdamW,
+ * SGD and RMSprop (q8_step; the math in torch ops is kernels/precision/q8math.py) and Adam/AdamW with bfloat16 state
+ * (adam_bf16state; kernels/precision/bf16.py). The tests hold both to plain references; this file must compute
  * the same bits.
  *
  * q8_step: One pass over the buffers: each
@@ -170,7 +170,7 @@ INLINE void encode_unsigned(const float *restrict rb, int64_t len, float av, uin
 }
 
 /* The gradient after maximize and L2 weight decay, and the parameter after decoupled decay, as
- * kernels/_q8math.py's decayed() orders them (wd_mode 0 none, 1 L2, 2 decoupled) */
+ * kernels/precision/q8math.py's decayed() orders them (wd_mode 0 none, 1 L2, 2 decoupled) */
 #define DECAYED(gi, pi, maximize, wd_mode, wd, decay) \
     do {                                              \
         if (maximize) gi = -gi;                       \
@@ -415,7 +415,7 @@ int q8_step(int kind, void *param, const void *grad, int bf16, void *c1, float *
 }
 
 /* ---- bfloat16 state for float32 parameters, stored with stochastic rounding ------------------------------- */
-INLINE uint32_t hash32(uint64_t index, uint64_t step) { /* kernels/_bf16state.py's random_bits */
+INLINE uint32_t hash32(uint64_t index, uint64_t step) { /* kernels/precision/bf16.py's random_bits */
     uint32_t x = (uint32_t)(index + step * 0x9E3779BULL);
     x ^= x >> 16;
     x *= 0x7FEB352Du;
@@ -481,10 +481,10 @@ int adam_bf16state(float *p, const float *g, uint16_t *m, uint16_t *v, int64_t n
     return 0;
 }
 
-/* ---- SGD and RMSprop with bfloat16 state: kernels/_sgd.py's and _rmsprop.py's float32 fused updates on the
+/* ---- SGD and RMSprop with bfloat16 state: kernels/optim/sgd.py's and _rmsprop.py's float32 fused updates on the
  * state read as float32, each new state stored with stochastic rounding. The random bits of state j (in the
  * order square_avg, momentum_buffer, grad_avg of those present) are the low (even j) or high (odd j) half
- * of hash32(position, step + (j / 2) 2^30), as kernels/_bf16state.py's bf16_state_update. */
+ * of hash32(position, step + (j / 2) 2^30), as kernels/precision/bf16.py's bf16_state_update. */
 INLINE float lerp32(float a, float b, float w) { /* torch.lerp's formula */
     return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
 }

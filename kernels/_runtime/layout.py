@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._memory import alias, flat_buffer
+from .memory import alias, flat_buffer
 
 # A gradient of at least this many elements that is a tensor of its own (autograd's, after the default
 # zero_grad(set_to_none=True)) is read where it lies, by a kernel call of its own, rather than copied into the

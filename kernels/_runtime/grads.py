@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from . import _native
-from ._layout import NOT_PLANNED, Bucket
+from . import native as _native
+from .layout import NOT_PLANNED, Bucket
 
 _grad_of = operator.attrgetter("grad")
 _dtype_of = operator.attrgetter("dtype")
