@@ -204,6 +204,10 @@ def load_rules(paths: Iterable[str | Path] | None = None,
     ``extra``: files layered on top: same id replaces, ``{id, enabled: false}`` disables, new ids add.
     Raises :class:`RuleError` naming the file, line, rule id and problem; nothing is returned half-made.
     """
+    if isinstance(paths, (str, Path)):  # one file (iterated, a string would be read as paths of one character)
+        paths = [paths]
+    if isinstance(extra, (str, Path)):
+        extra = [extra]
     base_files = [Path(p) for p in paths] if paths is not None else builtin_rule_files()
     if not base_files:
         raise RuleError("no rule files given")

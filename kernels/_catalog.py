@@ -21,8 +21,8 @@ import torch
 
 Kind = Literal["optimizer", "loss"]
 
-# the rule language's types (advisor._expr's NUMBER / NUMBERS, and "bool")
-NUMBER, NUMBERS, BOOL = "number", "list[number]", "bool"
+# the rule language's types (advisor._expr's NUMBER / NUMBERS, and "bool"; "choice:a|b", one of the words)
+NUMBER, NUMBERS, BOOL, CHOICE = "number", "list[number]", "bool", "choice:"
 
 # constructor arguments that select an implementation or torch's legacy spellings, not the math: a rule or a
 # trial never sets them
@@ -104,6 +104,8 @@ def _members(annotation: Any) -> set:
 
 
 def _type_of(name: str, annotation: Any, owner: str) -> str:
+    if typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in typing.get_args(annotation)):
+        return CHOICE + "|".join(typing.get_args(annotation))  # one of these words (a state codec: "8bit")
     members = _members(annotation)
     if bool in members:
         return BOOL

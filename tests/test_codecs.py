@@ -143,3 +143,78 @@ def test_the_c_tables_refuse_an_index_outside_them():
     assert lib.adam_bf16state(p.data_ptr(), g.data_ptr(), m.data_ptr(), m.data_ptr(), 256, 0, 1,
                               ctypes.addressof(hp), 0, 7, 1) == -1
     assert not p.any() and not c.any() and not m.any()
+
+
+FLOAT_FORMS = [(kernels.Adam, kernels.Adam8bit, (1e-3, (0.9, 0.99))), (kernels.AdamW, kernels.AdamW8bit, (1e-3,)),
+               (kernels.SGD, kernels.SGD8bit, (0.05, 0.9)), (kernels.RMSprop, kernels.RMSprop8bit, (1e-3, 0.9)),
+               (kernels.Adagrad, kernels.Adagrad8bit, (0.05,)), (kernels.Lion, kernels.Lion8bit, (1e-3,))]
+
+
+@pytest.mark.parametrize("cls, q8_cls, args", FLOAT_FORMS, ids=[c.__name__ for c, _, _ in FLOAT_FORMS])
+def test_state_is_an_argument(cls, q8_cls, args):
+    """``state="8bit"`` builds the optimizer's 8-bit form from the same arguments (positional ones included)
+    and steps exactly as it does; ``state="bf16"`` is ``state_dtype=torch.bfloat16``; copies stay what they
+    are."""
+    import copy
+
+    def run(make, fused=False):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(40))]
+        opt = make(ps, fused)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return opt, [p.detach().clone() for p in ps]
+
+    a, pa = run(lambda ps, f: cls(ps, *args, fused=f, state="8bit", block_size=128))
+    b, pb = run(lambda ps, f: q8_cls(ps, *args, fused=f, block_size=128))
+    assert type(a) is q8_cls and a.param_groups[0]["block_size"] == 128
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert type(copy.deepcopy(a)) is q8_cls
+    c, pc = run(lambda ps, f: cls(ps, *args, fused=f, state="bf16"))
+    d, pd = run(lambda ps, f: cls(ps, *args, fused=f, state_dtype=torch.bfloat16))
+    assert type(c) is cls and c.param_groups[0]["state_dtype"] is torch.bfloat16
+    assert all(torch.equal(x, y) for x, y in zip(pc, pd))
+    e = cls([torch.nn.Parameter(torch.randn(3))], *args, state="param")
+    assert type(e) is cls and "state_dtype" not in e.param_groups[0] and "state" not in e.param_groups[0]
+
+
+def test_state_refusals_name_the_optimizer_and_the_values():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    cases = [(lambda: kernels.AdamW(p, state="4bit"), r"^AdamW: state must be one of 'param', 'bf16', '8bit' "
+                                                      r"\(got '4bit'\)$"),
+             (lambda: kernels.Adam(p, state="bf16", state_dtype=torch.float16),
+              r"^Adam: state='bf16' and state_dtype=torch.float16 disagree; give one of them$"),
+             (lambda: kernels.SGD(p, 0.1, 0.9, state="8bit", kahan_sum=True),
+              r"^SGD: kahan_sum=True with state='8bit' is not supported yet$"),
+             (lambda: kernels.AdamW8bit(p, state="bf16"),
+              r"^AdamW8bit: keeps 8-bit state \(state='8bit'\), got state='bf16'; for other state use kernels.AdamW$")]
+
+    class MyAdamW(kernels.AdamW):
+        pass
+
+    cases.append((lambda: MyAdamW(p, state="8bit"), r"^MyAdamW: state='8bit' is not available for this class"))
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+def test_a_rule_may_set_the_state_codec(tmp_path):
+    """The catalog types ``state`` as a choice: a rule may set ``AdamW: {state: 8bit}``, and the advice builds
+    an AdamW8bit; a word outside the choice is refused at load, by rule and file line."""
+    from optadvisor.advisor import advise, load_rules
+
+    assert kernels.catalog.entry("AdamW").params["state"].type == "choice:param|bf16|8bit"
+    rule = ("rules:\n  - id: small-state\n    description: d\n    when: \"task == 'regression'\"\n    then:\n"
+            "      optimizer: {AdamW: 50}\n      params:\n        AdamW: {state: %s, lr: 0.002}\n    because: b\n"
+            "    source: s\n    examples:\n      - facts: {task: regression}\n        fires: true\n")
+    good = tmp_path / "good.yaml"
+    good.write_text(rule % "8bit")
+    rec = advise(task="regression", n_samples=500, rules=load_rules(str(good)))
+    opt = rec.build_optimizer([torch.nn.Parameter(torch.zeros(5000))])
+    assert type(opt) is kernels.AdamW8bit and opt.param_groups[0]["lr"] == 0.002
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(rule % "4bit")
+    with pytest.raises(ValueError, match=r"small-state: AdamW.state: expected one of param, bf16, 8bit, got '4bit'"):
+        load_rules(str(bad))

@@ -572,7 +572,7 @@ _FACTS_BAD = {"task": "regression", "n_samples": -1, "n_features": -1, "n_classe
 EXACT = [
     (rule(then={"params": {"Adamax": {"lr": 0.1}}}), f"unknown candidate 'Adamax'; known: {_KNOWN}"),
     (rule(then={"params": {"SGD": {"learning_rate": 0.1}}}),
-     "SGD has no hyperparameter 'learning_rate'; allowed: lr, momentum, dampening, weight_decay, nesterov"),
+     "SGD has no hyperparameter 'learning_rate'; allowed: lr, momentum, dampening, weight_decay, nesterov, state"),
     (rule(then={"params": {"MSELoss": {"x": 1}}}), "MSELoss has no hyperparameter 'x'; allowed: none"),
     (rule(then={"params": {"SGD": {"lr": "fast"}}}),
      "SGD.lr: a string value must be an expression starting with '=' (got 'fast')"),

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
-from ..precision.bf16 import BF16State, check_state_dtype
-from ..precision.kahan import check_kahan_sum
+from ..precision.bf16 import BF16State, check_state_dtype, eight_bit_form
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
+from ..precision.kahan import check_kahan_sum
 
 
 class AdagradScalars(NamedTuple):
@@ -105,7 +105,8 @@ class Adagrad(BF16State, FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 fused: bool | None = None, state: Literal["param", "bf16", "8bit"] = "param",
+                 state_dtype: torch.dtype | None = None,
                  kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= lr_decay:
@@ -117,7 +118,7 @@ class Adagrad(BF16State, FusedOptimizer):
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         check_selectors(type(self).__name__, differentiable=differentiable)
-        check_state_dtype(type(self).__name__, state_dtype, False)
+        state_dtype = check_state_dtype(type(self).__name__, state_dtype, False, state)
         check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
@@ -178,7 +179,11 @@ class Adagrad8bit(Blockwise8bit, Adagrad):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, block_size: int = 256, min_8bit_size: int = 4096) -> None:
-        self._q8_setup(block_size, min_8bit_size)
+                 fused: bool | None = None, block_size: int = 256, min_8bit_size: int = 4096,
+                 state: Literal["8bit"] = "8bit") -> None:
+        self._q8_setup(block_size, min_8bit_size, state)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
                          maximize=maximize, differentiable=differentiable, fused=fused)
+
+
+eight_bit_form(Adagrad, Adagrad8bit)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -10,8 +10,8 @@ from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
 from ..precision.bf16 import BF16State, check_state_dtype
-from ..precision.kahan import check_kahan_sum
 from ..precision.codecs import kahan
+from ..precision.kahan import check_kahan_sum
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 
@@ -92,10 +92,11 @@ class Adam(BF16State, FusedOptimizer):
     False = eager (bit-identical to torch's for-loop path), True = compiled or raise. ``foreach`` is
     accepted and ignored; ``capturable=True`` and ``differentiable=True`` are refused.
 
-    ``state_dtype=torch.bfloat16`` (keyword-only, ours; None: the parameters' dtype, as torch) keeps
-    ``exp_avg``/``exp_avg_sq`` of float32 parameters in bfloat16 — half the state memory — computing in
-    float32 and storing with stochastic rounding (``kernels.precision.bf16``: unbiased, reproducible). For 8-bit
-    state see :class:`Adam8bit`.
+    ``state`` (keyword-only, ours) picks the precision of the optimizer state: ``"param"`` (the default: the
+    parameters' dtype, as torch), ``"bf16"`` (``exp_avg``/``exp_avg_sq`` of float32 parameters in bfloat16 —
+    half the state memory — computed in float32 and stored with stochastic rounding, ``kernels.precision.bf16``:
+    unbiased, reproducible; the same as ``state_dtype=torch.bfloat16``) or ``"8bit"`` (the constructor then
+    returns :class:`Adam8bit` built from the same arguments, ``block_size``/``min_8bit_size`` included).
 
     ``kahan_sum=True`` (keyword-only, ours) keeps a compensation buffer ``kahan_comp`` beside each bfloat16
     or float16 parameter: the update runs in float32 on ``param + kahan_comp``, the parameter stores its
@@ -120,7 +121,8 @@ class Adam(BF16State, FusedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False, state_dtype: torch.dtype | None = None,
+                 decoupled_weight_decay: bool = False, state: Literal["param", "bf16", "8bit"] = "param",
+                 state_dtype: torch.dtype | None = None,
                  kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
@@ -137,7 +139,7 @@ class Adam(BF16State, FusedOptimizer):
         # (torch's "Tensor betas[i] must be 1-element" check is unreachable: the range checks above already
         # fail on a tensor of more or fewer elements, as torch's do; tested)
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
-        check_state_dtype(type(self).__name__, state_dtype, amsgrad)
+        state_dtype = check_state_dtype(type(self).__name__, state_dtype, amsgrad, state)
         check_kahan_sum(type(self).__name__, kahan_sum)
         betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -199,10 +201,12 @@ class AdamW(Adam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 state: Literal["param", "bf16", "8bit"] = "param",
                  state_dtype: torch.dtype | None = None, kahan_sum: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, state_dtype=state_dtype, kahan_sum=kahan_sum)
+                         decoupled_weight_decay=True, state=state, state_dtype=state_dtype,
+                         kahan_sum=kahan_sum)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -11,12 +11,13 @@ block-aligned layout, checkpoints in both directions, and the choice of path for
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .._catalog import register
 from .._runtime.layout import Bucket
+from ..precision.bf16 import eight_bit_form
 from ..precision.blockwise import Blockwise8bit
 from ..precision.q8math import (
     CODE_DTYPES,
@@ -28,7 +29,7 @@ from ..precision.q8math import (
     rmsprop8bit_update,
     sgd8bit_update,
 )
-from .adam import Adam
+from .adam import Adam, AdamW
 from .rmsprop import RMSprop
 from .sgd import SGD
 
@@ -101,11 +102,12 @@ class Adam8bit(Blockwise8bit, Adam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False, block_size: int = 256, min_8bit_size: int = 4096) -> None:
+                 decoupled_weight_decay: bool = False, block_size: int = 256, min_8bit_size: int = 4096,
+                 state: Literal["8bit"] = "8bit") -> None:
         if amsgrad:
             raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported with 8-bit state (a third "
                              "quantized moment); use kernels.Adam(amsgrad=True)")
-        self._q8_setup(block_size, min_8bit_size)
+        self._q8_setup(block_size, min_8bit_size, state)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
@@ -146,10 +148,12 @@ class AdamW8bit(Adam8bit):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 block_size: int = 256, min_8bit_size: int = 4096) -> None:
+                 block_size: int = 256, min_8bit_size: int = 4096,
+                 state: Literal["8bit"] = "8bit") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, block_size=block_size, min_8bit_size=min_8bit_size)
+                         decoupled_weight_decay=True, block_size=block_size, min_8bit_size=min_8bit_size,
+                         state=state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -190,8 +194,9 @@ class SGD8bit(Blockwise8bit, SGD):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, block_size: int = 256, min_8bit_size: int = 4096) -> None:
-        self._q8_setup(block_size, min_8bit_size)
+                 fused: bool | None = None, block_size: int = 256, min_8bit_size: int = 4096,
+                 state: Literal["8bit"] = "8bit") -> None:
+        self._q8_setup(block_size, min_8bit_size, state)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
 
@@ -241,12 +246,13 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, fused: bool | None = None, block_size: int = 256,
-                 min_8bit_size: int = 4096) -> None:
+                 min_8bit_size: int = 4096,
+                 state: Literal["8bit"] = "8bit") -> None:
         if centered:
             raise ValueError(f"{type(self).__name__}: centered=True is not supported with 8-bit state (it "
                              "divides by sqrt(square_avg - grad_avg^2), a difference 8-bit codes cannot "
                              "resolve); use kernels.RMSprop(centered=True), or state_dtype=torch.bfloat16 there")
-        self._q8_setup(block_size, min_8bit_size)
+        self._q8_setup(block_size, min_8bit_size, state)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
                          differentiable, fused=fused)
 
@@ -271,6 +277,10 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
     def _q8_flags(self, flags: tuple) -> tuple[bool, int, bool]:
         maximize, decay, use_momentum, _ = flags
         return maximize, int(decay), use_momentum
+
+
+for _float, _eight in ((Adam, Adam8bit), (AdamW, AdamW8bit), (SGD, SGD8bit), (RMSprop, RMSprop8bit)):
+    eight_bit_form(_float, _eight)
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

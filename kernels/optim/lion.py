@@ -3,16 +3,16 @@ every state variant from the precision codecs — declared once here, nothing wr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, fused_prologue
-from ..precision.bf16 import BF16State, check_state_dtype
-from ..precision.kahan import check_kahan_sum
+from ..precision.bf16 import BF16State, check_state_dtype, eight_bit_form
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
+from ..precision.kahan import check_kahan_sum
 
 
 class LionScalars(NamedTuple):
@@ -90,7 +90,8 @@ class Lion(BF16State, FusedOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False, decoupled_weight_decay: bool = False, *,
-                 maximize: bool = False, fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 maximize: bool = False, fused: bool | None = None, state: Literal["param", "bf16", "8bit"] = "param",
+                 state_dtype: torch.dtype | None = None,
                  kahan_sum: bool = False) -> None:
         name = type(self).__name__
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -102,7 +103,7 @@ class Lion(BF16State, FusedOptimizer):
                 raise ValueError(f"{name}: Invalid beta parameter at index {i}: {beta} (must be in [0, 1])")
         if len(betas) != 2:
             raise ValueError(f"{name}: betas must be two numbers (got {len(betas)})")
-        check_state_dtype(name, state_dtype, False)
+        state_dtype = check_state_dtype(name, state_dtype, False, state)
         check_kahan_sum(name, kahan_sum)
         self._init_lr = float(lr)
         self.decoupled_wd = bool(decoupled_weight_decay)
@@ -184,7 +185,11 @@ class Lion8bit(Blockwise8bit, Lion):
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False, decoupled_weight_decay: bool = False, *,
                  maximize: bool = False, fused: bool | None = None, block_size: int = 256,
-                 min_8bit_size: int = 4096) -> None:
-        self._q8_setup(block_size, min_8bit_size)
+                 min_8bit_size: int = 4096,
+                 state: Literal["8bit"] = "8bit") -> None:
+        self._q8_setup(block_size, min_8bit_size, state)
         super().__init__(params, lr, betas, weight_decay, use_triton, decoupled_weight_decay, maximize=maximize,
                          fused=fused)
+
+
+eight_bit_form(Lion, Lion8bit)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -11,8 +11,8 @@ from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
 from ..precision.accelerators import register_accelerator
 from ..precision.bf16 import BF16State, check_state_dtype, rmsprop_bf16_native
-from ..precision.kahan import check_kahan_sum
 from ..precision.codecs import bf16_state, kahan
+from ..precision.kahan import check_kahan_sum
 
 
 class RMSpropScalars(NamedTuple):
@@ -112,6 +112,7 @@ class RMSprop(BF16State, FusedOptimizer):
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, fused: bool | None = None,
+                 state: Literal["param", "bf16", "8bit"] = "param",
                  state_dtype: torch.dtype | None = None, kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
@@ -123,7 +124,7 @@ class RMSprop(BF16State, FusedOptimizer):
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
-        check_state_dtype(type(self).__name__, state_dtype, False)
+        state_dtype = check_state_dtype(type(self).__name__, state_dtype, False, state)
         check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=False, foreach=foreach, maximize=maximize,

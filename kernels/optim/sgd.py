@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -11,8 +11,8 @@ from .._runtime.optimizer import FusedOptimizer, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
 from ..precision.accelerators import register_accelerator
 from ..precision.bf16 import BF16State, check_state_dtype, sgd_bf16_native
-from ..precision.kahan import check_kahan_sum
 from ..precision.codecs import bf16_state, kahan
+from ..precision.kahan import check_kahan_sum
 
 
 class SGDScalars(NamedTuple):
@@ -90,7 +90,8 @@ class SGD(BF16State, FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 fused: bool | None = None, state: Literal["param", "bf16", "8bit"] = "param",
+                 state_dtype: torch.dtype | None = None,
                  kahan_sum: bool = False) -> None:
         check_lr(lr)
         if momentum < 0.0:
@@ -100,7 +101,7 @@ class SGD(BF16State, FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_selectors(type(self).__name__, differentiable=differentiable)
-        check_state_dtype(type(self).__name__, state_dtype, False)
+        state_dtype = check_state_dtype(type(self).__name__, state_dtype, False, state)
         check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)

@@ -37,12 +37,30 @@ _MASK32 = 0xFFFFFFFF
 BF16_STATE = "bf16-state"
 
 
-def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool) -> None:
+#: the ``state`` argument's values: the parameters' dtype (torch's), bfloat16, block-wise 8-bit
+STATES = ("param", "bf16", "8bit")
+
+
+def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool, state: Any = "param") -> Any:
+    """The state dtype that ``state`` (``"param"``/``"bf16"``; ``"8bit"`` never gets here: the constructor
+    made an 8-bit optimizer) and ``state_dtype`` ask for together, or a ValueError naming the conflict."""
+    if state not in STATES:
+        raise ValueError(f"{owner}: state must be one of {', '.join(map(repr, STATES))} (got {state!r})")
+    if state == "bf16":
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"{owner}: state='bf16' and state_dtype={state_dtype!r} disagree; give one of them")
+        state_dtype = torch.bfloat16
     if state_dtype is not None and state_dtype is not torch.bfloat16:
         raise ValueError(f"{owner}: state_dtype must be None (the parameters' dtype, as torch.optim) or "
                          f"torch.bfloat16, got {state_dtype!r}; for 8-bit state use kernels.Adam8bit/AdamW8bit")
     if state_dtype is torch.bfloat16 and amsgrad:
         raise ValueError(f"{owner}: amsgrad=True with state_dtype=torch.bfloat16 is not supported")
+    return state_dtype
+
+
+def eight_bit_form(float_cls: type, eight_bit_cls: type) -> None:
+    """``float_cls(..., state="8bit")`` builds ``eight_bit_cls`` with the same arguments."""
+    float_cls._eight_bit = eight_bit_cls
 
 
 def bf16_state_kind(owner: str, p: torch.Tensor, group: dict[str, Any], where: str) -> str | None:
@@ -65,6 +83,21 @@ class BF16State:
 
     _bf16_update: Any = None
     _kahan_update: Any = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # state="8bit": the optimizer's 8-bit form (AdamW -> AdamW8bit), built from the same arguments
+        if kwargs.get("state") != "8bit" or getattr(cls, "_q8_update", None) is not None:
+            return super().__new__(cls)
+        target = cls.__dict__.get("_eight_bit")  # the class's own: a user's subclass has none to inherit
+        if target is None:
+            raise ValueError(f"{cls.__name__}: state='8bit' is not available for this class (8-bit forms: "
+                             "kernels.Adam, AdamW, SGD, RMSprop, Adagrad, Lion)")
+        if kwargs.get("kahan_sum"):
+            raise ValueError(f"{cls.__name__}: kahan_sum=True with state='8bit' is not supported yet")
+        obj = super().__new__(target)
+        if not isinstance(obj, cls):  # (Python initializes it itself when it is an instance of cls)
+            target.__init__(obj, *args, **kwargs)
+        return obj
 
     def _bucket_kind(self, p: torch.Tensor, group: dict[str, Any], where: str) -> Any:
         kind = kahan_kind(type(self).__name__, p, group, where)

@@ -51,8 +51,11 @@ class Blockwise8bit:
     _q8_update: ClassVar[Callable[..., None]]
     _code_dtypes: ClassVar[dict[str, torch.dtype]]
 
-    def _q8_setup(self, block_size: Any, min_8bit_size: Any) -> None:
+    def _q8_setup(self, block_size: Any, min_8bit_size: Any, state: Any = "8bit") -> None:
         name = type(self).__name__
+        if state != "8bit":
+            raise ValueError(f"{name}: keeps 8-bit state (state='8bit'), got state={state!r}; for other state "
+                             f"use kernels.{name.removesuffix('8bit')}")
         _check_int(f"{name}: block_size", block_size, *_LIMITS["block_size"])
         _check_int(f"{name}: min_8bit_size", min_8bit_size, *_LIMITS["min_8bit_size"])
         self._more_defaults = dict(block_size=block_size, min_8bit_size=min_8bit_size)
