@@ -11,8 +11,9 @@ from .optim.adam import Adam, AdamW  # noqa: I001 - the import order is the cata
 from .optim.sgd import SGD
 from .optim.rmsprop import RMSprop
 from .optim.adagrad import Adagrad, Adagrad8bit
-from .optim.eightbit import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit, dequantize_state_dict
+from .optim.eightbit import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit
 from .optim.lion import Lion, Lion8bit
+from .precision.blockwise import dequantize_state_dict
 from .losses.regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from .losses.cross_entropy import CrossEntropyLoss, cross_entropy
 from .losses.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy

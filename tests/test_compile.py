@@ -17,7 +17,7 @@ import torch
 from strategies import UNDER_MUTMUT
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from optadvisor.kernels._runtime import compile as _compile, private as _private
+from optadvisor.kernels._runtime import compile as _compile, kernel as _kernel_module, private as _private
 
 _names = itertools.count()
 
@@ -242,7 +242,7 @@ def test_bfloat16_gives_eagers_bits_and_one_graph_serves_every_size(fresh, monke
     inductor emulates eager's bfloat16 rounding of each op (a fused multiply-add rounded once differs), and
     the graph has dynamic sizes (a graph per size would exceed dynamo's recompile limit and fail)."""
     if not capturing:
-        monkeypatch.setattr(_compile, "capturing_backend", lambda kernel, options: None)
+        monkeypatch.setattr(_kernel_module, "capturing_backend", lambda kernel, options: None)
     for n in (1000, 7, 5, 9, 11, 13, 17, 19, 23, 29, 31, 37, 1000):
         p, g, scalars, expected = _bf16_case(n)
         assert _compile.run_fused(_square_add, (), (p, g), scalars, strict=True) == (True, None)
@@ -252,7 +252,7 @@ def test_bfloat16_gives_eagers_bits_and_one_graph_serves_every_size(fresh, monke
 
 
 def test_without_the_capturing_backend_every_call_is_guarded_and_the_same(fresh, monkeypatch):
-    monkeypatch.setattr(_compile, "capturing_backend", lambda kernel, options: None)
+    monkeypatch.setattr(_kernel_module, "capturing_backend", lambda kernel, options: None)
     scalars = torch.tensor([2.0, 3.0])
     for n in (7, 5, 7):
         p, g = _exact(n), _exact(n).flip(0)
@@ -266,7 +266,7 @@ def test_without_the_capturing_backend_every_call_is_guarded_and_the_same(fresh,
 
 
 def test_without_inductors_entry_point_the_wrapped_graph_is_called_directly(fresh, monkeypatch):
-    monkeypatch.setattr(_compile, "innermost", lambda *args: None)
+    monkeypatch.setattr(_kernel_module, "innermost", lambda *args: None)
     scalars = torch.tensor([2.0, 3.0])
     kernel = None
     for n in (7, 5, 300):

@@ -46,11 +46,11 @@ def main() -> None:
     ap.add_argument("--grace", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from optadvisor.advisor import _trial, trial
+    from optadvisor.advisor import _trial_study, trial
 
     model_fn, train, val, rec = small_study()
     if args.remote:
-        _trial._pid_dead = lambda worker: False
+        _trial_study._pid_dead = lambda worker: False
     calls = [0]
 
     def dying_model_fn():

@@ -20,12 +20,9 @@ from .._runtime.layout import Bucket
 from ..precision.bf16 import eight_bit_form
 from ..precision.blockwise import Blockwise8bit
 from ..precision.q8math import (
-    CODE_DTYPES,
     INV_127_SQ,
     Q8Scalars,
     adam8bit_update,
-    check_codes,
-    dequantize,
     rmsprop8bit_update,
     sgd8bit_update,
 )
@@ -281,30 +278,3 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
 
 for _float, _eight in ((Adam, Adam8bit), (AdamW, AdamW8bit), (SGD, SGD8bit), (RMSprop, RMSprop8bit)):
     eight_bit_form(_float, _eight)
-
-
-def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of an 8-bit optimizer's ``state_dict()`` with every quantized state tensor as float32 (its
-    ``*_absmax`` scales dropped), which ``torch.optim.Adam``/``AdamW``/``SGD``/``RMSprop`` load. Float state
-    is kept as is."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-        raise ValueError("dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')")
-    block_of = {pid: g.get("block_size") for g in state_dict["param_groups"] for pid in g["params"]}
-    state = {}
-    for pid, entry in state_dict["state"].items():
-        new = {}
-        for key, value in entry.items():
-            if key.endswith("_absmax"):
-                continue
-            if isinstance(value, torch.Tensor) and value.dtype in CODE_DTYPES:
-                scale = entry.get(key + "_absmax")
-                # the checks (and messages) a loading 8-bit optimizer applies: scales and block size present,
-                # one scale per block; either code dtype is read as what it is
-                check_codes(f"state of parameter {pid}", key, value, scale, block_of.get(pid), value.numel(),
-                            value.dtype)
-                value = dequantize(value, scale, block_of[pid])
-            new[key] = value
-        state[pid] = new
-    groups = [{k: v for k, v in g.items() if k not in ("block_size", "min_8bit_size")}
-              for g in state_dict["param_groups"]]
-    return {"state": state, "param_groups": groups}

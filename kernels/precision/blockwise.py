@@ -20,7 +20,7 @@ from .._runtime.compile import run_fused
 from .._runtime.dtensor import is_dtensor
 from .._runtime.layout import Blockwise, Bucket, scalars_tensor
 from .._runtime.state import import_float_state
-from .q8math import CODE_DTYPES, quantize
+from .q8math import CODE_DTYPES, check_codes, dequantize, quantize
 
 MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -177,3 +177,30 @@ class Blockwise8bit:
             if done:
                 return
         fn(hp, *fl, p, g, *state)
+
+
+def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an 8-bit optimizer's ``state_dict()`` with every quantized state tensor as float32 (its
+    ``*_absmax`` scales dropped), which ``torch.optim.Adam``/``AdamW``/``SGD``/``RMSprop`` load. Float state
+    is kept as is."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("dequantize_state_dict needs an optimizer state_dict (keys 'state' and 'param_groups')")
+    block_of = {pid: g.get("block_size") for g in state_dict["param_groups"] for pid in g["params"]}
+    state = {}
+    for pid, entry in state_dict["state"].items():
+        new = {}
+        for key, value in entry.items():
+            if key.endswith("_absmax"):
+                continue
+            if isinstance(value, torch.Tensor) and value.dtype in CODE_DTYPES:
+                scale = entry.get(key + "_absmax")
+                # the checks (and messages) a loading 8-bit optimizer applies: scales and block size present,
+                # one scale per block; either code dtype is read as what it is
+                check_codes(f"state of parameter {pid}", key, value, scale, block_of.get(pid), value.numel(),
+                            value.dtype)
+                value = dequantize(value, scale, block_of[pid])
+            new[key] = value
+        state[pid] = new
+    groups = [{k: v for k, v in g.items() if k not in ("block_size", "min_8bit_size")}
+              for g in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
