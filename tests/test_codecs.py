@@ -98,6 +98,11 @@ def test_the_accelerator_table():
     assert accelerators.accelerator(kernels.RMSprop._fused_update, "bf16") is not None
     assert accelerators.accelerator(kernels.Lion._fused_update, "bf16") is None
     assert accelerators.accelerator(kernels.Adagrad._fused_update, "bf16") is None
+    for cls in (kernels.Adam, kernels.SGD, kernels.RMSprop):  # the C q8_step kernels
+        assert accelerators.accelerator(cls._fused_update, "8bit") is not None
+    for cls in (kernels.Lion, kernels.Adagrad):
+        assert accelerators.accelerator(cls._fused_update, "8bit") is None
+    assert getattr(kernels.SGD8bit._q8_update, "codec", False)  # SGD8bit: the codec, the C kernel its accelerator
     with pytest.raises(ValueError, match=r"codec must be one of \('bf16', '8bit'\) \(got 'fp8'\)"):
         accelerators.register_accelerator(kernels.Lion._fused_update, "fp8", lambda *a: False)
     with pytest.raises(ValueError, match="_sgd_fused already has a bf16 accelerator"):

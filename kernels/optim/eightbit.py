@@ -17,18 +17,19 @@ import torch
 
 from .._catalog import register
 from .._runtime.layout import Bucket
+from ..precision.accelerators import register_accelerator
 from ..precision.bf16 import eight_bit_form
-from ..precision.blockwise import Blockwise8bit
+from ..precision.blockwise import Blockwise8bit, q8_native
+from ..precision.codecs import blockwise_8bit
 from ..precision.q8math import (
     INV_127_SQ,
     Q8Scalars,
     adam8bit_update,
     rmsprop8bit_update,
-    sgd8bit_update,
 )
-from .adam import Adam, AdamW
-from .rmsprop import RMSprop
-from .sgd import SGD
+from .adam import Adam, AdamW, _adam_fused
+from .rmsprop import RMSprop, _rmsprop_fused
+from .sgd import SGD, _sgd_fused
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
@@ -109,7 +110,6 @@ class Adam8bit(Blockwise8bit, Adam):
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
 
-    _kind = 0
     _q8_update = staticmethod(_adam8bit_update)
     _adam8bit_update.exact_shapes = True  # (see precision/q8math.py)
 
@@ -197,8 +197,8 @@ class SGD8bit(Blockwise8bit, SGD):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
 
-    _kind = 1
-    _q8_update = staticmethod(sgd8bit_update)
+    # no 8-bit update written for it: the codec around SGD's, which gives the C kernel's bits (tested)
+    _q8_update = staticmethod(blockwise_8bit(_sgd_fused))
 
     def _q8_scalars(self, s: Any) -> tuple[float, ...]:
         return (*s, INV_127_SQ)
@@ -259,7 +259,6 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
                              "is not supported with 8-bit state; use kernels.RMSprop(centered=True)")
         super().add_param_group(param_group)
 
-    _kind = 2
     _q8_update = staticmethod(rmsprop8bit_update)
 
     def _q8_scalars(self, s: Any) -> tuple[float, ...]:
@@ -278,3 +277,8 @@ class RMSprop8bit(Blockwise8bit, RMSprop):
 
 for _float, _eight in ((Adam, Adam8bit), (AdamW, AdamW8bit), (SGD, SGD8bit), (RMSprop, RMSprop8bit)):
     eight_bit_form(_float, _eight)
+
+
+# the C kernels (kernels/_runtime/native.c), accelerators of these updates with 8-bit state
+for _update, _kind in ((_adam_fused, 0), (_sgd_fused, 1), (_rmsprop_fused, 2)):
+    register_accelerator(_update, "8bit", q8_native(_kind))

@@ -20,6 +20,7 @@ from .._runtime.compile import run_fused
 from .._runtime.dtensor import is_dtensor
 from .._runtime.layout import Blockwise, Bucket, scalars_tensor
 from .._runtime.state import import_float_state
+from .accelerators import accelerator
 from .q8math import CODE_DTYPES, check_codes, dequantize, quantize
 
 MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
@@ -38,15 +39,13 @@ class Blockwise8bit:
     """Mixin (first base, before the float optimizer whose update it quantizes): the state keys in the
     class's ``_code_dtypes`` are kept as 8-bit codes (int8 signed, uint8 non-negative) with a float32 absmax
     per block, for every parameter of at least ``min_8bit_size`` elements; smaller ones keep the float
-    optimizer's state and update. A subclass declares ``_kind`` (``_native.c``'s ``q8_step`` kind),
-    ``_q8_update`` (the same update in torch ops, ``_q8math``), ``_q8_scalars`` and ``_q8_flags``, and calls
-    :meth:`_q8_setup` first thing in ``__init__``."""
+    optimizer's state and update. A subclass declares ``_q8_update``: the 8-bit codec around its float
+    optimizer's declared update (``codecs.blockwise_8bit``), or a hand-written torch-op twin of a C kernel
+    whose op order differs from the declared update's (Adam's, RMSprop's: then ``_q8_scalars`` and
+    ``_q8_flags`` too); a C kernel, where one exists, is found in the accelerator table by the declared
+    update. It calls :meth:`_q8_setup` first thing in ``__init__``."""
 
-    #: ``_native.c``'s ``q8_step`` kind (0 Adam, 1 SGD, 2 RMSprop), whose torch-op twin is ``_q8_update``;
-    #: None: no hand-written 8-bit update, and ``_q8_update`` is the codec around the declared update
-    #: (``precision.codecs.blockwise_8bit(cls._fused_update)``)
-    _kind: ClassVar[int | None] = None
-    #: the codec stores signed state with stochastic rounding (``_kind`` None only; see ``blockwise_8bit``)
+    #: the codec stores the state with stochastic rounding (a codec ``_q8_update`` only; see ``blockwise_8bit``)
     _q8_stochastic: ClassVar[bool] = False
     _q8_update: ClassVar[Callable[..., None]]
     _code_dtypes: ClassVar[dict[str, torch.dtype]]
@@ -148,35 +147,52 @@ class Blockwise8bit:
         p, g = run["param"], run["grad"]
         state = tuple(v for k, v in run.items() if k not in ("param", "grad"))
         block = bucket.align
-        if self._kind is None:
-            # no hand-written 8-bit update: the codec around the optimizer's declared one, in torch ops
-            # (compiled where ``fused`` allows)
+        native = accelerator(type(self)._fused_update, "8bit")  # a C kernel registered for this update
+        if self._fused and native is not None and native(self, s, flags, run, block):
+            return
+        fn = type(self)._q8_update
+        if getattr(fn, "codec", False):
+            # the codec around the optimizer's declared update, in torch ops (compiled where ``fused`` allows)
             signed = tuple(t.dtype == torch.int8 for t in state[0::2])
-            fn, fl, hp = type(self)._q8_update, (flags, block, signed), scalars_tensor(s, p)
+            fl, hp = (flags, block, signed), scalars_tensor(s, p)
             if self._q8_stochastic:  # the rounding's seed: the step and p's place in its buffer
                 start = p.storage_offset() - bucket.flat_param.storage_offset()
                 state = (*state, torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device))
-        else:
-            q = self._q8_scalars(s)
+        else:  # a hand-written torch-op twin of the C kernel (Adam8bit's, RMSprop8bit's: their own op order)
             maximize, wd_mode, extra = self._q8_flags(flags)
-            if self._fused and p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and g.is_contiguous():
-                lib = _native.available()
-                if lib is not None:
-                    ptrs = [t.data_ptr() for t in state] + [None] * (4 - len(state))
-                    n = g.numel()
-                    hp32 = _native.floats(q)
-                    if lib.q8_step(self._kind, p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype], *ptrs, n,
-                                   block, ctypes.addressof(hp32), int(maximize), wd_mode, int(extra),
-                                   _native.threads(n)):
-                        raise RuntimeError(f"{type(self).__name__}: the C kernel has no entry for kind "
-                                           f"{self._kind}, weight-decay mode {wd_mode}")
-                    return
-            fn, fl, hp = type(self)._q8_update, (maximize, wd_mode, extra, block), scalars_tensor(q, p)
+            fl, hp = (maximize, wd_mode, extra, block), scalars_tensor(self._q8_scalars(s), p)
         if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
             done, _ = run_fused(fn, fl, (p, g, *state), hp, strict=self._fused_strict)
             if done:
                 return
         fn(hp, *fl, p, g, *state)
+
+
+def q8_native(kind: int) -> Callable[..., bool]:
+    """The accelerator (``accelerators.register_accelerator(update, "8bit", ...)``) that runs ``_native.c``'s
+    ``q8_step`` of ``kind`` (0 Adam/AdamW, 1 SGD, 2 RMSprop) on the CPU for float32 and bfloat16 parameters;
+    False (the torch-op path then runs, with the same numbers) elsewhere or without a C compiler."""
+
+    def run(opt: Any, s: Any, flags: tuple, buffers: dict[str, torch.Tensor], block: int) -> bool:
+        p, g = buffers["param"], buffers["grad"]
+        if p.device.type != "cpu" or p.dtype not in _NATIVE_DTYPES or not g.is_contiguous():
+            return False
+        lib = _native.available()
+        if lib is None:
+            return False
+        state = [t for k, t in buffers.items() if k not in ("param", "grad")]
+        maximize, wd_mode, extra = opt._q8_flags(flags)
+        n = g.numel()
+        hp32 = _native.floats(opt._q8_scalars(s))
+        if lib.q8_step(kind, p.data_ptr(), g.data_ptr(), _NATIVE_DTYPES[p.dtype],
+                       *([t.data_ptr() for t in state] + [None] * (4 - len(state))), n, block,
+                       ctypes.addressof(hp32), int(maximize), wd_mode, int(extra), _native.threads(n)):
+            raise RuntimeError(f"{type(opt).__name__}: the C kernel has no entry for kind {kind}, weight-decay "
+                               f"mode {wd_mode}")
+        return True
+
+    run.__qualname__ = run.__name__ = f"q8_native_{kind}"
+    return run
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

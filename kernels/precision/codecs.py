@@ -129,5 +129,6 @@ def blockwise_8bit(update: Callable[..., Any], stochastic: bool = False) -> Call
             scales.copy_(a)
 
     run.exact_shapes = True  # (compile.py: its background compile keeps the sizes, which the block divides)
+    run.codec = True  # (blockwise.py: called with the optimizer's own flags and scalars)
     return _named(run, "blockwise_8bit_sr" if stochastic else "blockwise_8bit", update)
 # pragma: no mutate end

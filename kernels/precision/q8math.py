@@ -1,5 +1,5 @@
-"""Block-wise 8-bit optimizer state: the codes, their scales, and the 8-bit Adam, SGD and RMSprop updates, in
-torch ops.
+"""Block-wise 8-bit optimizer state: the codes, their scales, and the 8-bit Adam and RMSprop updates, in
+torch ops (SGD8bit's is the 8-bit codec around SGD's own update: ``codecs.blockwise_8bit``).
 
 A moment tensor is cut into blocks of ``block`` elements (each parameter starts a new block; see
 ``_layout.Bucket``'s ``align``). Each block keeps one float32 scale, the largest finite magnitude in it
@@ -30,16 +30,6 @@ import torch
 
 INV_127_SQ = 1.0 / 16129.0
 CODE_DTYPES = {torch.int8: "first moment (signed)", torch.uint8: "second moment (non-negative)"}
-
-
-class SGD8Scalars(NamedTuple):  # _sgd.SGDScalars, then 1/127^2
-    lr: float
-    weight_decay: float
-    momentum_now: float     # 0 on the buffer's first step (its codes then decode to 0 anyway)
-    keep: float             # 1 - dampening, 1 on the first step
-    momentum: float         # Nesterov's
-    first: float
-    inv_127_sq: float
 
 
 class RMSprop8Scalars(NamedTuple):  # _rmsprop.RMSpropScalars, then 1/127^2
@@ -205,18 +195,6 @@ def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, 
     _store_second(vn, root, cv, sv)
 
 
-def sgd8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, nesterov: bool, block: int, p, g, cb, sb):
-    """One SGD-with-momentum step, the momentum buffer's codes and scales ``cb, sb`` (signed):
-    ``b = momentum_now * b + keep * g`` (on the first step ``b`` decodes to 0 and ``keep`` is 1: ``b = g``, as
-    torch starts it), then the step ``lr * (g + momentum * b)`` with Nesterov, else ``lr * b``."""
-    s = SGD8Scalars(*hp.unbind())
-    pf, gf = decayed(s, maximize, wd_mode, *_blocks_in(block, p, g))
-    bn = s.momentum_now * decode_first(cb.view(-1, block), sb, s.inv_127_sq) + s.keep * gf
-    u = gf + s.momentum * bn if nesterov else bn
-    p.copy_((pf - s.lr * u).view(-1))
-    _store_first(bn, cb, sb)
-
-
 def rmsprop8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, use_momentum: bool, block: int, p, g,
                        cv, sv, cb=None, sb=None):
     """One RMSprop step (not centered): ``cv, sv`` the square average's codes and scales (unsigned), ``cb,
@@ -238,5 +216,5 @@ def rmsprop8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, use_momen
 
 
 # their background compile keeps the real sizes (``_runtime.compile._schedule``): they view buffers as blocks
-for _fn in (adam8bit_update, sgd8bit_update, rmsprop8bit_update):
+for _fn in (adam8bit_update, rmsprop8bit_update):
     _fn.exact_shapes = True
