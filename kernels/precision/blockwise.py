@@ -154,13 +154,13 @@ class Blockwise8bit:
         if getattr(fn, "codec", False):
             # the codec around the optimizer's declared update, in torch ops (compiled where ``fused`` allows)
             signed = tuple(t.dtype == torch.int8 for t in state[0::2])
-            fl, hp = (flags, block, signed), scalars_tensor(s, p)
+            fl, hp = (flags, str(block), signed), scalars_tensor(s, p)  # (a constant: see codecs.blockwise_8bit)
             if self._q8_stochastic:  # the rounding's seed: the step and p's place in its buffer
                 start = p.storage_offset() - bucket.flat_param.storage_offset()
                 state = (*state, torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device))
         else:  # a hand-written torch-op twin of the C kernel (Adam8bit's, RMSprop8bit's: their own op order)
             maximize, wd_mode, extra = self._q8_flags(flags)
-            fl, hp = (maximize, wd_mode, extra, block), scalars_tensor(self._q8_scalars(s), p)
+            fl, hp = (maximize, wd_mode, extra, str(block)), scalars_tensor(self._q8_scalars(s), p)
         if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
             done, _ = run_fused(fn, fl, (p, g, *state), hp, strict=self._fused_strict)
             if done:

@@ -181,7 +181,9 @@ def _store_second(v: torch.Tensor, root: torch.Tensor, codes: torch.Tensor, scal
 # (a NamedTuple above) as a float32 tensor. Each uses this step's moments in float32; only what is stored is
 # quantized (as bitsandbytes does).
 def adam8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, block: int, p, g, cm, sm, cv, sv):
-    """One 8-bit Adam step: ``cm, sm`` the first moment's codes and scales, ``cv, sv`` the second's."""
+    """One 8-bit Adam step: ``cm, sm`` the first moment's codes and scales, ``cv, sv`` the second's. ``block``
+    may come as a string (a constant when compiled: see ``codecs.blockwise_8bit``)."""
+    block = int(block)
     s = Q8Scalars(*hp.unbind())
     pf, gf = decayed(s, maximize, wd_mode, *_blocks_in(block, p, g))
     mo = decode_first(cm.view(-1, block), sm, s.inv_127_sq)
@@ -200,6 +202,7 @@ def rmsprop8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, use_momen
     """One RMSprop step (not centered): ``cv, sv`` the square average's codes and scales (unsigned), ``cb,
     sb`` the momentum buffer's (signed, with momentum). ``v = alpha v + (1-alpha) g^2``, ``q = g /
     (sqrt(v) + eps)``; with momentum ``b = momentum b + q`` and the step ``lr * b``, else ``lr * q``."""
+    block = int(block)
     s = RMSprop8Scalars(*hp.unbind())
     pf, gf = decayed(s, maximize, wd_mode, *_blocks_in(block, p, g))
     vn = decode_second(cv.view(-1, block), sv) * s.alpha + s.one_minus_alpha * (gf * gf)
