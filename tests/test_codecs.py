@@ -223,3 +223,27 @@ def test_a_rule_may_set_the_state_codec(tmp_path):
     bad.write_text(rule % "4bit")
     with pytest.raises(ValueError, match=r"small-state: AdamW.state: expected one of param, bf16, 8bit, got '4bit'"):
         load_rules(str(bad))
+
+
+@pytest.mark.parametrize("cls", [kernels.Lion8bit, kernels.Adagrad8bit, kernels.AdamW8bit])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_torch_op_8bit_step_in_chunks_is_the_step_in_one_call(cls, fused, monkeypatch):
+    """The torch-op 8-bit path runs a long run in chunks of whole blocks (its temporaries are reused): the
+    same bits as one call, stochastic rounding's draws included (each chunk seeded by its place)."""
+    from optadvisor.kernels.precision import blockwise
+
+    monkeypatch.setattr(_native, "available", lambda: None)  # the torch ops, where the C kernel would serve
+
+    def run(chunk):
+        monkeypatch.setattr(blockwise, "Q8_CHUNK", chunk)
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n)) for n in (3000, 70_001, 5000)]
+        opt = cls(ps, lr=1e-3, fused=fused, min_8bit_size=0, block_size=64)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [p.detach().clone() for p in ps], [v.clone() for st in opt.state.values() for v in st.values()]
+
+    (p1, s1), (p2, s2) = run(1 << 30), run(1 << 12)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2)) and all(torch.equal(a, b) for a, b in zip(s1, s2))

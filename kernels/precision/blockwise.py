@@ -25,6 +25,8 @@ from .q8math import CODE_DTYPES, check_codes, dequantize, quantize
 
 MAX_BLOCK = 4096  # _native.c keeps a block in two stack arrays of this many floats
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+#: elements per call of a torch-op 8-bit update (a multiple of every block size up to MAX_BLOCK)
+Q8_CHUNK = 1 << 18
 _LIMITS = {"block_size": (1, MAX_BLOCK), "min_8bit_size": (0, None)}
 
 
@@ -151,21 +153,27 @@ class Blockwise8bit:
         if self._fused and native is not None and native(self, s, flags, run, block):
             return
         fn = type(self)._q8_update
-        if getattr(fn, "codec", False):
+        codec = getattr(fn, "codec", False)
+        if codec:
             # the codec around the optimizer's declared update, in torch ops (compiled where ``fused`` allows)
             signed = tuple(t.dtype == torch.int8 for t in state[0::2])
             fl, hp = (flags, str(block), signed), scalars_tensor(s, p)  # (a constant: see codecs.blockwise_8bit)
-            if self._q8_stochastic:  # the rounding's seed: the step and p's place in its buffer
-                start = p.storage_offset() - bucket.flat_param.storage_offset()
-                state = (*state, torch.tensor([bucket.current_step, start], dtype=torch.int64, device=p.device))
         else:  # a hand-written torch-op twin of the C kernel (Adam8bit's, RMSprop8bit's: their own op order)
             maximize, wd_mode, extra = self._q8_flags(flags)
             fl, hp = (maximize, wd_mode, extra, str(block)), scalars_tensor(self._q8_scalars(s), p)
-        if self._fused:  # CUDA, float16, or no C compiler: the torch ops, compiled
-            done, _ = run_fused(fn, fl, (p, g, *state), hp, strict=self._fused_strict)
-            if done:
-                return
-        fn(hp, *fl, p, g, *state)
+        # in chunks of whole blocks: the torch ops keep a run's decoded state in temporaries, and at the size of
+        # a whole bucket these are fresh mappings every call (ResNet-50's shapes: 124 ms a Lion8bit step in one
+        # call, against 18 for a 10M tensor); a chunk's temporaries are reused. Blocks are independent: the
+        # same numbers
+        origin = p.storage_offset() - bucket.flat_param.storage_offset()
+        for a in range(0, max(p.numel(), 1), Q8_CHUNK):
+            b = min(a + Q8_CHUNK, p.numel())
+            part = [t[a:b] if i % 2 == 0 else t[a // block:-(-b // block)] for i, t in enumerate(state)]
+            if codec and self._q8_stochastic:  # the rounding's seed: the step and the chunk's place in its buffer
+                part.append(torch.tensor([bucket.current_step, origin + a], dtype=torch.int64, device=p.device))
+            tensors = (p[a:b], g[a:b], *part)
+            if not (self._fused and run_fused(fn, fl, tensors, hp, strict=self._fused_strict)[0]):
+                fn(hp, *fl, *tensors)
 
 
 def q8_native(kind: int) -> Callable[..., bool]:
