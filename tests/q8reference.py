@@ -217,3 +217,23 @@ def assert_matches(opt, params, ref):
                     assert_bits(st_[key + "_absmax"], s["s" + short[1]], f"{key}_absmax of param {i}")
         if "step" in st_:
             assert float(st_["step"]) == s["step"]
+
+
+def bucket_offsets(opt, params) -> list[int]:
+    """Each parameter's place in its (single) bucket: the index stochastic rounding's draws start from."""
+    bucket = opt._buckets[0]
+    ids = [id(q) for q in bucket.params]
+    return [bucket.offsets[ids.index(id(p))] for p in params]
+
+
+def assert_matches_reference(opt, params, ref, key, fused) -> None:
+    """Parameters and the 8-bit state ``key`` against a per-parameter reference (``ref[i]``: ``p``, codes
+    ``c``, scales ``s``): bit for bit eager; compiled, float32 tolerance and codes within one level."""
+    for p, r in zip(params, ref):
+        st_ = opt.state[p]
+        if fused:
+            torch.testing.assert_close(p.detach(), r["p"], rtol=1.3e-6, atol=1e-5)
+            assert (st_[key].reshape(-1).int() - r["c"].int()).abs().max() <= 1
+        else:
+            assert torch.equal(p.detach(), r["p"])
+            assert torch.equal(st_[key].reshape(-1), r["c"]) and torch.equal(st_[key + "_absmax"], r["s"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from q8reference import _f32, _padded, _sqrt32, decode_unsigned
+from q8reference import _f32, _padded, _sqrt32, assert_matches_reference, bucket_offsets, decode_unsigned
 from strategies import examples, make_params
 
 from optadvisor import kernels
@@ -46,8 +46,7 @@ def test_adagrad8bit_is_the_adagrad_step_on_decoded_state(fused, block, lr, lr_d
     params = make_params(SPECS, torch.float32, seed)
     opt = kernels.Adagrad8bit(params, lr=lr, lr_decay=lr_decay, weight_decay=wd, initial_accumulator_value=init,
                               eps=eps, block_size=block, min_8bit_size=0, fused=fused)
-    bucket = opt._buckets[0]
-    offsets = [bucket.offsets[[id(q) for q in bucket.params].index(id(p))] for p in params]
+    offsets = bucket_offsets(opt, params)
     ref = []
     for p in params:
         nb = -(-p.numel() // block)
@@ -69,14 +68,7 @@ def test_adagrad8bit_is_the_adagrad_step_on_decoded_state(fused, block, lr, lr_d
             r["p"] = P.reshape(-1)[:n].view(p.shape)
             r["c"], r["s"] = _encode_unsigned_stochastic(s, n, off + torch.arange(s.numel()), t)
         opt.step()
-    for p, r in zip(params, ref):
-        st_ = opt.state[p]
-        if fused:
-            torch.testing.assert_close(p.detach(), r["p"], rtol=1.3e-6, atol=1e-5)
-            assert (st_["sum"].reshape(-1).int() - r["c"].int()).abs().max() <= 1
-        else:
-            assert torch.equal(p.detach(), r["p"])
-            assert torch.equal(st_["sum"].reshape(-1), r["c"]) and torch.equal(st_["sum_absmax"], r["s"])
+    assert_matches_reference(opt, params, ref, "sum", fused)
 
 
 def test_each_codec_has_a_name_of_its_own():
