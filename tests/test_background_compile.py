@@ -342,3 +342,22 @@ def test_a_blockwise_update_compiles_in_the_background(background, monkeypatch, 
     assert not [w for w in seen if "optadvisor" in str(w.message)], [str(w.message) for w in seen]
     assert _compile._ready and not _compile._broken
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_an_update_that_is_costly_eagerly_starts_its_compile_sooner(background, monkeypatch):
+    """Ski rental counts eager *work*: an update marked ``eager_cost = k`` (the 8-bit ones: 6) counts k per
+    element, so its compile starts after COMPILE_AFTER_ELEMENTS / k elements (here 100 / 4: the first call
+    of 30)."""
+    monkeypatch.setattr(_compile, "COMPILE_AFTER_ELEMENTS", 100)
+
+    def _costly(scalars, p, g):
+        p.add_(g * scalars[0])
+
+    _costly.eager_cost = 4
+    p, g = torch.zeros(30), torch.ones(30)
+    with logged() as records:
+        assert _call(_costly, (p, g), min_numel=0) == (False, None)  # 120 >= 100: scheduled now
+    assert len(records) == 1 and "in the background" in records[0].getMessage()
+    assert _compile.wait_for_background(120)
+    assert _call(_costly, (p, g), min_numel=0) == (True, None)
+    assert kernels.Lion8bit._q8_update.eager_cost == 6 and kernels.AdamW8bit._q8_update.eager_cost == 6

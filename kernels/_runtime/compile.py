@@ -156,7 +156,9 @@ def run_fused(fn: Callable[..., Any], flags: tuple, tensors: tuple[torch.Tensor 
         # the better choice in hindsight)
         if n < floor:
             return False, None
-        done = _eager_work.get(key, 0) + n
+        # an update whose eager form costs more per element than an elementwise pass (``eager_cost``: the 8-bit
+        # ones, which decode, reduce and encode in many eager ops) counts for that much more
+        done = _eager_work.get(key, 0) + n * getattr(fn, "eager_cost", 1)
         _eager_work[key] = done
         if done < COMPILE_AFTER_ELEMENTS:
             return False, None

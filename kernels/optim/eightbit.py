@@ -112,6 +112,7 @@ class Adam8bit(Blockwise8bit, Adam):
 
     _q8_update = staticmethod(_adam8bit_update)
     _adam8bit_update.exact_shapes = True  # (see precision/q8math.py)
+    _adam8bit_update.eager_cost = 6
 
     def _q8_scalars(self, s: Any) -> tuple[float, ...]:
         return Q8Scalars(s.step_size, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.weight_decay,

@@ -18,6 +18,11 @@ from .kahan import kahan_update
 from .q8math import INV_127_SQ, _blocks_in, _sqrt, decode_first, decode_second, encode_first, encode_second
 
 
+#: eager time per element of an 8-bit update over an elementwise one's (measured on 2 cores, a 1.2M-parameter
+#: MLP: Lion8bit's eager step 20 ms against Lion's 3.4): its background compile starts that much sooner
+EAGER_COST_8BIT = 6
+
+
 def _named(fn: Callable[..., Any], codec: str, update: Callable[..., Any]) -> Callable[..., Any]:
     fn.__name__ = fn.__qualname__ = f"{codec}[{update.__qualname__}]"
     fn.__module__ = update.__module__
@@ -134,5 +139,6 @@ def blockwise_8bit(update: Callable[..., Any], stochastic: bool = False) -> Call
 
     run.exact_shapes = True  # (compile.py: its background compile keeps the sizes, which the block divides)
     run.codec = True  # (blockwise.py: called with the optimizer's own flags and scalars)
+    run.eager_cost = EAGER_COST_8BIT
     return _named(run, "blockwise_8bit_sr" if stochastic else "blockwise_8bit", update)
 # pragma: no mutate end

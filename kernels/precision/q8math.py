@@ -221,3 +221,4 @@ def rmsprop8bit_update(hp: torch.Tensor, maximize: bool, wd_mode: int, use_momen
 # their background compile keeps the real sizes (``_runtime.compile._schedule``): they view buffers as blocks
 for _fn in (adam8bit_update, rmsprop8bit_update):
     _fn.exact_shapes = True
+    _fn.eager_cost = 6  # (codecs.EAGER_COST_8BIT: their eager steps cost as the codec's)
