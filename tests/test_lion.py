@@ -15,12 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optadvisor.kernels.precision.bf16 import random_bits, stochastic_round
 from q8reference import _f32, _padded, _sqrt32, assert_matches_reference, bucket_offsets, decode_signed, encode_signed
-from strategies import examples, make_params
+from strategies import UNDER_MUTMUT, examples, make_params
 
 from optadvisor import kernels
 
 SETTINGS = settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPECS = [((300,), False, False), ((7, 9), True, False), ((5000,), False, False)]
+
+STRICT = None if UNDER_MUTMUT else True  # under mutmut the compiled path cannot trace its trampolines
 
 
 def _lion_step(p, g, m, lr, betas, wd):
@@ -62,7 +64,7 @@ def test_stochastic_codes_are_unbiased():
     assert abs(nearest.mean().item() - 0.3) > 3e-3
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, STRICT])
 @SETTINGS
 @given(block=st.sampled_from([32, 64, 256]), lr=st.sampled_from([1e-4, 1e-3, 0.05]),
        betas=st.sampled_from([(0.9, 0.99), (0.5, 0.9), (0.0, 0.5)]), wd=st.sampled_from([0.0, 0.1, 1.0]),
@@ -89,10 +91,10 @@ def test_lion8bit_is_the_lion_step_on_decoded_state(fused, block, lr, betas, wd,
             r["p"] = newp.reshape(-1)[:n].view(p.shape)
             r["c"], r["s"] = _encode_signed_stochastic(newm, n, off + torch.arange(newm.numel()), t)
         opt.step()
-    assert_matches_reference(opt, params, ref, "exp_avg", fused)
+    assert_matches_reference(opt, params, ref, "exp_avg", fused is not False)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, STRICT])
 def test_bf16_state_is_the_float32_step_stored_with_stochastic_rounding(fused):
     """``state_dtype=torch.bfloat16``: each step is lion-pytorch's float32 step on the state read as float32,
     the new state stored with the documented stochastic rounding (the hash of position and step)."""
@@ -109,7 +111,7 @@ def test_bf16_state_is_the_float32_step_stored_with_stochastic_rounding(fused):
         ref_m = stochastic_round(m32, low).float()
         m = opt.state[p]["exp_avg"]
         assert m.dtype == torch.bfloat16
-        if fused:
+        if fused is not False:
             torch.testing.assert_close(p.detach(), ref_p, rtol=1.3e-6, atol=1e-5)
             assert (m.float() != ref_m).float().mean() < 1e-3
             ref_m = m.float()  # carry ours: a rare one-ulp rounding difference must not compound
