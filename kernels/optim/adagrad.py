@@ -9,10 +9,9 @@ import torch
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
-from ..precision.bf16 import BF16State, check_state_dtype, eight_bit_form
+from ..precision.bf16 import BF16State, eight_bit_form, precision_options
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
-from ..precision.kahan import check_kahan_sum
 
 
 class AdagradScalars(NamedTuple):
@@ -118,15 +117,10 @@ class Adagrad(BF16State, FusedOptimizer):
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         check_selectors(type(self).__name__, differentiable=differentiable)
-        state_dtype = check_state_dtype(type(self).__name__, state_dtype, False, state)
-        check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=False, fused=None)
-        if state_dtype is not None:  # only then in the groups: torch.optim.Adagrad loads our checkpoints
-            defaults["state_dtype"] = state_dtype
-        if kahan_sum:
-            defaults["kahan_sum"] = True
+        defaults.update(precision_options(type(self).__name__, state, state_dtype, kahan_sum))
         super().__init__(params, defaults, fused)
 
     def share_memory(self) -> None:

@@ -9,9 +9,8 @@ import torch
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
-from ..precision.bf16 import BF16State, check_state_dtype
+from ..precision.bf16 import BF16State, precision_options
 from ..precision.codecs import kahan
-from ..precision.kahan import check_kahan_sum
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 
@@ -139,16 +138,11 @@ class Adam(BF16State, FusedOptimizer):
         # (torch's "Tensor betas[i] must be 1-element" check is unreachable: the range checks above already
         # fail on a tensor of more or fewer elements, as torch's do; tested)
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
-        state_dtype = check_state_dtype(type(self).__name__, state_dtype, amsgrad, state)
-        check_kahan_sum(type(self).__name__, kahan_sum)
         betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
                         fused=None, decoupled_weight_decay=decoupled_weight_decay)
-        if state_dtype is not None:  # only then in the groups: torch.optim.Adam loads our checkpoints as its own
-            defaults["state_dtype"] = state_dtype
-        if kahan_sum:
-            defaults["kahan_sum"] = True
+        defaults.update(precision_options(type(self).__name__, state, state_dtype, kahan_sum, amsgrad))
         super().__init__(params, defaults, fused)
 
     Scalars = AdamScalars

@@ -9,10 +9,9 @@ import torch
 
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, fused_prologue
-from ..precision.bf16 import BF16State, check_state_dtype, eight_bit_form
+from ..precision.bf16 import BF16State, eight_bit_form, precision_options
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
-from ..precision.kahan import check_kahan_sum
 
 
 class LionScalars(NamedTuple):
@@ -103,17 +102,12 @@ class Lion(BF16State, FusedOptimizer):
                 raise ValueError(f"{name}: Invalid beta parameter at index {i}: {beta} (must be in [0, 1])")
         if len(betas) != 2:
             raise ValueError(f"{name}: betas must be two numbers (got {len(betas)})")
-        state_dtype = check_state_dtype(name, state_dtype, False, state)
-        check_kahan_sum(name, kahan_sum)
         self._init_lr = float(lr)
         self.decoupled_wd = bool(decoupled_weight_decay)
         defaults: dict[str, Any] = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         if maximize:
             defaults["maximize"] = True
-        if state_dtype is not None:
-            defaults["state_dtype"] = state_dtype
-        if kahan_sum:
-            defaults["kahan_sum"] = True
+        defaults.update(precision_options(name, state, state_dtype, kahan_sum))
         super().__init__(params, defaults, fused)
 
     Scalars = LionScalars

@@ -10,9 +10,8 @@ from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
 from ..precision.accelerators import register_accelerator
-from ..precision.bf16 import BF16State, check_state_dtype, rmsprop_bf16_native
+from ..precision.bf16 import BF16State, precision_options, rmsprop_bf16_native
 from ..precision.codecs import bf16_state, kahan
-from ..precision.kahan import check_kahan_sum
 
 
 class RMSpropScalars(NamedTuple):
@@ -124,15 +123,10 @@ class RMSprop(BF16State, FusedOptimizer):
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
         check_selectors(type(self).__name__, capturable=capturable, differentiable=differentiable)
-        state_dtype = check_state_dtype(type(self).__name__, state_dtype, False, state)
-        check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=False, foreach=foreach, maximize=maximize,
                         differentiable=False)
-        if state_dtype is not None:
-            defaults["state_dtype"] = state_dtype
-        if kahan_sum:
-            defaults["kahan_sum"] = True
+        defaults.update(precision_options(type(self).__name__, state, state_dtype, kahan_sum))
         super().__init__(params, defaults, fused)
 
     Scalars = RMSpropScalars

@@ -10,9 +10,8 @@ from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, fused_prologue
 from .._runtime.validate import check_lr, check_selectors
 from ..precision.accelerators import register_accelerator
-from ..precision.bf16 import BF16State, check_state_dtype, sgd_bf16_native
+from ..precision.bf16 import BF16State, precision_options, sgd_bf16_native
 from ..precision.codecs import bf16_state, kahan
-from ..precision.kahan import check_kahan_sum
 
 
 class SGDScalars(NamedTuple):
@@ -101,14 +100,9 @@ class SGD(BF16State, FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_selectors(type(self).__name__, differentiable=differentiable)
-        state_dtype = check_state_dtype(type(self).__name__, state_dtype, False, state)
-        check_kahan_sum(type(self).__name__, kahan_sum)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)
-        if state_dtype is not None:
-            defaults["state_dtype"] = state_dtype
-        if kahan_sum:
-            defaults["kahan_sum"] = True
+        defaults.update(precision_options(type(self).__name__, state, state_dtype, kahan_sum))
         super().__init__(params, defaults, fused)
 
     Scalars = SGDScalars

@@ -27,7 +27,7 @@ from .._runtime.compile import run_fused
 from .._runtime.dtensor import is_dtensor
 from .._runtime.layout import Blockwise, scalars_tensor
 from .accelerators import accelerator
-from .kahan import KAHAN, kahan_kind, kahan_update
+from .kahan import KAHAN, check_kahan_sum, kahan_kind, kahan_update
 from .q8math import Q8Scalars, _sqrt, decayed
 
 if TYPE_CHECKING:
@@ -56,6 +56,15 @@ def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool, state: Any = 
     if state_dtype is torch.bfloat16 and amsgrad:
         raise ValueError(f"{owner}: amsgrad=True with state_dtype=torch.bfloat16 is not supported")
     return state_dtype
+
+
+def precision_options(owner: str, state: Any, state_dtype: Any, kahan_sum: Any, amsgrad: bool = False) -> dict:
+    """The group options a float optimizer adds for ``state``/``state_dtype`` and ``kahan_sum``, checked:
+    only those that are set (so torch.optim loads our checkpoints as its own)."""
+    state_dtype = check_state_dtype(owner, state_dtype, amsgrad, state)
+    check_kahan_sum(owner, kahan_sum)
+    return {**({"state_dtype": state_dtype} if state_dtype is not None else {}),
+            **({"kahan_sum": True} if kahan_sum else {})}
 
 
 def eight_bit_form(float_cls: type, eight_bit_cls: type) -> None:

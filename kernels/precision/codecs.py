@@ -17,7 +17,6 @@ from .bf16 import bf16_state_update, random_bits
 from .kahan import kahan_update
 from .q8math import INV_127_SQ, _blocks_in, _sqrt, decode_first, decode_second, encode_first, encode_second
 
-
 #: eager time per element of an 8-bit update over an elementwise one's (measured on 2 cores, a 1.2M-parameter
 #: MLP: Lion8bit's eager step 20 ms against Lion's 3.4): its background compile starts that much sooner
 EAGER_COST_8BIT = 6
