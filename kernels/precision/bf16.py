@@ -59,12 +59,9 @@ def check_state_dtype(owner: str, state_dtype: Any, amsgrad: bool, state: Any = 
 
 
 def precision_options(owner: str, state: Any, state_dtype: Any, kahan_sum: Any, amsgrad: bool = False) -> dict:
-    """The group options a float optimizer adds for ``state``/``state_dtype`` and ``kahan_sum``, checked:
-    only those that are set (so torch.optim loads our checkpoints as its own)."""
-    state_dtype = check_state_dtype(owner, state_dtype, amsgrad, state)
-    check_kahan_sum(owner, kahan_sum)
-    return {**({"state_dtype": state_dtype} if state_dtype is not None else {}),
-            **({"kahan_sum": True} if kahan_sum else {})}
+    """The checked group options for ``state``/``state_dtype``/``kahan_sum``: only those set (torch loads ours)."""
+    state_dtype, _ = check_state_dtype(owner, state_dtype, amsgrad, state), check_kahan_sum(owner, kahan_sum)
+    return {**({"state_dtype": state_dtype} if state_dtype is not None else {}), **({"kahan_sum": True} if kahan_sum else {})}
 
 
 def eight_bit_form(float_cls: type, eight_bit_cls: type) -> None:
