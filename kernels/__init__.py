@@ -13,6 +13,8 @@ from .optim.rmsprop import RMSprop
 from .optim.adagrad import Adagrad, Adagrad8bit
 from .optim.eightbit import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit
 from .optim.lion import Lion, Lion8bit
+from .optim.nadam import NAdam, NAdam8bit
+from .optim.radam import RAdam, RAdam8bit
 from .precision.blockwise import dequantize_state_dict
 from .losses.regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from .losses.cross_entropy import CrossEntropyLoss, cross_entropy
@@ -41,6 +43,10 @@ __all__ = [
                       "LinearCrossEntropyLoss",
                       "MSELoss",
                       "MultiMarginLoss",
+                      "NAdam",
+                      "NAdam8bit",
+                      "RAdam",
+                      "RAdam8bit",
                       "RMSprop",
                       "RMSprop8bit",
                       "catalog",

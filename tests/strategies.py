@@ -68,6 +68,20 @@ def _adagrad_space(lr, wd):
         maximize=st.booleans()))
 
 
+def _nadam_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.0, 0.99), (0.95, 0.5)]),
+        eps=st.sampled_from([1e-8, 1e-3]), weight_decay=wd, momentum_decay=st.sampled_from([4e-3, 0.0, 0.5]),
+        decoupled_weight_decay=st.booleans(), maximize=st.booleans()))
+
+
+def _radam_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.0, 0.99), (0.95, 0.5)]),
+        eps=st.sampled_from([1e-8, 1e-3]), weight_decay=wd, decoupled_weight_decay=st.booleans(),
+        maximize=st.booleans()))
+
+
 def _lion_space(lr, wd):
     return st.fixed_dictionaries(dict(
         lr=lr, betas=st.sampled_from([(0.9, 0.99), (0.95, 0.98), (0.0, 0.5), (0.9, 0.0)]), weight_decay=wd,
@@ -99,6 +113,8 @@ _SPACES = {
     "Adagrad": (_adagrad_space, {"initial_accumulator_value": 0.1},
                 dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
     "Lion": (_lion_space, {}, dict(lr=0.01, betas=(0.95, 0.98), weight_decay=0.1)),
+    "NAdam": (_nadam_space, {}, dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01, decoupled_weight_decay=True)),
+    "RAdam": (_radam_space, {}, dict(lr=0.01, weight_decay=0.1)),
 }
 
 

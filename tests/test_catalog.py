@@ -20,9 +20,10 @@ def test_order_is_the_advisors_tie_break_order():
     first): reordering those imports would change advice, so it is pinned here."""
     assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad",
                                                          "Adagrad8bit", "Adam8bit", "AdamW8bit", "SGD8bit",
-                                                         "RMSprop8bit", "Lion", "Lion8bit"]
+                                                         "RMSprop8bit", "Lion", "Lion8bit", "NAdam",
+                                                         "NAdam8bit", "RAdam", "RAdam8bit"]
     assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adagrad8bit", "Adam8bit", "AdamW8bit",
-                          "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit")
+                          "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit", "NAdam", "NAdam8bit", "RAdam", "RAdam8bit")
     assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
                                "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
 

@@ -159,7 +159,8 @@ def test_the_c_tables_refuse_an_index_outside_them():
 
 FLOAT_FORMS = [(kernels.Adam, kernels.Adam8bit, (1e-3, (0.9, 0.99))), (kernels.AdamW, kernels.AdamW8bit, (1e-3,)),
                (kernels.SGD, kernels.SGD8bit, (0.05, 0.9)), (kernels.RMSprop, kernels.RMSprop8bit, (1e-3, 0.9)),
-               (kernels.Adagrad, kernels.Adagrad8bit, (0.05,)), (kernels.Lion, kernels.Lion8bit, (1e-3,))]
+               (kernels.Adagrad, kernels.Adagrad8bit, (0.05,)), (kernels.Lion, kernels.Lion8bit, (1e-3,)),
+               (kernels.NAdam, kernels.NAdam8bit, (1e-3,)), (kernels.RAdam, kernels.RAdam8bit, (1e-3,))]
 
 
 @pytest.mark.parametrize("cls, q8_cls, args", FLOAT_FORMS, ids=[c.__name__ for c, _, _ in FLOAT_FORMS])

@@ -162,7 +162,7 @@ def test_bad_state_dict_is_refused_and_leaves_the_optimizer_unchanged(name):
 
     good = copy.deepcopy(ours.state_dict())
     bad_shape = copy.deepcopy(good)
-    key = next(k for k in bad_shape["state"][0] if k != "step")
+    key = next(k for k in bad_shape["state"][0] if k != "step" and k not in ours_cls._host_state)
     bad_shape["state"][0][key] = torch.zeros(7, 7)
     missing = copy.deepcopy(good)
     del missing["state"][1][key]
@@ -456,11 +456,15 @@ LEGACY_KEYS = {"Adam": ["amsgrad", "maximize", "foreach", "capturable", "differe
                "Adagrad": ["foreach", "maximize", "differentiable", "fused"]}
 LEGACY_KEYS["AdamW"] = LEGACY_KEYS["Adam"]
 LEGACY_KEYS["Lion"] = []  # lion-pytorch has added no option to its groups
+LEGACY_KEYS["NAdam"] = ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"]
+LEGACY_KEYS["RAdam"] = ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"]
 # built with options on, so that "the checkpoint predates the option: off" differs from "this optimizer's own"
 BUILT_WITH = {"Adam": dict(maximize=True, amsgrad=True), "AdamW": dict(maximize=True, amsgrad=True),
               "SGD": dict(maximize=True, momentum=0.9, nesterov=True), "RMSprop": dict(maximize=True, momentum=0.5,
                                                                                      centered=True),
-              "Adagrad": dict(maximize=True), "Lion": dict(weight_decay=0.1)}
+              "Adagrad": dict(maximize=True), "Lion": dict(weight_decay=0.1),
+              "NAdam": dict(maximize=True, weight_decay=0.1, decoupled_weight_decay=True),
+              "RAdam": dict(maximize=True, weight_decay=0.1, decoupled_weight_decay=True)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -500,7 +504,7 @@ def test_bad_state_dict_messages_say_what_and_where(name):
     ours = ours_cls(params, fused=False, **CONFIGS[name])
     _train([(ours, params)], 2, 0)
     good = ours.state_dict()
-    key = next(k for k in good["state"][0] if k != "step")
+    key = next(k for k in good["state"][0] if k != "step" and k not in ours_cls._host_state)
     step_in_state = "step" in good["state"][0]
 
     def edited(edit):
@@ -537,6 +541,15 @@ def test_bad_state_dict_messages_say_what_and_where(name):
         cases += [(edited(lambda sd: sd["state"][0].pop("step")), "state of parameter 0 in group 0 lacks a scalar 'step'"),
                   (edited(lambda sd: sd["state"][1].__setitem__("step", torch.ones(2))),
                    "state of parameter 1 in group 0 lacks a scalar 'step'")]
+    for host in ours_cls._host_state:  # a scalar kept beside step (NAdam's mu_product)
+        cases += [(edited(lambda sd: sd["state"][0].pop(host)),
+                   f"state of parameter 0 in group 0 lacks the scalar {host!r} needed by {name} (got NoneType)"),
+                  (edited(lambda sd: sd["state"][1].__setitem__(host, torch.ones(2))),
+                   f"state of parameter 1 in group 0: {host!r} has shape (2,); it is a scalar"),
+                  (edited(lambda sd: sd["state"][1].__setitem__(host, torch.tensor(1))),
+                   f"state of parameter 1 in group 0: {host!r} must be floating-point (got torch.int64)"),
+                  (edited(lambda sd: sd["state"][1].__setitem__(host, True)),
+                   f"state of parameter 1 in group 0 lacks the scalar {host!r} needed by {name} (got bool)")]
     for bad, message in cases:
         with pytest.raises(ValueError) as info:
             ours.load_state_dict(bad)

@@ -56,6 +56,11 @@ COMPILED_CONFIGS = [
     ("Adagrad", dict(lr=0.05, weight_decay=0.1, eps=1e-3, maximize=True)),
     ("Lion", dict(lr=0.01)),
     ("Lion", dict(lr=0.01, betas=(0.95, 0.98), weight_decay=0.1, decoupled_weight_decay=True)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1)),
+    ("NAdam", dict(lr=0.01, betas=(0.5, 0.9), momentum_decay=0.1, weight_decay=0.1, decoupled_weight_decay=True,
+                   maximize=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
+    ("RAdam", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
 ]
 
 
@@ -716,7 +721,7 @@ def test_every_catalog_optimizer_has_a_case():
     """The test table is the catalog: an optimizer registered without a hyperparameter space here would
     silently escape every property test. The 8-bit optimizers are not torch's numbers: tests/test_quantized.py
     and test_quantized_sgd_rmsprop.py hold them to references of their own algorithms."""
-    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit", "Lion8bit", "Adagrad8bit"]
+    quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit", "Lion8bit", "Adagrad8bit", "NAdam8bit", "RAdam8bit"]
     assert sorted(list(OPTIMIZERS) + quantized) == sorted(e.name for e in kernels.catalog.optimizers())
 
 

@@ -225,8 +225,12 @@ CKPT = [(kernels.SGD8bit, kernels.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0
          ["square_avg", "momentum_buffer"]),
         (kernels.Adagrad8bit, kernels.Adagrad, torch.optim.Adagrad, dict(lr=1e-2, initial_accumulator_value=0.1),
          ["sum"]),
-        (kernels.Lion8bit, kernels.Lion, OPTIMIZERS["Lion"][1], dict(lr=1e-3, weight_decay=0.1), ["exp_avg"])]
-CKPT_IDS = ["SGD8bit", "RMSprop8bit", "Adagrad8bit", "Lion8bit"]
+        (kernels.Lion8bit, kernels.Lion, OPTIMIZERS["Lion"][1], dict(lr=1e-3, weight_decay=0.1), ["exp_avg"]),
+        (kernels.NAdam8bit, kernels.NAdam, torch.optim.NAdam, dict(lr=1e-3, weight_decay=0.1),
+         ["exp_avg", "exp_avg_sq"]),
+        (kernels.RAdam8bit, kernels.RAdam, torch.optim.RAdam, dict(lr=1e-3, decoupled_weight_decay=True,
+                                                                   weight_decay=0.1), ["exp_avg", "exp_avg_sq"])]
+CKPT_IDS = ["SGD8bit", "RMSprop8bit", "Adagrad8bit", "Lion8bit", "NAdam8bit", "RAdam8bit"]
 
 
 def _model():
@@ -255,7 +259,7 @@ def test_state_dict_round_trip_is_exact(cls, float_cls, torch_cls, kw, keys, tmp
     opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
     assert opt2.param_groups[0]["block_size"] == 64
     w, w2 = model[0].weight, twin[0].weight
-    assert [k for k in opt.state[w] if k != "step"] == [x for k in keys for x in (k, k + "_absmax")]
+    assert [k for k in opt.state[w] if k not in ("step", *cls._host_state)] == [x for k in keys for x in (k, k + "_absmax")]
     for k, v in opt.state[w].items():
         assert torch.equal(v, opt2.state[w2][k]), k
     for a, b in zip(_train(model, opt, seed=5), _train(twin, opt2, seed=5)):

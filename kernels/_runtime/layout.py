@@ -157,6 +157,31 @@ class StateBuffers:
     def refresh_common_step(self) -> None:
         steps = self.host_steps
         self.common_step = steps[0] if not steps or steps.count(steps[0]) == len(steps) else None
+        if any(bool((t != t[0]).any()) for t in self.__dict__.get("host_state", {}).values() if len(t)):
+            self.common_step = None  # a scalar state that differs between parameters: the per-run path
+
+    def host_values(self, declared: dict[str, float]) -> dict[str, torch.Tensor]:
+        """The optimizer's per-parameter scalar state (NAdam's ``mu_product``; see
+        ``FusedOptimizer._host_state``): one float32 host tensor per key, an element per parameter, made
+        with its initial value on first use."""
+        host = self.__dict__.setdefault("host_state", {})
+        for key, value in declared.items():
+            if key not in host:
+                host[key] = torch.full((len(self.host_steps),), float(value), dtype=scalar_dtype())
+        return host
+
+    def cast_host_state(self, dtype: torch.dtype | None) -> None:
+        """The scalar state in ``dtype`` (None: float32, torch's fresh state's)."""
+        host = self.__dict__.get("host_state", {})
+        for key, t in host.items():
+            host[key] = t.to(dtype or scalar_dtype())
+
+    def run_keys(self, declared: dict[str, float]) -> list[Any]:
+        """What a run's parameters must share (``runs``): their step count, and their scalar state's values."""
+        if not declared:
+            return self.host_steps
+        columns = [t.tolist() for t in self.host_values(declared).values()]
+        return list(zip(self.host_steps, *columns))
 
 
 class Bucket(StateBuffers):
@@ -259,9 +284,10 @@ class Bucket(StateBuffers):
         return list(map(_data_ptr, self.params)) != self.param_ptrs
 
 
-def runs(present: list[bool] | None, steps: list[int]) -> list[tuple[int, int]]:
+def runs(present: list[bool] | None, steps: list[Any]) -> list[tuple[int, int]]:
     """Cut a bucket into runs of neighbours that all have gradients (``present``: None = all do) and share
-    a step count; each run is one update call on a slice of the buffers."""
+    a step count (``steps``: each parameter's, or ``run_keys``' tuples); each run is one update call on a
+    slice of the buffers."""
     n = len(steps)
     out, start = [], None
     for i in range(n):

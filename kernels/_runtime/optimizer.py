@@ -75,6 +75,10 @@ class FusedOptimizer(Optimizer):
     _fused_update: ClassVar[Callable[..., None]]
     _step_in_state: ClassVar[bool] = True
     _state_at_construction: ClassVar[bool] = False
+    #: per-parameter scalar state torch keeps as a 0-d float32 tensor beside ``step`` (NAdam's ``mu_product``),
+    #: with its initial value: held in one host tensor per bucket, advanced by ``_advance_host_state`` before
+    #: each run's scalars, which ``_scalars(group, step, values)`` then receives
+    _host_state: ClassVar[dict[str, float]] = {}
     #: a checkpoint may lack ``step`` (its reference keeps none: lion-pytorch); it then loads as step 1
     _step_optional: ClassVar[bool] = False
     #: on the CPU, gradients of at least this many elements are read where they lie (see ``_layout``)
@@ -107,6 +111,10 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _scalars(self, group: dict[str, Any], step: int) -> NamedTuple:
+        raise NotImplementedError
+
+    def _advance_host_state(self, group: dict[str, Any], step: int, values: dict[str, torch.Tensor]) -> None:
+        """Advance a run's ``_host_state`` (``values``: its parameters' elements) to ``step``, in place."""
         raise NotImplementedError
 
     # ---- what a subclass may refine (the 8-bit optimizers do) ----------------------------------------------

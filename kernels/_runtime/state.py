@@ -26,6 +26,9 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
     has_state = [bool(opt.state.get(p)) for p in bucket.params]
     if any(has_state):
         bucket.ensure_state(init)
+        if opt._host_state:  # loaded scalar state is in the parameters' dtype, as torch's load_state_dict casts it
+            bucket.host_values(opt._host_state)
+            bucket.cast_host_state(bucket.dtype if bucket.dtype.is_floating_point else None)
         flat_views = {k: bucket.views(bucket.flat_state[k]) for k in init} if sharded else {}
         for i, p in enumerate(bucket.params):
             if not has_state[i]:
@@ -49,6 +52,12 @@ def adopt_state(opt: FusedOptimizer, bucket: Bucket) -> None:
                 bucket.host_steps[i] = int(step)
             else:
                 bucket.host_steps[i] = 1
+            for k, t in bucket.host_values(opt._host_state).items():  # (a loaded one was validated)
+                if k not in old:  # opt.state edited by hand
+                    raise ValueError(f"state for parameter {bucket.positions[i]} of group {bucket.group_index} "
+                                     f"lacks {k!r}, which {type(opt).__name__} needs with these options")
+                t[i] = float(old[k])
+                new[k] = t[i]
             opt.state[p] = new
         bucket.refresh_common_step()
     if opt._state_at_construction and not all(has_state):
@@ -67,6 +76,8 @@ def expose_state(opt: FusedOptimizer, bucket: Bucket, start: int, end: int, init
         entry = {}
         if opt._step_in_state:
             entry["step"] = bucket.steps[i]
+        for k, t in bucket.host_values(opt._host_state).items():
+            entry[k] = t[i]
         for k in init:
             if sharded:  # a DTensor laid out as the parameter: torch's format for sharded optimizers
                 entry[k] = bucket.as_dtensor(bucket.flat_state[k][o:o + n].view(bucket.locals[i].shape), i)
@@ -149,6 +160,15 @@ def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None
                                      or not comp.is_floating_point()):
                 raise ValueError(f"{where}: 'kahan_comp' must be a floating-point tensor of the parameter's "
                                  f"shape {tuple(p.shape)} (got {getattr(comp, 'shape', type(comp).__name__)})")
+            for k in opt._host_state:
+                v = st.get(k)
+                if not isinstance(v, (torch.Tensor, float, int)) or isinstance(v, bool):
+                    raise ValueError(f"{where} lacks the scalar {k!r} needed by {type(opt).__name__} "
+                                     f"(got {type(v).__name__})")
+                if isinstance(v, torch.Tensor) and v.numel() != 1:
+                    raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}; it is a scalar")
+                if isinstance(v, torch.Tensor) and not v.is_floating_point():
+                    raise ValueError(f"{where}: {k!r} must be floating-point (got {v.dtype})")
             if opt._step_in_state:
                 s = st.get("step")
                 if (s is None and not opt._step_optional) or (isinstance(s, torch.Tensor) and s.numel() != 1):

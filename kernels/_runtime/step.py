@@ -44,7 +44,7 @@ def step_flat(self: FusedOptimizer, bucket: Bucket) -> None:
     if common is not None:
         bucket.host_steps = [common] * len(bucket.params)
     steps = bucket.host_steps
-    for start, end in runs(present, steps):
+    for start, end in runs(present, bucket.run_keys(self._host_state)):
         new_step = steps[start] + 1
         update_run(self, bucket, group, init, flags, start, end, direct, new_step)
         if self._step_in_state:
@@ -61,7 +61,7 @@ def update_run(self: FusedOptimizer, bucket: Bucket, group: dict[str, Any], init
     """Update parameters ``start:end`` of the bucket (all with gradients, all at the same step): one call
     on the buffers' slices, except that each parameter in ``direct`` gets a call of its own that reads
     its gradient where it lies."""
-    s = self._scalars(group, step)
+    s = run_scalars(self, bucket, group, start, end, step)
     hp = scalars_tensor(s, bucket.flat_param) if self._fused else None
     bucket.current_step = step  # for an update that needs the count itself (bfloat16 state's rounding)
     i0 = start
@@ -74,6 +74,17 @@ def update_run(self: FusedOptimizer, bucket: Bucket, group: dict[str, Any], init
         i0 = i + 1
     if bucket.span(i0, end):
         self._apply(s, hp, flags, bucket.slices(init, i0, end), bucket)
+
+
+def run_scalars(self: FusedOptimizer, bucket: Any, group: dict[str, Any], start: int, end: int, step: int) -> Any:
+    """The update's scalars for parameters ``start:end`` at ``step``; an optimizer with per-parameter scalar
+    state (``_host_state``: NAdam's ``mu_product``) first advances it for them, and its scalars read it (the
+    run's parameters share its value: ``Bucket.run_keys``)."""
+    if not self._host_state:
+        return self._scalars(group, step)
+    views = {k: t[start:end] for k, t in bucket.host_values(self._host_state).items()}
+    self._advance_host_state(group, step, views)
+    return self._scalars(group, step, {k: float(v[0]) for k, v in views.items()})
 
 
 def step_sharded(self: FusedOptimizer, bucket: ShardedBucket) -> None:
@@ -90,12 +101,13 @@ def step_sharded(self: FusedOptimizer, bucket: ShardedBucket) -> None:
         bucket.host_steps = [bucket.common_step] * len(bucket.params)
     steps = bucket.host_steps
     k = bucket.n_small
-    packed = k > 1 and all(g is not None for g in grads[:k]) and steps[:k].count(steps[0]) == k
+    keys = bucket.run_keys(self._host_state)
+    packed = k > 1 and all(g is not None for g in grads[:k]) and keys[:k].count(keys[0]) == k
     if packed:  # the small shards: in, one call, out
         flat_p, flat_g, p_views, g_views = bucket.packed_buffers()
         torch._foreach_copy_(p_views, bucket.local_flat[:k])
         torch._foreach_copy_(g_views, grads[:k])
-        s = self._scalars(group, steps[0] + 1)
+        s = run_scalars(self, bucket, group, 0, k, steps[0] + 1)
         hp = scalars_tensor(s, flat_p) if self._fused else None
         self._apply(s, hp, flags, {"param": flat_p, "grad": flat_g,
                                    **{key: bucket.flat_state[key][:bucket.small_total] for key in init}}, bucket)
@@ -104,8 +116,10 @@ def step_sharded(self: FusedOptimizer, bucket: ShardedBucket) -> None:
         if g is None:
             continue
         new_step = steps[i] + 1
+        if not (packed and i < k) and self._host_state and not bucket.numels[i]:
+            run_scalars(self, bucket, group, i, i + 1, new_step)  # an empty shard's scalar state still advances
         if bucket.numels[i] and not (packed and i < k):
-            s = self._scalars(group, new_step)
+            s = run_scalars(self, bucket, group, i, i + 1, new_step)
             hp = scalars_tensor(s, bucket.locals[i]) if self._fused else None
             run = {"param": bucket.local_flat[i], "grad": g,
                    **{k: bucket.local_state(k, i) for k in init}}
