@@ -15,6 +15,8 @@ from .optim.eightbit import Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit
 from .optim.lion import Lion, Lion8bit
 from .optim.nadam import NAdam, NAdam8bit
 from .optim.radam import RAdam, RAdam8bit
+from .optim.schedulefree import ScheduleFreeAdamW
+AdamWScheduleFree = ScheduleFreeAdamW  # the schedulefree package's name for it: a drop-in import
 from .precision.blockwise import dequantize_state_dict
 from .losses.regression import HuberLoss, MSELoss, huber_loss, mse_loss
 from .losses.cross_entropy import CrossEntropyLoss, cross_entropy
@@ -29,12 +31,14 @@ __all__ = [
                       "COMPILE_ENV_VAR",
                       "SGD",
                       "SGD8bit",
+                      "ScheduleFreeAdamW",
                       "Adagrad",
                       "Adagrad8bit",
                       "Adam",
                       "Adam8bit",
                       "AdamW",
                       "AdamW8bit",
+                      "AdamWScheduleFree",
                       "CrossEntropyLoss",
                       "HingeLoss",
                       "HuberLoss",

@@ -82,6 +82,13 @@ def _radam_space(lr, wd):
         maximize=st.booleans()))
 
 
+def _schedulefree_space(lr, wd):
+    return st.fixed_dictionaries(dict(
+        lr=lr, betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9), (0.95, 0.5)]), eps=st.sampled_from([1e-8, 1e-3]),
+        weight_decay=wd, warmup_steps=st.sampled_from([0, 0, 3, 50]), r=st.sampled_from([0.0, 0.0, 0.5]),
+        weight_lr_power=st.sampled_from([2.0, 2.0, 0.0, 1.0])))
+
+
 def _lion_space(lr, wd):
     return st.fixed_dictionaries(dict(
         lr=lr, betas=st.sampled_from([(0.9, 0.99), (0.95, 0.98), (0.0, 0.5), (0.9, 0.0)]), weight_decay=wd,
@@ -115,6 +122,7 @@ _SPACES = {
     "Lion": (_lion_space, {}, dict(lr=0.01, betas=(0.95, 0.98), weight_decay=0.1)),
     "NAdam": (_nadam_space, {}, dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01, decoupled_weight_decay=True)),
     "RAdam": (_radam_space, {}, dict(lr=0.01, weight_decay=0.1)),
+    "ScheduleFreeAdamW": (_schedulefree_space, {}, dict(lr=0.01, weight_decay=0.1, warmup_steps=3, r=0.5)),
 }
 
 
@@ -136,7 +144,44 @@ def _reference(torch_cls: type) -> type:
 #: and torch.compile cannot trace them (code they reach runs eager)
 UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
 
-OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, e.cls, _reference(e.torch_class()), *_SPACES[e.name])
+def _in_train_mode(cls: type) -> type:
+    """``cls`` put in train mode at construction, for an optimizer with train()/eval() (schedule-free AdamW,
+    ours and the reference) that refuses a step in eval mode, its state when built: the generic tests step
+    right away, as for every other optimizer. tests/test_schedulefree.py tests the modes themselves."""
+    if not hasattr(cls, "train"):
+        return cls
+
+    def __init__(self, *args, **kwargs):
+        cls.__init__(self, *args, **kwargs)
+        self.train()
+
+    # named as the class (messages name it), found by pickle under a name of its own in this module
+    where = f"_in_train_mode_{cls.__module__.replace('.', '_')}_{cls.__name__}"
+    wrapped = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__, "__qualname__": where})
+    globals()[where] = wrapped
+    return wrapped
+
+
+def _grads_kept(cls: type) -> type:
+    """A reference whose ``step()`` overwrites ``p.grad`` (schedulefree's divides it in place by its
+    denominator) with the gradients put back afterwards: ours leaves them alone (tested), and the generic tests
+    accumulate into gradients across steps. The parameters and state are the reference's own."""
+    if "schedulefree" not in cls.__module__:
+        return cls
+
+    def step(self, closure=None):
+        grads = [(p, p.grad.clone()) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        loss = cls.step(self, closure)
+        for p, g in grads:
+            p.grad.copy_(g)
+        return loss
+
+    return type(cls.__name__, (cls,), {"step": step, "__module__": cls.__module__})
+
+
+OPTIMIZER_CASES = {e.name: OptimizerCase(e.name, _in_train_mode(e.cls),
+                                         _in_train_mode(_grads_kept(_reference(e.torch_class()))),
+                                         *_SPACES[e.name])
                    for e in kernels.catalog.optimizers() if e.name in _SPACES}
 OPTIMIZERS = {name: (c.ours, c.torch) for name, c in OPTIMIZER_CASES.items()}
 

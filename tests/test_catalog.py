@@ -15,15 +15,25 @@ from optadvisor.advisor._rules import LOSSES_FOR_TASK, OPTIMIZERS, PARAMS
 from optadvisor.kernels import catalog
 
 
+# the references whose class is named otherwise: ours is also importable under the reference's name
+_REFERENCE_NAMES = {"ScheduleFreeAdamW": "AdamWScheduleFree"}
+
+
+def test_reference_names_are_aliases():
+    assert kernels.AdamWScheduleFree is kernels.ScheduleFreeAdamW
+    assert "AdamWScheduleFree" in kernels.__all__
+
+
 def test_order_is_the_advisors_tie_break_order():
     """The import order in kernels/__init__.py is the catalog's order; the advisor breaks ties by it (Adam
     first): reordering those imports would change advice, so it is pinned here."""
     assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad",
                                                          "Adagrad8bit", "Adam8bit", "AdamW8bit", "SGD8bit",
                                                          "RMSprop8bit", "Lion", "Lion8bit", "NAdam",
-                                                         "NAdam8bit", "RAdam", "RAdam8bit"]
+                                                         "NAdam8bit", "RAdam", "RAdam8bit", "ScheduleFreeAdamW"]
     assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adagrad8bit", "Adam8bit", "AdamW8bit",
-                          "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit", "NAdam", "NAdam8bit", "RAdam", "RAdam8bit")
+                          "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit", "NAdam", "NAdam8bit", "RAdam", "RAdam8bit",
+                          "ScheduleFreeAdamW")
     assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
                                "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
 
@@ -40,12 +50,12 @@ def test_hyperparameters_are_the_signature(entry):
         default = sig[name].default
         assert hp.default == (None if default is inspect.Parameter.empty else default)
         assert hp.type in ("number", "list[number]", "bool") or (
-            name == "state" and hp.type in ("choice:param|bf16|8bit", "choice:8bit"))  # the state codec
+            name == "state" and hp.type in ("choice:param|bf16|8bit", "choice:param|bf16", "choice:8bit"))  # the codecs
     if entry.tasks or entry.kind == "optimizer":
         assert PARAMS[entry.name] == {n: p.type for n, p in entry.params.items()}
     assert getattr(kernels, entry.name) is entry.cls
     if entry.torch is not None:  # the 8-bit optimizers' counterpart: the same update with float state
-        assert entry.torch_class().__name__ == entry.name.removesuffix("8bit")
+        assert entry.torch_class().__name__ == _REFERENCE_NAMES.get(entry.name, entry.name.removesuffix("8bit"))
 
 
 def test_types_read_off_annotations():

@@ -457,6 +457,7 @@ LEGACY_KEYS = {"Adam": ["amsgrad", "maximize", "foreach", "capturable", "differe
 LEGACY_KEYS["AdamW"] = LEGACY_KEYS["Adam"]
 LEGACY_KEYS["Lion"] = []  # lion-pytorch has added no option to its groups
 LEGACY_KEYS["NAdam"] = ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"]
+LEGACY_KEYS["ScheduleFreeAdamW"] = []  # schedulefree's __init__ sets every option it has
 LEGACY_KEYS["RAdam"] = ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"]
 # built with options on, so that "the checkpoint predates the option: off" differs from "this optimizer's own"
 BUILT_WITH = {"Adam": dict(maximize=True, amsgrad=True), "AdamW": dict(maximize=True, amsgrad=True),
@@ -464,7 +465,8 @@ BUILT_WITH = {"Adam": dict(maximize=True, amsgrad=True), "AdamW": dict(maximize=
                                                                                      centered=True),
               "Adagrad": dict(maximize=True), "Lion": dict(weight_decay=0.1),
               "NAdam": dict(maximize=True, weight_decay=0.1, decoupled_weight_decay=True),
-              "RAdam": dict(maximize=True, weight_decay=0.1, decoupled_weight_decay=True)}
+              "RAdam": dict(maximize=True, weight_decay=0.1, decoupled_weight_decay=True),
+              "ScheduleFreeAdamW": dict(weight_decay=0.1, warmup_steps=3)}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -61,6 +61,8 @@ COMPILED_CONFIGS = [
                    maximize=True)),
     ("RAdam", dict(lr=0.01, weight_decay=0.1)),
     ("RAdam", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("ScheduleFreeAdamW", dict(lr=0.01)),
+    ("ScheduleFreeAdamW", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, warmup_steps=5, r=0.5)),
 ]
 
 
