@@ -16,6 +16,8 @@ from .optim.lion import Lion, Lion8bit
 from .optim.nadam import NAdam, NAdam8bit
 from .optim.radam import RAdam, RAdam8bit
 from .optim.schedulefree import ScheduleFreeAdamW
+from .optim.muon import Muon
+from .optim.hybrid import MuonWithAdamW, muon_with_adamw, split_for_muon
 AdamWScheduleFree = ScheduleFreeAdamW  # the schedulefree package's name for it: a drop-in import
 from .precision.blockwise import dequantize_state_dict
 from .losses.regression import HuberLoss, MSELoss, huber_loss, mse_loss
@@ -47,6 +49,8 @@ __all__ = [
                       "LinearCrossEntropyLoss",
                       "MSELoss",
                       "MultiMarginLoss",
+                      "Muon",
+                      "MuonWithAdamW",
                       "NAdam",
                       "NAdam8bit",
                       "RAdam",
@@ -62,7 +66,9 @@ __all__ = [
                       "linear_cross_entropy",
                       "list_optimizers",
                       "mse_loss",
+                      "muon_with_adamw",
                       "multi_margin_loss",
                       "param_groups",
+                      "split_for_muon",
                       "warmup",
 ]

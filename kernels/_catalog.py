@@ -104,6 +104,10 @@ def _members(annotation: Any) -> set:
 
 
 def _type_of(name: str, annotation: Any, owner: str) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Literal[...] | None: the words
+        words = [a for a in typing.get_args(annotation) if typing.get_origin(a) is Literal]
+        if len(words) == 1 and all(a is type(None) or a in words for a in typing.get_args(annotation)):
+            annotation = words[0]
     if typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in typing.get_args(annotation)):
         return CHOICE + "|".join(typing.get_args(annotation))  # one of these words (a state codec: "8bit")
     members = _members(annotation)

@@ -10,6 +10,8 @@ Names: every optimizer of ``kernels``' catalog in lower case (``adam``, ``adamw`
 ``<name>_bf16state`` (``state_dtype=torch.bfloat16``: bfloat16 moments, stochastic rounding) and
 ``<name>_kahan`` (``kahan_sum=True``: compensated bfloat16 weights); and timm's ``momentum`` (SGD, momentum 0.9)
 and ``nesterov`` (SGD, Nesterov momentum 0.9). Unlike timm, ``sgd`` is torch's SGD (no momentum unless given).
+``muon`` is :func:`kernels.muon_with_adamw` (Muon for hidden matrices, AdamW for the rest; ``kwargs`` go to
+Muon); ``schedulefreeadamw`` must be put in train mode (``opt.train()``) before stepping, as its reference.
 
 Groups:
 - ``no_decay_bias_and_norm=True`` (timm's ``filter_bias_and_bn``): parameters of one dimension or fewer (biases,
@@ -41,7 +43,7 @@ def _registry() -> dict[str, tuple[type, dict[str, Any]]]:
         base = e.name.lower()
         out[base] = (e.cls, {})
         accepted = inspect.signature(e.cls).parameters
-        if "state_dtype" in accepted:
+        if "state_dtype" in accepted and "bf16" in (e.params["state"].type if "state" in e.params else "bf16"):
             out[f"{base}_bf16state"] = (e.cls, {"state_dtype": torch.bfloat16})
         if "kahan_sum" in accepted:
             out[f"{base}_kahan"] = (e.cls, {"kahan_sum": True})
@@ -126,6 +128,9 @@ def create_optimizer(model: torch.nn.Module, name: str, lr: float | None = None,
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"create_optimizer: unknown optimizer {name!r}.{hint} Known: {', '.join(reg)}")
     cls, variant = reg[name.lower()]
+    if cls.__name__ == "Muon":  # matrices only: Muon for the hidden ones, AdamW for the rest
+        return _muon_hybrid(model, lr, weight_decay, layer_decay, no_decay_bias_and_norm, no_decay_embeddings,
+                            kwargs)
     signature = inspect.signature(cls).parameters
     clash = sorted(set(kwargs) & set(variant))
     if clash:
@@ -144,3 +149,15 @@ def create_optimizer(model: torch.nn.Module, name: str, lr: float | None = None,
     if lr is not None:
         options["lr"] = lr
     return cls(groups, **options)
+
+
+def _muon_hybrid(model: torch.nn.Module, lr: float | None, weight_decay: float | None, layer_decay: float | None,
+                 no_decay_bias_and_norm: bool, no_decay_embeddings: bool, kwargs: dict[str, Any]):
+    from .optim.hybrid import muon_with_adamw
+
+    if layer_decay is not None or not no_decay_bias_and_norm or no_decay_embeddings:
+        raise ValueError("create_optimizer: 'muon' builds kernels.muon_with_adamw (Muon for hidden matrices, "
+                         "AdamW without decay on biases and norms); layer_decay, no_decay_bias_and_norm=False and "
+                         "no_decay_embeddings do not apply: build the two optimizers yourself for those")
+    return muon_with_adamw(model, 1e-3 if lr is None else lr, 0.1 if weight_decay is None else weight_decay,
+                           muon_kwargs=kwargs)

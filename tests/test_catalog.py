@@ -30,10 +30,10 @@ def test_order_is_the_advisors_tie_break_order():
     assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad",
                                                          "Adagrad8bit", "Adam8bit", "AdamW8bit", "SGD8bit",
                                                          "RMSprop8bit", "Lion", "Lion8bit", "NAdam",
-                                                         "NAdam8bit", "RAdam", "RAdam8bit", "ScheduleFreeAdamW"]
+                                                         "NAdam8bit", "RAdam", "RAdam8bit", "ScheduleFreeAdamW", "Muon"]
     assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adagrad8bit", "Adam8bit", "AdamW8bit",
                           "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit", "NAdam", "NAdam8bit", "RAdam", "RAdam8bit",
-                          "ScheduleFreeAdamW")
+                          "ScheduleFreeAdamW", "Muon")
     assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
                                "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
 
@@ -50,7 +50,8 @@ def test_hyperparameters_are_the_signature(entry):
         default = sig[name].default
         assert hp.default == (None if default is inspect.Parameter.empty else default)
         assert hp.type in ("number", "list[number]", "bool") or (
-            name == "state" and hp.type in ("choice:param|bf16|8bit", "choice:param|bf16", "choice:8bit"))  # the codecs
+            name == "state" and hp.type in ("choice:param|bf16|8bit", "choice:param", "choice:8bit")  # the codecs
+            or (name, hp.type) == ("adjust_lr_fn", "choice:original|match_rms_adamw"))  # Muon's words
     if entry.tasks or entry.kind == "optimizer":
         assert PARAMS[entry.name] == {n: p.type for n, p in entry.params.items()}
     assert getattr(kernels, entry.name) is entry.cls
@@ -139,7 +140,7 @@ def test_every_kind_of_annotation_maps_to_its_rule_type():
 
 @pytest.mark.parametrize("entry", catalog.optimizers(), ids=lambda e: e.name)
 def test_build_optimizer_for_every_catalog_optimizer(entry):
-    p = torch.nn.Parameter(torch.randn(3))
+    p = torch.nn.Parameter(torch.randn(3, 2) if entry.name == "Muon" else torch.randn(3))  # Muon: matrices only
     opt = build_optimizer(Choice(name=entry.name, params={"lr": 0.01}, score=0.0), [p])
     assert type(opt) is entry.cls and opt.param_groups[0]["lr"] == 0.01
     with pytest.raises(ValueError, match=f"{entry.name} is an optimizer, not a loss"):
@@ -218,9 +219,10 @@ def test_arguments_and_param_groups_are_torchs(entry, variant):
         elif variant == "fused=True" and "fused" in torch_sig:
             kw["fused"] = True
         elif variant == "nesterov" and "nesterov" in torch_sig:
-            kw.update(nesterov=True, dampening=0)
-    ours = ours_cls([torch.nn.Parameter(torch.ones(2))], **kw)
-    ref = torch_cls([torch.nn.Parameter(torch.ones(2))], **kw)
+            kw.update(nesterov=True, **({"dampening": 0} if "dampening" in torch_sig else {}))
+    shape = (2, 2) if entry.name == "Muon" else (2,)  # Muon: matrices only
+    ours = ours_cls([torch.nn.Parameter(torch.ones(shape))], **kw)
+    ref = torch_cls([torch.nn.Parameter(torch.ones(shape))], **kw)
     group, ref_group = ({k: v for k, v in g.param_groups[0].items() if k != "params"} for g in (ours, ref))
     if kw.get("fused"):
         assert group.pop("fused") is None

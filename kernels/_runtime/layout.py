@@ -161,27 +161,21 @@ class StateBuffers:
             self.common_step = None  # a scalar state that differs between parameters: the per-run path
 
     def host_values(self, declared: dict[str, float]) -> dict[str, torch.Tensor]:
-        """The optimizer's per-parameter scalar state (NAdam's ``mu_product``; see
-        ``FusedOptimizer._host_state``): one float32 host tensor per key, an element per parameter, made
-        with its initial value on first use."""
+        """Per-parameter scalar state (``FusedOptimizer._host_state``): a float32 host tensor per key."""
         host = self.__dict__.setdefault("host_state", {})
         for key, value in declared.items():
             if key not in host:
                 host[key] = torch.full((len(self.host_steps),), float(value), dtype=scalar_dtype())
         return host
 
-    def cast_host_state(self, dtype: torch.dtype | None) -> None:
-        """The scalar state in ``dtype`` (None: float32, torch's fresh state's)."""
+    def cast_host_state(self, dtype: torch.dtype | None) -> None:  # None: float32 (torch's fresh state's)
         host = self.__dict__.get("host_state", {})
-        for key, t in host.items():
-            host[key] = t.to(dtype or scalar_dtype())
+        host.update({key: t.to(dtype or scalar_dtype()) for key, t in host.items()})
 
     def run_keys(self, declared: dict[str, float]) -> list[Any]:
-        """What a run's parameters must share (``runs``): their step count, and their scalar state's values."""
-        if not declared:
-            return self.host_steps
-        columns = [t.tolist() for t in self.host_values(declared).values()]
-        return list(zip(self.host_steps, *columns))
+        """What a run's parameters share (``runs``): their step count, and their scalar state's values."""
+        return list(zip(self.host_steps, *[t.tolist() for t in self.host_values(declared).values()])) \
+            if declared else self.host_steps
 
 
 class Bucket(StateBuffers):

@@ -196,9 +196,16 @@ _DOC_8BIT = r""":class:`{0}` with ``exp_avg``/``exp_avg_sq`` stored as block-wis
     blockwise_8bit``) wraps :class:`{0}`'s. Args: as :class:`{0}`, plus keyword-only ``block_size=256`` and
     ``min_8bit_size=4096`` (see :class:`kernels.Adam8bit`). Parameters must be float32, bfloat16 or float16.
 
+    .. math::
+        \hat m_t = \operatorname{{sign}}(k)(k/127)^2 a_m,\quad \hat v_t = ((d+1)/256)^2 a_v
+        \quad (\text{{the update of }} {0} \text{{ on the decoded moments, re-encoded per block}})
+
     Example::
 
         >>> opt = kernels.{0}8bit(model.parameters(), lr=1e-3)
+
+    References: as :class:`{0}`; T. Dettmers, M. Lewis, S. Shleifer, L. Zettlemoyer, "8-bit Optimizers via
+    Block-wise Quantization", ICLR 2022.
     """
 
 

@@ -93,10 +93,11 @@ class ScheduleFreeAdamW(BF16State, FusedOptimizer):
     leaves ``p.grad`` as it was (the reference divides it in place by the denominator).
 
     Precision, keyword-only: ``kahan_sum=True`` compensates bfloat16/float16 parameters' rounding (``y``;
-    ``z`` stays in the parameters' dtype, as the reference keeps it); ``state="bf16"`` (or
-    ``state_dtype=torch.bfloat16``) keeps ``z`` and ``exp_avg_sq`` of float32 parameters in bfloat16 with
-    stochastic rounding. No 8-bit form: ``z`` is a second copy of the weights, not a moment, and 8-bit codes
-    would round it away (``state="8bit"`` is refused).
+    ``z`` stays in the parameters' dtype, as the reference keeps it, and its rounding limits the gain: 200 steps
+    on a 64x64 quadratic, mean distance to float32 training 0.059 against plain bfloat16's 0.077). No
+    bfloat16 or 8-bit state: ``z`` is a second copy of the weights, not a moment — bfloat16 ``z`` of float32
+    weights (stochastically rounded) moved them by up to 0.10 from float32 training in that test, and 8-bit
+    codes would round it away (both refused by name).
 
     Example::
 
@@ -118,7 +119,7 @@ class ScheduleFreeAdamW(BF16State, FusedOptimizer):
     def __init__(self, params: Any, lr: float | torch.Tensor = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, foreach: bool | None = True, *, fused: bool | None = None,
-                 state: Literal["param", "bf16"] = "param", state_dtype: torch.dtype | None = None,
+                 state: Literal["param"] = "param", state_dtype: torch.dtype | None = None,
                  kahan_sum: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= eps:
@@ -135,6 +136,11 @@ class ScheduleFreeAdamW(BF16State, FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, r=r, k=0, warmup_steps=warmup_steps, train_mode=False,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, weight_lr_power=weight_lr_power,
                         weight_decay=weight_decay, foreach=foreach)
+        if state == "bf16" or state_dtype is torch.bfloat16:
+            raise ValueError("ScheduleFreeAdamW: bfloat16 state is not available: z is a second copy of the "
+                             "weights, not a moment, and rounding it to bfloat16 (even stochastically) moved "
+                             "float32 weights by up to 0.10 in 200 steps of a 64x64 quadratic; use "
+                             "kahan_sum=True with bfloat16 weights, or float32 state")
         defaults.update(precision_options(type(self).__name__, state, state_dtype, kahan_sum))
         self._now: dict[int, ScheduleFreeScalars] = {}
         super().__init__(params, defaults, fused)
@@ -224,9 +230,20 @@ class ScheduleFreeAdamW(BF16State, FusedOptimizer):
                 # (self.state is a defaultdict: as the reference's, this makes an empty entry for a parameter
                 # without state, which its state_dict() then lists: checkpoints have the same layout)
                 z = self.state[p].get("z")
-                if z is not None:
-                    p.lerp_(end=z.to(p.device), weight=weight)
+                if z is None:
+                    continue
+                comp = self.state[p].get("kahan_comp")
+                if comp is None:  # z may be bfloat16 state of a float32 parameter: read in the parameter's dtype
+                    p.lerp_(end=z.to(p.device, p.dtype), weight=weight)
+                else:  # a compensated bfloat16/float16 parameter: moved in float32 with what rounding lost
+                    full = p.float() + comp.float()
+                    full.lerp_(z.float(), weight)
+                    p.copy_(full)
+                    comp.copy_(full - p.float())
             group["train_mode"] = to_train
+        for bucket in self._buckets:  # the moves above are ours: the compensation stays (see BF16State)
+            if getattr(bucket, "kahan_versions", None) is not None:
+                bucket.kahan_versions = [p._version for p in bucket.params]
 
     @torch.no_grad()
     def eval(self) -> None:
