@@ -17,6 +17,7 @@ from .optim.nadam import NAdam, NAdam8bit
 from .optim.radam import RAdam, RAdam8bit
 from .optim.schedulefree import ScheduleFreeAdamW
 from .optim.muon import Muon
+from .optim.adafactor import Adafactor
 from .optim.hybrid import MuonWithAdamW, muon_with_adamw, split_for_muon
 AdamWScheduleFree = ScheduleFreeAdamW  # the schedulefree package's name for it: a drop-in import
 from .precision.blockwise import dequantize_state_dict
@@ -34,6 +35,7 @@ __all__ = [
                       "SGD",
                       "SGD8bit",
                       "ScheduleFreeAdamW",
+                      "Adafactor",
                       "Adagrad",
                       "Adagrad8bit",
                       "Adam",

@@ -30,10 +30,11 @@ def test_order_is_the_advisors_tie_break_order():
     assert [e.name for e in catalog.optimizers()] == ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad",
                                                          "Adagrad8bit", "Adam8bit", "AdamW8bit", "SGD8bit",
                                                          "RMSprop8bit", "Lion", "Lion8bit", "NAdam",
-                                                         "NAdam8bit", "RAdam", "RAdam8bit", "ScheduleFreeAdamW", "Muon"]
+                                                         "NAdam8bit", "RAdam", "RAdam8bit", "ScheduleFreeAdamW", "Muon",
+                                                         "Adafactor"]
     assert OPTIMIZERS == ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adagrad8bit", "Adam8bit", "AdamW8bit",
                           "SGD8bit", "RMSprop8bit", "Lion", "Lion8bit", "NAdam", "NAdam8bit", "RAdam", "RAdam8bit",
-                          "ScheduleFreeAdamW", "Muon")
+                          "ScheduleFreeAdamW", "Muon", "Adafactor")
     assert LOSSES_FOR_TASK == {"regression": ("MSELoss", "HuberLoss"),
                                "classification": ("CrossEntropyLoss", "MultiMarginLoss", "HingeLoss")}
 
@@ -214,6 +215,8 @@ def test_arguments_and_param_groups_are_torchs(entry, variant):
         kw = {k: v for k, v in _NON_DEFAULT.items() if k in torch_sig}
         if entry.name.endswith("8bit"):
             kw = {k: v for k, v in kw.items() if k not in _REFUSED_BY_8BIT}
+        if entry.name == "Adafactor":  # its eps is a pair (epsilon1, epsilon2)
+            kw.update(eps=(1e-30, 1e-4), beta2_decay=-0.5, d=2.0)
         if variant == "foreach=False" and "foreach" in torch_sig:  # (lion-pytorch's Lion has none)
             kw["foreach"] = False
         elif variant == "fused=True" and "fused" in torch_sig:

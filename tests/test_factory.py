@@ -119,7 +119,7 @@ def test_frozen_parameters_are_left_out():
 
 def test_bad_input():
     model = Net()
-    with pytest.raises(ValueError, match=r"unknown optimizer 'adamww'\. Did you mean 'adamw'.*Known: adagrad, adagrad8bit, "
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamww'\. Did you mean 'adamw'.*Known: adafactor, adagrad, adagrad8bit, "
                                          r"adagrad_bf16state, adagrad_kahan, adam,"):
         create_optimizer(model, "adamww")
     with pytest.raises(ValueError, match="unknown optimizer 'shampoo'"):
@@ -148,7 +148,7 @@ def test_nested_children_boundaries_and_exact_messages():
     assert {g["lr_scale"] for g in create_optimizer(Net(), "adam", layer_decay=1).param_groups} == {1.0}
     with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\] or None \(got 0\)"):
         create_optimizer(Net(), "adam", layer_decay=0)
-    with pytest.raises(ValueError, match=r"^create_optimizer: unknown optimizer 'zzzzzz'\. Known: adagrad, adagrad8bit, "
+    with pytest.raises(ValueError, match=r"^create_optimizer: unknown optimizer 'zzzzzz'\. Known: adafactor, adagrad, adagrad8bit, "
                                          r"adagrad_bf16state, adagrad_kahan, adam, "):
         create_optimizer(Net(), "zzzzzz")
     with pytest.raises(ValueError, match=r"Did you mean 'adamw', 'adam', 'radam'\? Known"):

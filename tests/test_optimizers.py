@@ -725,6 +725,7 @@ def test_every_catalog_optimizer_has_a_case():
     and test_quantized_sgd_rmsprop.py hold them to references of their own algorithms."""
     quantized = ["Adam8bit", "AdamW8bit", "SGD8bit", "RMSprop8bit", "Lion8bit", "Adagrad8bit", "NAdam8bit", "RAdam8bit"]
     matrices_only = ["Muon"]  # 2-D parameters only: tests/test_muon.py draws matrices and holds it to torch's
+    matrices_only += ["Adafactor"]  # not a flat-buffer optimizer (reductions per tensor): tests/test_adafactor.py
     assert sorted(list(OPTIMIZERS) + quantized + matrices_only) == sorted(e.name for e in kernels.catalog.optimizers())
 
 

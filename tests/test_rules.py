@@ -487,6 +487,7 @@ def test_explain_is_exactly_this_text(tmp_path):
         "  - optimizer RAdam8bit (score 0): 2 below Adam (for it: no rule supports it)",
         "  - optimizer ScheduleFreeAdamW (score 0): 2 below Adam (for it: no rule supports it)",
         "  - optimizer Muon (score 0): 2 below Adam (for it: no rule supports it)",
+        "  - optimizer Adafactor (score 0): 2 below Adam (for it: no rule supports it)",
         "  - loss MSELoss (score 0): 1.5 below HuberLoss (for it: no rule supports it)",
         "",
         "Notes:",
@@ -573,7 +574,7 @@ def test_fact_types_are_read_off_the_profile_fields():
 
 
 _KNOWN = ("Adam, AdamW, SGD, RMSprop, Adagrad, Adagrad8bit, Adam8bit, AdamW8bit, SGD8bit, RMSprop8bit, Lion, "
-          "Lion8bit, NAdam, NAdam8bit, RAdam, RAdam8bit, ScheduleFreeAdamW, Muon, MSELoss, HuberLoss, CrossEntropyLoss, MultiMarginLoss, HingeLoss, recipe")
+          "Lion8bit, NAdam, NAdam8bit, RAdam, RAdam8bit, ScheduleFreeAdamW, Muon, Adafactor, MSELoss, HuberLoss, CrossEntropyLoss, MultiMarginLoss, HingeLoss, recipe")
 _FACTS_BAD = {"task": "regression", "n_samples": -1, "n_features": -1, "n_classes": -5}
 EXACT = [
     (rule(then={"params": {"Adamax": {"lr": 0.1}}}), f"unknown candidate 'Adamax'; known: {_KNOWN}"),
