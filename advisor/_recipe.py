@@ -197,6 +197,8 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
     untrained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
     if untrained:  # create_optimizer groups every trainable parameter: this would be a bug of ours
         raise RuntimeError(f"{where}: parameters in no group: {', '.join(untrained)}")
+    if hasattr(optimizer, "train"):  # schedule-free AdamW steps in train mode (optimizer.eval() to evaluate)
+        optimizer.train()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(spec, steps))
     return Recipe(optimizer=optimizer, scheduler=scheduler, loss=rec.build_loss(), max_grad_norm=spec.max_grad_norm,
                   total_steps=steps, warmup_steps=warmup, spec=spec)

@@ -66,7 +66,8 @@ def optimizer_rows(quick: bool, rounds: int, device: str, results: list[dict],
             fns["bound"] = probe
             t = interleaved(fns, rounds)
             gbps = 12 * probe_n / t.pop("bound")
-            bound = BYTES_PER_ELEMENT[case] * n / gbps
+            # (None: no bandwidth bound stated — Adafactor's reductions read the gradient more than once)
+            bound = BYTES_PER_ELEMENT[case] * n / gbps if BYTES_PER_ELEMENT[case] else float("nan")
             best = min(paths, key=lambda k: t[k])
             mem_ours = mem_best = float("nan")  # --quick: one workload per case is enough to check it runs
             measure = not quick or wl_name == next(iter(workloads(quick, device)))

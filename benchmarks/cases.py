@@ -81,23 +81,28 @@ def make_optimizer(case: str, path: str, shapes: list[tuple[int, ...]], device: 
     ``set_to_none=True`` loop: the step reads large ones where they lie and copies the small ones in) or
     ours-eager."""
     ours_cls, torch_cls, kw, _ = OPTIMIZER_CASES[case]
+    if ours_cls.__name__ == "Muon":  # matrices only: each tensor as (rows, the rest), a vector as one row
+        shapes = [(s[0], torch.Size(s[1:]).numel()) if len(s) >= 2 else (1, torch.Size(s).numel()) for s in shapes]
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1) for s in shapes]
     grads = [torch.randn_like(p) * 0.01 for p in params]
     for p, g in zip(params, grads):
         p.grad = g
+    fused = {"fused": True} if "fused" in inspect.signature(ours_cls).parameters else {}  # (Adafactor: no buffer)
     if path in ("ours", "ours-copy"):
-        opt = ours_cls(params, fused=True, **kw, **extra)
-        if path == "ours":
+        opt = ours_cls(params, **fused, **kw, **extra)
+        if path == "ours" and fused:
             opt.zero_grad(set_to_none=False)  # gradients become views of the optimizer's buffer, zeroed
             for p in params:
                 p.grad.normal_(0, 0.01)
     elif path == "ours-eager":
-        opt = ours_cls(params, fused=False, **kw)
+        opt = ours_cls(params, **{k: False for k in fused}, **kw)
     else:
         selector = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
         if "foreach" not in inspect.signature(torch_cls).parameters:  # a reference package's one path
             selector["forloop"] = {}
         opt = torch_cls(params, **selector[path], **kw)
+    if hasattr(opt, "train"):  # schedule-free: steps in train mode
+        opt.train()
     opt.step()  # warm-up: state allocated, compile done
     opt.step()
     return opt

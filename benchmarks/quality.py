@@ -101,7 +101,7 @@ def _digits(seed: int, opt_cls, steps: int, lr: float, dtype: torch.dtype = torc
     net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                               torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(dtype)
     x = x.to(dtype)
-    opt = opt_cls(net.parameters(), lr=lr)
+    opt = _build(opt_cls, net, lr)
     gen = torch.Generator().manual_seed(seed)
     curve = []
     for step in range(1, steps + 1):
@@ -111,9 +111,33 @@ def _digits(seed: int, opt_cls, steps: int, lr: float, dtype: torch.dtype = torc
         loss.backward()
         opt.step()
         if step % EVAL_EVERY == 0:
-            with torch.no_grad():
+            with torch.no_grad(), _evaluating(opt):
                 curve.append(torch.nn.functional.cross_entropy(net(x[cut:]).float(), y[cut:]).item())
     return curve
+
+
+def _build(opt_cls, model: torch.nn.Module, lr: float):
+    """The optimizer over ``model``: ``opt_cls(model.parameters(), lr=lr)``, or ``opt_cls(model, lr=lr)`` for a
+    factory that splits the model itself (``takes_model``: the Muon hybrid); schedule-free put in train mode."""
+    opt = opt_cls(model, lr=lr) if getattr(opt_cls, "takes_model", False) else opt_cls(model.parameters(), lr=lr)
+    if hasattr(opt, "train"):
+        opt.train()
+    return opt
+
+
+class _evaluating:
+    """Evaluate at the optimizer's evaluation point: schedule-free's average (eval(), then train() again)."""
+
+    def __init__(self, opt):
+        self.opt = opt if hasattr(opt, "eval") else None
+
+    def __enter__(self):
+        if self.opt is not None:
+            self.opt.eval()
+
+    def __exit__(self, *exc):
+        if self.opt is not None:
+            self.opt.train()
 
 
 def _corpus() -> str:
@@ -148,7 +172,7 @@ def _charlm(seed: int, opt_cls, steps: int, lr: float, dtype: torch.dtype = torc
     cut = int(0.9 * len(data))
     torch.manual_seed(seed)
     model = _CharLM(len(chars), context=context).to(dtype)
-    opt = opt_cls(model.parameters(), lr=lr)
+    opt = _build(opt_cls, model, lr)
     gen = torch.Generator().manual_seed(seed)
     val_starts = torch.arange(cut, len(data) - context - 1, (len(data) - cut) // 64)[:64]
 
@@ -164,7 +188,7 @@ def _charlm(seed: int, opt_cls, steps: int, lr: float, dtype: torch.dtype = torc
         loss.backward()
         opt.step()
         if step % EVAL_EVERY == 0:
-            with torch.no_grad():
+            with torch.no_grad(), _evaluating(opt):
                 vx, vy = xy(val_starts)
                 curve.append(torch.nn.functional.cross_entropy(model(vx).flatten(0, 1).float(),
                                                                vy.flatten()).item())
@@ -199,6 +223,47 @@ FAMILIES = {
              (1e-4, 3e-4)),
 
 }
+
+
+def _muon_hybrid(model, lr):
+    return kernels.muon_with_adamw(model, lr=lr, weight_decay=0.01)
+
+
+_muon_hybrid.takes_model = True
+# the optimizers of the modern-optimizers issue beside AdamW, each at its advised settings: one learning rate per
+# task where the optimizer's scale is AdamW's (NAdamW, RAdam, schedule-free AdamW — its warmup 5% of the steps,
+# evaluated at its average —, Muon + AdamW with the RMS-matched scaling), its own where it differs (Lion: 10x
+# lower; Adafactor: its relative step, capped by lr = 1e-2, torch's default)
+MODERN = {"AdamW": (kernels.AdamW, 1.0), "NAdamW": (functools.partial(kernels.NAdam, weight_decay=0.01,
+                                                                         decoupled_weight_decay=True), 1.0),
+          "RAdam": (kernels.RAdam, 1.0), "ScheduleFreeAdamW": ("schedulefree", 1.0),
+          "Muon + AdamW": (_muon_hybrid, 1.0), "Lion": (kernels.Lion, 0.1), "Adafactor": (kernels.Adafactor, None)}
+
+
+def modern_rows(quick: bool, steps_lm: int, seeds_lm: int) -> tuple[list[str], dict]:
+    """Final validation loss of each MODERN optimizer on the digits MLP (600 steps, 3 seeds) and the character
+    LM (``steps_lm`` steps, ``seeds_lm`` seeds), at AdamW's learning rate of FAMILIES times its factor."""
+    runs = {"digits MLP": (_digits, (0, 1, 2) if not quick else (0,), 100 if quick else 600),
+            "char transformer LM": (_charlm, tuple(range(seeds_lm)), 100 if quick else steps_lm)}
+    base = dict(zip(TASKS, FAMILIES["AdamW"][1]))
+    rows = ["| task | steps | seeds | " + " | ".join(MODERN) + " |", "|---|---|---|" + "---|" * len(MODERN)]
+    curves: dict = {}
+    for task, (fn, seeds, steps) in runs.items():
+        finals = {}
+        for name, (cls, factor) in MODERN.items():
+            lr = 1e-2 if factor is None else base[task] * factor
+            if cls == "schedulefree":
+                cls = functools.partial(kernels.ScheduleFreeAdamW, warmup_steps=max(1, steps // 20))
+            per_seed = [fn(seed, cls, steps, lr) for seed in seeds]
+            finals[name] = (sum(c[-1] for c in per_seed) / len(per_seed), lr)
+            curves.setdefault(f"modern: {task}", {})[name] = [
+                sum(c[i] for c in per_seed) / len(per_seed) for i in range(len(per_seed[0]))]
+            print(f"{task} {name} lr={lr:g}: {finals[name][0]:.4f}", flush=True)
+        best = min(v for v, _ in finals.values())
+        rows.append(f"| {task} | {steps} | {len(seeds)} | " + " | ".join(
+            f"{v:.4f} (lr {lr:g}){' **best**' if v == best else f', {(v - best) / best:+.1%}'}"
+            for v, lr in finals.values()) + " |")
+    return rows, curves
 
 
 def quality_rows(quick: bool, families: list[str]) -> tuple[list[str], dict]:
@@ -264,14 +329,23 @@ def main(argv: list[str]) -> int:
                     help="optimizer families to run (default: all)")
     ap.add_argument("--skip-memory", action="store_true", help="no state-memory and step-time table")
     ap.add_argument("--skip-training", action="store_true", help="only the state-memory and step-time table")
+    ap.add_argument("--modern", action="store_true",
+                    help="only the modern optimizers at their advised settings beside AdamW (MODERN)")
+    ap.add_argument("--lm-steps", type=int, default=1500, help="--modern: character-LM steps")
+    ap.add_argument("--lm-seeds", type=int, default=2, help="--modern: character-LM seeds")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     rounds = args.rounds or (3 if args.quick else 15)
     where = f"{platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}"
     header = [f"Machine: {where}. Command: python -m benchmarks quality {' '.join(argv)}".rstrip(), ""]
     print("\n".join(header), flush=True)
+    if args.modern:
+        args.skip_memory = True
     mem, mem_json = ([], []) if args.skip_memory else memory_rows(args.quick, rounds, args.families)
-    qual, curves = ([], {}) if args.skip_training else quality_rows(args.quick, args.families)
+    if args.modern:
+        qual, curves = modern_rows(args.quick, args.lm_steps, args.lm_seeds)
+    else:
+        qual, curves = ([], {}) if args.skip_training else quality_rows(args.quick, args.families)
     os.makedirs(args.out, exist_ok=True)
     note = _plot(curves, os.path.join(args.out, "quality.png")) if curves else "no training runs: no quality.png"
     with open(os.path.join(args.out, "quality.json"), "w") as fh:

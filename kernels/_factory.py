@@ -155,9 +155,9 @@ def _muon_hybrid(model: torch.nn.Module, lr: float | None, weight_decay: float |
                  no_decay_bias_and_norm: bool, no_decay_embeddings: bool, kwargs: dict[str, Any]):
     from .optim.hybrid import muon_with_adamw
 
-    if layer_decay is not None or not no_decay_bias_and_norm or no_decay_embeddings:
+    if layer_decay is not None or not no_decay_bias_and_norm:
         raise ValueError("create_optimizer: 'muon' builds kernels.muon_with_adamw (Muon for hidden matrices, "
-                         "AdamW without decay on biases and norms); layer_decay, no_decay_bias_and_norm=False and "
-                         "no_decay_embeddings do not apply: build the two optimizers yourself for those")
+                         "AdamW without decay on biases and norms); layer_decay and no_decay_bias_and_norm=False "
+                         "do not apply: build the two optimizers yourself for those")
     return muon_with_adamw(model, 1e-3 if lr is None else lr, 0.1 if weight_decay is None else weight_decay,
-                           muon_kwargs=kwargs)
+                           muon_kwargs=kwargs, no_decay_embeddings=no_decay_embeddings)

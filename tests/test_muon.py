@@ -209,3 +209,27 @@ def test_hybrid_is_one_optimizer_for_schedulers_and_checkpoints():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="add a parameter group to .muon or .adamw"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))]})
+
+
+def test_the_factory_and_the_recipe_build_the_hybrid():
+    """create_optimizer(model, "muon") is muon_with_adamw (kwargs to Muon; embeddings undecayed on request);
+    a recommendation whose optimizer is Muon builds it through rec.build, every parameter in a group."""
+    from optadvisor.advisor import advise
+    from optadvisor.advisor._engine import Choice
+
+    model = _Net()
+    opt = kernels.create_optimizer(model, "muon", lr=2e-3, no_decay_embeddings=True, ns_steps=3)
+    assert isinstance(opt, kernels.MuonWithAdamW) and opt.muon.param_groups[0]["ns_steps"] == 3
+    no_decay = next(g for g in opt.adamw.param_groups if g["weight_decay"] == 0.0)
+    assert any(p is model.emb.weight for p in no_decay["params"])
+    with pytest.raises(ValueError, match="layer_decay and no_decay_bias_and_norm=False do not apply"):
+        kernels.create_optimizer(model, "muon", layer_decay=0.5)
+    rec = advise(task="classification", n_samples=1000)
+    rec = rec.model_copy(update={"optimizer": Choice(name="Muon", params={"lr": 1e-3}, score=0.0)})
+    recipe = rec.build(model, total_steps=10)
+    assert isinstance(recipe.optimizer, kernels.MuonWithAdamW)
+    assert sum(len(g["params"]) for g in recipe.optimizer.param_groups) == len(list(model.parameters()))
+    x = torch.randint(0, 50, (4,))
+    torch.nn.functional.cross_entropy(model(x), x).backward()
+    recipe.optimizer.step()
+    recipe.scheduler.step()

@@ -150,12 +150,12 @@ class MuonWithAdamW(Optimizer):
 def muon_with_adamw(model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.1, *,
                     route: Route | None = None, adjust_lr_fn: str | None = "match_rms_adamw",
                     muon_kwargs: dict[str, Any] | None = None, adamw_kwargs: dict[str, Any] | None = None,
-                    fused: bool | None = None) -> MuonWithAdamW:
+                    no_decay_embeddings: bool = False, fused: bool | None = None) -> MuonWithAdamW:
     """Muon for ``model``'s hidden matrices, AdamW for the rest (see :func:`split_for_muon`), as one
     optimizer. One learning rate and weight decay serve both: Muon's updates are scaled by
     ``adjust_lr_fn="match_rms_adamw"`` (``0.2 sqrt(max(rows, cols))``, Liu et al. 2025) so that their RMS
     matches AdamW's and AdamW's tuned values carry over. AdamW decays only tensors of two or more dimensions
-    (not biases and norms' gains). ``muon_kwargs``/``adamw_kwargs`` pass anything else to either optimizer
+    (not biases and norms' gains; nor embeddings with ``no_decay_embeddings=True``). ``muon_kwargs``/``adamw_kwargs`` pass anything else to either optimizer
     (e.g. ``adamw_kwargs={"betas": (0.9, 0.95)}``, ``muon_kwargs={"lr": 0.02, "adjust_lr_fn": None}``).
 
     Example::
@@ -168,8 +168,10 @@ def muon_with_adamw(model: torch.nn.Module, lr: float = 1e-3, weight_decay: floa
     muon = Muon([named[n] for n in muon_names], **{"lr": lr, "weight_decay": weight_decay,
                                                   "adjust_lr_fn": adjust_lr_fn, "fused": fused,
                                                   **(muon_kwargs or {})}) if muon_names else None
-    decay = [named[n] for n in adamw_names if named[n].ndim >= 2]
-    no_decay = [named[n] for n in adamw_names if named[n].ndim < 2]
+    embeddings = {id(m.weight) for m in model.modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))} if no_decay_embeddings else set()
+    decay = [named[n] for n in adamw_names if named[n].ndim >= 2 and id(named[n]) not in embeddings]
+    no_decay = [named[n] for n in adamw_names if named[n].ndim < 2 or id(named[n]) in embeddings]
     groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     adamw = AdamW(groups, **{"lr": lr, "weight_decay": weight_decay, "fused": fused,
                              **(adamw_kwargs or {})}) if groups else None
