@@ -18,7 +18,7 @@ from optadvisor import kernels
 adafactor_kwargs = st.fixed_dictionaries(dict(
     lr=st.sampled_from([1e-2, 1e-3, 0.5]), beta2_decay=st.sampled_from([-0.8, -0.5, 0.0]),
     eps=st.sampled_from([(None, 1e-3), (1e-30, 1e-3), (None, 0.0)]), d=st.sampled_from([1.0, 2.0]),
-    weight_decay=st.sampled_from([0.0, 0.1]), maximize=st.booleans()))
+    weight_decay=st.sampled_from([0.0, 0.1, 1.0]), maximize=st.booleans()))
 
 
 def _run(specs, kw, dtype, steps, seed, none_prob=0.2):
@@ -128,3 +128,107 @@ def test_refusals():
     with pytest.raises(ValueError, match=r"state of parameter 0: 'row_var' must be a tensor of shape \(2, 1\)"):
         opt.load_state_dict(bad)
     assert torch.equal(opt.state[p]["row_var"], good["state"][0]["row_var"])
+
+
+def test_messages_word_for_word_and_boundaries():
+    """Found by mutation testing (mutmut, kernels.optim.adafactor: 266 of 333 killed before these): the
+    refusals' exact words, lr 0 and a one-element tensor lr accepted, a two-element one refused."""
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    for kw, message in [(dict(weight_decay=-1.0), "weight_decay should be >= 0 but is: -1.0"),
+                        (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
+                        (dict(eps=(None, -1.0)), "epsilon2 should be >= 0 but is: -1.0")]:
+        with pytest.raises(ValueError) as ours:
+            kernels.Adafactor([p], **kw)
+        with pytest.raises(ValueError) as theirs:
+            torch.optim.Adafactor([p], **kw)
+        assert str(ours.value) == str(theirs.value) == message
+    with pytest.raises(ValueError) as info:
+        kernels.Adafactor([p], eps=(1e-3,))
+    assert str(info.value) == ("Adafactor: eps must be a pair (epsilon1 or None, epsilon2), got (0.001,) (1); "
+                               "torch.optim.Adafactor fails at its first step with 'too many values to unpack' "
+                               "or 'not enough values to unpack' for it")
+    with pytest.raises(ValueError, match=r"got 0.001 \(float\)"):
+        kernels.Adafactor([p], eps=1e-3)
+    for lr in (0.0, torch.tensor(0.05)):
+        a, b = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(3, 2))
+        ours, ref = kernels.Adafactor([a], lr=lr), torch.optim.Adafactor([b], lr=lr, foreach=False)
+        for opt, q in ((ours, a), (ref, b)):
+            q.grad = torch.full((3, 2), 0.5)
+            opt.step()
+        assert torch.equal(a, b)
+    assert kernels.Adafactor([p]).param_groups[0]["foreach"] is None
+
+
+def test_an_old_checkpoint_with_number_steps_loads_as_torchs():
+    """torch's __setstate__ turns a checkpoint's Python-number step into a float32 tensor (and gives groups
+    without 'foreach' None): ours too, and training goes on equally."""
+    a, b, ours, ref = _run([((4, 3), False, False), ((5,), False, False)], dict(lr=0.05), torch.float32, 2, 3, 0.0)
+    sd = copy.deepcopy(ref.state_dict())
+    for entry in sd["state"].values():
+        entry["step"] = float(entry["step"])
+    for g in sd["param_groups"]:
+        del g["foreach"]
+    twin_a = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    twin_b = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    mine, theirs = kernels.Adafactor(twin_a, lr=0.05), torch.optim.Adafactor(twin_b, lr=0.05)
+    mine.load_state_dict(copy.deepcopy(sd))
+    theirs.load_state_dict(copy.deepcopy(sd))
+    for opt in (mine, theirs):
+        for entry in opt.state.values():
+            assert entry["step"].dtype == torch.float32 and float(entry["step"]) == 2.0
+        assert opt.param_groups[0]["foreach"] is None
+    for row in make_grads(twin_a, 2, 4, 0.0):
+        for p, q, g in zip(twin_a, twin_b, row):
+            p.grad, q.grad = g.clone(), g.clone()
+        mine.step()
+        theirs.step()
+    for p, q in zip(twin_a, twin_b):
+        assert torch.equal(p, q)
+
+
+def test_bad_checkpoints_are_refused_word_for_word_and_change_nothing():
+    p, v = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
+    opt = kernels.Adafactor([p, v])
+    p.grad, v.grad = torch.ones(2, 3), torch.ones(4)
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+
+    def edited(edit):
+        sd = copy.deepcopy(good)
+        edit(sd)
+        return sd
+
+    cases = [
+        ({"state": {}}, "a state_dict needs the keys 'state' and 'param_groups' (as returned by "
+                        "optimizer.state_dict())"),
+        ({"param_groups": []}, "a state_dict needs the keys 'state' and 'param_groups' (as returned by "
+                               "optimizer.state_dict())"),
+        ([good], "a state_dict needs the keys 'state' and 'param_groups' (as returned by optimizer.state_dict())"),
+        (edited(lambda sd: sd["param_groups"][0]["params"].pop()),
+         "loaded state dict's groups or parameters do not match this optimizer's (1 groups, 1 parameters; "
+         "this optimizer: 1, 2)"),
+        (edited(lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0], params=[]))),
+         "loaded state dict's groups or parameters do not match this optimizer's (2 groups, 2 parameters; "
+         "this optimizer: 1, 2)"),
+        (edited(lambda sd: sd["state"][0].pop("step")), "state of parameter 0 lacks a scalar 'step'"),
+        (edited(lambda sd: sd["state"][1].__setitem__("step", True)), "state of parameter 1 lacks a scalar 'step'"),
+        (edited(lambda sd: sd["state"][1].__setitem__("step", torch.ones(2))),
+         "state of parameter 1 lacks a scalar 'step'"),
+        (edited(lambda sd: sd["state"][0].__setitem__("col_var", [0.0])),
+         "state of parameter 0: 'col_var' must be a tensor of shape (1, 3) for a parameter of shape (2, 3) "
+         "(got list)"),
+        (edited(lambda sd: sd["state"][1].__setitem__("variance", torch.zeros(3))),
+         "state of parameter 1: 'variance' must be a tensor of shape (4,) for a parameter of shape (4,) "
+         "(got (3,))"),
+        (edited(lambda sd: sd["state"][1].pop("variance")),
+         "state of parameter 1: 'variance' must be a tensor of shape (4,) for a parameter of shape (4,) "
+         "(got NoneType)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError) as info:
+            opt.load_state_dict(bad)
+        assert str(info.value) == message
+        assert torch.equal(opt.state[p]["row_var"], good["state"][0]["row_var"])
+    later = edited(lambda sd: sd["state"][0].__setitem__("step", torch.tensor(7.0)))
+    opt.load_state_dict(later)  # a good one still loads, and a number step is taken as is
+    assert float(opt.state[p]["step"]) == 7.0
