@@ -232,3 +232,31 @@ def test_bad_checkpoints_are_refused_word_for_word_and_change_nothing():
     later = edited(lambda sd: sd["state"][0].__setitem__("step", torch.tensor(7.0)))
     opt.load_state_dict(later)  # a good one still loads, and a number step is taken as is
     assert float(opt.state[p]["step"]) == 7.0
+
+
+def test_what_the_second_mutation_run_left():
+    """epsilon1 = 0 is allowed; gradients small enough that epsilon1 (the dtype's machine epsilon by default)
+    clamps the variance estimate; a copy or pickle of an optimizer with a parameter that never stepped; a bad
+    state after a parameter without state is still found."""
+    import pickle
+
+    kernels.Adafactor([torch.nn.Parameter(torch.ones(2))], eps=(0.0, 1e-3))
+    a, b, ours, ref = _run([((6, 5), False, False), ((7,), False, False)], dict(lr=0.05), torch.float32, 1, 0, 0.0)
+    for p, q in zip(a, b):
+        g = torch.randn(p.shape) * 1e-6
+        p.grad, q.grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+    _same(a, b, ours, ref)
+    idle = torch.nn.Parameter(torch.ones(3))
+    opt = kernels.Adafactor([a[0], idle])
+    a[0].grad = torch.ones_like(a[0])
+    opt.step()
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert [len(s) for s in copied.state.values()] == [3]
+    sd = copy.deepcopy(opt.state_dict())
+    other = kernels.Adafactor([idle, a[0]])
+    bad = {"state": {1: sd["state"][0]}, "param_groups": [dict(sd["param_groups"][0], params=[0, 1])]}
+    bad["state"][1] = dict(bad["state"][1], row_var=torch.zeros(9, 1))
+    with pytest.raises(ValueError, match=r"state of parameter 1: 'row_var' must be a tensor of shape \(6, 1\)"):
+        other.load_state_dict(bad)
