@@ -44,6 +44,7 @@ from .state import (
     validate_state_dict,
 )
 from .step import step_flat, step_sharded
+from .validate import run_closure
 
 
 def as_real(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -265,10 +266,7 @@ class FusedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if self._layout_changed():
             self._rebuild()
         known = len(self.state)

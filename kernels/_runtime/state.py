@@ -121,11 +121,16 @@ def import_float_state(opt: FusedOptimizer, bucket: Bucket, i: int, old: dict[st
     return out
 
 
-def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None:
-    """Everything torch would only find later (or never): checked before the optimizer changes."""
+def check_state_dict_keys(state_dict: Any) -> None:
+    """An optimizer state dict at all: a dict with 'state' and 'param_groups'."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("a state_dict needs the keys 'state' and 'param_groups' "
                          "(as returned by optimizer.state_dict())")
+
+
+def validate_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> None:
+    """Everything torch would only find later (or never): checked before the optimizer changes."""
+    check_state_dict_keys(state_dict)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -21,3 +23,25 @@ def check_selectors(name: str, *, differentiable: bool, capturable: bool = False
     if differentiable:
         raise ValueError(f"{name}: differentiable=True is not supported: the fused update runs under "
                          "no_grad; use torch.optim for differentiable optimization")
+
+
+def check_adam_arguments(lr: float | torch.Tensor, eps: float, betas: tuple, weight_decay: float) -> None:
+    """torch.optim's checks of Adam, AdamW, NAdam and RAdam, in torch's order and words."""
+    check_lr(lr)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def run_closure(closure: Any) -> Any:
+    """``closure()`` with gradients enabled (a step runs under no_grad), or None without one: torch's start of
+    every ``step(closure)``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

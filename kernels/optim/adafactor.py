@@ -11,6 +11,8 @@ import torch
 from torch.optim import Optimizer
 
 from .._catalog import register
+from .._runtime.state import check_state_dict_keys
+from .._runtime.validate import run_closure
 
 
 def _check_eps(eps: Any) -> tuple[float | None, float]:
@@ -128,9 +130,7 @@ class Adafactor(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, with each parameter's state checked first (its keys and shapes for the parameter's rank):
         a bad checkpoint is refused by name and the optimizer stays as it was."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("a state_dict needs the keys 'state' and 'param_groups' "
-                             "(as returned by optimizer.state_dict())")
+        check_state_dict_keys(state_dict)
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(ids) != len(params) or len(state_dict["param_groups"]) != len(self.param_groups):
@@ -160,10 +160,7 @@ class Adafactor(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             eps1, eps2 = _check_eps(group["eps"])
             lr = float(group["lr"])

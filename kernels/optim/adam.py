@@ -8,7 +8,7 @@ import torch
 
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
-from .._runtime.validate import check_lr, check_selectors
+from .._runtime.validate import check_adam_arguments, check_selectors
 from ..precision.bf16 import BF16State, precision_options
 from ..precision.codecs import kahan
 
@@ -123,15 +123,7 @@ class Adam(BF16State, FusedOptimizer):
                  decoupled_weight_decay: bool = False, state: Literal["param", "bf16", "8bit"] = "param",
                  state_dtype: torch.dtype | None = None,
                  kahan_sum: bool = False) -> None:
-        check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_adam_arguments(lr, eps, betas, weight_decay)
         if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
                 or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
             raise ValueError("betas must be either both floats or both Tensors")

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .._runtime.state import check_state_dict_keys
+from .._runtime.validate import run_closure
 from .adam import AdamW
 from .muon import Muon
 
@@ -90,10 +92,7 @@ class MuonWithAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for o in self._parts:
             o.step()
         return loss
@@ -113,9 +112,7 @@ class MuonWithAdamW(Optimizer):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("a state_dict needs the keys 'state' and 'param_groups' "
-                             "(as returned by optimizer.state_dict())")
+        check_state_dict_keys(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, this optimizer has "

@@ -11,7 +11,7 @@ import torch
 
 from .._catalog import register
 from .._runtime.optimizer import FusedOptimizer, as_real, fused_prologue
-from .._runtime.validate import check_lr, check_selectors
+from .._runtime.validate import check_adam_arguments, check_selectors
 from ..precision.bf16 import BF16State, eight_bit_form, precision_options
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
@@ -90,15 +90,7 @@ class AdamFamily(BF16State, FusedOptimizer):
     def _setup(self, params: Any, lr: Any, betas: Any, eps: Any, weight_decay: Any, more: dict[str, Any],
                decoupled_weight_decay: bool, foreach: Any, maximize: bool, capturable: bool,
                differentiable: bool, fused: bool | None, state: Any, state_dtype: Any, kahan_sum: Any) -> None:
-        check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_adam_arguments(lr, eps, betas, weight_decay)
         for key, value in more.items():
             if not 0.0 <= value:
                 raise ValueError(f"Invalid {key} value: {value}")

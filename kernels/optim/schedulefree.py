@@ -11,7 +11,7 @@ import torch
 from .._catalog import register
 from .._runtime.dtensor import ShardedBucket
 from .._runtime.optimizer import FusedOptimizer, fused_prologue
-from .._runtime.validate import check_lr
+from .._runtime.validate import check_lr, run_closure
 from ..precision.bf16 import BF16State, precision_options
 from ..precision.codecs import bf16_state, kahan
 
@@ -193,10 +193,7 @@ class ScheduleFreeAdamW(BF16State, FusedOptimizer):
         """One step at ``y`` (train mode; in eval mode a RuntimeError, as the reference refuses it)."""
         if not self.param_groups[0]["train_mode"]:
             raise RuntimeError(EVAL_MODE_MESSAGE)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._now = {id(g): self._advance(g) for g in self.param_groups}
         super().step()
         return loss
