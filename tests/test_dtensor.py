@@ -77,7 +77,7 @@ def _train(pairs, rows, placements, mesh):
             opt.step()
 
 
-_SCALAR_KEYS = {"step", *(k for e in kernels.catalog.optimizers() for k in e.cls._host_state)}
+_SCALAR_KEYS = {"step", *(k for e in kernels.catalog.optimizers() for k in getattr(e.cls, "_host_state", {}))}
 
 
 def _assert_same(ref, ours, ref_params, our_params, dtype=torch.float32):
