@@ -54,9 +54,6 @@ class TaskProfile(BaseModel):
     batch_size: int | None = Field(None, ge=1, description="Training batch size.")
     budget_steps: int | None = Field(None, ge=1, description="How many optimizer steps the training will run "
                                      "(the budget; with batch_size and n_samples it gives the epochs).")
-    no_schedule: bool | None = Field(
-        None, description="The user will not choose a learning-rate schedule, or does not know how long training "
-                          "will run (a schedule-free optimizer needs neither).")
     nonstationary: bool | None = Field(
         None, description="The data distribution shifts during training (online learning, RL, drift).")
     needs_probabilities: bool | None = Field(

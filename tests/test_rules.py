@@ -563,7 +563,7 @@ def test_fact_types_are_read_off_the_profile_fields():
     expect = {"task": "str", "n_samples": "number", "n_features": "number", "feature_sparsity": "number",
               "n_classes": "number", "class_counts": "list[number]", "class_imbalance": "number",
               "target_outlier_fraction": "number", "target_scale": "number", "label_noise": "number",
-              "model_kind": "str", "pretrained": "bool", "n_params": "number", "memory_gb": "number", "batch_size": "number", "budget_steps": "number", "no_schedule": "bool",
+              "model_kind": "str", "pretrained": "bool", "n_params": "number", "memory_gb": "number", "batch_size": "number", "budget_steps": "number",
               "nonstationary": "bool", "needs_probabilities": "bool", "tuning_budget": "number", "goal": "str",
               "teacher_for_distillation": "bool", "diverged": "bool", "exploding_gradients": "bool",
               "plateau": "bool", "noisy_loss": "bool", "overfitting": "bool", "loss_rising": "bool",
