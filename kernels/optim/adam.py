@@ -26,14 +26,21 @@ class AdamScalars(NamedTuple):
     eps: float
 
 
-def _adam_eager(s: AdamScalars, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
-    # torch.optim.Adam's for-loop path, op for op, so eager results are bit-identical to it
-    if maximize:
-        g = -g
+def apply_weight_decay(s: Any, wd_mode: int, p, g):
+    """torch's weight decay of the Adam family, op for op: decoupled (``p *= decay_factor``) or L2 (a new
+    gradient ``g + weight_decay * p``); the gradient to use is returned."""
     if wd_mode == _WD_DECOUPLED:
         p.mul_(s.decay_factor)
     elif wd_mode == _WD_L2:
         g = g.add(p, alpha=s.weight_decay)
+    return g
+
+
+def _adam_eager(s: AdamScalars, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
+    # torch.optim.Adam's for-loop path, op for op, so eager results are bit-identical to it
+    if maximize:
+        g = -g
+    g = apply_weight_decay(s, wd_mode, p, g)
     if p.is_complex():
         p, g, m, v = as_real(p, g, m, v)
         vmax = as_real(vmax)[0] if amsgrad else None
@@ -48,17 +55,24 @@ def _adam_eager(s: AdamScalars, amsgrad: bool, maximize: bool, wd_mode: int, p, 
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
-def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
-    # One pass: every buffer read once and written once. Low precision computes in float32 but rounds
-    # where torch's op-by-op path rounds (r), so bf16/fp16 results track torch's instead of drifting away.
-    r, pf, gf = fused_prologue(hp, p, g, maximize)
-    s = AdamScalars(*hp.unbind())
+def fused_moments(hp, s: Any, wd_mode: int, r, pf, gf, m, v):
+    """The Adam family's weight decay and moments in the compute dtype (``r`` rounds where torch rounds):
+    ``(p, g, m, v)`` after decay, the new first and second moments not yet stored."""
     if wd_mode == _WD_L2:
         gf = r(gf + s.weight_decay * pf)
     elif wd_mode == _WD_DECOUPLED:
         pf = r(pf * s.decay_factor)
     mf = r(torch.lerp(m.to(hp.dtype), gf, s.one_minus_beta1))
     vf = r(r(v.to(hp.dtype) * s.beta2) + s.one_minus_beta2 * gf * gf)
+    return pf, gf, mf, vf
+
+
+def _adam_fused(hp, amsgrad: bool, maximize: bool, wd_mode: int, p, g, m, v, vmax=None):
+    # One pass: every buffer read once and written once. Low precision computes in float32 but rounds
+    # where torch's op-by-op path rounds (r), so bf16/fp16 results track torch's instead of drifting away.
+    r, pf, gf = fused_prologue(hp, p, g, maximize)
+    s = AdamScalars(*hp.unbind())
+    pf, gf, mf, vf = fused_moments(hp, s, wd_mode, r, pf, gf, m, v)
     if amsgrad:
         vf_max = torch.maximum(vmax.to(hp.dtype), vf)
         vmax.copy_(vf_max)

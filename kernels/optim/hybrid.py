@@ -117,7 +117,7 @@ class MuonWithAdamW(Optimizer):
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, this optimizer has "
                              f"{len(self.param_groups)}")
-        parts, at, offset = [], 0, 0
+        parts, at = [], 0
         for o in self._parts:
             mine = groups[at:at + len(o.param_groups)]
             for gi, g in enumerate(mine):
@@ -125,12 +125,10 @@ class MuonWithAdamW(Optimizer):
                     raise ValueError(f"loaded state dict's parameter group {at + gi} is "
                                      f"{'Muon' if 'ns_steps' in g else 'AdamW'}'s; this optimizer's is "
                                      f"{type(o).__name__}'s")
-            n = sum(len(g["params"]) for g in o.param_groups)
             ids = {pid for g in mine for pid in g["params"]}
             parts.append({"param_groups": copy.deepcopy(mine),
                           "state": {pid: v for pid, v in state_dict["state"].items() if pid in ids}})
             at += len(o.param_groups)
-            offset += n
         saved = [copy.deepcopy(o.state_dict()) for o in self._parts]
         done = []
         try:

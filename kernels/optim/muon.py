@@ -11,7 +11,6 @@ import torch
 from .._catalog import register
 from .._runtime.dtensor import is_dtensor
 from .._runtime.optimizer import FusedOptimizer, fused_prologue
-from .._runtime.validate import check_selectors
 
 #: torch's defaults (torch.optim._muon): Keller Jordan's quintic coefficients, five iterations
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -140,7 +139,6 @@ class Muon(FusedOptimizer):
             raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
         if adjust_lr_fn is not None and adjust_lr_fn not in ADJUST_LR_FNS:
             raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
-        check_selectors(type(self).__name__, differentiable=False)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults, fused)

@@ -15,8 +15,7 @@ from .._runtime.validate import check_adam_arguments, check_selectors
 from ..precision.bf16 import BF16State, eight_bit_form, precision_options
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
-
-_WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
+from .adam import _WD_DECOUPLED, _WD_L2, _WD_NONE, apply_weight_decay, fused_moments
 
 
 class NAdamScalars(NamedTuple):
@@ -31,21 +30,13 @@ class NAdamScalars(NamedTuple):
     avg_coef: float         # -lr mu_{t+1} / (1 - prod mu_1..t+1)
 
 
-def _decay(s: Any, wd_mode: int, p, g):
-    if wd_mode == _WD_DECOUPLED:
-        p.mul_(s.decay_factor)
-    elif wd_mode == _WD_L2:
-        g = g.add(p, alpha=s.weight_decay)
-    return g
-
-
 def _nadam_eager(s: NAdamScalars, maximize: bool, wd_mode: int, p, g, m, v):
     # torch.optim.NAdam's for-loop path, op for op (bit for bit with it)
     if maximize:
         g = -g
     if p.is_complex():  # torch views complex tensors as real before anything else
         p, g, m, v = as_real(p, g, m, v)
-    g = _decay(s, wd_mode, p, g)
+    g = apply_weight_decay(s, wd_mode, p, g)
     m.lerp_(g, s.one_minus_beta1)
     v.mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
     denom = v.div(s.bias_correction2).sqrt()
@@ -55,21 +46,11 @@ def _nadam_eager(s: NAdamScalars, maximize: bool, wd_mode: int, p, g, m, v):
 
 
 # pragma: no mutate start (compiled by torch.compile, which cannot trace mutmut's trampolines)
-def _moments(hp, s: Any, wd_mode: int, r, pf, gf, m, v):
-    if wd_mode == _WD_L2:
-        gf = r(gf + s.weight_decay * pf)
-    elif wd_mode == _WD_DECOUPLED:
-        pf = r(pf * s.decay_factor)
-    mf = r(torch.lerp(m.to(hp.dtype), gf, s.one_minus_beta1))
-    vf = r(r(v.to(hp.dtype) * s.beta2) + s.one_minus_beta2 * gf * gf)
-    return pf, gf, mf, vf
-
-
 def _nadam_fused(hp, maximize: bool, wd_mode: int, p, g, m, v):
     # one pass; r(): round where torch's op-by-op path rounds (a no-op in float32)
     r, pf, gf = fused_prologue(hp, p, g, maximize)
     s = NAdamScalars(*hp.unbind())
-    pf, gf, mf, vf = _moments(hp, s, wd_mode, r, pf, gf, m, v)
+    pf, gf, mf, vf = fused_moments(hp, s, wd_mode, r, pf, gf, m, v)
     denom = r(r(r(vf / s.bias_correction2).sqrt()) + s.eps)
     pf = r(pf + s.grad_coef * gf / denom)
     p.copy_(pf + s.avg_coef * mf / denom)

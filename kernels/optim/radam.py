@@ -13,7 +13,8 @@ from .._runtime.optimizer import as_real, fused_prologue
 from ..precision.bf16 import eight_bit_form
 from ..precision.blockwise import Blockwise8bit
 from ..precision.codecs import bf16_state, blockwise_8bit, kahan
-from .nadam import _DOC_8BIT, AdamFamily, _decay, _moments
+from .adam import apply_weight_decay, fused_moments
+from .nadam import _DOC_8BIT, AdamFamily
 
 
 class RAdamScalars(NamedTuple):
@@ -37,7 +38,7 @@ def _radam_eager(s: RAdamScalars, maximize: bool, wd_mode: int, p, g, m, v):
         g = -g
     if p.is_complex():  # torch views complex tensors as real before anything else
         p, g, m, v = as_real(p, g, m, v)
-    g = _decay(s, wd_mode, p, g)
+    g = apply_weight_decay(s, wd_mode, p, g)
     m.lerp_(g, s.one_minus_beta1)
     v.mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
     corrected = m / s.bias_correction1
@@ -52,7 +53,7 @@ def _radam_eager(s: RAdamScalars, maximize: bool, wd_mode: int, p, g, m, v):
 def _radam_fused(hp, maximize: bool, wd_mode: int, p, g, m, v):
     r, pf, gf = fused_prologue(hp, p, g, maximize)
     s = RAdamScalars(*hp.unbind())
-    pf, gf, mf, vf = _moments(hp, s, wd_mode, r, pf, gf, m, v)
+    pf, gf, mf, vf = fused_moments(hp, s, wd_mode, r, pf, gf, m, v)
     plain = r(r(mf / s.bias_correction1) * s.lr)
     adaptive = r(r(1.0 / r(r(vf.sqrt()) + s.eps)) * s.bc2_sqrt)
     step = torch.where(s.rectified > 0.5, r(r(plain * adaptive) * s.rect), plain)
