@@ -7,7 +7,7 @@
 >>> print(rec.explain())   # the rules that fired, on which facts, their sources, what lost and why
 """
 
-from ._data import DataProfile, profile_data
+from ._data import DataProfile, ModelProfile, profile_data, profile_model
 from ._engine import Alternative, Choice, Note, Reason, Recommendation, Unknown, advise, evaluate
 from ._expr import RuleError
 from ._lr import LRRangeResult, lr_range_test
@@ -19,6 +19,6 @@ from ._rules import Rule, RuleFile, RuleSet, builtin_rule_files, load_rules, rul
 __all__ = [
     "advise", "evaluate", "TaskProfile", "Recommendation", "Choice", "Reason", "Alternative", "Note", "Unknown",
     "load_rules", "RuleSet", "Rule", "RuleFile", "RuleError", "rule_file_schema", "builtin_rule_files",
-    "profile_data", "DataProfile", "TrainingMonitor", "diagnose", "Diagnosis", "Finding", "lr_range_test",
+    "profile_data", "DataProfile", "profile_model", "ModelProfile", "TrainingMonitor", "diagnose", "Diagnosis", "Finding", "lr_range_test",
     "LRRangeResult", "trial", "TrialResult", "CandidateResult",
 ]

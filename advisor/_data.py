@@ -63,14 +63,70 @@ def _batches(X: Any, y: Any, batch: int = 65536) -> Iterator[tuple[torch.Tensor,
         yield Xt[i:i + batch], yt[i:i + batch]
 
 
-def _model_facts(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm,
+          torch.nn.LocalResponseNorm)
+_ATTENTION = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+def _param_kind(module: torch.nn.Module) -> str:
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if isinstance(module, _NORMS):
+        return "norm"
+    if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return "attention"
+    if isinstance(module, torch.nn.RNNBase):
+        return "recurrent"
+    return "other"
+
+
+class ModelProfile(BaseModel):
+    """What ``profile_model`` found: the facts a rule reads (``n_params``, ``model_kind``, ``memory_gb``), the
+    evidence of each, the trainable parameters counted by the kind of module that owns them (``conv``,
+    ``linear``, ``norm``, ``embedding``, ``attention`` — MultiheadAttention's own projections —, ``recurrent``,
+    ``other``: parameters a custom module holds itself) and whether the model has attention layers."""
+
+    facts: dict[str, Any]
+    evidence: dict[str, str]
+    params_by_kind: dict[str, int]
+    attention: bool
+
+    def explain(self) -> str:
+        kinds = ", ".join(f"{k} {n:,}" for k, n in self.params_by_kind.items() if n)
+        return "\n".join(["Model profile:"] + [f"  {k}: {v}" for k, v in self.evidence.items()]
+                         + [f"  parameters by kind: {kinds}"])
+
+
+def profile_model(model: torch.nn.Module) -> ModelProfile:
+    """The facts a ``torch.nn.Module`` gives: its trainable parameter count, its family (attention layers:
+    transformer; recurrent layers: rnn; convolutions: cnn; one Linear: linear; Linear layers: mlp) and the memory
+    free where it lives, with the parameters counted by kind.
+
+    Example::
+
+        >>> prof = profile_model(net)
+        >>> advise(task="classification", **prof.facts)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"profile_model: model must be a torch.nn.Module (got {type(model).__name__})")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("profile_data: the model has no trainable parameters")
-    n_params = sum(p.numel() for p in params)
+        raise ValueError("profile_model: the model has no trainable parameters (all frozen, or none at all)")
+    by_kind = dict.fromkeys(("conv", "linear", "norm", "embedding", "attention", "recurrent", "other"), 0)
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:  # a shared (tied) parameter counts once
+                seen.add(id(p))
+                by_kind[_param_kind(module)] += p.numel()
+    n_params = sum(by_kind.values())
     kinds = Counter(type(m).__name__ for m in model.modules())
-    if any(isinstance(m, (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
-                          torch.nn.TransformerDecoderLayer)) for m in model.modules()):
+    attention = any(isinstance(m, _ATTENTION) for m in model.modules())
+    if attention:
         kind, why = "transformer", "it has attention layers"
     elif any(isinstance(m, torch.nn.RNNBase) for m in model.modules()):
         kind, why = "rnn", "it has recurrent layers (RNN/LSTM/GRU)"
@@ -82,13 +138,13 @@ def _model_facts(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, str]
         kind, why = "mlp", f"it stacks {kinds['Linear']} Linear layers"
     else:
         kind, why = "other", "no attention, recurrent, convolution or Linear layers recognized"
-    facts = {"n_params": n_params, "model_kind": kind}
+    facts: dict[str, Any] = {"n_params": n_params, "model_kind": kind}
     evidence = {"n_params": f"{n_params:,} trainable parameters", "model_kind": f"{kind}: {why}"}
     memory = _free_memory(params[0].device)
     if memory is not None:
         facts["memory_gb"] = memory[0]
         evidence["memory_gb"] = memory[1]
-    return facts, evidence
+    return ModelProfile(facts=facts, evidence=evidence, params_by_kind=by_kind, attention=attention)
 
 
 def _free_memory(device: torch.device) -> tuple[float, str] | None:
@@ -244,9 +300,12 @@ def profile_data(X: Any, y: Any = None, model: torch.nn.Module | None = None,
             facts["target_scale"] = scale
             evidence["target_scale"] = f"1.4826 x MAD = {scale:.4g} (median {med:.4g})"
     if model is not None:
-        mfacts, mevidence = _model_facts(model)
-        facts.update(mfacts)
-        evidence.update(mevidence)
+        try:
+            mprof = profile_model(model)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(str(exc).replace("profile_model:", "profile_data: model:", 1)) from None
+        facts.update(mprof.facts)
+        evidence.update(mprof.evidence)
     return DataProfile(facts=TaskProfile(**facts), evidence=evidence, nan_in_features=nan_x, nan_in_target=nan_y,
                        class_labels=class_labels)
 

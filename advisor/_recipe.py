@@ -78,6 +78,11 @@ class RecipeSpec(BaseModel):
             raise ValueError(f"milestones must be increasing fractions of the steps in (0, 1); got {ms}")
         return self
 
+    @property
+    def scheduled(self) -> bool:
+        """The learning rate changes over the run (a decay or a warmup)."""
+        return self.schedule != "constant" or self.warmup_fraction > 0
+
     def warmup_steps(self, total_steps: int) -> int:
         return round(self.warmup_fraction * total_steps)
 
@@ -152,6 +157,24 @@ def _positive_int(value: Any, where: str, argument: str, meaning: str = "") -> i
     return value
 
 
+def grouped_optimizer(name: str, model: torch.nn.Module, spec: RecipeSpec, where: str = "build",
+                      **kwargs: Any) -> torch.optim.Optimizer:
+    """The ``kernels`` optimizer ``name`` over ``model`` in the recipe's parameter groups (no weight decay on
+    biases, normalization parameters and, per the recipe, embeddings; layer-wise rates), with ``kwargs`` its
+    arguments; schedule-free AdamW returned in train mode. What ``build`` and the trial's runs share."""
+    from optadvisor.kernels._factory import create_optimizer
+
+    optimizer = create_optimizer(model, name.lower(), no_decay_bias_and_norm=not spec.decay_bias_and_norm,
+                                 layer_decay=spec.layer_decay, no_decay_embeddings=not spec.decay_embeddings, **kwargs)
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    untrained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if untrained:  # create_optimizer groups every trainable parameter: this would be a bug of ours
+        raise RuntimeError(f"{where}: parameters in no group: {', '.join(untrained)}")
+    if hasattr(optimizer, "train"):  # schedule-free AdamW steps in train mode (optimizer.eval() to evaluate)
+        optimizer.train()
+    return optimizer
+
+
 def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_size: int | None = None,
           where: str = "build", argument: str = "total_steps", **overrides: Any) -> Recipe:
     """The recommendation as ready objects over ``model`` for ``total_steps`` optimizer steps.
@@ -160,7 +183,6 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
     (``rec.facts.batch_size``): the learning rate follows the recipe's ``batch_scaling`` (linear, square root,
     or not at all). ``overrides`` replace the optimizer's hyperparameters (``lr=...``)."""
     from optadvisor.kernels import _catalog as catalog
-    from optadvisor.kernels._factory import create_optimizer
 
     from ._engine import optimizer_arguments
 
@@ -190,15 +212,7 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
             base = kwargs.get("lr", entry.params["lr"].default if "lr" in entry.params else None)
             if base is not None:
                 kwargs["lr"] = base * (ratio if spec.batch_scaling == "linear" else math.sqrt(ratio))
-    optimizer = create_optimizer(model, choice.name.lower(), no_decay_bias_and_norm=not spec.decay_bias_and_norm,
-                                 layer_decay=spec.layer_decay, no_decay_embeddings=not spec.decay_embeddings,
-                                 **kwargs)
-    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    untrained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
-    if untrained:  # create_optimizer groups every trainable parameter: this would be a bug of ours
-        raise RuntimeError(f"{where}: parameters in no group: {', '.join(untrained)}")
-    if hasattr(optimizer, "train"):  # schedule-free AdamW steps in train mode (optimizer.eval() to evaluate)
-        optimizer.train()
+    optimizer = grouped_optimizer(choice.name, model, spec, where, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(spec, steps))
     return Recipe(optimizer=optimizer, scheduler=scheduler, loss=rec.build_loss(), max_grad_norm=spec.max_grad_norm,
                   total_steps=steps, warmup_steps=warmup, spec=spec)

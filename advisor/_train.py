@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ._engine import Choice, build_loss, build_optimizer
+from ._engine import Choice, build_loss, build_optimizer, optimizer_arguments
+from ._recipe import LRFactor, RecipeSpec, grouped_optimizer
 
 METRICS = ("val_loss", "val_mse", "val_mae", "val_error", "val_balanced_error")
 CLASSIFICATION_METRICS = ("val_error", "val_balanced_error")
@@ -128,7 +129,8 @@ def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Cho
               train_data: Any, val_data: Any, steps: int, *, batch_size: int = 64, eval_every: int | None = None,
               metric: str = "val_loss", yardstick: Callable | None = None,
               on_eval: Callable[[int, float], bool] | None = None, weight_decay: float | None = None,
-              fused: bool | None = None, tiebreak: tuple[Callable, float] | None = None) -> RunResult:
+              fused: bool | None = None, tiebreak: tuple[Callable, float] | None = None,
+              recipe: RecipeSpec | None = None) -> RunResult:
     """Train a fresh model (``torch.manual_seed(seed)`` before ``model_fn()``) for ``steps`` steps.
 
     ``on_eval(step, value)`` is called after each evaluation; returning True stops the run there (pruned).
@@ -138,6 +140,9 @@ def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Cho
     ``tiebreak=(loss, weight)``: each point's ranking key (``RunResult.keys``, what ``on_eval`` receives) is the
     metric plus ``weight`` x the validation ``loss`` (capped at 10) — for an error rate, which ties often on
     small validation sets, a weight small enough never to reorder two different error rates.
+    ``recipe``: train with it as ``Recommendation.build`` would over ``steps`` steps — the optimizer in the
+    recipe's parameter groups, its schedule stepped once per step, the gradients clipped at its
+    ``max_grad_norm``; None: one group, a constant rate, no clipping.
     """
     every = eval_every or max(1, steps // 10)
     torch.manual_seed(seed)
@@ -145,7 +150,15 @@ def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Cho
     overrides: dict[str, Any] = {"lr": lr, "fused": fused_for(model) if fused is None else fused}
     if weight_decay is not None:
         overrides["weight_decay"] = weight_decay
-    opt = build_optimizer(optimizer, model.parameters(), **overrides)
+    schedule = None
+    if recipe is None:
+        opt = build_optimizer(optimizer, model.parameters(), **overrides)
+    else:
+        opt = grouped_optimizer(optimizer.name, model, recipe, "train_run", **optimizer_arguments(optimizer, **overrides))
+        if recipe.scheduled:
+            schedule = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(recipe, steps))
+    clip = None if recipe is None else recipe.max_grad_norm
+    params = [p for g in opt.param_groups for p in g["params"]]
     loss_fn = build_loss(loss)
     source = iter(batches(train_data, batch_size))
     result = RunResult()
@@ -157,7 +170,11 @@ def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Cho
         finite = bool(torch.isfinite(value))
         if finite:
             value.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
+            if schedule is not None:
+                schedule.step()
         result.train_seconds += time.perf_counter() - t0
         result.steps = step
         if not finite:

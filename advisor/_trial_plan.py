@@ -22,6 +22,7 @@ WD_DECADES = (-4.0, -1.0)      # AdamW's decoupled weight decay
 SEEDED_OFFSETS = (-0.5, -1.5)  # the rules' best pairs start here (decades below the centre)
 REDUCTION = 3
 MIN_RUNG = 10                  # the first pruning decision comes after at least this many steps
+WARMUP_MAX = 0.1               # the recipe search's warmup fractions: 0 .. max(this, twice the rules')
 
 
 class _Plan:
@@ -60,15 +61,28 @@ class _Plan:
             for off in SEEDED_OFFSETS + ((LR_DECADES[0],) if i == 0 else ()):
                 if len(plan) < self.n_trials:
                     plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, None, "rules-ranked", off))
-        sobol = torch.quasirandom.SobolEngine(4, scramble=True, seed=self.seeds[0])
+        # where the rules advise a recipe, two more dimensions: its schedule or a constant rate, and the warmup
+        sobol = torch.quasirandom.SobolEngine(6 if self.recipe_search else 4, scramble=True, seed=self.seeds[0])
         while len(plan) < self.n_trials:
             u = sobol.draw(1)[0].tolist()
             o = opts[min(int(u[0] * len(opts)), len(opts) - 1)]
             lo = self.losses[min(int(u[1] * len(self.losses)), len(self.losses) - 1)]
             off = LR_DECADES[0] + u[2] * (LR_DECADES[1] - LR_DECADES[0])
-            wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if o == "AdamW" else None
-            plan.append(self._config(o, lo, self.centres[o]["lr"] * 10 ** off, wd, "search", off))
+            decays = o == "AdamW" or (self.recipe_search and "weight_decay" in rec.optimizers[o].params)
+            wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if decays else None
+            cfg = self._config(o, lo, self.centres[o]["lr"] * 10 ** off, wd, "search", off)
+            if self.recipe_search:
+                cfg["recipe"] = self._searched_recipe(u[4], u[5])
+            plan.append(cfg)
         return plan
+
+    def _searched_recipe(self, u_schedule: float, u_warmup: float) -> dict[str, Any]:
+        """The rules' recipe with its schedule kept or made constant (even odds) and its warmup drawn from
+        0 .. max(WARMUP_MAX, twice the rules' warmup)."""
+        rules = self.rec.recipe
+        top = max(WARMUP_MAX, 2 * rules.warmup_fraction)
+        return rules.model_copy(update={"schedule": rules.schedule if u_schedule >= 0.5 else "constant",
+                                        "warmup_fraction": round(u_warmup * top, 4)}).model_dump()
 
     def _data_for(self, slot: int) -> tuple[Any, Any]:
         """(train, val) of a run: the caller's split, except for a finalist's fresh run under ``cv_folds``,
@@ -85,9 +99,10 @@ class _Plan:
             return None
         rules = self.rec.optimizer
         same_opt = rules.name == "Adam" and _normal({**NAIVE_ADAM, "lr": 1e-3}) == _normal({**NAIVE_ADAM, **rules.params})
-        if same_opt and self.yardstick_choice.name == loss and not self.yardstick_choice.params:
+        if same_opt and self.yardstick_choice.name == loss and not self.yardstick_choice.params and not self.recipe_search:
             return None
         cfg = self._config("Adam", loss, 1e-3, None, "naive", exempt=True)
+        cfg.pop("recipe", None)
         cfg.update(plain=True, lr_why="the naive default: what a user picks without advice")
         return cfg
 
@@ -100,6 +115,8 @@ class _Plan:
     def _config(self, opt: str, loss: str, lr: float, wd: float | None, origin: str, offset: float | None = None,
                 exempt: bool = False) -> dict[str, Any]:
         cfg = {"optimizer": opt, "loss": loss, "lr": lr, "weight_decay": wd, "origin": origin, "exempt": exempt}
+        if self.recipe_search:  # (absent otherwise: a tabular study's plan is what it was)
+            cfg["recipe"] = self.rec.recipe.model_dump()
         if offset is not None:
             cfg["lr_why"] = f"range-test centre {self.centres[opt]['lr']:.3g} x 10^{offset:+.2f}"
         return cfg

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ._engine import Choice, Note, Reason, Recommendation
+from ._recipe import RecipeSpec
 from ._lr import pyplot, save_figure
 from ._select import choose, robust_step
 
@@ -29,6 +30,14 @@ class CandidateResult(BaseModel):
     curves: list[list[tuple[int, float]]]
     seeds: list[int] = []
     search_value: float | None = None
+    recipe: RecipeSpec | None = None
+    """The recipe it trained with (None: the naive default's — one group, a constant rate, no clipping)."""
+
+    @property
+    def scheduled(self) -> bool:
+        return self.recipe is not None and self.recipe.scheduled
+
+
 from ._trial_plan import LOG_SCALE_METRICS
 from ._trial_study import _outcome
 
@@ -60,6 +69,11 @@ class TrialResult(BaseModel):
             wd = f"{c.weight_decay:.2g}" if c.weight_decay else "-"
             lines.append(f"| {i} | {c.optimizer.name} | {c.loss.name} | {c.lr:.3g} | {wd} | {c.best_step} | "
                          f"{c.mean:.4g} ± {c.spread:.2g} | {c.origin} |")
+        if any(c.recipe is not None for c in self.ranked):  # the recipe searched too: one more column
+            lines[0] += " recipe |"
+            lines[1] += "---|"
+            for i, c in enumerate(self.ranked, 2):
+                lines[i] += f" {c.recipe.describe(c.best_step) if c.recipe else 'naive: constant, one group'} |"
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
@@ -89,7 +103,13 @@ class _Results:
             if any(r.state != TS.COMPLETE for r in runs) or latest[s].state != TS.COMPLETE:
                 continue  # diverged on some seed: not a candidate
             curves = [[tuple(p) for p in _outcome(r)["curve"]] for r in runs]
-            best_step, values = robust_step(curves)
+            recipe = RecipeSpec(**cfg["recipe"]) if cfg.get("recipe") else None
+            if recipe is not None and recipe.scheduled:
+                # a schedule is tuned to its budget: judged where it ends, not stopped early (that would be
+                # another schedule, one no run measured)
+                best_step, values = self.budget, [dict(c)[self.budget] for c in curves]
+            else:
+                best_step, values = robust_step(curves)
             opt, loss = self._choices(cfg)
             params = {**opt.params, "lr": cfg["lr"]}
             if cfg["weight_decay"] is not None:
@@ -100,7 +120,7 @@ class _Results:
                 best_step=best_step, values=values, mean=statistics.fmean(values),
                 spread=statistics.pstdev(values) if len(values) > 1 else 0.0, curves=curves,
                 seeds=[int(r.user_attrs["run"]["seed"]) for r in runs],
-                search_value=min(_outcome(latest[s])["keys"])))
+                search_value=min(_outcome(latest[s])["keys"]), recipe=recipe))
         if not rows:
             raise RuntimeError("trial: every finalist diverged on some seed; see the failed runs in the study "
                                f"{self.name!r} ({self.url})")
@@ -143,10 +163,20 @@ class _Results:
                          f"(step {c.best_step}, {c.origin})" for c in ranked) + f". {verdict}." +
                      (f" The rules' own advice scored {rules_row.mean:.4g}." if rules_row else "")),
             source=f"Optuna study {self.name!r} in {self.url}")
-        note = Note(rule_id="trial", text=f"Train for about {winner.best_step} steps of batch {self.batch_size} "
-                    f"(the validation {self.metric} was within the noise of its best there on fresh seeds; later "
-                    "it got worse or stopped improving): stop early on a validation set.")
+        if winner.scheduled:
+            note = Note(rule_id="trial", text=f"Train the whole budget, {winner.best_step} steps of batch "
+                        f"{self.batch_size}, with the recipe's schedule over it (rec.build(model, total_steps="
+                        f"{winner.best_step})): the schedule was judged where it ends.")
+        else:
+            note = Note(rule_id="trial", text=f"Train for about {winner.best_step} steps of batch {self.batch_size} "
+                        f"(the validation {self.metric} was within the noise of its best there on fresh seeds; later "
+                        "it got worse or stopped improving): stop early on a validation set.")
+        if self.recipe_search:
+            recipe_line = (f"recipe: {winner.recipe.describe(winner.best_step)}" if winner.recipe is not None else
+                           "recipe: the naive default's (one parameter group, a constant rate, no clipping)")
+            evidence.concluded.append(recipe_line)
         updated = self.rec.model_copy(update={"optimizer": winner.optimizer, "loss": winner.loss,
+                                              "recipe": winner.recipe or RecipeSpec(),
                                               "reasons": [evidence, *self.rec.reasons],
                                               "notes": [note, *self.rec.notes], "train_steps": winner.best_step},
                                       deep=True)

@@ -13,6 +13,7 @@ from typing import Any
 from optadvisor.kernels import catalog
 
 from ._engine import Recommendation, build_loss
+from ._recipe import RecipeSpec
 from ._train import (
     CLASSIFICATION_METRICS,
     METRICS,
@@ -148,6 +149,11 @@ class _Search(_Plan, _Study, _Results):
         self.tiebreak = None
         settings = {"budget_steps": budget_steps, "seeds": list(seeds), "batch_size": batch_size, "metric": metric,
                     "n_trials": n_trials, "top_k": top_k, "lr_steps": lr_steps}
+        # the recipe is searched where the rules advise one (a schedule, warmup, clipping, groups): every run but
+        # the naive default's trains with it; the default recipe leaves the runs (and earlier studies) as they were
+        self.recipe_search = rec.recipe != RecipeSpec()
+        if self.recipe_search:
+            settings["recipe"] = rec.recipe.model_dump()
         if cv_folds is not None:  # (absent otherwise: the fingerprints of earlier studies stay valid)
             settings["cv_folds"] = cv_folds
         self.folds = _folds(train_data, val_data, cv_folds, seeds[0]) if cv_folds else None
@@ -223,7 +229,8 @@ class _Search(_Plan, _Study, _Results):
             res: RunResult = train_run(self.model_fn, seed, *self._choices(cfg), cfg["lr"], *self._data_for(slot),
                                        self.budget, batch_size=self.batch_size, eval_every=self.eval_every,
                                        metric=self.metric, yardstick=self.yardstick, on_eval=on_eval,
-                                       weight_decay=cfg["weight_decay"], tiebreak=self.tiebreak)
+                                       weight_decay=cfg["weight_decay"], tiebreak=self.tiebreak,
+                                       recipe=RecipeSpec(**cfg["recipe"]) if cfg.get("recipe") else None)
         except BaseException:
             heartbeat.stop()
             st.set_trial_state_values(tid, state=TS.FAIL)  # abandoned: another attempt redoes it

@@ -55,8 +55,10 @@ def test_each_model_kind_and_its_evidence(make, kind, why, monkeypatch):
     monkeypatch.setattr(data, "_free_memory", lambda device: (1.5, "1.5 GiB free somewhere"))
     model = make()
     n = sum(p.numel() for p in model.parameters())
-    facts, evidence = data._model_facts(model)
+    prof = data.profile_model(model)
+    facts, evidence = prof.facts, prof.evidence
     assert facts == {"n_params": n, "model_kind": kind, "memory_gb": 1.5}
+    assert sum(prof.params_by_kind.values()) == n
     assert evidence == {"n_params": f"{n:,} trainable parameters", "model_kind": f"{kind}: {why}",
                         "memory_gb": "1.5 GiB free somewhere"}
 
@@ -65,13 +67,47 @@ def test_only_trainable_parameters_count_and_unreadable_memory_is_left_out(monke
     monkeypatch.setattr(data, "_free_memory", lambda device: None)
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 3))
     model[0].weight.requires_grad_(False)
-    facts, evidence = data._model_facts(model)
+    prof = data.profile_model(model)
+    facts, evidence = prof.facts, prof.evidence
     assert facts == {"n_params": 1000 + 3003, "model_kind": "mlp"}
+    assert prof.params_by_kind["linear"] == 1000 + 3003
     assert evidence["n_params"] == "4,003 trainable parameters" and "memory_gb" not in evidence
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"^profile_data: the model has no trainable parameters$"):
-        data._model_facts(model)
+    with pytest.raises(ValueError, match=r"^profile_model: the model has no trainable parameters \(all frozen"):
+        data.profile_model(model)
+    with pytest.raises(ValueError, match=r"^profile_data: model: the model has no trainable parameters \(all"):
+        data.profile_data(torch.zeros(4, 1000), torch.zeros(4), model=model)
+    with pytest.raises(TypeError, match=r"^profile_model: model must be a torch.nn.Module \(got list\)$"):
+        data.profile_model([torch.nn.Parameter(torch.zeros(2))])
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding, a learned position table (a bare parameter), one encoder layer, a head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 8)
+        self.pos = torch.nn.Parameter(torch.zeros(5, 8))
+        self.block = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_parameters_are_counted_by_the_kind_of_module_that_owns_them(monkeypatch):
+    monkeypatch.setattr(data, "_free_memory", lambda device: None)
+    prof = data.profile_model(_TinyLM())
+    # attention: in_proj 8x24 + 24, out_proj (a Linear inside MultiheadAttention) 8x8 + 8 counts as linear;
+    # linear: out_proj 72, linear1 8x16 + 16, linear2 16x8 + 8; norms: two LayerNorms of 8 + 8;
+    # embedding: 11x8 once (the tied head adds nothing); other: the position table 5x8
+    assert prof.params_by_kind == {"conv": 0, "linear": 72 + 144 + 136, "norm": 32, "embedding": 88,
+                                   "attention": 8 * 24 + 24, "recurrent": 0, "other": 40}
+    assert prof.attention is True and prof.facts == {"n_params": 88 + 40 + 216 + 352 + 32, "model_kind": "transformer"}
+    assert "parameters by kind: linear 352, norm 32, embedding 88, attention 216, other 40" in prof.explain()
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GRU(4, 2))
+    kinds = data.profile_model(cnn).params_by_kind
+    assert (kinds["conv"], kinds["norm"], kinds["recurrent"]) == (40, 8, 3 * (4 * 2 + 2 * 2 + 2 + 2))
+    assert data.profile_model(cnn).attention is False
 
 
 def _meminfo(text):
