@@ -4,6 +4,7 @@
     python -m benchmarks --quick      # tiny sizes, 4-10 minutes on 2 cores: checks that everything runs, not speed
     python -m benchmarks --device cuda
     python -m benchmarks advice       # does the advice beat the naive default? (see benchmarks/advice.py)
+    python -m benchmarks families     # the whole recipe on a CNN, a language model, fine-tuning (benchmarks/families.py)
     python -m benchmarks peers        # heavyball, bitsandbytes, torchao beside ours (see benchmarks/peers.py)
 
 Writes DIR/report.md (Markdown tables: median time, ratio to torch's best path, multiple of the
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in and args_in[0] == "peers":  # heavyball, bitsandbytes, torchao beside ours (benchmarks/peers.py)
         from .peers import main as peers_main
         return peers_main(args_in[1:])
+    if args_in and args_in[0] == "families":  # the training recipe on CNN, LM and fine-tuning workloads
+        from .families import main as families_main
+        return families_main(args_in[1:])
     if args_in and args_in[0] == "quality":  # 8-bit state: memory, step time, training quality
         from .quality import main as quality_main
         return quality_main(args_in[1:])

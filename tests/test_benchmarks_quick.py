@@ -108,3 +108,46 @@ def test_peers_timed_step_hands_the_gradients_back():
     before = [q.detach().clone() for q in opt.param_groups[0]["params"]]
     step()
     assert all(not torch.equal(a, q) for a, q in zip(before, opt.param_groups[0]["params"]))
+
+
+def test_families_quick_runs_every_recipe_on_a_workload(tmp_path):
+    """``python -m benchmarks families --quick`` on the fine-tuning workload without the trial (the others and
+    the trial take minutes): every recipe trained, the report and its JSON written."""
+    from benchmarks import families
+
+    assert families.main(["--quick", "--workloads", "finetune", "--no-trial", "--workers", "1",
+                          "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "families.md").read_text()
+    for needle in ("| finetune | naive |", "| finetune | advised |", "| finetune | grid best: Adam ",
+                   "- finetune, advised: time to target <= 0.7:", "AdamW(betas=[0.9, 0.999], eps=1e-08, lr=0.0001"):
+        assert needle in report, needle
+    data = json.loads((tmp_path / "families.json").read_text())
+    rows = data["summaries"]["finetune"]["rows"]
+    assert set(rows) == {"naive", "advised", "Adam 0.001 cosine", "Adam 0.01 cosine"}
+    assert rows["naive"]["time_to_target"] == 1.0  # the naive recipe reaches its own final value at the end
+
+
+def test_families_time_to_target_and_the_verdicts():
+    """The measures on synthetic curves: the first evaluated step at or under the target, a diverged seed
+    counting as inf from where it stopped, the grid's best, and both targets at their bounds."""
+    from benchmarks import families as f
+
+    assert f.steps_to([(10, 3.0), (20, 2.0), (30, 2.0)], 2.0) == 20
+    assert f.steps_to([(10, 3.0), (20, 2.5)], 2.0) is None
+    runs = [{"curve": [(10, 2.0, 0.5), (20, 1.0, 0.25)]}, {"curve": [(10, 4.0, 0.5)]}]  # seed 2 diverged
+    assert f.mean_curve(runs, 1) == [(10, 3.0), (20, float("inf"))]
+    assert f.mean_curve(runs, 2) == [(10, 0.5), (20, float("inf"))]
+    w = f.Workload("t", "", 40, 8, (0, 1), {}, None, None, None, None)
+
+    def runs_of(*finals):
+        return [{"curve": [(20, v + 1.0, 0.1), (40, v, 0.1)], "seconds": 1.0} for v in finals]
+
+    summary = f.summarize(w, {"naive": runs_of(1.0, 1.0), "advised": runs_of(0.0, 0.2),
+                              "Adam 0.001 constant": runs_of(0.1, 0.1), "Adam 0.01 cosine": runs_of(0.3, 0.3)})
+    assert summary["target"] == 1.0 and summary["grid_best"] == "Adam 0.001 constant"
+    advised = summary["rows"]["advised"]
+    assert (advised["steps_to_target"], advised["time_to_target"]) == (40, 1.0)  # 1.1 at step 20: not yet
+    assert f.verdicts(summary) == {"time_to_target_ok": False, "near_best_ok": True}  # 0.1 <= 1.02 x 0.1
+    summary["rows"]["advised"]["time_to_target"] = 0.7
+    summary["rows"]["advised"]["final_loss"] = 0.1021
+    assert f.verdicts(summary) == {"time_to_target_ok": True, "near_best_ok": False}
