@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from optadvisor.kernels import catalog
 
 from ._engine import Recommendation, build_loss
@@ -19,6 +21,7 @@ from ._train import (
     METRICS,
     REGRESSION_METRICS,
     RunResult,
+    batches,
     default_metric,
     is_pair,
     train_run,
@@ -141,9 +144,11 @@ class _Search(_Plan, _Study, _Results):
         task_losses = catalog.losses(rec.facts.task or "regression")
         self.losses = [e.name for e in task_losses if e.trial_note is None]
         self.skipped += [e.trial_note for e in task_losses if e.trial_note is not None]
+        self.losses = self._losses_the_model_takes(model_fn, train_data, batch_size, seeds[0])
         if not self.losses:
             raise ValueError("trial: no loss candidate can be trialled ("
-                             + "; ".join(e.trial_note for e in task_losses if e.trial_note) + ")")
+                             + "; ".join(e.trial_note for e in task_losses if e.trial_note) + "; "
+                             + "; ".join(self.skipped) + ")")
         self.yardstick_choice = rec.loss if rec.loss.name in self.losses else rec.losses[self.losses[0]]
         self.yardstick = build_loss(self.yardstick_choice) if metric == "val_loss" else None
         self.tiebreak = None
@@ -172,6 +177,25 @@ class _Search(_Plan, _Study, _Results):
         self.train_seconds = 0.0
         self._final: dict[int, Any] = {}  # slot -> its ended run (final: never changes again)
         self._finalists: list[int] | None = None
+
+    def _losses_the_model_takes(self, model_fn, train_data, batch_size: int, seed: int) -> list[str]:
+        """The candidate losses that take the model's output with the data's targets (one forward pass on the
+        first batch): a per-example loss such as MultiMarginLoss cannot score a sequence model's (N, C, T)
+        logits; those are left out, each with why, rather than failing the search at its first run."""
+        torch.manual_seed(seed)
+        x, y = next(iter(batches(train_data, batch_size)))
+        with torch.no_grad():
+            out = model_fn()(x)
+        kept = []
+        for name in self.losses:
+            try:
+                build_loss(self.rec.losses[name])(out, y)
+            except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+                self.skipped.append(f"{name}: cannot take this model's output {tuple(out.shape)} with targets "
+                                    f"{tuple(y.shape)} ({str(exc).splitlines()[0]})")
+                continue
+            kept.append(name)
+        return kept
 
     # ---- the whole search ------------------------------------------------------------------------------
     def run(self) -> TrialResult:

@@ -119,3 +119,35 @@ def test_a_tabular_trial_plans_no_recipe(tmp_path):
     assert all("recipe" not in c for c in plan)
     assert all(c.recipe is None for c in res.ranked) and "recipe" not in res.table().splitlines()[0]
     assert res.recommendation.recipe == RecipeSpec()
+
+
+class _SeqModel(torch.nn.Module):
+    """A sequence model's output: logits (N, C, T) for targets (N, T), as cross-entropy takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 8)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.embed(x)).transpose(1, 2)
+
+
+def test_losses_that_cannot_take_the_models_output_are_left_out_with_why(tmp_path):
+    """A per-example loss (MultiMarginLoss, (N, C) only) cannot score (N, C, T) logits: the trial leaves it out
+    and says why, instead of failing at the first run that draws it (it did, on a language model)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 5, (160, 6), generator=g)
+    y = (X + 1) % 5
+    rec = advise(task="classification", model_kind="transformer", n_classes=5, batch_size=16, budget_steps=40)
+    res = trial(_SeqModel, (X[:120], y[:120]), (X[120:], y[120:]), rec, budget_steps=40, n_trials=8, top_k=1,
+                seeds=(0, 1, 2), batch_size=16, lr_steps=20, metric="val_loss", storage=str(tmp_path / "s.db"),
+                progress=False)
+    why = [s for s in res.skipped if s.startswith("MultiMarginLoss: cannot take this model's output (16, 5, 6) "
+                                                  "with targets (16, 6) (multi_margin_loss: input must be")]
+    assert len(why) == 1, res.skipped
+    assert all(c.loss.name != "MultiMarginLoss" for c in res.ranked)
+    assert res.winner.loss.name in ("CrossEntropyLoss", "FocalLoss")
+    with pytest.raises(ValueError, match=r"^trial: no loss candidate can be trialled \(.*MultiMarginLoss: cannot"):
+        trial(lambda: torch.nn.Sequential(_SeqModel(), torch.nn.Flatten()), (X[:120], y[:120]), (X[120:], y[120:]),
+              rec, budget_steps=40, n_trials=4, seeds=(0, 1, 2), storage=str(tmp_path / "t.db"), progress=False)
