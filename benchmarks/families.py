@@ -1,15 +1,20 @@
 """``python -m benchmarks families``: the whole training recipe on the model families users train.
 
-Three CPU-sized workloads, each a real model on real data shipped with Python or scikit-learn:
+Six CPU-sized workloads in two halves, each a real model on data shipped with Python, scikit-learn or a
+generator. The **fitting half** (``--half fit``) is what any change to the family rules was decided on; the
+**reporting half** (``--half report``, the default) is each one's held-out twin, never used to decide anything:
 
 - ``cnn``: a small convolutional network (three 3x3 convolutions with BatchNorm, 57k parameters) on
-  scikit-learn's 8x8 digits as 1x8x8 images (75/25 split, fixed), 400 steps of batch 64, trained from scratch;
+  scikit-learn's 8x8 digits as 1x8x8 images (75/25 split, fixed), 400 steps of batch 64, from scratch;
+  twin ``cnn1d``: a 1-D CNN (24k) on MNIST-1D (the ``mnist1d`` generator's 4,000 + 1,000 signals), 400 steps;
 - ``charlm``: a character-level transformer language model (2 pre-norm blocks, d=64, 4 heads, context 64,
-  109k parameters) on the text of Python's own standard-library sources (the 90/10 split of
-  ``benchmarks.quality``), 600 steps of batch 32, trained from scratch;
-- ``finetune``: the same CNN pretrained (one checkpoint: 400 steps of Adam 1e-3 on the digits 0-4), its head
+  116k parameters) on the text of four of Python's standard-library modules (the 90/10 split of
+  ``benchmarks.quality``), 600 steps of batch 32, from scratch; twin ``charlm-b``: the same model on six other
+  standard-library modules' text;
+- ``finetune``: the CNN pretrained (one checkpoint: 400 steps of Adam 1e-3 on the digits 0-4), its head
   replaced by a fresh 5-way one, fine-tuned on a quarter of the training images of the digits 5-9 (the
-  validation images of 5-9 judge it), 200 steps of batch 32.
+  validation images of 5-9 judge it), 200 steps of batch 32; twin ``finetune-b``: pretrained on 5-9,
+  fine-tuned on 0-4.
 
 For each workload:
 
@@ -19,21 +24,28 @@ For each workload:
   ``profile_model``, samples, classes, batch size, budget, pretrained) and ``rec.build(model, total_steps)`` —
   the advised optimizer in its parameter groups, the scheduler stepped once per step, the loss, the clipping;
 - **grid**: ``kernels.Adam`` at lr 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, each constant and with 5% linear warmup then
-  cosine decay to zero (ten recipes: what a careful user's small grid would try).
+  cosine decay to zero (ten recipes: what a careful user's small grid would try);
+- **trial**: ``advisor.trial`` seeded by the advice, searching optimizer, loss, learning rate, weight decay and
+  the recipe (schedule or constant, warmup) on its own cut of the training data (80/20; the benchmark's
+  validation data stays unseen) with its own seeds (100-102), 16 configurations; its recommendation is then
+  built with ``rec.build`` and trained like the others. Its cost in steps is reported against the grid's.
 
-The yardstick is the validation cross-entropy (the language model's natural metric; for the two image
+The yardstick is the validation cross-entropy (the language model's natural metric; for the image
 workloads the validation error is reported beside it), evaluated 20 times per run, averaged over the seeds
-(three for the image workloads, two for the language model). **Time to target** (as in MLCommons' AlgoPerf):
+(three for the image workloads, two for the language models). **Time to target** (as in MLCommons' AlgoPerf):
 the first evaluated step at which a recipe's mean validation loss reaches the naive recipe's final one, as a
 fraction of the budget (the target: <= 0.7). **Near best**: the final value within 2% of the grid's best.
 
-Writes DIR/families.md and DIR/families.json (``--out DIR``, default ``benchmarks/latest``). ``--quick``: a
-tenth of the steps, one seed, two grid points (a smoke test: its numbers mean nothing).
+Writes DIR/families[-fit|-report|-both].md and .json (``--out DIR``, default ``benchmarks/latest``; the half's
+name in the file's). ``--quick``: a tenth of the steps, one seed, two grid points, a small trial (a smoke test:
+its numbers mean nothing). Needs scikit-learn and, for ``cnn1d``, ``pip install -e '.[families]'``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import math
 import os
@@ -133,16 +145,25 @@ class Workload:
 
 def cnn_workload(steps: int = 400, seeds: tuple[int, ...] = (0, 1, 2)) -> Workload:
     x, y, cut = _digits()
-    return Workload("cnn", "small CNN (57k) on 8x8 digits, from scratch", steps, 64, seeds,
+    return Workload("cnn", "small CNN on 8x8 digits, from scratch", steps, 64, seeds,
                     {"task": "classification", "n_samples": cut, "n_classes": 10}, SmallCNN,
                     lambda seed: _sampler(x[:cut], y[:cut], 64, seed), (x[cut:], y[cut:]),
                     lambda: _split(x[:cut], y[:cut]))
 
 
-def charlm_workload(steps: int = 600, seeds: tuple[int, ...] = (0, 1)) -> Workload:
+HELD_OUT_TEXT = ("http.client", "email.message", "unittest.case", "pathlib", "json.decoder", "json.encoder")
+
+
+def _text_of(modules: tuple[str, ...]) -> str:
+    import importlib
+
+    return "".join(inspect.getsource(importlib.import_module(m)) for m in modules)
+
+
+def charlm_workload(steps: int = 600, seeds: tuple[int, ...] = (0, 1), held_out: bool = False) -> Workload:
     from .quality import _corpus
 
-    text = _corpus()
+    text = _text_of(HELD_OUT_TEXT) if held_out else _corpus()
     chars = sorted(set(text))
     data = torch.tensor([chars.index(ch) for ch in text])
     cut, context = int(0.9 * len(data)), 64
@@ -162,17 +183,23 @@ def charlm_workload(steps: int = 600, seeds: tuple[int, ...] = (0, 1)) -> Worklo
         return _split(*windows(tiled[torch.randperm(len(tiled), generator=torch.Generator().manual_seed(0))]),
                       max_val=256)  # as many windows as the benchmark's validation (128) and then some
 
-    return Workload("charlm", "char-level transformer LM (109k) on Python's stdlib text, from scratch", steps, 32,
+    name, where = (("charlm-b", "other stdlib modules' text (" + ", ".join(HELD_OUT_TEXT) + ")") if held_out else
+                   ("charlm", "Python's stdlib text (argparse, collections, inspect, typing)"))
+    return Workload(name, f"char-level transformer LM on {where}, from scratch", steps, 32,
                     seeds, {"task": "classification", "n_samples": cut // context, "n_classes": len(chars)},
                     lambda: _LM(len(chars)), train, windows(starts), trial_data, report_error=False)
 
 
-def finetune_workload(steps: int = 200, seeds: tuple[int, ...] = (0, 1, 2), pretrain_steps: int = 400) -> Workload:
+def finetune_workload(steps: int = 200, seeds: tuple[int, ...] = (0, 1, 2), pretrain_steps: int = 400,
+                      reverse: bool = False) -> Workload:
+    """Pretrain on the digits 0-4, fine-tune on 5-9 (``reverse``: pretrain on 5-9, fine-tune on 0-4)."""
     x, y, cut = _digits()
-    low_tr, high_tr = y[:cut] < 5, y[:cut] >= 5
-    xh, yh = x[:cut][high_tr], y[:cut][high_tr] - 5
+    first = (y >= 5) if reverse else (y < 5)  # the pretraining classes
+    low_tr, high_tr = first[:cut], ~first[:cut]
+    shift = 0 if reverse else 5
+    xh, yh = x[:cut][high_tr], y[:cut][high_tr] - shift
     keep = len(yh) // 4
-    val_mask = y[cut:] >= 5
+    val_mask = ~first[cut:]
     box: dict[str, Any] = {}
 
     def pretrained() -> dict[str, torch.Tensor]:
@@ -197,13 +224,52 @@ def finetune_workload(steps: int = 200, seeds: tuple[int, ...] = (0, 1, 2), pret
         net.features.load_state_dict(state)
         return net
 
-    return Workload("finetune", "the CNN pretrained on digits 0-4, fine-tuned on 5-9 (a quarter of their images)",
-                    steps, 32, seeds, {"task": "classification", "n_samples": keep, "n_classes": 5, "pretrained": True},
+    a, b = ("5-9", "0-4") if reverse else ("0-4", "5-9")
+    return Workload("finetune-b" if reverse else "finetune",
+                    f"the CNN pretrained on digits {a}, fine-tuned on {b} (a quarter of their images)", steps, 32, seeds, {"task": "classification", "n_samples": keep, "n_classes": 5, "pretrained": True},
                     model_fn, lambda seed: _sampler(xh[:keep], yh[:keep], 32, seed),
-                    (x[cut:][val_mask], y[cut:][val_mask] - 5), lambda: _split(xh[:keep], yh[:keep]))
+                    (x[cut:][val_mask], y[cut:][val_mask] - shift), lambda: _split(xh[:keep], yh[:keep]))
 
 
-WORKLOADS = {"cnn": cnn_workload, "charlm": charlm_workload, "finetune": finetune_workload}
+class SmallCNN1d(torch.nn.Module):
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+
+        def block(i: int, o: int, k: int) -> list[torch.nn.Module]:
+            return [torch.nn.Conv1d(i, o, k, padding=k // 2), torch.nn.BatchNorm1d(o), torch.nn.ReLU()]
+
+        self.features = torch.nn.Sequential(*block(1, 32, 5), *block(32, 64, 5), torch.nn.MaxPool1d(2),
+                                            *block(64, 64, 3), torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(64, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def cnn1d_workload(steps: int = 400, seeds: tuple[int, ...] = (0, 1, 2)) -> Workload:
+    """A 1-D CNN on MNIST-1D (Greydanus 2020: 4,000 + 1,000 signals of 40 points, generated offline by the
+    ``mnist1d`` package from its fixed seed): the image family's held-out workload."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise SystemExit("python -m benchmarks families: the held-out CNN workload needs the mnist1d generator: "
+                         "pip install -e '.[families]'") from exc
+    d = make_dataset(get_dataset_args())
+    x = torch.tensor(d["x"], dtype=torch.float32).unsqueeze(1)
+    xt = torch.tensor(d["x_test"], dtype=torch.float32).unsqueeze(1)
+    mean, std = x.mean(), x.std()
+    x, xt = (x - mean) / std, (xt - mean) / std
+    y, yt = torch.tensor(d["y"]), torch.tensor(d["y_test"])
+    return Workload("cnn1d", "small 1-D CNN on MNIST-1D signals, from scratch", steps, 64, seeds,
+                    {"task": "classification", "n_samples": len(y), "n_classes": 10}, SmallCNN1d,
+                    lambda seed: _sampler(x, y, 64, seed), (xt, yt), lambda: _split(x, y))
+
+
+# the fitting half (what any rule change was decided on) and the reporting half (each family's held-out twin)
+FIT = {"cnn": cnn_workload, "charlm": charlm_workload, "finetune": finetune_workload}
+REPORT = {"cnn1d": cnn1d_workload, "charlm-b": functools.partial(charlm_workload, held_out=True),
+          "finetune-b": functools.partial(finetune_workload, reverse=True)}
+WORKLOADS = {**FIT, **REPORT}
 
 
 # ---- recipes -----------------------------------------------------------------------------------------------
@@ -375,6 +441,10 @@ def _fmt_ttt(row: dict[str, Any]) -> str:
     return "never" if row["time_to_target"] is None else f"{row['time_to_target']:.2f} ({row['steps_to_target']})"
 
 
+def _n_params(w: Workload) -> int:
+    return sum(p.numel() for p in w.model_fn().parameters())
+
+
 def report(workloads: list[Workload], summaries: dict[str, dict[str, Any]], advice: dict[str, str],
            trials: dict[str, dict[str, Any]], quick: bool, command: str, seconds: float) -> list[str]:
     lines = ["# The training recipe on three model families", "",
@@ -423,8 +493,8 @@ def report(workloads: list[Workload], summaries: dict[str, dict[str, Any]], advi
             err = f"{row['final_error']:.4f}" if w.report_error else "-"
             lines.append(f"| {w.name} | {label} | {row['final_loss']:.4f} | {err} | {_fmt_ttt(row)} | "
                          f"{row['seconds']:.1f} |")
-    lines += ["", "Workloads: " + "; ".join(f"{w.name}: {w.description}, {w.steps} steps of batch {w.batch}, "
-                                            f"seeds {list(w.seeds)}" for w in workloads) + "."]
+    lines += ["", "Workloads: " + "; ".join(f"{w.name}: {w.description} ({_n_params(w):,} parameters), {w.steps} steps "
+                                            f"of batch {w.batch}, seeds {list(w.seeds)}" for w in workloads) + "."]
     return lines
 
 
@@ -433,13 +503,18 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks families", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tenth of the steps, one seed (a smoke test)")
-    ap.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None,
+                    help="default: the half --half names")
+    ap.add_argument("--half", choices=("fit", "report", "both"), default="report",
+                    help="fit: cnn, charlm, finetune (rule changes were decided on these); report (default): their "
+                         "held-out twins cnn1d, charlm-b, finetune-b; both")
     ap.add_argument("--no-trial", action="store_true", help="leave out the trial's recipe (the longest part)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default="benchmarks/latest")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    workloads = [make_workload(n, args.quick) for n in args.workloads]
+    names = args.workloads or list({"fit": FIT, "report": REPORT, "both": WORKLOADS}[args.half])
+    workloads = [make_workload(n, args.quick) for n in names]
     plan = recipes(args.quick)
     advice = {w.name: describe(advised_recommendation(w), w.steps) for w in workloads}
     results: dict[str, dict[str, list]] = {w.name: {label: [None] * len(w.seeds) for label in plan} for w in workloads}
@@ -475,9 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks families" + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
     lines = report(workloads, summaries, advice, trials, args.quick, command, time.perf_counter() - t0)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "families.md"), "w") as fh:
+    stem = os.path.join(args.out, "families" + ("" if args.workloads else f"-{args.half}"))
+    with open(stem + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "families.json"), "w") as fh:
+    with open(stem + ".json", "w") as fh:
         json.dump({"summaries": summaries, "advice": advice, "trials": trials, "quick": args.quick}, fh, indent=1)
     print("\n".join(lines))
     return 0

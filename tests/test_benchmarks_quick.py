@@ -14,8 +14,9 @@ sys.path.append(ROOT)
 
 def test_benchmark_report_quick(tmp_path):
     out = tmp_path / "report"
+    # 607 s on a loaded 2-core machine, over 900 s beside another benchmark: a smoke test's generous limit
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     for needle in ("| Adam |", "| RMSprop |", "training loop", "First step and a short real loop",
@@ -41,7 +42,7 @@ def test_quality_report_quick(tmp_path):
     out = tmp_path / "quality"
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "quality", "--quick", "--rounds", "1", "--families",
                            "RMSprop", "bf16-weights", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)  # a smoke test: generous for a loaded machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "quality.md").read_text()
     for needle in ("| RMSprop | 8-bit |", "| RMSprop | bf16 |", "| RMSprop | digits MLP |",
