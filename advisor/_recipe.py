@@ -157,6 +157,15 @@ def _positive_int(value: Any, where: str, argument: str, meaning: str = "") -> i
     return value
 
 
+def check_schedule(name: str, spec: RecipeSpec, where: str) -> None:
+    """Refuse a schedule the optimizer cannot take: schedule-free AdamW's averaging is its schedule, and its
+    own ``warmup_steps`` argument its warmup (a scheduler on top changes the rate its average is weighted by)."""
+    if name.lower().startswith("schedulefree") and spec.scheduled:
+        raise ValueError(f"{where}: {name} takes no learning-rate schedule (its averaging replaces one; warm up "
+                         f"with its own warmup_steps argument), but the recipe has {spec.describe()}: set the recipe's "
+                         "schedule to 'constant' and warmup_fraction to 0, or pick another optimizer")
+
+
 def grouped_optimizer(name: str, model: torch.nn.Module, spec: RecipeSpec, where: str = "build",
                       **kwargs: Any) -> torch.optim.Optimizer:
     """The ``kernels`` optimizer ``name`` over ``model`` in the recipe's parameter groups (no weight decay on
@@ -212,6 +221,7 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
             base = kwargs.get("lr", entry.params["lr"].default if "lr" in entry.params else None)
             if base is not None:
                 kwargs["lr"] = base * (ratio if spec.batch_scaling == "linear" else math.sqrt(ratio))
+    check_schedule(choice.name, spec, where)
     optimizer = grouped_optimizer(choice.name, model, spec, where, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(spec, steps))
     return Recipe(optimizer=optimizer, scheduler=scheduler, loss=rec.build_loss(), max_grad_norm=spec.max_grad_norm,

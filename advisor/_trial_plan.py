@@ -11,6 +11,7 @@ import torch
 
 from ._engine import Choice, Recommendation, build_loss, build_optimizer
 from ._lr import lr_range_test
+from ._recipe import RecipeSpec
 from ._train import fused_for, is_pair
 
 PLAN_VERSION = "3"
@@ -72,9 +73,17 @@ class _Plan:
             wd = 10 ** (WD_DECADES[0] + u[3] * (WD_DECADES[1] - WD_DECADES[0])) if decays else None
             cfg = self._config(o, lo, self.centres[o]["lr"] * 10 ** off, wd, "search", off)
             if self.recipe_search:
-                cfg["recipe"] = self._searched_recipe(u[4], u[5])
+                cfg["recipe"] = self._recipe_for(o, RecipeSpec(**self._searched_recipe(u[4], u[5])))
             plan.append(cfg)
         return plan
+
+    @staticmethod
+    def _recipe_for(opt: str, recipe: RecipeSpec) -> dict[str, Any]:
+        """The recipe a configuration of ``opt`` trains with: schedule-free AdamW's averaging is its schedule, so
+        it keeps the recipe's groups and clipping at a constant rate without warmup (see check_schedule)."""
+        if opt.lower().startswith("schedulefree"):
+            recipe = recipe.model_copy(update={"schedule": "constant", "warmup_fraction": 0.0})
+        return recipe.model_dump()
 
     def _searched_recipe(self, u_schedule: float, u_warmup: float) -> dict[str, Any]:
         """The rules' recipe with its schedule kept or made constant (even odds) and its warmup drawn from
@@ -116,7 +125,7 @@ class _Plan:
                 exempt: bool = False) -> dict[str, Any]:
         cfg = {"optimizer": opt, "loss": loss, "lr": lr, "weight_decay": wd, "origin": origin, "exempt": exempt}
         if self.recipe_search:  # (absent otherwise: a tabular study's plan is what it was)
-            cfg["recipe"] = self.rec.recipe.model_dump()
+            cfg["recipe"] = self._recipe_for(opt, self.rec.recipe)
         if offset is not None:
             cfg["lr_why"] = f"range-test centre {self.centres[opt]['lr']:.3g} x 10^{offset:+.2f}"
         return cfg

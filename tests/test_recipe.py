@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optadvisor import advise, kernels
-from optadvisor.advisor import TaskProfile
+from optadvisor.advisor import Choice, TaskProfile
 from optadvisor.advisor._recipe import LRFactor, RecipeSpec
 from optadvisor.advisor._rules import RuleError, load_rules
 
@@ -185,6 +185,13 @@ def test_bad_input_is_refused_with_the_argument():
     scaled = advise(task="regression").model_copy(update={"recipe": RecipeSpec(batch_scaling="linear")})
     with pytest.raises(ValueError, match=r"made without a batch size to scale from"):
         scaled.build(torch.nn.Linear(2, 1), 10, batch_size=32)
+    # a schedule the optimizer cannot take: schedule-free AdamW's averaging is its schedule
+    sf = advise(task="regression").model_copy(update={"optimizer": Choice(name="ScheduleFreeAdamW", params={}, score=0)})
+    for recipe in (RecipeSpec(schedule="cosine"), RecipeSpec(warmup_fraction=0.1)):
+        with pytest.raises(ValueError, match=r"^build: ScheduleFreeAdamW takes no learning-rate schedule \(its "
+                                             r"averaging replaces one; warm up with its own warmup_steps argument\)"):
+            sf.model_copy(update={"recipe": recipe}).build(torch.nn.Linear(2, 1), 10)
+    assert sf.build(torch.nn.Linear(2, 1), 10).optimizer.__class__.__name__ == "ScheduleFreeAdamW"
     for bad in ({"warmup_fraction": 1.0}, {"milestones": [0.8, 0.2]}, {"milestones": [1.5]}, {"gamma": 0.0},
                 {"max_grad_norm": 0.0}, {"schedule": "exponential"}, {"layer_decay": 1.5}):
         with pytest.raises(ValueError):

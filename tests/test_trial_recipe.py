@@ -151,3 +151,32 @@ def test_losses_that_cannot_take_the_models_output_are_left_out_with_why(tmp_pat
     with pytest.raises(ValueError, match=r"^trial: no loss candidate can be trialled \(.*MultiMarginLoss: cannot"):
         trial(lambda: torch.nn.Sequential(_SeqModel(), torch.nn.Flatten()), (X[:120], y[:120]), (X[120:], y[120:]),
               rec, budget_steps=40, n_trials=4, seeds=(0, 1, 2), storage=str(tmp_path / "t.db"), progress=False)
+
+
+def test_the_searched_recipe_at_the_edges_of_its_draws():
+    """_searched_recipe(u_schedule, u_warmup): the schedule kept from 0.5 up, constant below; the warmup
+    u x max(WARMUP_MAX, twice the rules'), rounded to 4 places; everything else the rules'."""
+    from optadvisor.advisor._trial_plan import _Plan
+
+    plan = _Plan()
+    plan.rec = _cnn_rec()  # cosine, warmup 0.02: the top is WARMUP_MAX
+    assert WARMUP_MAX == 0.1
+    for u_s, u_w, schedule, warmup in ((0.0, 0.0, "constant", 0.0), (0.4999, 1.0, "constant", 0.1),
+                                       (0.5, 0.5, "cosine", 0.05), (0.99, 0.123456, "cosine", 0.0123)):
+        got = RecipeSpec(**plan._searched_recipe(u_s, u_w))
+        assert (got.schedule, got.warmup_fraction) == (schedule, warmup)
+        assert got.model_copy(update={"schedule": "cosine", "warmup_fraction": 0.02}) == plan.rec.recipe
+    plan.rec = plan.rec.model_copy(update={"recipe": plan.rec.recipe.model_copy(update={"warmup_fraction": 0.08})})
+    assert RecipeSpec(**plan._searched_recipe(0.7, 1.0)).warmup_fraction == 0.16  # twice the rules' 0.08
+
+
+def test_schedule_free_configurations_train_at_a_constant_rate():
+    """Schedule-free AdamW takes no schedule (build refuses one): its configurations keep the recipe's groups
+    and clipping at a constant rate without warmup; the others keep the recipe as drawn."""
+    from optadvisor.advisor._trial_plan import _Plan
+
+    rules = advise(task="classification", model_kind="transformer", n_classes=2).recipe
+    sf = RecipeSpec(**_Plan._recipe_for("ScheduleFreeAdamW", rules))
+    assert (sf.schedule, sf.warmup_fraction, sf.max_grad_norm) == ("constant", 0.0, 1.0)
+    assert sf.model_copy(update={"schedule": rules.schedule, "warmup_fraction": rules.warmup_fraction}) == rules
+    assert RecipeSpec(**_Plan._recipe_for("AdamW", rules)) == rules
