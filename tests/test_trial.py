@@ -166,8 +166,9 @@ def test_changed_data_starts_fresh_and_an_identical_call_resumes(tmp_path):
 def test_resume_after_a_kill_redoes_nothing_and_ends_as_one_uninterrupted_run(tmp_path, reference):
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    # model_fn calls: 1 fingerprint, 4 range tests, then one per run: die inside the 10th run
-    proc = subprocess.run([sys.executable, WORKER, url, "--die-at", "15"], capture_output=True, text=True, env=env,
+    # model_fn calls: 1 loss probe (which candidate losses take the model's output), 1 fingerprint, 4 range
+    # tests, then one per run: die inside the 10th run
+    proc = subprocess.run([sys.executable, WORKER, url, "--die-at", "16"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 9, proc.stderr[-3000:]
     (trials,) = _study_runs(url).values()
