@@ -19,6 +19,7 @@ from ._rules import Rule, RuleFile, RuleSet, builtin_rule_files, load_rules, rul
 __all__ = [
     "advise", "evaluate", "TaskProfile", "Recommendation", "Choice", "Reason", "Alternative", "Note", "Unknown",
     "load_rules", "RuleSet", "Rule", "RuleFile", "RuleError", "rule_file_schema", "builtin_rule_files",
-    "profile_data", "DataProfile", "profile_model", "ModelProfile", "TrainingMonitor", "diagnose", "Diagnosis", "Finding", "lr_range_test",
+    "profile_data", "DataProfile", "profile_model", "ModelProfile", "TrainingMonitor", "diagnose", "Diagnosis",
+    "Finding", "lr_range_test",
     "LRRangeResult", "trial", "TrialResult", "CandidateResult",
 ]

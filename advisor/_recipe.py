@@ -170,9 +170,11 @@ def grouped_optimizer(name: str, model: torch.nn.Module, spec: RecipeSpec, where
                       **kwargs: Any) -> torch.optim.Optimizer:
     """The ``kernels`` optimizer ``name`` over ``model`` in the recipe's parameter groups (no weight decay on
     biases, normalization parameters and, per the recipe, embeddings; layer-wise rates), with ``kwargs`` its
-    arguments; schedule-free AdamW returned in train mode. What ``build`` and the trial's runs share."""
+    arguments; schedule-free AdamW returned in train mode (and refused with a schedule: ``check_schedule``).
+    What ``build`` and the trial's runs share."""
     from optadvisor.kernels._factory import create_optimizer
 
+    check_schedule(name, spec, where)
     optimizer = create_optimizer(model, name.lower(), no_decay_bias_and_norm=not spec.decay_bias_and_norm,
                                  layer_decay=spec.layer_decay, no_decay_embeddings=not spec.decay_embeddings, **kwargs)
     grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -221,7 +223,6 @@ def build(rec: Recommendation, model: torch.nn.Module, total_steps: int, batch_s
             base = kwargs.get("lr", entry.params["lr"].default if "lr" in entry.params else None)
             if base is not None:
                 kwargs["lr"] = base * (ratio if spec.batch_scaling == "linear" else math.sqrt(ratio))
-    check_schedule(choice.name, spec, where)
     optimizer = grouped_optimizer(choice.name, model, spec, where, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(spec, steps))
     return Recipe(optimizer=optimizer, scheduler=scheduler, loss=rec.build_loss(), max_grad_norm=spec.max_grad_norm,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ._engine import Choice, build_loss, build_optimizer, optimizer_arguments
-from ._recipe import LRFactor, RecipeSpec, check_schedule, grouped_optimizer
+from ._recipe import LRFactor, RecipeSpec, grouped_optimizer
 
 METRICS = ("val_loss", "val_mse", "val_mae", "val_error", "val_balanced_error")
 CLASSIFICATION_METRICS = ("val_error", "val_balanced_error")
@@ -154,7 +154,6 @@ def train_run(model_fn: Callable[[], torch.nn.Module], seed: int, optimizer: Cho
     if recipe is None:
         opt = build_optimizer(optimizer, model.parameters(), **overrides)
     else:
-        check_schedule(optimizer.name, recipe, "train_run")
         opt = grouped_optimizer(optimizer.name, model, recipe, "train_run", **optimizer_arguments(optimizer, **overrides))
         if recipe.scheduled:
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(recipe, steps))
