@@ -400,13 +400,11 @@ def make_workload(name: str, quick: bool) -> Workload:
 
 
 def mean_curve(runs: list[dict[str, Any]], column: int) -> list[tuple[int, float]]:
-    """The seeds' mean at each evaluated step (a run that diverged counts as inf from where it stopped)."""
-    steps = [p[0] for p in max((r["curve"] for r in runs), key=len)]
-    out = []
-    for i, s in enumerate(steps):
-        vals = [r["curve"][i][column] if i < len(r["curve"]) else math.inf for r in runs]
-        out.append((s, sum(vals) / len(vals)))
-    return out
+    """The seeds' mean of one column at each evaluated step (the advice benchmark's: a step some seed lacks,
+    where a diverged run stopped, is inf)."""
+    from .advice import mean_curve as seeds_mean
+
+    return seeds_mean([[(p[0], p[column]) for p in r["curve"]] for r in runs])
 
 
 def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
